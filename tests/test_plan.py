@@ -166,7 +166,7 @@ def expected_numbers(total_gpu: int, tp: int, util: float = 0.90, kv_bytes: int 
 
 def test_capacity_8xh100_defaults(tmp_path):
     c = cfg(tmp_path)
-    assert (c.gpu_memory_util, c.max_model_len, c.max_num_seqs) == (0.90, 32768, 64)
+    assert (c.gpu_memory_util, c.max_model_len, c.max_num_seqs) == (0.90, 32768, 24)
     p = plan.make(c, parse_spec("8xH100-80GB"), real_info())
     weights, budget, kv, per_token, tokens = expected_numbers(H100, 8)
     assert p.kv_bytes_per_token_per_gpu == per_token == 48_128
@@ -179,9 +179,12 @@ def test_capacity_8xh100_defaults(tmp_path):
     assert f"{weights / GiB:.2f}" == "28.41"
     assert f"{kv / GiB:.2f}" == "38.27"
     assert tokens == 853_792
-    # 64 full-length sequences do not fit: a warning that names the number that does.
-    assert levels(p, "Capacity") == ["warn"]
-    assert "MAX_NUM_SEQS=26" in text(p, "warn")
+    # The default 24 full-length sequences fit.
+    assert levels(p, "Capacity") == ["ok"]
+    # 64 do not: a warning that names the number that does.
+    p64 = plan.make(cfg(tmp_path, MAX_NUM_SEQS=64), parse_spec("8xH100-80GB"), real_info())
+    assert levels(p64, "Capacity") == ["warn"]
+    assert "MAX_NUM_SEQS=26" in text(p64, "warn")
     assert [s.gpu_index for s in p.rank_map] == list(range(8)) == [s.rank for s in p.rank_map]
     assert all(s.kv_tokens == tokens for s in p.rank_map)
     lines = "\n".join(p.formula())

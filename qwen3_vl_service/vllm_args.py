@@ -151,7 +151,18 @@ def build(
         argv += ["--shutdown-timeout", str(cfg.shutdown_timeout)]
     argv += list(cfg.extra_vllm_args)
 
-    env: dict[str, str] = {}
+    env: dict[str, str] = {
+        # vLLM's children rename themselves (VLLM::EngineCore, VLLM::Worker_TP*) with
+        # setproctitle, which by default overwrites /proc/PID/environ and with it our
+        # tag. SPT_NOENV keeps the environment readable, so that stop_service.py can
+        # still find orphans by their tag.
+        "SPT_NOENV": "1",
+        # A media URL must not redirect past the --allowed-media-domains check
+        # (vLLM re-checks only the first URL).
+        "VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0",
+        # Compute nodes have no business posting usage statistics to stats.vllm.ai.
+        "VLLM_NO_USAGE_STATS": "1",
+    }
     env.update(cfg.vllm_env)
     # The default 600 s is too short for 236 GB from a network file system.
     env.setdefault("VLLM_ENGINE_READY_TIMEOUT_S", str(cfg.startup_timeout))

@@ -1,0 +1,815 @@
+"""The media server: its path policy (unit) and the real server on a free port (integration).
+
+The server runs as a subprocess (``python -m qwen3_vl_service.media --port 0``)
+and is stopped by its pid; the load test runs MEDIA_LOAD_SECONDS (default 10;
+30 for the issue's figure) with MEDIA_LOAD_CONNECTIONS (default 200)
+connections on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import random
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from qwen3_vl_service import media
+from qwen3_vl_service.errors import CheckFailed, ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+TYPES = "jpg,jpeg,png,webp,gif,mp4,webm,mov"
+EXPECTED_TYPES = {
+    "jpg": "image/jpeg",
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "mp4": "video/mp4",
+    "webm": "video/webm",
+    "mov": "video/quicktime",
+}
+BIG = 48 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _stop_pid(pid: int | None) -> None:
+    if not pid:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not _gone(pid, 10):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _gone(pid, 5)
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+    root: Path
+    log_file: Path
+    pid_file: Path
+
+    def request(
+        self, method: str, path: str, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request(method, path, headers=headers or {})
+            resp = conn.getresponse()
+            body = resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+        finally:
+            conn.close()
+
+    def get(self, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+        return self.request("GET", path, {k.replace("_", "-"): v for k, v in headers.items()})
+
+    def raw(self, request_line: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def start_server(
+    root: Path, tmp: Path, *extra: str, types: str = TYPES
+) -> tuple[subprocess.Popen, int, list[str]]:
+    """Start the server on port 0; return the process, its port and the first stdout lines."""
+    cmd = [PY, "-m", "qwen3_vl_service.media", "--host", "127.0.0.1", "--port", "0", "--root", str(root)]
+    cmd += [
+        "--allowed-types",
+        types,
+        "--log-file",
+        str(tmp / "media.log"),
+        "--pid-file",
+        str(tmp / "media.pid"),
+    ]
+    proc = subprocess.Popen(
+        [*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp
+    )
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    line = proc.stdout.readline() if ready else ""
+    m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+    if not m:
+        proc.kill()
+        out, err = proc.communicate(timeout=10)
+        raise AssertionError(f"server did not start: {line!r} {out!r} {err!r}")
+    return proc, int(m.group(1)), [line]
+
+
+def make_tree(base: Path) -> tuple[Path, Path]:
+    """A media root with every kind of thing the server must serve or refuse, and a secret outside it."""
+    root, outside = base / "root", base / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.mp4").write_bytes(b"SECRET" * 100)
+    (outside / "dir").mkdir()
+    (outside / "dir" / "s.jpg").write_bytes(b"SECRET")
+    for ext in EXPECTED_TYPES:
+        (root / f"sample.{ext}").write_bytes(f"fake {ext} ".encode() * 50)
+    data = bytes(range(256)) * 40  # 10240 bytes, every offset recognisable
+    (root / "data.mp4").write_bytes(data)
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "sub" / "nested.png").write_bytes(b"nested png")
+    (root / "my clip.mp4").write_bytes(b"space")
+    (root / "vidéo.mp4").write_bytes(b"unicode")
+    (root / "100%.jpg").write_bytes(b"percent")
+    rnd = random.Random(1234)
+    (root / "big.mp4").write_bytes(rnd.randbytes(BIG))
+    # Things to refuse.
+    (root / ".hidden.jpg").write_bytes(b"hidden")
+    (root / ".git").mkdir()
+    (root / ".git" / "x.png").write_bytes(b"hidden dir")
+    (root / "notes.txt").write_bytes(b"not media")
+    (root / "noext").write_bytes(b"no extension")
+    (root / "archive.mp4.gz").write_bytes(b"gz neighbour")
+    (root / "folder.mp4").mkdir()
+    os.mkfifo(root / "pipe.mp4")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "sock.mp4"))
+    sock.close()
+    (root / "out.mp4").symlink_to(outside / "secret.mp4")
+    (root / "outdir").symlink_to(outside / "dir")
+    (root / "abs.mp4").symlink_to("/etc/hostname")
+    (root / "null.mp4").symlink_to("/dev/null")
+    (root / "loop.mp4").symlink_to(root / "loop.mp4")
+    (root / "dangling.mp4").symlink_to(root / "missing.mp4")
+    (root / "tohidden.jpg").symlink_to(root / ".hidden.jpg")
+    (root / "inside.mp4").symlink_to(root / "data.mp4")  # inside the root: served
+    (root / "subalias").symlink_to(root / "sub")
+    return root, outside
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("media")
+    root, _ = make_tree(base)
+    proc, port, _ = start_server(root, base)
+    srv = Server(proc, port, root, base / "media.log", base / "media.pid")
+    try:
+        yield srv
+    finally:
+        _stop_pid(proc.pid)
+        proc.communicate(timeout=10)
+
+
+# ---------------------------------------------------------------------------
+# Unit: the pure decisions
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/../etc/passwd",
+        "/sub/../sample.jpg",
+        "/./sample.jpg",
+        "/%2e%2e/etc/passwd",
+        "/%2E%2E/etc/passwd",
+        "/.%2e/etc/passwd",
+        "/%252e%252e/etc/passwd",
+        "/%25252e%25252e/etc/passwd",
+        "/..%2fetc%2fpasswd",
+        "/..%2Fetc/passwd",
+        "/%2fetc%2fpasswd",
+        "/..%5cetc%5cpasswd",
+        "/..\\etc\\passwd",
+        "/sub\\..\\sample.jpg",
+        "//etc/passwd",
+        "/sub//nested.png",
+        "/sample.jpg%00.png",
+        "/sample.jpg\x00",
+        "/a%0d%0aSet-Cookie:x.jpg",
+        "/.hidden.jpg",
+        "/.git/x.png",
+        "/sub/",
+        "/",
+        "",
+        "etc/passwd",
+        "/%ff%fe.jpg",
+        "/" + "a" * 5000 + ".jpg",
+    ],
+)
+def test_clean_segments_refuses(raw: str) -> None:
+    assert media.clean_segments(raw) is None
+
+
+@pytest.mark.unit
+def test_clean_segments_decodes_once() -> None:
+    assert media.clean_segments("/sub/nested.png") == ["sub", "nested.png"]
+    assert media.clean_segments("/my%20clip.mp4") == ["my clip.mp4"]
+    assert media.clean_segments("/vid%C3%A9o.mp4") == ["vidéo.mp4"]
+    assert media.clean_segments("/100%.jpg") == ["100%.jpg"]
+    assert media.clean_segments("/sample%2Ejpg") == ["sample.jpg"]
+
+
+@pytest.mark.unit
+def test_parse_types() -> None:
+    assert media.parse_types("jpg, .PNG mp4,mp4") == ("jpg", "png", "mp4")
+    assert media.parse_types(("webm", "mov")) == ("webm", "mov")
+    for bad in ("", " , ", "exe", "txt", "html", "../x", "mp4;rm"):
+        with pytest.raises(ValueError):
+            media.parse_types(bad)
+
+
+@pytest.mark.unit
+def test_content_types_do_not_depend_on_the_host() -> None:
+    for ext, ctype in EXPECTED_TYPES.items():
+        assert media.content_type_for(ext) == ctype
+    assert media.content_type_for("mkv") == "video/x-matroska"
+    assert media.content_type_for("txt") is None
+    assert set(media.DEFAULT_TYPES) <= set(media.MIME_TYPES)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, "keep"),
+        ({"Range": "bytes=0-10"}, "keep"),
+        ({"Range": "bytes=-10"}, "keep"),
+        ({"Range": "bytes=abc"}, "keep"),  # aiohttp answers 416
+        ({"Range": "bytes=-0"}, "unsatisfiable"),
+        ({"Range": "bytes=0-1,5-6"}, "ignore"),
+        ({"Range": "items=0-5"}, "ignore"),
+        ({"Range": "garbage"}, "ignore"),
+        ({"Range": "bytes=0-1", "If-Range": '"abc"'}, "keep"),
+        ({"Range": "bytes=0-1", "If-Range": '"other"'}, "ignore"),
+        ({"Range": "bytes=0-1", "If-Range": 'W/"abc"'}, "ignore"),
+        ({"Range": "bytes=0-1", "If-Range": "Sun, 06 Nov 1994 08:49:37 GMT"}, "keep"),
+    ],
+)
+def test_range_decision(headers: dict[str, str], expected: str) -> None:
+    assert media.range_decision(headers, "abc") == expected
+
+
+@pytest.mark.unit
+def test_pid_file_is_atomic_and_removed_only_by_its_owner(tmp_path: Path) -> None:
+    pid_file = tmp_path / "run" / "media_server.pid"
+    media.write_pid_file(pid_file, 4242)
+    assert pid_file.read_text() == "4242\n"
+    assert [p.name for p in pid_file.parent.iterdir()] == ["media_server.pid"]  # no temp file left
+    media.remove_pid_file(pid_file, 1111)  # not ours: stays
+    assert media.read_pid(pid_file) == 4242
+    media.remove_pid_file(pid_file, 4242)
+    assert not pid_file.exists()
+    assert media.read_pid(pid_file) is None
+
+
+@pytest.mark.unit
+def test_check_root(tmp_path: Path) -> None:
+    assert media.check_root(tmp_path) == Path(os.path.realpath(tmp_path))
+    with pytest.raises(ConfigError, match=r"does not exist.*mkdir -p"):
+        media.check_root(tmp_path / "nope")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        media.check_root(tmp_path / "f")
+
+
+# ---------------------------------------------------------------------------
+# Integration: the real server
+
+
+REFUSED = [
+    "/../outside/secret.mp4",
+    "/%2e%2e/outside/secret.mp4",
+    "/%2E%2E/%2E%2E/etc/hostname",
+    "/%252e%252e/outside/secret.mp4",
+    "/..%2foutside%2fsecret.mp4",
+    "/..%5coutside%5csecret.mp4",
+    "/sub/%2e%2e/sample.jpg",
+    "/sub/../sample.jpg",
+    "//etc/hostname",
+    "/%2Fetc%2Fhostname",
+    "/sample.jpg%00",
+    "/sample.jpg%00.png",
+    "/out.mp4",
+    "/outdir/s.jpg",
+    "/abs.mp4",
+    "/null.mp4",
+    "/loop.mp4",
+    "/dangling.mp4",
+    "/tohidden.jpg",
+    "/.hidden.jpg",
+    "/%2ehidden.jpg",
+    "/.git/x.png",
+    "/notes.txt",
+    "/noext",
+    "/archive.mp4.gz",
+    "/folder.mp4",
+    "/folder.mp4/",
+    "/pipe.mp4",
+    "/sock.mp4",
+    "/sub",
+    "/sub/",
+    "/",
+    "/missing.mp4",
+]
+
+
+@pytest.mark.integration
+def test_health(server: Server) -> None:
+    status, headers, body = server.get("/health")
+    assert status == 200 and headers["content-type"].startswith("application/json")
+    info = json.loads(body)
+    assert info["service"] == media.SERVICE_ID
+    assert info["pid"] == server.proc.pid == media.read_pid(server.pid_file)
+    assert info["root"] == str(server.root.resolve())
+    assert set(info["allowed_types"]) == set(TYPES.split(","))
+    assert media.is_ours_healthy("127.0.0.1", server.port, 2.0, root=server.root, pid_file=server.pid_file)
+    assert not media.is_ours_healthy("127.0.0.1", server.port, 2.0, root=server.root / "sub")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("path", REFUSED)
+def test_refusals_look_like_missing_files(server: Server, path: str) -> None:
+    ref_status, ref_headers, ref_body = server.get("/no-such-file.mp4")
+    status, headers, body = server.get(path)
+    assert (status, body) == (ref_status, ref_body) == (404, b"404: Not Found")
+    assert headers["content-type"] == ref_headers["content-type"]
+    assert "etag" not in headers and "last-modified" not in headers
+    status, _, body = server.request("HEAD", path)
+    assert status == 404 and body == b""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET /../outside/secret.mp4 HTTP/1.1",
+        b"GET /sub/../../outside/secret.mp4 HTTP/1.1",
+        b"GET /..\\outside\\secret.mp4 HTTP/1.1",
+        b"GET http://127.0.0.1/../outside/secret.mp4 HTTP/1.1",
+        b"GET /sample.jpg\x00 HTTP/1.1",
+        b"GET C:\\etc\\hostname HTTP/1.1",
+        b"GET * HTTP/1.1",
+    ],
+)
+def test_raw_request_lines_never_leak(server: Server, request_line: bytes) -> None:
+    response = server.raw(request_line)
+    status = int(response.split(b" ", 2)[1])
+    assert status in (400, 404), response[:200]
+    assert b"SECRET" not in response and b"Traceback" not in response
+    assert socket.gethostname().encode() not in response.split(b"\r\n\r\n", 1)[-1]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("ext", sorted(EXPECTED_TYPES))
+def test_content_type_and_length(server: Server, ext: str) -> None:
+    expected = (server.root / f"sample.{ext}").read_bytes()
+    status, headers, body = server.get(f"/sample.{ext}")
+    assert status == 200 and body == expected
+    assert headers["content-type"] == EXPECTED_TYPES[ext]
+    assert int(headers["content-length"]) == len(expected)
+    assert headers["accept-ranges"] == "bytes"
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/sub/nested.png", "sub/nested.png"),
+        ("/subalias/nested.png", "sub/nested.png"),  # symlinked folder inside the root
+        ("/inside.mp4", "data.mp4"),  # symlink inside the root
+        ("/my%20clip.mp4", "my clip.mp4"),
+        ("/vid%C3%A9o.mp4", "vidéo.mp4"),
+        ("/100%.jpg", "100%.jpg"),
+        ("/sample.jpg?x=1", "sample.jpg"),
+    ],
+)
+def test_served_paths(server: Server, path: str, name: str) -> None:
+    status, _, body = server.get(path)
+    assert status == 200 and body == (server.root / name).read_bytes()
+
+
+@pytest.mark.integration
+def test_head(server: Server) -> None:
+    size = (server.root / "data.mp4").stat().st_size
+    status, headers, body = server.request("HEAD", "/data.mp4")
+    assert status == 200 and body == b""
+    assert int(headers["content-length"]) == size and headers["content-type"] == "video/mp4"
+    status, headers, body = server.request("HEAD", "/data.mp4", {"Range": "bytes=10-19"})
+    assert status == 206 and body == b"" and headers["content-range"] == f"bytes 10-19/{size}"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("rng", "status", "first", "last"),
+    [
+        ("bytes=0-0", 206, 0, 0),
+        ("bytes=0-99", 206, 0, 99),
+        ("bytes=100-", 206, 100, 10239),  # open-ended
+        ("bytes=-100", 206, 10140, 10239),  # suffix
+        ("bytes=-20000", 206, 0, 10239),  # suffix longer than the file
+        ("bytes=10000-20000", 206, 10000, 10239),  # end past the end: clipped
+        ("bytes=10239-", 206, 10239, 10239),
+        ("BYTES=5-9", 206, 5, 9),
+    ],
+)
+def test_ranges(server: Server, rng: str, status: int, first: int, last: int) -> None:
+    data = (server.root / "data.mp4").read_bytes()
+    got, headers, body = server.get("/data.mp4", Range=rng)
+    assert got == status
+    assert body == data[first : last + 1]
+    assert headers["content-range"] == f"bytes {first}-{last}/{len(data)}"
+    assert int(headers["content-length"]) == last - first + 1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "rng", ["bytes=10240-", "bytes=99999-100000", "bytes=-0", "bytes=abc", "bytes=5-2", "bytes=", "bytes=-"]
+)
+def test_unsatisfiable_and_malformed_ranges(server: Server, rng: str) -> None:
+    status, headers, body = server.get("/data.mp4", Range=rng)
+    assert status == 416
+    assert headers["content-range"] == "bytes */10240"
+    assert b"\x00\x01\x02" not in body
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("rng", ["bytes=0-1,5-6", "bytes=0-10,0-10,0-10", "items=0-5", "garbage"])
+def test_ranges_ignored_send_the_whole_file(server: Server, rng: str) -> None:
+    data = (server.root / "data.mp4").read_bytes()
+    status, headers, body = server.get("/data.mp4", Range=rng)
+    assert status == 200 and body == data and "content-range" not in headers
+
+
+@pytest.mark.integration
+def test_range_on_empty_file(server: Server) -> None:
+    assert server.get("/empty.mp4")[0] == 200
+    assert server.get("/empty.mp4", Range="bytes=0-")[0] == 416
+
+
+@pytest.mark.integration
+def test_conditional_requests(server: Server) -> None:
+    status, headers, _ = server.get("/data.mp4")
+    etag, last_modified = headers["etag"], headers["last-modified"]
+    assert server.get("/data.mp4", If_None_Match=etag)[0] == 304
+    assert server.get("/data.mp4", If_Modified_Since=last_modified)[0] == 304
+    assert server.get("/data.mp4", If_Match='"nope"')[0] == 412
+    assert server.get("/data.mp4", Range="bytes=0-9", If_Range=etag)[0] == 206
+    status, _, body = server.get("/data.mp4", Range="bytes=0-9", If_Range='"stale"')
+    assert status == 200 and len(body) == 10240
+
+
+@pytest.mark.integration
+def test_accept_encoding_never_swaps_in_a_gz_neighbour(server: Server) -> None:
+    (server.root / "sample.mp4.gz").write_bytes(b"GZ NEIGHBOUR")
+    try:
+        status, headers, body = server.get("/sample.mp4", Accept_Encoding="gzip, br")
+        assert status == 200 and body == (server.root / "sample.mp4").read_bytes()
+        assert "content-encoding" not in headers
+    finally:
+        (server.root / "sample.mp4.gz").unlink()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "PROPFIND"])
+def test_other_methods_are_405(server: Server, method: str) -> None:
+    for path in ("/sample.jpg", "/health", "/missing.mp4"):
+        status, headers, body = server.request(method, path)
+        assert status == 405, (method, path)
+        assert set(headers["allow"].split(",")) == {"GET", "HEAD"}
+        assert b"Traceback" not in body
+
+
+@pytest.mark.integration
+def test_concurrent_downloads_of_a_large_file_are_identical(server: Server) -> None:
+    want = hashlib.sha256((server.root / "big.mp4").read_bytes()).hexdigest()
+
+    def fetch(i: int) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        try:
+            headers = {"Range": "bytes=0-"} if i % 2 else {}
+            conn.request("GET", "/big.mp4", headers=headers)
+            resp = conn.getresponse()
+            assert resp.status in (200, 206)
+            h = hashlib.sha256()
+            while chunk := resp.read(1 << 20):
+                h.update(chunk)
+                if i % 3 == 0:
+                    time.sleep(0.001)  # some slow readers
+            return h.hexdigest()
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(16) as pool:
+        digests = list(pool.map(fetch, range(16)))
+    assert digests == [want] * 16
+
+
+@pytest.mark.integration
+def test_access_log(server: Server) -> None:
+    server.get("/sample.png", User_Agent="test-agent")
+    server.get("/a%0d%0aFAKE%20LINE.jpg")
+    deadline = time.monotonic() + 5
+    text = ""
+    while time.monotonic() < deadline and "FAKE" not in text:
+        text = server.log_file.read_text()
+        time.sleep(0.05)
+    assert re.search(r'127\.0\.0\.1 "GET /sample\.png HTTP/1\.1" 200 \d+ [\d.]+ .test-agent.', text)
+    assert '"GET /a%0d%0aFAKE%20LINE.jpg HTTP/1.1" 404' in text
+    assert not any(line.startswith("FAKE") for line in text.splitlines())
+
+
+# ---------------------------------------------------------------------------
+# Integration: process behaviour
+
+
+@pytest.mark.integration
+def test_sigterm_lets_a_download_finish_and_removes_the_pid_file(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    data = random.Random(7).randbytes(32 * 1024 * 1024)
+    (root / "big.mp4").write_bytes(data)
+    proc, port, _ = start_server(root, tmp_path)
+    try:
+        pid_file = tmp_path / "media.pid"
+        assert media.read_pid(pid_file) == proc.pid
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # keep the download in flight
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /big.mp4 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = bytearray(sock.recv(65536))
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with socket.socket() as probe:  # no new connections once stopping
+            assert probe.connect_ex(("127.0.0.1", port)) != 0
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+        sock.close()
+        head, _, body = bytes(received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and body == data
+        assert proc.wait(15) == 0
+        assert not pid_file.exists()
+        assert "stopped" in (tmp_path / "media.log").read_text()
+    finally:
+        _stop_pid(proc.pid)
+        proc.communicate(timeout=10)
+
+
+def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PY, str(REPO / "media_server.py"), *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=cwd,
+        timeout=30,
+    )
+
+
+@pytest.mark.integration
+def test_cli_errors_are_one_line_with_the_fix(tmp_path: Path) -> None:
+    common = [
+        "--host",
+        "127.0.0.1",
+        "--log-file",
+        str(tmp_path / "l.log"),
+        "--pid-file",
+        str(tmp_path / "p.pid"),
+    ]
+    r = _run_cli(
+        *common, "--port", "0", "--root", str(tmp_path / "nope"), "--allowed-types", "jpg", cwd=tmp_path
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: media root") and "mkdir -p" in r.stderr
+
+    r = _run_cli(*common, "--port", "0", "--root", str(tmp_path), "--allowed-types", "jpg,exe", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: --allowed-types") and r.stderr.count("\n") == 1
+
+    r = _run_cli(*common, "--port", "70000", "--root", str(tmp_path), "--allowed-types", "jpg", cwd=tmp_path)
+    assert r.returncode == 2 and "out of range" in r.stderr
+
+    r = _run_cli(*common, "--port", "x", "--root", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: ")
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _run_cli(
+            *common, "--port", str(port), "--root", str(tmp_path), "--allowed-types", "jpg", cwd=tmp_path
+        )
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert f"port {port} on 127.0.0.1 is in use by pid {os.getpid()}" in r.stderr
+    assert "MEDIA_PORT" in r.stderr
+    assert not (tmp_path / "p.pid").exists()
+
+
+@pytest.mark.integration
+def test_settings_from_config_file(tmp_path: Path) -> None:
+    pytest.importorskip("qwen3_vl_service.config")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "a.webp").write_bytes(b"webp")
+    (tmp_path / "m" / "b.jpg").write_bytes(b"jpg")
+    (tmp_path / "config.env").write_text(
+        "MEDIA_HOST=127.0.0.1\nMEDIA_ROOT=m\nMEDIA_ALLOWED_TYPES=webp\nLOG_DIR=lg\nRUN_DIR=rn\n"
+    )
+    proc, port, _ = start_server_from_config(tmp_path)
+    try:
+        srv = Server(proc, port, tmp_path / "m", tmp_path / "lg" / "media_server.log", tmp_path / "rn")
+        info = json.loads(srv.get("/health")[2])
+        assert info["root"] == str((tmp_path / "m").resolve()) and info["allowed_types"] == ["webp"]
+        assert srv.get("/a.webp")[0] == 200 and srv.get("/b.jpg")[0] == 404
+        assert media.read_pid(tmp_path / "rn" / "media_server.pid") == proc.pid
+        assert (tmp_path / "lg" / "media_server.log").exists()
+    finally:
+        _stop_pid(proc.pid)
+        proc.communicate(timeout=10)
+
+
+def start_server_from_config(tmp: Path) -> tuple[subprocess.Popen, int, list[str]]:
+    cmd = [PY, str(REPO / "media_server.py"), "--config", str(tmp / "config.env"), "--port", "0"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp
+    )
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    line = proc.stdout.readline() if ready else ""
+    m = re.search(r":(\d+) ", line)
+    if not m:
+        proc.kill()
+        raise AssertionError(f"server did not start: {line!r} {proc.communicate(timeout=10)}")
+    return proc, int(m.group(1)), [line]
+
+
+@pytest.mark.integration
+def test_ensure_running_starts_reuses_and_refuses(tmp_path: Path) -> None:
+    root = tmp_path / "media"
+    root.mkdir()
+    (root / "a.png").write_bytes(b"png")
+    log_file, pid_file = tmp_path / "logs" / "media_server.log", tmp_path / "run" / "media_server.pid"
+    port = free_port()
+    pid = None
+    try:
+        pid, started = media.ensure_running("127.0.0.1", port, root, ("png", "mp4"), log_file, pid_file)
+        assert started and pid == media.read_pid(pid_file)
+        proc = psutil.Process(pid)
+        assert proc.ppid() != os.getpid()  # detached: not our child, never our zombie
+        assert os.getsid(pid) != os.getsid(0)
+        assert media.is_ours_healthy("127.0.0.1", port, 2.0, root=root, pid_file=pid_file)
+        again = media.ensure_running("127.0.0.1", port, root, ["mp4", "png"], log_file, pid_file)
+        assert again == (pid, False)
+        other = tmp_path / "other"
+        other.mkdir()
+        with pytest.raises(CheckFailed, match=r"serves .*media.*not .*other.*kill"):
+            media.ensure_running("127.0.0.1", port, other, ("png",), log_file, pid_file)
+        with pytest.raises(CheckFailed, match="not recorded in"):
+            media.ensure_running(
+                "127.0.0.1", port, root, ("png", "mp4"), log_file, tmp_path / "elsewhere.pid"
+            )
+        assert "listening on" in log_file.read_text()
+    finally:
+        _stop_pid(pid)
+    assert not pid_file.exists()
+
+
+@pytest.mark.integration
+def test_ensure_running_names_a_foreign_port_holder(tmp_path: Path) -> None:
+    port = free_port()
+    holder = subprocess.Popen(
+        [PY, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(CheckFailed) as info:
+            media.ensure_running(
+                "127.0.0.1", port, tmp_path, ("png",), tmp_path / "m.log", tmp_path / "m.pid", timeout=10
+            )
+        message = info.value.one_line()
+        assert (
+            f"port {port} on 127.0.0.1 is in use by pid {holder.pid}" in message and "http.server" in message
+        )
+        assert "MEDIA_PORT" in message
+        assert not (tmp_path / "m.pid").exists()
+    finally:
+        holder.terminate()
+        holder.wait(10)
+
+
+@pytest.mark.integration
+def test_ensure_running_reports_a_bad_root(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        media.ensure_running(
+            "127.0.0.1", free_port(), tmp_path / "nope", ("png",), tmp_path / "l", tmp_path / "p"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Integration: bounded load test on loopback
+
+
+@pytest.mark.integration
+def test_load_many_connections_zero_errors(server: Server) -> None:
+    aiohttp = pytest.importorskip("aiohttp")
+    seconds = float(os.environ.get("MEDIA_LOAD_SECONDS", "10"))
+    connections = int(os.environ.get("MEDIA_LOAD_CONNECTIONS", "200"))
+    assert 0 < seconds <= 120 and 0 < connections <= 1000  # bounded, whatever the environment says
+    files = {f"/sample.{e}": (server.root / f"sample.{e}").read_bytes() for e in EXPECTED_TYPES}
+    files["/data.mp4"] = (server.root / "data.mp4").read_bytes()
+    paths = sorted(files)
+    stats = {"ok": 0, "errors": 0, "bytes": 0}
+    errors: list[str] = []
+
+    async def worker(session, i: int, stop_at: float) -> None:
+        rnd = random.Random(i)
+        while time.monotonic() < stop_at:
+            path = rnd.choice(paths)
+            want = files[path]
+            try:
+                if rnd.random() < 0.2:
+                    start = rnd.randrange(len(want))
+                    async with session.get(path, headers={"Range": f"bytes={start}-"}) as resp:
+                        body = await resp.read()
+                        good = resp.status == 206 and body == want[start:]
+                elif rnd.random() < 0.1:
+                    async with session.head(path) as resp:
+                        body = b""
+                        good = resp.status == 200 and int(resp.headers["Content-Length"]) == len(want)
+                else:
+                    async with session.get(path) as resp:
+                        body = await resp.read()
+                        good = resp.status == 200 and body == want
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                good, body = False, b""
+                errors.append(f"{path}: {type(exc).__name__}: {exc}")
+            if good:
+                stats["ok"] += 1
+                stats["bytes"] += len(body)
+            else:
+                stats["errors"] += 1
+
+    async def main() -> None:
+        connector = aiohttp.TCPConnector(limit=connections, force_close=False)
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(
+            f"http://127.0.0.1:{server.port}", connector=connector, timeout=timeout
+        ) as session:
+            stop_at = time.monotonic() + seconds
+            await asyncio.gather(*(worker(session, i, stop_at) for i in range(connections)))
+
+    started = time.monotonic()
+    asyncio.run(main())
+    elapsed = time.monotonic() - started
+    rate = stats["ok"] / elapsed
+    ok, bad = stats["ok"], stats["errors"]
+    print(f"\nload: {connections} connections, {elapsed:.1f} s, {ok} ok, {bad} errors, {rate:.0f} req/s")
+    assert stats["errors"] == 0, errors[:5]
+    assert stats["ok"] > connections
+    assert server.get("/health")[0] == 200
+    assert not re.search(r'HTTP/1\.1" 5\d\d ', server.log_file.read_text())

@@ -26,6 +26,11 @@ or starts a detached one (``--detach``: the server double-forks once its port
 is bound, so it is never left a zombie of the process that execs vLLM), and
 ``stop_service.py --all`` stops it by its pid file. ``GET /health`` answers
 JSON naming this service, its pid, root and allowed types.
+
+One process, one event loop (bench/bench_media.py measures it): large files
+go at nginx's speed (both are sendfile-bound), while for many 1 MiB files
+aiohttp's per-response Python work, about as much CPU as the kernel's copy of
+the MiB, leaves it at roughly half of nginx's rate; far above what vLLM asks.
 """
 
 from __future__ import annotations
@@ -402,24 +407,47 @@ class InlineExecutor(concurrent.futures.ThreadPoolExecutor):
 
     aiohttp's FileResponse hands stat(), open() and close() of every file to
     the default executor. On a local or page-cached file these take a few
-    microseconds, while the round trip to a worker thread and back costs
-    hundreds (GIL hand-over and a thread wake-up on a busy node): measured
-    on a 2-core node with 1 MB files, CPU per request fell by about a quarter.
-    This is nginx's default too (blocking metadata calls, no `aio threads`).
+    microseconds, while the round trip to a worker thread and back costs far
+    more (GIL hand-over and a thread wake-up, worst on a busy node). This is
+    nginx's default too (blocking metadata calls, no `aio threads`), and
     sendfile() already reads the file data in the loop's thread, so a slow
     file system stalls the loop with or without this.
+
+    With DIRECT, the result comes back as an already finished asyncio future,
+    which run_in_executor() passes through (asyncio.wrap_future returns
+    asyncio futures as they are) and which `await` does not even yield on; a
+    concurrent future would cost a self-pipe wake-up of the loop per call.
+    _serve() checks that pass-through before it asks for it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(max_workers=1)
+        self._loop = loop
 
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        direct = self._loop is not None and _running_loop() is self._loop
+        future: Any = self._loop.create_future() if direct else concurrent.futures.Future()
         try:
             future.set_result(fn(*args, **kwargs))
         except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             future.set_exception(exc)
         return future
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _wrap_future_passes_through(loop: asyncio.AbstractEventLoop) -> bool:
+    probe = loop.create_future()
+    probe.set_result(None)
+    try:
+        return asyncio.wrap_future(probe, loop=loop) is probe
+    except (AssertionError, TypeError):
+        return False
 
 
 def setup_logging(log_file: Path) -> RotatingFileHandler:
@@ -556,7 +584,7 @@ async def _serve(settings: MediaSettings, sock: socket.socket, announce: bool) -
     from aiohttp import web
 
     loop = asyncio.get_running_loop()
-    loop.set_default_executor(InlineExecutor())
+    loop.set_default_executor(InlineExecutor(loop if _wrap_future_passes_through(loop) else None))
     stop = asyncio.Event()
     got: list[int] = []
 

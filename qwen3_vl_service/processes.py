@@ -1,0 +1,605 @@
+"""Finding the service's processes, stopping a set of them, and what still holds the port or a GPU.
+
+A process is *ours* when its environment carries our run directory
+(``RUN_DIR_ENV``) or our tag (``TAG_ENV``): the launcher puts both into
+vLLM's environment and every process vLLM starts inherits them. Names are
+never trusted: vLLM's children rename themselves ``VLLM::EngineCore`` and
+``VLLM::Worker_TP<n>`` (setproctitle), and so may anybody else's. The
+environment survives the death of the parent, which is how the orphans of a
+``kill -9``-ed API server are found (vLLM #55510, #34643).
+
+Stopping is TERM, wait, KILL, reap (gunicorn ``arbiter.py``, systemd).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from .vllm_args import RUN_DIR_ENV, TAG_ENV
+
+MEDIA_PID_FILE = "media_server.pid"
+# For vLLM's environment: keeps /proc/<pid>/environ readable after vLLM's
+# EngineCore and workers call setproctitle (which otherwise overwrites it with
+# the title, and with it our tag). The title is then limited to the length of
+# the original command line, which is far longer than "VLLM::Worker_TP7".
+TITLE_ENV = {"SPT_NOENV": "1"}
+_CREATE_TIME_TOLERANCE_S = 2.0
+# How the media server and the log tee show up in a command line.
+MEDIA_MARKERS = ("qwen3_vl_service.media", "media_server.py", "qwen3-vl-media")
+LOGTEE_MARKER = "qwen3_vl_service.logtee"
+_POLL_S = 0.05
+
+
+# ---------------------------------------------------------------------------
+# Describing processes
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    """What we knew of a process before signalling it (afterwards it may be gone)."""
+
+    pid: int
+    name: str
+    cmdline: str
+    label: str = ""  # short: "VLLM::Worker_TP0", "python -m vllm.entrypoints.openai.api_server"
+
+    def short(self, width: int = 80) -> str:
+        text = self.cmdline or self.name
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _argv(proc: psutil.Process) -> list[str]:
+    try:
+        # setproctitle pads the title with empty arguments.
+        return [p for p in proc.cmdline() if p]
+    except (psutil.Error, OSError):
+        return []
+
+
+def cmdline_text(proc: psutil.Process) -> str:
+    parts = _argv(proc)
+    if not parts:
+        with contextlib.suppress(psutil.Error, OSError):
+            return proc.name()
+        return ""
+    return " ".join(parts)
+
+
+def label_of(argv: list[str], name: str = "") -> str:
+    """A short label: the title, "python -m MODULE", or "python SCRIPT"."""
+    if not argv:
+        return name
+    if len(argv) == 1:
+        return argv[0] if len(argv[0]) <= 60 else argv[0][:59] + "…"
+    exe = os.path.basename(argv[0])
+    for i, arg in enumerate(argv[1:-1], start=1):
+        if arg == "-m":
+            return f"{exe} -m {argv[i + 1]}"
+        if arg == "-c":
+            code = argv[i + 1].replace("\n", "; ")
+            return f"{exe} -c {code[:40]}…" if len(code) > 40 else f"{exe} -c {code}"
+        if not arg.startswith("-"):
+            return f"{exe} {os.path.basename(arg)}"
+    return exe
+
+
+def describe(proc: psutil.Process, width: int = 80) -> str:
+    """A short human description: the process title, or a short command line."""
+    return info(proc).label
+
+
+def info(proc: psutil.Process) -> ProcInfo:
+    name = ""
+    with contextlib.suppress(psutil.Error, OSError):
+        name = proc.name()
+    argv = _argv(proc)
+    return ProcInfo(pid=proc.pid, name=name, cmdline=" ".join(argv) or name, label=label_of(argv, name))
+
+
+def is_media_server(proc: psutil.Process) -> bool:
+    text = cmdline_text(proc)
+    return any(m in text for m in MEDIA_MARKERS)
+
+
+def is_logtee(proc: psutil.Process) -> bool:
+    return LOGTEE_MARKER in cmdline_text(proc)
+
+
+def is_drainer(proc: psutil.Process) -> bool:
+    """A helper that ignores SIGTERM on purpose and ends by itself once its writers are gone.
+
+    Our log tee, and Python's multiprocessing resource tracker (vLLM starts
+    one): the tracker ignores SIGINT and SIGTERM and, when its pipe closes,
+    removes the shared memory and semaphores its users leaked. Killing it
+    first would leave those in /dev/shm.
+    """
+    text = cmdline_text(proc)
+    return LOGTEE_MARKER in text or "multiprocessing.resource_tracker" in text
+
+
+# ---------------------------------------------------------------------------
+# Finding ours
+
+
+def _environ(proc: psutil.Process) -> dict[str, str] | None:
+    try:
+        return proc.environ()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+        return None
+
+
+def _self_and_ancestors() -> set[int]:
+    pids = {os.getpid()}
+    with contextlib.suppress(psutil.Error):
+        pids.update(p.pid for p in psutil.Process().parents())
+    return pids
+
+
+def find_ours(
+    run_dir: str | os.PathLike[str] | None = None,
+    tag: str | None = None,
+    *,
+    group: int | None = None,
+    group_started: float = 0.0,
+    exclude_media: bool = False,
+    exclude: Iterable[int] = (),
+) -> list[psutil.Process]:
+    """Our processes: RUN_DIR (as RUN_DIR_ENV) or TAG (as TAG_ENV) in their environment.
+
+    GROUP (the recorded vLLM pid, started at GROUP_STARTED) adds the members
+    of that process group whose environment cannot be read: setproctitle,
+    which vLLM calls in EngineCore and its workers, wipes
+    ``/proc/<pid>/environ`` unless SPT_NOENV is set (see TITLE_ENV). Linux
+    does not reuse a pid while a process group of that number exists, so a
+    leaderless group P is still the group our vLLM P made; a live P with
+    another start time means the pid was reused, and the group is ignored.
+
+    Only our user's processes are looked at (another user's environment is
+    unreadable, and they are not ours to stop). This process and its
+    ancestors are never returned. With EXCLUDE_MEDIA, the media server (and
+    its children) are left out: it has its own lifetime. Zombies are left
+    out: they hold nothing but a pid.
+    """
+    if run_dir is None and not tag and group is None:
+        raise ValueError("find_ours needs a run_dir, a tag or a group")
+    want_dir = str(Path(run_dir)) if run_dir is not None else None
+    if group is not None and not _group_is_ours(group, group_started):
+        group = None
+    skip = _self_and_ancestors() | set(exclude)
+    uid = os.getuid()
+    found: list[psutil.Process] = []
+    for proc in psutil.process_iter(["pid", "uids", "status", "create_time"]):
+        try:
+            if proc.pid in skip or proc.info["uids"] is None or proc.info["uids"].real != uid:
+                continue
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+        except (KeyError, AttributeError):
+            continue
+        env = _environ(proc)
+        if env:
+            if (want_dir is not None and env.get(RUN_DIR_ENV) == want_dir) or (
+                tag and env.get(TAG_ENV) == tag
+            ):
+                found.append(proc)
+            continue
+        # Environment wiped by setproctitle (or unreadable): only the process group can tell.
+        if group is not None and _pgid(proc.pid) == group:
+            created = proc.info.get("create_time") or 0.0
+            if created + _CREATE_TIME_TOLERANCE_S >= group_started:
+                found.append(proc)
+    if exclude_media:
+        media_pids: set[int] = set()
+        for proc in found:
+            if is_media_server(proc):
+                media_pids.add(proc.pid)
+                media_pids.update(c.pid for c in _children(proc))
+        if run_dir is not None:
+            media = media_server(run_dir)
+            if media is not None:
+                media_pids.add(media.pid)
+                media_pids.update(c.pid for c in _children(media))
+        found = [p for p in found if p.pid not in media_pids]
+    return found
+
+
+def find_tagged(tag: str) -> list[psutil.Process]:
+    """The processes of one start (TAG in their environment); see find_ours."""
+    return find_ours(None, tag)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _group_is_ours(group: int, started: float) -> bool:
+    try:
+        leader = psutil.Process(group)
+    except psutil.NoSuchProcess:
+        return True  # leaderless: the pid cannot have been reused while the group exists
+    except psutil.Error:
+        return False
+    try:
+        return abs(leader.create_time() - started) <= _CREATE_TIME_TOLERANCE_S
+    except psutil.Error:
+        return False
+
+
+def unidentified_vllm(exclude: Iterable[int] = ()) -> list[psutil.Process]:
+    """Our user's processes titled ``VLLM::...`` whose environment was wiped: maybe ours, maybe not.
+
+    Never signalled; listed so that the user can decide (vLLM leftovers of a
+    run started without SPT_NOENV, or another checkout's).
+    """
+    skip = _self_and_ancestors() | set(exclude)
+    uid = os.getuid()
+    out = []
+    for proc in psutil.process_iter(["pid", "uids", "status", "name"]):
+        try:
+            if proc.pid in skip or proc.info["uids"] is None or proc.info["uids"].real != uid:
+                continue
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or not (proc.info["name"] or "").startswith(
+                "VLLM::"
+            ):
+                continue
+        except (KeyError, AttributeError):
+            continue
+        if not _environ(proc):
+            out.append(proc)
+    return out
+
+
+def _children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """PID and all its descendants, the root first; [] if PID is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def media_server(run_dir: str | os.PathLike[str]) -> psutil.Process | None:
+    """The media server recorded in ``<RUN_DIR>/media_server.pid``, if it is one.
+
+    The pid file may hold a bare pid or JSON with a "pid" key. The process
+    must be ours (same user) and look like the media server by its command
+    line: a pid reused by another program is never returned.
+    """
+    pid = read_pid_file(Path(run_dir) / MEDIA_PID_FILE)
+    if pid is None:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if proc.uids().real != os.getuid() or proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+    except psutil.Error:
+        return None
+    return proc if is_media_server(proc) else None
+
+
+def read_pid_file(path: Path) -> int | None:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if text.startswith("{"):
+        import json
+
+        try:
+            value = json.loads(text).get("pid")
+        except (ValueError, AttributeError):
+            return None
+    else:
+        value = text.split()[0] if text else None
+    try:
+        pid = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return pid if pid > 0 else None
+
+
+# ---------------------------------------------------------------------------
+# Stopping
+
+
+@dataclass
+class StopResult:
+    """What happened to each process: exited after TERM, needed KILL, or survived both."""
+
+    terminated: list[ProcInfo] = field(default_factory=list)
+    killed: list[ProcInfo] = field(default_factory=list)
+    survivors: list[ProcInfo] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def stopped(self) -> list[ProcInfo]:
+        return [*self.terminated, *self.killed]
+
+    def merge(self, other: StopResult) -> StopResult:
+        return StopResult(
+            terminated=[*self.terminated, *other.terminated],
+            killed=[*self.killed, *other.killed],
+            survivors=[*self.survivors, *other.survivors],
+            elapsed=self.elapsed + other.elapsed,
+        )
+
+
+def is_alive(proc: psutil.Process) -> bool:
+    """Running and not a zombie (a zombie is reaped here if it is our child)."""
+    try:
+        if not proc.is_running():  # also False when the pid was reused
+            return False
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            with contextlib.suppress(psutil.Error, ChildProcessError, OSError):
+                proc.wait(timeout=0)
+            return False
+        return True
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def wait_gone(procs: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to TIMEOUT for PROCS to end; return those still alive (zombies count as ended)."""
+    alive = [p for p in procs if is_alive(p)]
+    deadline = time.monotonic() + max(0.0, timeout)
+    while alive:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        # wait_procs reaps our own children; others are polled.
+        _, alive = psutil.wait_procs(alive, timeout=min(0.2, remaining))
+        alive = [p for p in alive if is_alive(p)]
+        if alive:
+            time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())))
+    return alive
+
+
+def _signal(proc: psutil.Process, sig: int) -> bool:
+    try:
+        proc.send_signal(sig)  # psutil refuses if the pid was reused meanwhile
+        return True
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return False
+
+
+def terminate(
+    procs: Iterable[psutil.Process],
+    timeout: float,
+    *,
+    kill_after: bool = True,
+    kill_timeout: float = 5.0,
+) -> StopResult:
+    """SIGTERM each of PROCS, wait up to TIMEOUT, then SIGKILL what is left and reap it.
+
+    With KILL_AFTER False, the survivors of TERM are reported and left alone.
+    """
+    start = time.monotonic()
+    procs = [p for p in dict.fromkeys(procs) if is_alive(p)]
+    infos = {p.pid: info(p) for p in procs}
+    for p in procs:
+        _signal(p, signal.SIGTERM)
+    alive = wait_gone(procs, timeout)
+    result = StopResult()
+    alive_pids = {p.pid for p in alive}
+    result.terminated = [infos[p.pid] for p in procs if p.pid not in alive_pids]
+    if alive and kill_after:
+        for p in alive:
+            _signal(p, signal.SIGKILL)
+        still = wait_gone(alive, kill_timeout)
+        still_pids = {p.pid for p in still}
+        result.killed = [infos[p.pid] for p in alive if p.pid not in still_pids]
+        result.survivors = [infos[p.pid] for p in still]
+    else:
+        result.survivors = [infos[p.pid] for p in alive]
+    result.elapsed = time.monotonic() - start
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Port and GPUs
+
+
+def _host_matches(bound_ip: str, host: str) -> bool:
+    wildcard = ("0.0.0.0", "::", "")
+    return host in wildcard or bound_ip in wildcard or bound_ip == host or host == "localhost"
+
+
+def port_holder(host: str, port: int) -> tuple[int | None, str] | None:
+    """Who listens on HOST:PORT: (pid, command line), pid None when the kernel does not say.
+
+    None when nothing listens. Connections in TIME_WAIT do not count (vLLM
+    binds with SO_REUSEADDR). A socket that is bound but does not listen yet
+    (vLLM binds its port long before it listens) is invisible in the kernel's
+    connection tables and is not reported.
+    """
+    try:
+        conns = psutil.net_connections(kind="inet")
+    except (psutil.AccessDenied, OSError):
+        conns = None
+    if conns is not None:
+        for c in conns:
+            if not c.laddr or c.laddr.port != port or c.raddr:
+                continue
+            if c.status != psutil.CONN_LISTEN:
+                continue
+            if not _host_matches(c.laddr.ip, host):
+                continue
+            if c.pid is None:
+                return None, "a process of another user"
+            try:
+                return c.pid, describe(psutil.Process(c.pid))
+            except psutil.Error:
+                return c.pid, ""
+        return None
+    # No connection table: try to bind the port ourselves.
+    return _bind_probe(host, port)
+
+
+def _bind_probe(host: str, port: int) -> tuple[int | None, str] | None:
+    probe_host = "" if host in ("0.0.0.0", "::") else host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((probe_host, port))
+    except OSError:
+        return None, "an unknown process"
+    return None
+
+
+@dataclass(frozen=True)
+class GpuHolder:
+    gpu_index: int
+    pid: int
+    used_bytes: int | None  # None when the driver does not say
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    index: int
+    name: str
+    used_bytes: int
+    total_bytes: int
+    ours_bytes: int  # by the given pids (0 if none or not reported)
+
+
+class NvmlUnavailable(Exception):
+    """NVML cannot be used here (no driver, no GPU, no nvidia-ml-py); the message says why."""
+
+
+def _nvml():
+    """Initialised pynvml (nvidia-ml-py), or NvmlUnavailable."""
+    try:
+        import pynvml  # lazy: CPU machines and login nodes run without it
+    except ImportError as exc:
+        raise NvmlUnavailable(f"nvidia-ml-py is not installed ({exc})") from None
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # noqa: BLE001 - NVMLError_* and OSError from a missing libnvidia-ml
+        raise NvmlUnavailable(f"NVML did not start ({exc})") from None
+    return pynvml
+
+
+def _gpu_processes(pynvml, handle) -> list:
+    procs = []
+    for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+        fn = getattr(pynvml, getter, None)
+        if fn is None:
+            continue
+        with contextlib.suppress(Exception):
+            procs.extend(fn(handle))
+    return procs
+
+
+def _used(p) -> int | None:
+    value = getattr(p, "usedGpuMemory", None)
+    # NVML reports "not available" as a huge sentinel (NVML_VALUE_NOT_AVAILABLE).
+    if value is None or value >= 2**63:
+        return None
+    return int(value)
+
+
+def gpu_holders(pids: Iterable[int]) -> list[GpuHolder]:
+    """Which of PIDS hold memory on a GPU, per NVML. Raises NvmlUnavailable.
+
+    Inside a container NVML may report host pids, which then match nothing:
+    the caller should say that the check saw no process of ours, not that
+    there is none.
+    """
+    wanted = set(pids)
+    pynvml = _nvml()
+    try:
+        holders = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            for p in _gpu_processes(pynvml, handle):
+                if p.pid in wanted:
+                    holders.append(GpuHolder(gpu_index=i, pid=p.pid, used_bytes=_used(p)))
+        return holders
+    except NvmlUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any NVMLError
+        raise NvmlUnavailable(f"NVML query failed ({exc})") from None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def gpu_memory(pids: Iterable[int] = ()) -> list[GpuMemory]:
+    """Used and total memory of every GPU, and how much of it PIDS hold. Raises NvmlUnavailable."""
+    wanted = set(pids)
+    pynvml = _nvml()
+    try:
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            if isinstance(name, bytes):
+                name = name.decode("utf-8", "replace")
+            ours = sum(_used(p) or 0 for p in _gpu_processes(pynvml, handle) if p.pid in wanted)
+            out.append(
+                GpuMemory(
+                    index=i,
+                    name=str(name),
+                    used_bytes=int(mem.used),
+                    total_bytes=int(mem.total),
+                    ours_bytes=ours,
+                )
+            )
+        return out
+    except NvmlUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any NVMLError
+        raise NvmlUnavailable(f"NVML query failed ({exc})") from None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+__all__ = [
+    "TITLE_ENV",
+    "GpuHolder",
+    "GpuMemory",
+    "NvmlUnavailable",
+    "ProcInfo",
+    "StopResult",
+    "describe",
+    "find_ours",
+    "find_tagged",
+    "gpu_holders",
+    "gpu_memory",
+    "is_alive",
+    "is_drainer",
+    "is_logtee",
+    "is_media_server",
+    "media_server",
+    "port_holder",
+    "terminate",
+    "tree",
+    "unidentified_vllm",
+    "wait_gone",
+]

@@ -1,0 +1,349 @@
+"""The run state of the service: ``<RUN_DIR>/service.json``, written atomically.
+
+The launcher writes it just before it execs vLLM (so the recorded pid is
+vLLM's own); ``stop`` and ``status`` read it. A state file is trusted only
+while its process is alive *and* is still the process that was recorded:
+same pid, same start time, and (where the environment is readable) the
+service tag in its environment. Anything else (a pid gone, a pid reused by
+another program, a corrupt file) makes the file stale, and a stale file is
+replaced by the next start (gunicorn ``pidfile.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import psutil
+
+from .errors import CheckFailed
+
+STATE_FILE = "service.json"
+# Private TMPDIR of one run (vLLM's IPC sockets): made with this prefix, and
+# only a directory with one of PRIVATE_TMP_PREFIXES is ever removed by
+# remove_private_tmp() (the second is the launcher's own spelling).
+PRIVATE_TMP_PREFIX = "qwen3-vl-service-"
+PRIVATE_TMP_PREFIXES = (PRIVATE_TMP_PREFIX, "qwen3vl-")
+# psutil derives create_time from the boot time, which the kernel reports
+# as (wall clock - uptime): two readers may see it a second apart after a
+# clock adjustment. The tag in the environment is the strong check.
+_CREATE_TIME_TOLERANCE_S = 2.0
+STOP_HINT = "stop it with python stop_service.py"
+
+
+@dataclass(frozen=True)
+class RunState:
+    pid: int
+    create_time: float
+    tag: str
+    host: str
+    port: int
+    media_host: str
+    media_port: int
+    model: str
+    served_model_name: str
+    started_at: str  # ISO 8601 with the local offset
+    config_path: str
+    log_file: str
+    private_tmp: str
+    detached: bool
+    # Filled in by write(): RUN_DIR may sit on a file system shared by many nodes,
+    # and a pid means nothing on another node.
+    node: str = ""
+    slurm_job_id: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunState:
+        """Build from parsed JSON; raises ValueError/TypeError/KeyError when malformed."""
+        if not isinstance(data, dict):
+            raise TypeError("state is not a JSON object")
+        kinds = {"pid": int, "port": int, "media_port": int, "create_time": float, "detached": bool}
+        optional = {"node": "", "slurm_job_id": ""}
+        values = {}
+        for f in fields(cls):
+            value = data.get(f.name, optional[f.name]) if f.name in optional else data[f.name]
+            # Tolerated spellings: a Unix time for started_at, null for an optional path.
+            if f.name == "started_at" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = _dt.datetime.fromtimestamp(value).astimezone().isoformat(timespec="seconds")
+            elif value is None and f.name in ("config_path", "log_file", "private_tmp"):
+                value = ""
+            want = kinds.get(f.name, str)
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise TypeError(f"{f.name} is {type(value).__name__}, expected {want.__name__}")
+            values[f.name] = value
+        if values["pid"] <= 0:
+            raise ValueError("pid must be positive")
+        return cls(**values)
+
+
+def state_path(run_dir: str | os.PathLike[str]) -> Path:
+    return Path(run_dir) / STATE_FILE
+
+
+def new_tag() -> str:
+    """A tag unique to one start of the service (goes into every process's environment)."""
+    return f"q3vl-{_dt.datetime.now().strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def this_node() -> str:
+    return socket.gethostname()
+
+
+def write(run_dir: str | os.PathLike[str], state: RunState) -> Path:
+    """Write the state atomically: a temp file in the same folder, fsync, then rename over.
+
+    The node and the SLURM job id are filled in when the caller left them empty.
+    """
+    if not state.node:
+        state = replace(state, node=this_node())
+    if not state.slurm_job_id:
+        state = replace(state, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
+    directory = Path(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / STATE_FILE
+    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(state.to_json())
+            fh.flush()
+            os.fsync(fh.fileno())
+        # No secret lives in the state (the API key stays in the environment):
+        # readable by others, so that a colleague's `status` works.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def read(run_dir: str | os.PathLike[str]) -> RunState | None:
+    """The recorded state, or None when there is none or it is unreadable/corrupt (= stale)."""
+    path = state_path(run_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        return RunState.from_dict(json.loads(text))
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def exists(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether a state file is present at all (readable or not)."""
+    return state_path(run_dir).exists()
+
+
+def live_process(state: RunState) -> psutil.Process | None:
+    """The recorded process if it is still the one that was recorded, else None.
+
+    Checks: the pid exists and is not a zombie, its start time matches, and
+    the tag is in its environment. If the environment cannot be read (another
+    user's process: not ours), it must at least belong to our user. A state
+    written on another node never has a live process here.
+    """
+    if other_node(state) is not None:
+        return None  # a pid of another node means nothing here
+    try:
+        proc = psutil.Process(state.pid)
+        if abs(proc.create_time() - state.create_time) > _CREATE_TIME_TOLERANCE_S:
+            return None  # the pid was reused by another program
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        try:
+            env = proc.environ()
+        except psutil.AccessDenied:
+            return proc if proc.uids().real == os.getuid() else None
+        from .vllm_args import TAG_ENV
+
+        if env.get(TAG_ENV) != state.tag:
+            return None
+        return proc
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return None
+
+
+def describe_since(state: RunState) -> str:
+    return state.started_at or "an unknown time"
+
+
+def other_node(state: RunState) -> str | None:
+    """The node the state was written on, if it is not this one (its pid means nothing here)."""
+    return state.node if state.node and state.node != this_node() else None
+
+
+def job_gone(state: RunState, timeout: float = 5.0) -> bool | None:
+    """Whether the SLURM job recorded in the state has ended: True, False, or None (cannot tell)."""
+    if not state.slurm_job_id:
+        return None
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", state.slurm_job_id, "-o", "%T"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        # squeue answers "Invalid job id specified" for a job that left its memory.
+        return True if "invalid job id" in out.stderr.lower() else None
+    states = out.stdout.split()
+    return not any(s in ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "PENDING") for s in states)
+
+
+def elsewhere(state: RunState) -> str | None:
+    """The other node where the recorded service may still run; None if it is here or surely gone."""
+    node = other_node(state)
+    if node is None or job_gone(state) is True:
+        return None
+    return node
+
+
+def elsewhere_error(state: RunState, node: str, run_dir: str | os.PathLike[str]) -> CheckFailed:
+    job = f", SLURM job {state.slurm_job_id}" if state.slurm_job_id else ""
+    return CheckFailed(
+        f"service recorded as running on node {node} (pid {state.pid}{job}, since {describe_since(state)}); "
+        "it cannot be checked from this node",
+        fix=f"run this command on {node}, or give this node its own RUN_DIR; if that service is gone, "
+        f"remove {state_path(run_dir)}",
+    )
+
+
+def check_not_running(run_dir: str | os.PathLike[str]) -> None:
+    """Raise CheckFailed if the service of RUN_DIR runs, or left processes behind.
+
+    A stale state file is no obstacle: the caller writes the new state over it.
+    Processes of an earlier run that lost their state file (orphans of a
+    crashed or ``kill -9``-ed API server still holding GPU memory, vLLM
+    #55510, #34643) also refuse the start: a new vLLM would fail with out of
+    memory minutes later.
+    """
+    state = read(run_dir)
+    if state is not None:
+        node = other_node(state)
+        if node is not None:
+            if elsewhere(state) is not None:
+                raise elsewhere_error(state, node, run_dir)
+            return  # its SLURM job has ended: stale, the new state replaces it
+        proc = live_process(state)
+        if proc is not None:
+            raise CheckFailed(
+                f"service already running (pid {state.pid}, since {describe_since(state)})",
+                fix=STOP_HINT,
+            )
+    from . import processes
+
+    local = state is not None and other_node(state) is None
+    leftovers = processes.find_ours(
+        run_dir,
+        group=state.pid if local else None,
+        group_started=state.create_time if local else 0.0,
+        exclude_media=True,
+    )
+    if leftovers:
+        shown = ", ".join(f"{p.pid} {processes.describe(p)}" for p in leftovers[:5])
+        more = f" and {len(leftovers) - 5} more" if len(leftovers) > 5 else ""
+        raise CheckFailed(
+            f"{len(leftovers)} process(es) of an earlier run are still running ({shown}{more})",
+            fix="stop them with python stop_service.py",
+        )
+
+
+def clear(run_dir: str | os.PathLike[str], tag: str) -> bool:
+    """Remove the state file only if it still records TAG (its owner). True if removed."""
+    path = state_path(run_dir)
+    current = read(run_dir)
+    if current is None or current.tag != tag:
+        return False
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def clear_corrupt(run_dir: str | os.PathLike[str]) -> bool:
+    """Remove a state file that exists but cannot be parsed. True if removed."""
+    path = state_path(run_dir)
+    if not path.exists() or read(run_dir) is not None:
+        return False
+    try:
+        path.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def make_private_tmp(tag: str, base: str | os.PathLike[str] | None = None) -> str:
+    """A private TMPDIR for one run (0700), under BASE or the system temp dir.
+
+    Kept short on purpose: vLLM puts ZMQ IPC sockets there, and a Unix socket
+    path is limited to 107 bytes, so it does not go under a deep RUN_DIR.
+    """
+    short = tag.rsplit("-", 1)[-1][:12] or uuid.uuid4().hex[:12]
+    return tempfile.mkdtemp(prefix=f"{PRIVATE_TMP_PREFIX}{short}-", dir=base)
+
+
+def remove_private_tmp(path: str) -> bool:
+    """Remove a private TMPDIR made by make_private_tmp (ours, a real directory); anything else stays."""
+    if not path:
+        return False
+    p = Path(path)
+    try:
+        st = p.lstat()
+    except OSError:
+        return False
+    import stat
+
+    if (
+        not p.name.startswith(PRIVATE_TMP_PREFIXES)
+        or not stat.S_ISDIR(st.st_mode)
+        or p.is_symlink()
+        or st.st_uid != os.getuid()
+    ):
+        return False
+    shutil.rmtree(p, ignore_errors=True)
+    return not p.exists()
+
+
+__all__ = [
+    "STATE_FILE",
+    "RunState",
+    "check_not_running",
+    "clear",
+    "clear_corrupt",
+    "elsewhere",
+    "job_gone",
+    "live_process",
+    "make_private_tmp",
+    "new_tag",
+    "now_iso",
+    "other_node",
+    "read",
+    "remove_private_tmp",
+    "state_path",
+    "write",
+]

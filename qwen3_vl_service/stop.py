@@ -1,0 +1,381 @@
+"""stop_service.py: stop the service of this checkout, completely, and touch nothing else.
+
+Order:
+1. The API server recorded in the run state gets SIGTERM and up to
+   ``--timeout`` seconds (default SHUTDOWN_TIMEOUT + 30) to let in-flight
+   requests finish (vLLM's ``--shutdown-timeout``) and take its engine down;
+   then SIGKILL.
+2. Whatever is left of its tree, and every process that carries our run
+   directory or tag in its environment, gets SIGTERM, a few seconds, then
+   SIGKILL: the ``VLLM::EngineCore`` and ``VLLM::Worker_TP*`` processes that
+   survive a ``kill -9`` of the API server or a crash and keep GPU memory
+   (vLLM #55510, #34643, #25850), also those of an earlier run whose state
+   file was lost. A process is ours by its environment, never by its name.
+3. With ``--all``, the media server (its pid file, checked by command line).
+4. The private TMPDIR of the run (vLLM's IPC sockets) and the state file go.
+5. Verification: no process of ours is left, the port is free, and (where
+   NVML works) no process of ours holds GPU memory.
+
+Exit 0 when everything is stopped (also when nothing was running), 1 when a
+process of ours survived or still holds a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from . import processes, runstate
+from .cli import ArgumentParser, run
+from .errors import EXIT_FAILED, EXIT_OK
+
+# Beyond SHUTDOWN_TIMEOUT: vLLM's engine teardown after the requests drained.
+SHUTDOWN_GRACE_S = 30
+# For processes that are not the API server (stragglers, orphans): TERM, then at most this
+# long (and never longer than --timeout), then KILL. A real EngineCore orphan takes ~5 s to
+# take its workers down gracefully.
+ORPHAN_GRACE_S = 10.0
+# The log tee and the multiprocessing resource tracker end by themselves once every writer is gone.
+DRAIN_S = 5.0
+
+
+@dataclass
+class StopReport:
+    state: runstate.RunState | None = None
+    stale_state: str = ""  # why the state file was stale, if it was
+    main: processes.StopResult | None = None
+    followed: list[processes.ProcInfo] = field(default_factory=list)  # exited with the API server
+    drained: list[processes.ProcInfo] = field(default_factory=list)  # ended by themselves at EOF
+    rest: processes.StopResult | None = None
+    media: processes.StopResult | None = None
+    media_note: str = ""
+    removed_tmp: list[str] = field(default_factory=list)
+    leftovers: list[processes.ProcInfo] = field(default_factory=list)
+    # Titled VLLM::* with a wiped environment, not in our process group: never touched.
+    unidentified: list[processes.ProcInfo] = field(default_factory=list)
+    port: tuple[str, int] | None = None
+    port_holder: tuple[int | None, str] | None = None
+    gpu_holders: list[processes.GpuHolder] = field(default_factory=list)
+    gpu_note: str = ""
+    elapsed: float = 0.0
+
+    @property
+    def stopped(self) -> list[processes.ProcInfo]:
+        out: list[processes.ProcInfo] = [*self.followed, *self.drained]
+        for r in (self.main, self.rest, self.media):
+            if r:
+                out += r.stopped
+        return out
+
+    @property
+    def survivors(self) -> list[processes.ProcInfo]:
+        out: list[processes.ProcInfo] = []
+        for r in (self.main, self.rest, self.media):
+            if r:
+                out += r.survivors
+        seen = {p.pid for p in out}
+        return out + [p for p in self.leftovers if p.pid not in seen]
+
+    @property
+    def ok(self) -> bool:
+        return not self.survivors and not self.gpu_holders
+
+
+def _uptime(proc: psutil.Process) -> str:
+    from .readiness import format_elapsed
+
+    try:
+        return format_elapsed(time.time() - proc.create_time())
+    except psutil.Error:
+        return "?"
+
+
+def _tmpdirs(procs: list[psutil.Process]) -> set[str]:
+    out = set()
+    for p in procs:
+        try:
+            tmp = p.environ().get("TMPDIR", "")
+        except psutil.Error:
+            continue
+        if Path(tmp).name.startswith(runstate.PRIVATE_TMP_PREFIXES):
+            out.add(tmp)
+    return out
+
+
+def stop_service(
+    run_dir: str | os.PathLike[str],
+    *,
+    host: str,
+    port: int,
+    timeout: float,
+    include_media: bool = False,
+    grace: float = ORPHAN_GRACE_S,
+    echo: Callable[[str], None] = print,
+) -> StopReport:
+    """Stop the service of RUN_DIR (see the module doc); the launcher calls it after a failed --detach start.
+
+    HOST and PORT are used for the port check when no state file names them.
+    ECHO gets a line before each step that may take time.
+    """
+    start = time.monotonic()
+    run_dir = Path(run_dir)
+    report = StopReport()
+    state = runstate.read(run_dir)
+    report.state = state
+    if state is None and runstate.exists(run_dir):
+        report.stale_state = "the state file is unreadable"
+    node = runstate.other_node(state) if state else None
+    if state is not None and node is not None:
+        if runstate.elsewhere(state) is not None:
+            raise runstate.elsewhere_error(state, node, run_dir)
+        report.stale_state = f"written on node {node} by SLURM job {state.slurm_job_id}, which has ended"
+    main = runstate.live_process(state) if state else None
+    if state is not None and main is None and not report.stale_state:
+        report.stale_state = f"pid {state.pid} of the recorded start is gone"
+    if state is not None:
+        host, port = state.host, state.port
+    report.port = (host, port)
+
+    media = processes.media_server(run_dir)
+    media_pids = {media.pid, *(c.pid for c in _children(media))} if media else set()
+
+    def not_media(p: psutil.Process) -> bool:
+        return p.pid not in media_pids and not processes.is_media_server(p)
+
+    tmpdirs: set[str] = set()
+    if state is not None and state.private_tmp:
+        tmpdirs.add(state.private_tmp)
+
+    # 1. The API server, with the time in-flight requests need.
+    members: list[psutil.Process] = []
+    if main is not None:
+        members = [p for p in processes.tree(main.pid)[1:] if not_media(p) and processes.is_alive(p)]
+        tmpdirs |= _tmpdirs([main, *members])
+        echo(
+            f"stopping vLLM (pid {main.pid}, up {_uptime(main)}): SIGTERM, "
+            f"waiting up to {timeout:g} s for in-flight requests and the engine"
+        )
+        member_infos = [processes.info(p) for p in members]
+        report.main = processes.terminate([main], timeout, kill_timeout=grace)
+        report.followed = [
+            i for p, i in zip(members, member_infos, strict=False) if not processes.is_alive(p)
+        ]
+
+    # 2. The rest of its tree, and every process carrying our run dir or tag (orphans).
+    tag = state.tag if state else None
+    # The recorded pid's process group (for children whose environment setproctitle wiped);
+    # a pid of another node names nothing here.
+    group = {"group": state.pid, "group_started": state.create_time} if state and node is None else {}
+    found = processes.find_ours(run_dir, tag, exclude_media=True, **group)
+    rest = [p for p in dict.fromkeys([*members, *found]) if not_media(p) and processes.is_alive(p)]
+    # Helpers that ignore SIGTERM on purpose and end at EOF: let them drain last.
+    drainers = [p for p in rest if processes.is_drainer(p)]
+    others = [p for p in rest if p not in drainers]
+    if others:
+        tmpdirs |= _tmpdirs(others)
+        kind = "remaining" if main is not None else "leftover"
+        echo(f"stopping {len(others)} {kind} process(es) of ours: SIGTERM, SIGKILL after {grace:g} s")
+        report.rest = processes.terminate(others, grace, kill_timeout=grace)
+    if drainers:
+        infos = [processes.info(p) for p in drainers]
+        still = processes.wait_gone(drainers, DRAIN_S)
+        report.drained = [i for p, i in zip(drainers, infos, strict=False) if p not in still]
+        if still:
+            killed = processes.terminate(still, 0.0, kill_timeout=grace)
+            report.rest = report.rest.merge(killed) if report.rest else killed
+
+    # 3. The media server, only when asked.
+    if include_media:
+        if media is not None:
+            echo(f"stopping the media server (pid {media.pid})")
+            report.media = processes.terminate([media, *_children(media)], grace, kill_timeout=grace)
+            _remove_stale_media_pidfile(run_dir, media.pid)
+        else:
+            report.media_note = "the media server was not running"
+
+    # 4. Files of the run.
+    if not [
+        p for p in processes.find_ours(run_dir, tag, exclude_media=True, **group) if processes.is_alive(p)
+    ]:
+        for tmp in sorted(tmpdirs):
+            if runstate.remove_private_tmp(tmp):
+                report.removed_tmp.append(tmp)
+        if state is not None and (main is None or not processes.is_alive(main)):
+            runstate.clear(run_dir, state.tag)
+        elif state is None:
+            runstate.clear_corrupt(run_dir)
+
+    # 5. Verify.
+    left = [
+        p
+        for p in processes.find_ours(run_dir, tag, exclude_media=not include_media, **group)
+        if processes.is_alive(p)
+    ]
+    report.leftovers = [processes.info(p) for p in left]
+    handled = {p.pid for p in report.stopped} | {p.pid for p in left}
+    report.unidentified = [processes.info(p) for p in processes.unidentified_vllm(exclude=handled)]
+    report.port_holder = _port_holder_settled(host, port)
+    checked = {p.pid for p in report.stopped} | {p.pid for p in report.survivors}
+    try:
+        report.gpu_holders = processes.gpu_holders(checked) if checked else []
+    except processes.NvmlUnavailable as exc:
+        report.gpu_note = f"GPU check skipped: {exc}"
+    report.elapsed = time.monotonic() - start
+    return report
+
+
+def _children(proc: psutil.Process | None) -> list[psutil.Process]:
+    if proc is None:
+        return []
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _remove_stale_media_pidfile(run_dir: Path, pid: int) -> None:
+    path = run_dir / processes.MEDIA_PID_FILE
+    if processes.read_pid_file(path) != pid:
+        return
+    try:
+        alive = processes.is_alive(psutil.Process(pid))
+    except psutil.Error:
+        alive = False
+    if not alive:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _port_holder_settled(host: str, port: int, wait: float = 2.0) -> tuple[int | None, str] | None:
+    """The port's holder, allowing a moment for the kernel to close the listening socket."""
+    deadline = time.monotonic() + wait
+    while True:
+        holder = processes.port_holder(host, port)
+        if holder is None or time.monotonic() >= deadline:
+            return holder
+        time.sleep(0.1)
+
+
+def render(report: StopReport, *, include_media: bool) -> list[str]:
+    lines: list[str] = []
+    stopped = report.stopped
+    if not stopped and not report.survivors:
+        lines.append("nothing to stop: the service is not running")
+    for result in (report.main, report.rest, report.media):
+        if not result:
+            continue
+        for p in result.terminated:
+            lines.append(f"  stopped  pid {p.pid:<7} {p.label}  (SIGTERM)")
+        for p in result.killed:
+            lines.append(f"  killed   pid {p.pid:<7} {p.label}  (SIGKILL: still running after SIGTERM)")
+        if result is report.main:
+            for p in report.followed:
+                lines.append(f"  stopped  pid {p.pid:<7} {p.label}  (exited with the API server)")
+    for p in report.drained:
+        lines.append(f"  stopped  pid {p.pid:<7} {p.label}  (ended by itself once the others were gone)")
+    if report.stale_state:
+        lines.append(f"removed a stale state file ({report.stale_state})")
+    if include_media and report.media_note:
+        lines.append(report.media_note)
+    for tmp in report.removed_tmp:
+        lines.append(f"removed the run's private TMPDIR {tmp}")
+    for p in report.survivors:
+        lines.append(
+            f"error: pid {p.pid} ({p.label}) survived SIGKILL (stuck in the kernel?); "
+            f"check `ps -o stat {p.pid}`"
+        )
+    for p in report.unidentified:
+        lines.append(
+            f"note: pid {p.pid} ({p.label}) looks like vLLM but cannot be identified as ours "
+            f"(setproctitle wiped its environment); not touched. If it is a leftover of yours: kill {p.pid}"
+        )
+    if report.port is not None:
+        host, port = report.port
+        if report.port_holder is None:
+            lines.append(f"port {host}:{port} is free")
+        else:
+            pid, cmd = report.port_holder
+            who = f"pid {pid} ({cmd})" if pid else cmd
+            lines.append(
+                f"warning: port {host}:{port} is still held by {who}, not a process of ours; "
+                "the next start needs another PORT"
+            )
+    if report.gpu_holders:
+        for h in report.gpu_holders:
+            lines.append(f"error: pid {h.pid} of ours still holds memory on GPU {h.gpu_index}")
+    elif report.gpu_note:
+        lines.append(report.gpu_note)
+    elif stopped:
+        lines.append("no process of ours holds a GPU")
+    if stopped:
+        lines.append(f"stopped {len(stopped)} process(es) in {report.elapsed:.1f} s")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+
+    def body() -> int:
+        from . import config as config_mod
+
+        parser = ArgumentParser(
+            prog="stop_service.py", description="Stop the Qwen3-VL service of this checkout."
+        )
+        parser.add_argument("--config", metavar="FILE", help="config file (default ./config.env)")
+        parser.add_argument("--all", action="store_true", help="also stop the media server")
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            metavar="S",
+            help=(
+                "seconds vLLM gets after SIGTERM before SIGKILL "
+                f"(default SHUTDOWN_TIMEOUT + {SHUTDOWN_GRACE_S})"
+            ),
+        )
+        args = parser.parse_args(argv)
+        cfg = config_mod.load(args.config)
+        timeout = args.timeout if args.timeout is not None else cfg.shutdown_timeout + SHUTDOWN_GRACE_S
+        if timeout < 0:
+            parser.error("--timeout must be >= 0")
+        grace = min(ORPHAN_GRACE_S, max(timeout, 1.0))
+        report = stop_service(
+            cfg.run_dir,
+            host=cfg.host,
+            port=cfg.port,
+            timeout=timeout,
+            include_media=args.all,
+            grace=grace,
+            echo=lambda line: print(line, flush=True),
+        )
+        for line in render(report, include_media=args.all):
+            stream = sys.stderr if line.startswith(("error:", "warning:")) else sys.stdout
+            print(line, file=stream, flush=True)
+        return EXIT_OK if report.ok else EXIT_FAILED
+
+    return run(body, _log_path(argv, "stop.log"))
+
+
+def _log_path(argv: list[str], name: str) -> Path | None:
+    """Where an unexpected traceback goes: LOG_DIR of the config, if it loads."""
+    try:
+        from . import config as config_mod
+
+        cfg_path = None
+        for i, a in enumerate(argv):
+            if a == "--config" and i + 1 < len(argv):
+                cfg_path = argv[i + 1]
+            elif a.startswith("--config="):
+                cfg_path = a.split("=", 1)[1]
+        return config_mod.load(cfg_path).log_dir / name
+    except Exception:  # noqa: BLE001 - the real error is reported by the command itself
+        return None
+
+
+__all__ = ["StopReport", "main", "render", "stop_service"]

@@ -1,0 +1,3 @@
+from qwen3_vl_service.stop import main
+
+raise SystemExit(main())

@@ -1,0 +1,193 @@
+"""logtee: stdin -> terminal + rotated log file, surviving Ctrl+C, ending at EOF."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from lifecycle_helpers import REPO, clean_env, gone, kill_pids, wait_until
+
+pytestmark = pytest.mark.integration
+PY = sys.executable
+
+
+def tee(log: Path, *args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
+    return subprocess.Popen(
+        [PY, "-m", "qwen3_vl_service.logtee", str(log), *args],
+        stdin=subprocess.PIPE,
+        stdout=stdout,
+        cwd=REPO,
+        env=clean_env(),
+    )
+
+
+def test_copies_bytes_to_stdout_and_lines_to_file(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "service.log"
+    data = (
+        b"INFO first line\n"
+        b"windows line\r\n"
+        b"Loading safetensors checkpoint shards:   0% Completed | 0/2 [00:00<?, ?it/s]\r"
+        b"Loading safetensors checkpoint shards:  50% Completed | 1/2 [00:01<00:01]\r"
+        b"Loading safetensors checkpoint shards: 100% Completed | 2/2 [00:02<00:00]\n"
+        b"\x1b[32mINFO\x1b[0m coloured \xe2\x9c\x93 and invalid \xff utf-8\n"
+        b"no newline at the end"
+    )
+    p = tee(log)
+    out, _ = p.communicate(data, timeout=20)
+    assert p.returncode == 0
+    assert out == data  # the terminal gets the bytes unchanged (tqdm keeps its \r)
+    assert log.read_text(encoding="utf-8").splitlines() == [
+        "INFO first line",
+        "windows line",
+        "Loading safetensors checkpoint shards:   0% Completed | 0/2 [00:00<?, ?it/s]",
+        "Loading safetensors checkpoint shards:  50% Completed | 1/2 [00:01<00:01]",
+        "Loading safetensors checkpoint shards: 100% Completed | 2/2 [00:02<00:00]",
+        "INFO coloured ✓ and invalid \ufffd utf-8",
+        "no newline at the end",
+    ]
+
+
+def test_quiet_writes_only_the_file(tmp_path: Path) -> None:
+    log = tmp_path / "service.log"
+    p = tee(log, "--quiet")
+    out, _ = p.communicate(b"hello\n", timeout=20)
+    assert (p.returncode, out) == (0, b"")
+    assert log.read_text() == "hello\n"
+
+
+def test_appends_to_an_existing_log(tmp_path: Path) -> None:
+    log = tmp_path / "service.log"
+    log.write_text("earlier run\n")
+    p = tee(log, "--quiet")
+    p.communicate(b"this run\n", timeout=20)
+    assert log.read_text() == "earlier run\nthis run\n"
+
+
+def test_rotates_by_size(tmp_path: Path) -> None:
+    log = tmp_path / "service.log"
+    p = tee(log, "--max-bytes", "300", "--backups", "2", "--quiet")
+    lines = [f"line {i:04d} " + "x" * 20 for i in range(100)]
+    p.communicate(("\n".join(lines) + "\n").encode(), timeout=20)
+    assert p.returncode == 0
+    files = sorted(f.name for f in tmp_path.iterdir())
+    assert files == ["service.log", "service.log.1", "service.log.2"]
+    for f in tmp_path.iterdir():
+        assert f.stat().st_size <= 300
+    assert log.read_text().splitlines()[-1] == lines[-1]
+    kept = (
+        (tmp_path / "service.log.2").read_text() + (tmp_path / "service.log.1").read_text() + log.read_text()
+    )
+    assert kept.splitlines() == lines[-len(kept.splitlines()) :]  # in order, newest last
+
+
+def test_no_backups_still_bounds_the_file(tmp_path: Path) -> None:
+    log = tmp_path / "service.log"
+    p = tee(log, "--max-bytes", "200", "--backups", "0", "--quiet")
+    p.communicate(b"".join(b"line %04d abcdefghij\n" % i for i in range(100)), timeout=20)
+    assert [f.name for f in tmp_path.iterdir()] == ["service.log"]
+    assert log.stat().st_size <= 200
+    assert log.read_text().splitlines()[-1] == "line 0099 abcdefghij"
+
+
+def test_ignores_sigint_and_sigterm_and_ends_at_eof(tmp_path: Path) -> None:
+    log = tmp_path / "service.log"
+    p = tee(log, "--quiet")
+    try:
+        p.stdin.write(b"before\n")
+        p.stdin.flush()
+        assert wait_until(lambda: log.exists() and "before" in log.read_text())
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            p.send_signal(sig)
+        time.sleep(0.3)
+        assert p.poll() is None
+        p.stdin.write(b"vLLM shutting down\n")
+        p.stdin.close()
+        assert p.wait(10) == 0
+        assert log.read_text() == "before\nvLLM shutting down\n"
+    finally:
+        kill_pids([p.pid])
+
+
+def test_keeps_the_file_when_the_terminal_goes(tmp_path: Path) -> None:
+    log = tmp_path / "service.log"
+    r, w = os.pipe()
+    p = tee(log, stdout=w)
+    os.close(w)
+    os.close(r)  # the terminal is gone: writes to stdout fail with EPIPE
+    p.stdin.write(b"".join(b"line %d\n" % i for i in range(2000)))
+    p.stdin.close()
+    assert p.wait(20) == 0
+    assert len(log.read_text().splitlines()) == 2000
+
+
+LAUNCHER = textwrap.dedent(
+    """
+    import os, sys
+    from qwen3_vl_service import logtee
+    proc = logtee.start_tee(sys.argv[1], max_bytes=10**6, backups=1)
+    with open(sys.argv[2], "w") as fh:
+        fh.write(str(proc.pid))
+    print("launcher report: preflight ok", flush=True)
+    child = (
+        "import signal, sys, time\\n"
+        "def bye(*a):\\n"
+        "    print('vLLM: shutting down after Ctrl+C', flush=True); sys.exit(0)\\n"
+        "signal.signal(signal.SIGINT, bye)\\n"
+        "print('vLLM: serving', flush=True)\\n"
+        "print('vLLM: to stderr', file=sys.stderr, flush=True)\\n"
+        "time.sleep(60)\\n"
+    )
+    os.execvp(sys.executable, [sys.executable, "-c", child])
+    """
+)
+
+
+def test_start_tee_then_exec_ctrl_c_reaches_vllm_and_is_recorded(tmp_path: Path) -> None:
+    """The launcher's pattern: tee on a pipe, stdout/stderr onto it, exec; Ctrl+C to the whole group."""
+    log = tmp_path / "service.log"
+    tee_pid_file = tmp_path / "tee.pid"
+    script = tmp_path / "launcher.py"
+    script.write_text(LAUNCHER)
+    p = subprocess.Popen(
+        [PY, str(script), str(log), str(tee_pid_file)],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        start_new_session=True,  # its own process group, like a terminal job
+    )
+    tee_pid = None
+    try:
+        assert wait_until(lambda: log.exists() and "vLLM: serving" in log.read_text(), 20)
+        tee_pid = int(tee_pid_file.read_text())
+        os.killpg(p.pid, signal.SIGINT)  # what Ctrl+C at the terminal does
+        out, _ = p.communicate(timeout=20)
+        assert p.returncode == 0
+        assert wait_until(lambda: gone(tee_pid), 10), "the tee did not end at EOF"
+        text = log.read_text()
+        assert text.splitlines() == [
+            "launcher report: preflight ok",
+            "vLLM: serving",
+            "vLLM: to stderr",
+            "vLLM: shutting down after Ctrl+C",
+        ]
+        assert b"vLLM: shutting down after Ctrl+C" in out  # and the terminal saw it too
+    finally:
+        kill_pids([p.pid, tee_pid])
+        p.wait(5)
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [PY, "-m", "qwen3_vl_service.logtee", str(tmp_path / "x.log"), "--max-bytes", "-1"],
+        cwd=REPO,
+        capture_output=True,
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 2

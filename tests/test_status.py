@@ -1,0 +1,144 @@
+"""status_service.py against a real stand-in server (real HTTP, real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from lifecycle_helpers import Standin, free_port, run_tool, write_config
+
+from qwen3_vl_service import runstate, status
+
+
+@pytest.fixture
+def standins():
+    started: list[Standin] = []
+    yield started
+    for s in started:
+        s.cleanup()
+
+
+@pytest.mark.integration
+def test_status_running_and_healthy(tmp_path: Path, standins) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, port=port, API_KEY="sk-test-secret-123456")
+    s = Standin(
+        tmp_path, port=port, tag=runstate.new_tag(), extra_env={"VLLM_API_KEY": "sk-test-secret-123456"}
+    )
+    standins.append(s)
+    s.wait_ready()
+    s.write_state()
+
+    result = run_tool("status_service.py", "--config", str(cfg), "--json", "--sample", "0.5")
+    assert result.returncode == 0, result.stdout + result.stderr
+    info = json.loads(result.stdout)
+    assert info["running"] and info["healthy"]
+    assert info["pid"] == s.proc.pid
+    assert info["health"]["status"] == 200
+    m = info["metrics"]
+    assert m["requests_running"] == 2 and m["requests_waiting"] == 1
+    assert m["kv_cache_usage"] == pytest.approx(0.25)
+    assert m["generation_tokens_per_s"] == pytest.approx(100, rel=0.3)
+    assert m["prompt_tokens_per_s"] == pytest.approx(40, rel=0.3)
+    assert m["generation_tokens_total"] >= 1000
+    # The API key went to /v1 (the stand-in answers 401 without it).
+    assert info["served_models"] == ["standin-model"]
+    assert info["processes"] >= 4
+    assert info["urls"]["api"] == f"http://127.0.0.1:{port}/v1"
+    assert "sk-test-secret" not in result.stdout
+
+    text = run_tool("status_service.py", "--config", str(cfg), "--sample", "0")
+    assert text.returncode == 0
+    assert "running, healthy" in text.stdout
+    assert "2 running, 1 waiting; KV cache 25.0% used" in text.stdout
+    assert "sk-test-secret" not in text.stdout
+
+
+@pytest.mark.integration
+def test_status_wrong_api_key_is_reported(tmp_path: Path, standins) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, port=port, API_KEY="wrong-key")
+    s = Standin(tmp_path, port=port, tag=runstate.new_tag(), extra_env={"VLLM_API_KEY": "right-key"})
+    standins.append(s)
+    s.wait_ready()
+    s.write_state()
+    result = run_tool("status_service.py", "--config", str(cfg), "--sample", "0")
+    assert result.returncode == 0  # healthy: /health needs no key
+    assert "401 (wrong or missing API_KEY?)" in result.stdout
+
+
+@pytest.mark.integration
+def test_status_unhealthy_shows_phase(tmp_path: Path, standins) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, port=port)
+    s = Standin(tmp_path, port=port, tag=runstate.new_tag(), args=("--unhealthy", "--startup-delay", "0.4"))
+    standins.append(s)
+    s.wait_ready()
+    s.write_state()
+    result = run_tool("status_service.py", "--config", str(cfg), "--json")
+    assert result.returncode == 1
+    info = json.loads(result.stdout)
+    assert info["running"] and not info["healthy"]
+    assert info["health"]["status"] == 503
+    assert info["phase"] == "ready"  # the stand-in logged startup complete but answers 503
+
+
+@pytest.mark.integration
+def test_status_not_running(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, port=free_port())
+    result = run_tool("status_service.py", "--config", str(cfg))
+    assert result.returncode == 1
+    assert "not running" in result.stdout
+    info = json.loads(run_tool("status_service.py", "--config", str(cfg), "--json").stdout)
+    assert info["running"] is False and info["healthy"] is False
+
+
+@pytest.mark.integration
+def test_status_stale_state_and_leftovers(tmp_path: Path, standins) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, port=port)
+    s = Standin(tmp_path, port=port, tag=runstate.new_tag())
+    standins.append(s)
+    pids = s.wait_ready()
+    s.write_state()
+    os.kill(pids["api"], signal.SIGKILL)
+    s.proc.wait(5)
+    result = run_tool("status_service.py", "--config", str(cfg))
+    assert result.returncode == 1
+    assert "not running" in result.stdout
+    assert "stale" in result.stdout
+    assert "leftovers" in result.stdout and str(pids["engine"]) in result.stdout
+    assert "stop_service.py" in result.stdout
+
+
+@pytest.mark.unit
+def test_parse_metrics_sums_engines_and_skips_created() -> None:
+    text = (
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
+        'vllm:num_requests_running{engine="1",model_name="m"} 2.0\n'
+        "# TYPE vllm:generation_tokens_total counter\n"
+        'vllm:generation_tokens_total{engine="0",model_name="m"} 10.0\n'
+        'vllm:generation_tokens_created{engine="0",model_name="m"} 1.7e9\n'
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5\n'
+        "# TYPE vllm:other gauge\n"
+        "vllm:other 7\n"
+    )
+    assert status.parse_metrics(text) == {
+        "vllm:num_requests_running": 5.0,
+        "vllm:generation_tokens": 10.0,
+        "vllm:kv_cache_usage_perc": 0.5,
+    }
+
+
+@pytest.mark.unit
+def test_hosts() -> None:
+    assert status.probe_host("0.0.0.0") == "127.0.0.1"
+    assert status.probe_host("::") == "::1"
+    assert status.probe_host("10.0.0.5") == "10.0.0.5"
+    assert status.display_host("10.0.0.5") == "10.0.0.5"
+    assert status.display_host("0.0.0.0")  # the node's name

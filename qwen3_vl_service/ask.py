@@ -28,7 +28,11 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--image", action="append", default=[], metavar="PATH|URL")
     p.add_argument("--video", action="append", default=[], metavar="PATH|URL")
     p.add_argument("--config", metavar="FILE", help="settings file (default: ./config.env)")
-    p.add_argument("--via-file", action="store_true", help="send local files as file:// URLs instead of through the media server")
+    p.add_argument(
+        "--via-file",
+        action="store_true",
+        help="send local files as file:// URLs instead of through the media server",
+    )
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
@@ -62,9 +66,13 @@ def media_url(cfg: ServiceConfig, ref: str, *, via_file: bool = False) -> str:
 
 def build_request(cfg: ServiceConfig, args) -> dict:
     content: list[dict] = [
-        {"type": "image_url", "image_url": {"url": media_url(cfg, r, via_file=args.via_file)}} for r in args.image
+        {"type": "image_url", "image_url": {"url": media_url(cfg, r, via_file=args.via_file)}}
+        for r in args.image
     ]
-    content += [{"type": "video_url", "video_url": {"url": media_url(cfg, r, via_file=args.via_file)}} for r in args.video]
+    content += [
+        {"type": "video_url", "video_url": {"url": media_url(cfg, r, via_file=args.via_file)}}
+        for r in args.video
+    ]
     content.append({"type": "text", "text": args.prompt})
     body: dict = {"model": cfg.served_model_name, "messages": [{"role": "user", "content": content}]}
     if args.max_tokens is not None:
@@ -87,7 +95,9 @@ def _main(argv: list[str] | None) -> int:
     try:
         resp = requests.post(url, json=body, headers=headers, timeout=args.timeout)
     except requests.ConnectionError:
-        raise CheckFailed(f"nothing answers at {url}", fix="start the service: python start_service.py --detach") from None
+        raise CheckFailed(
+            f"nothing answers at {url}", fix="start the service: python start_service.py --detach"
+        ) from None
     except requests.Timeout:
         raise CheckFailed(f"no answer from {url} within {args.timeout:g} s", fix="raise --timeout") from None
     elapsed = time.monotonic() - t0
@@ -107,10 +117,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"[reasoning]\n{reasoning.strip()}\n")
     print(f"[answer]\n{(msg.get('content') or '').strip()}\n")
     usage = data.get("usage") or {}
-    print(
-        f"({usage.get('prompt_tokens', '?')} prompt + {usage.get('completion_tokens', '?')} completion tokens, "
-        f"{elapsed:.2f} s)"
-    )
+    prompt, completion = usage.get("prompt_tokens", "?"), usage.get("completion_tokens", "?")
+    print(f"({prompt} prompt + {completion} completion tokens, {elapsed:.2f} s)")
     return 0
 
 

@@ -9,6 +9,7 @@ traceback goes to the command's log file (pre-commit's ``error_handler``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import os
 import sys
@@ -55,10 +56,8 @@ def run(body: Callable[[], int], log_path: Path | Callable[[], Path] | None = No
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `start_service.py --dry-run | head` closed our stdout: not an error.
-        try:
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
         return EXIT_FAILED
     except Exception as exc:  # noqa: BLE001 - the one place that catches everything
         where = _log_traceback(log_path)
@@ -79,4 +78,4 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(status)
 
 
-__all__ = ["ArgumentParser", "EXIT_USAGE", "error", "run"]
+__all__ = ["EXIT_USAGE", "ArgumentParser", "error", "run"]

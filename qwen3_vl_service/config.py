@@ -171,7 +171,9 @@ def _extensions(raw: str) -> tuple[str, ...]:
         raise ValueError("must list at least one file extension, e.g. jpg,png,mp4")
     for p in parts:
         if not re.fullmatch(r"[a-z0-9]{1,10}", p):
-            raise ValueError(f"{p!r} is not a file extension; allowed: comma-separated extensions like jpg,png,mp4")
+            raise ValueError(
+                f"{p!r} is not a file extension; allowed: comma-separated extensions like jpg,png,mp4"
+            )
     return tuple(dict.fromkeys(parts))
 
 
@@ -181,7 +183,9 @@ def _extra_args(raw: str) -> tuple[str, ...]:
     except ValueError as exc:
         raise ValueError(f"cannot be split like a shell command line ({exc})") from None
     if args and not args[0].startswith("-"):
-        raise ValueError("must start with a flag, e.g. '--enable-prefix-caching --max-num-batched-tokens 16384'")
+        raise ValueError(
+            "must start with a flag, e.g. '--enable-prefix-caching --max-num-batched-tokens 16384'"
+        )
     return args
 
 
@@ -193,7 +197,9 @@ def _domains(raw: str) -> tuple[str, ...]:
         return parts
     for p in parts:
         if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:]+\]", p):
-            raise ValueError(f"{p!r} is not a host name; allowed: comma-separated host names, or '*' for any host")
+            raise ValueError(
+                f"{p!r} is not a host name; allowed: comma-separated host names, or '*' for any host"
+            )
     return parts
 
 
@@ -360,11 +366,15 @@ def _read_file(path: Path) -> dict[str, str]:
             f"config file {path} not found", fix="create it (copy config.env) or pass --config FILE"
         ) from None
     except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a directory", fix="pass the path of a file to --config") from None
+        raise ConfigError(
+            f"config file {path} is a directory", fix="pass the path of a file to --config"
+        ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text", fix="save it as UTF-8") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}", fix="check its permissions") from None
+        raise ConfigError(
+            f"cannot read config file {path}: {exc.strerror}", fix="check its permissions"
+        ) from None
 
     import io
 
@@ -481,7 +491,10 @@ def _check_together(cfg: ServiceConfig) -> None:
 def as_json(cfg: ServiceConfig) -> str:
     """The resolved settings as JSON (secrets masked), for --dry-run --json."""
     return json.dumps(
-        {s.key: {"value": cfg.display_value(s.key), "source": cfg.sources.get(s.key, "default")} for s in SETTINGS},
+        {
+            s.key: {"value": cfg.display_value(s.key), "source": cfg.sources.get(s.key, "default")}
+            for s in SETTINGS
+        },
         indent=2,
     )
 

@@ -35,10 +35,25 @@ def _parser() -> cli.ArgumentParser:
         description="Check the node, the model and the settings, then start vLLM's OpenAI-compatible server.",
     )
     p.add_argument("--config", metavar="FILE", help="settings file (default: ./config.env)")
-    p.add_argument("--dry-run", action="store_true", help="run every check, print the report and the command, start nothing")
-    p.add_argument("--gpus", metavar="SPEC", help="plan against described GPUs, e.g. 8xH100-80GB, instead of detecting them")
-    p.add_argument("--detach", action="store_true", help="start in the background and wait until /health answers")
-    p.add_argument("--timeout", type=int, metavar="S", help="with --detach: seconds to wait for /health (default STARTUP_TIMEOUT)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run every check, print the report and the command, start nothing",
+    )
+    p.add_argument(
+        "--gpus",
+        metavar="SPEC",
+        help="plan against described GPUs, e.g. 8xH100-80GB, instead of detecting them",
+    )
+    p.add_argument(
+        "--detach", action="store_true", help="start in the background and wait until /health answers"
+    )
+    p.add_argument(
+        "--timeout",
+        type=int,
+        metavar="S",
+        help="with --detach: seconds to wait for /health (default STARTUP_TIMEOUT)",
+    )
     p.add_argument(
         "--check-interconnect",
         action="store_true",
@@ -90,22 +105,30 @@ def _vllm_probe(python: str) -> tuple[str, str]:
 # Starting
 
 
-def _spawn_logtee(cfg: ServiceConfig, env: dict[str, str], *, quiet: bool) -> subprocess.Popen:
+def _spawn_detached_logtee(cfg: ServiceConfig) -> subprocess.Popen:
+    """The tee for --detach: reads vLLM's output on a pipe, writes service.log only.
+
+    Its own session (closing the terminal must not end the log), and none of our
+    stdout/stderr: a caller that reads the launcher's output (a test, `ssh node
+    start_service.py --detach`) must see EOF when the launcher exits.
+    Untagged, like the foreground tee: stop_service.py lets it drain, then exit at EOF.
+    """
+    from . import logtee
+    from .vllm_args import RUN_DIR_ENV, TAG_ENV
+
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        sys.executable,
-        "-m",
-        "qwen3_vl_service.logtee",
-        str(cfg.log_dir / SERVICE_LOG),
-        "--max-bytes",
-        str(cfg.log_max_mb * 1024 * 1024),
-        "--backups",
-        str(cfg.log_backups),
-    ]
-    if quiet:
-        argv.append("--quiet")
-    # Its own session when detached: closing the terminal must not end the log.
-    return subprocess.Popen(argv, stdin=subprocess.PIPE, env=env, start_new_session=quiet)
+    env = {k: v for k, v in os.environ.items() if k not in (TAG_ENV, RUN_DIR_ENV)}
+    argv = logtee.command(
+        cfg.log_dir / SERVICE_LOG, max_bytes=cfg.log_max_mb * 1024 * 1024, backups=cfg.log_backups, quiet=True
+    )
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def _state(cfg: ServiceConfig, *, pid: int, tag: str, private_tmp: str, detached: bool):
@@ -149,7 +172,8 @@ def _ensure_media(cfg: ServiceConfig, say) -> None:
         python=sys.executable,
     )
     verb = "started" if started else "reusing"
-    say(f"media server: {verb} pid {pid} on http://{cfg.media_host}:{cfg.media_port}/ serving {cfg.media_root}")
+    where = f"http://{cfg.media_host}:{cfg.media_port}/"
+    say(f"media server: {verb} pid {pid} on {where} serving {cfg.media_root}")
 
 
 def _start(cfg: ServiceConfig, report_text: str, expert_parallel: bool, args) -> int:
@@ -169,42 +193,54 @@ def _start(cfg: ServiceConfig, report_text: str, expert_parallel: bool, args) ->
         return _start_detached(cfg, cmd, env, tag, private_tmp, report_text, args)
 
     # Foreground: the launcher becomes vLLM (same pid), so Ctrl+C and `kill PID`
-    # reach vLLM directly. Its output goes through a tee process into service.log.
-    tee = _spawn_logtee(cfg, env, quiet=False)
-    assert tee.stdin is not None
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(tee.stdin.fileno(), 1)
-    os.dup2(tee.stdin.fileno(), 2)
-    tee.stdin.close()
+    # reach vLLM directly. From here on our stdout and stderr go through a tee
+    # process into service.log (rotated by size) and on to the terminal.
+    from . import logtee
+
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    logtee.start_tee(
+        cfg.log_dir / SERVICE_LOG, max_bytes=cfg.log_max_mb * 1024 * 1024, backups=cfg.log_backups
+    )
     print(report_text, flush=True)
-    print(f"[launcher] exec vLLM (pid {os.getpid()}, tag {tag}); log: {cfg.log_dir / SERVICE_LOG}", flush=True)
-    runstate.write(cfg.run_dir, _state(cfg, pid=os.getpid(), tag=tag, private_tmp=private_tmp, detached=False))
+    print(
+        f"[launcher] exec vLLM (pid {os.getpid()}, tag {tag}); log: {cfg.log_dir / SERVICE_LOG}", flush=True
+    )
+    runstate.write(
+        cfg.run_dir, _state(cfg, pid=os.getpid(), tag=tag, private_tmp=private_tmp, detached=False)
+    )
     try:
         os.execve(cmd.argv[0], list(cmd.argv), env)
     except OSError as exc:
         runstate.clear(cfg.run_dir, tag)
         shutil.rmtree(private_tmp, ignore_errors=True)
-        raise CheckFailed(f"cannot execute {cmd.argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM") from None
+        raise CheckFailed(
+            f"cannot execute {cmd.argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
+        ) from None
     return 1  # not reached
 
 
 def _start_detached(cfg, cmd, env, tag, private_tmp, report_text, args) -> int:
     from . import processes, readiness, runstate
 
-    tee = _spawn_logtee(cfg, env, quiet=True)
+    tee = _spawn_detached_logtee(cfg)
     assert tee.stdin is not None
     tee.stdin.write((report_text + "\n").encode())
     tee.stdin.flush()
     try:
         proc = subprocess.Popen(
-            list(cmd.argv), env=env, stdin=subprocess.DEVNULL, stdout=tee.stdin, stderr=subprocess.STDOUT,
+            list(cmd.argv),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=tee.stdin,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     except OSError as exc:
         tee.stdin.close()
         shutil.rmtree(private_tmp, ignore_errors=True)
-        raise CheckFailed(f"cannot execute {cmd.argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM") from None
+        raise CheckFailed(
+            f"cannot execute {cmd.argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
+        ) from None
     tee.stdin.close()
     runstate.write(cfg.run_dir, _state(cfg, pid=proc.pid, tag=tag, private_tmp=private_tmp, detached=True))
     url = f"http://{_client_host(cfg.host)}:{cfg.port}"
@@ -242,7 +278,10 @@ def _start_detached(cfg, cmd, env, tag, private_tmp, report_text, args) -> int:
         print()
     print(f"ready: {url}/v1 (model {cfg.served_model_name}); health {url}/health")
     print(f"logs: tail -f {cfg.log_dir / SERVICE_LOG}")
-    print("stop: python stop_service.py" + (f" --config {shlex.quote(str(cfg.config_path))}" if cfg.config_path else ""))
+    print(
+        "stop: python stop_service.py"
+        + (f" --config {shlex.quote(str(cfg.config_path))}" if cfg.config_path else "")
+    )
     return 0
 
 
@@ -256,7 +295,9 @@ def _client_host(host: str) -> str:
 def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
     args = _parser().parse_args(argv)
     if args.timeout is not None and args.timeout <= 0:
-        raise UsageError(f"--timeout {args.timeout} must be positive", fix="give seconds, e.g. --timeout 1800")
+        raise UsageError(
+            f"--timeout {args.timeout} must be positive", fix="give seconds, e.g. --timeout 1800"
+        )
     cfg = load(args.config)
     log_holder[0] = cfg.log_dir / LAUNCHER_LOG
 
@@ -273,7 +314,9 @@ def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
     if level == "warn" and not args.dry_run:
         level = "error"
     report.findings.append(
-        preflight.Finding(level, "vLLM", message, "" if level == "ok" else "install vLLM there, or set VLLM_PYTHON")
+        preflight.Finding(
+            level, "vLLM", message, "" if level == "ok" else "install vLLM there, or set VLLM_PYTHON"
+        )
     )
     if args.check_interconnect or cfg.check_interconnect:
         from . import interconnect

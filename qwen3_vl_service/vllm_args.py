@@ -41,7 +41,9 @@ class VllmCommand:
 
     def display(self) -> str:
         """The command as a shell line, with the secret-bearing variables masked."""
-        shown_env = [f"{k}={shlex.quote(mask(v) if k == 'VLLM_API_KEY' else v)}" for k, v in sorted(self.env.items())]
+        shown_env = [
+            f"{k}={shlex.quote(mask(v) if k == 'VLLM_API_KEY' else v)}" for k, v in sorted(self.env.items())
+        ]
         return " \\\n    ".join([*shown_env, *_pair_flags(self.argv)])
 
 
@@ -118,7 +120,10 @@ def build(
         argv.append("--enable-expert-parallel")
     argv += [
         "--limit-mm-per-prompt",
-        json.dumps({"image": cfg.limit_images_per_prompt, "video": cfg.limit_videos_per_prompt}, separators=(",", ":")),
+        json.dumps(
+            {"image": cfg.limit_images_per_prompt, "video": cfg.limit_videos_per_prompt},
+            separators=(",", ":"),
+        ),
         "--allowed-local-media-path",
         str(cfg.media_root),
     ]

@@ -35,7 +35,11 @@ def test_shipped_config_env_loads_with_sane_defaults():
 
 def test_every_setting_is_documented_in_config_env():
     text = (REPO / "config.env").read_text()
-    keys = {line.split("=", 1)[0] for line in text.splitlines() if line and not line.startswith("#") and "=" in line}
+    keys = {
+        line.split("=", 1)[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#") and "=" in line
+    }
     assert keys == {s.key for s in config.SETTINGS}
 
 
@@ -63,7 +67,10 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
 
 
 def test_values_are_typed_and_config_is_frozen(tmp_path):
-    cfg = config.load(write(tmp_path, "ASYNC_SCHEDULING=no\nTOP_K=-1\nEXTRA_VLLM_ARGS=--enable-prefix-caching --seed 3\n"), environ={})
+    cfg = config.load(
+        write(tmp_path, "ASYNC_SCHEDULING=no\nTOP_K=-1\nEXTRA_VLLM_ARGS=--enable-prefix-caching --seed 3\n"),
+        environ={},
+    )
     assert cfg.async_scheduling is False and cfg.top_k == -1
     assert cfg.extra_vllm_args == ("--enable-prefix-caching", "--seed", "3")
     with pytest.raises(AttributeError):
@@ -126,7 +133,11 @@ def test_bad_input_is_one_line_exit_2_naming_the_key(tmp_path, text, env, words)
     run_env.update(env)
     proc = subprocess.run(
         [sys.executable, str(REPO / "start_service.py"), "--config", str(path), "--dry-run"],
-        capture_output=True, text=True, env=run_env, cwd=tmp_path, timeout=60,
+        capture_output=True,
+        text=True,
+        env=run_env,
+        cwd=tmp_path,
+        timeout=60,
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -139,7 +150,10 @@ def test_bad_input_is_one_line_exit_2_naming_the_key(tmp_path, text, env, words)
 def test_missing_config_file_is_exit_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "start_service.py"), "--config", str(tmp_path / "nope.env"), "--dry-run"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "nope.env not found" in proc.stderr and "Traceback" not in proc.stderr
@@ -148,7 +162,10 @@ def test_missing_config_file_is_exit_2(tmp_path):
 def test_unknown_command_line_flag_is_exit_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "start_service.py"), "--dry-runn"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "--help" in proc.stderr and "Traceback" not in proc.stderr

@@ -75,7 +75,11 @@ def test_media_domains_restrict_fetches_to_our_media_server(tmp_path):
     assert argv[i + 1 : i + 3] == ["127.0.0.1", "localhost"]
     argv = list(vllm_args.build(cfg_from(tmp_path, "ALLOWED_MEDIA_DOMAINS=*\n"), expert_parallel=False).argv)
     assert "--allowed-media-domains" not in argv
-    argv = list(vllm_args.build(cfg_from(tmp_path, "ALLOWED_MEDIA_DOMAINS=images.example.org\n"), expert_parallel=False).argv)
+    argv = list(
+        vllm_args.build(
+            cfg_from(tmp_path, "ALLOWED_MEDIA_DOMAINS=images.example.org\n"), expert_parallel=False
+        ).argv
+    )
     i = argv.index("--allowed-media-domains")
     assert argv[i + 1 : i + 4] == ["127.0.0.1", "localhost", "images.example.org"]
 
@@ -98,7 +102,9 @@ def test_cpu_device_leaves_out_gpu_only_flags(tmp_path):
 
 def _vllm_python() -> str | None:
     code = "import importlib.util,sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-    return sys.executable if subprocess.run([sys.executable, "-c", code], check=False).returncode == 0 else None
+    return (
+        sys.executable if subprocess.run([sys.executable, "-c", code], check=False).returncode == 0 else None
+    )
 
 
 @pytest.mark.integration
@@ -116,7 +122,8 @@ def test_pinned_vllm_parser_accepts_the_command(tmp_path):
         "    from vllm.entrypoints.openai.cli_args import make_arg_parser\n"
         "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
         "ns = make_arg_parser(FlexibleArgumentParser()).parse_args(sys.argv[1:])\n"
-        "keys = ['model','served_model_name','tensor_parallel_size','enable_expert_parallel','limit_mm_per_prompt',"
+        "keys = ['model','served_model_name','tensor_parallel_size','enable_expert_parallel',"
+        "'limit_mm_per_prompt',"
         "'allowed_media_domains','mm_encoder_tp_mode','async_scheduling','reasoning_parser',"
         "'override_generation_config','shutdown_timeout','max_num_seqs','gpu_memory_utilization']\n"
         "print(json.dumps({k: getattr(ns, k) for k in keys}, default=str))\n"

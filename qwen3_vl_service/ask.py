@@ -115,7 +115,10 @@ def _main(argv: list[str] | None) -> int:
     reasoning = msg.get("reasoning") or msg.get("reasoning_content")
     if reasoning:
         print(f"[reasoning]\n{reasoning.strip()}\n")
-    print(f"[answer]\n{(msg.get('content') or '').strip()}\n")
+    answer = (msg.get("content") or "").strip()
+    if not answer and data["choices"][0].get("finish_reason") == "length":
+        answer = "(none yet: the model was still thinking when max_tokens ran out; raise --max-tokens)"
+    print(f"[answer]\n{answer}\n")
     usage = data.get("usage") or {}
     prompt, completion = usage.get("prompt_tokens", "?"), usage.get("completion_tokens", "?")
     print(f"({prompt} prompt + {completion} completion tokens, {elapsed:.2f} s)")

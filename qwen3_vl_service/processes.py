@@ -137,6 +137,27 @@ def _environ(proc: psutil.Process) -> dict[str, str] | None:
         return None
 
 
+def is_recorded(proc: psutil.Process, tag: str, create_time: float) -> bool:
+    """Whether PROC is the process recorded with TAG and CREATE_TIME (not a reused pid).
+
+    The tag in its environment decides when the environment can be read. Only
+    where it cannot (another user's process, or wiped by setproctitle) does the
+    start time decide, within a tolerance: psutil derives it from the boot
+    time, which the kernel reports as wall clock minus uptime, so two readers
+    may see it a second apart.
+    """
+    env = _environ(proc)
+    if env:
+        return env.get(TAG_ENV) == tag
+    try:
+        return (
+            proc.uids().real == os.getuid()
+            and abs(proc.create_time() - create_time) <= _CREATE_TIME_TOLERANCE_S
+        )
+    except psutil.Error:
+        return False
+
+
 def _self_and_ancestors() -> set[int]:
     pids = {os.getpid()}
     with contextlib.suppress(psutil.Error):
@@ -155,13 +176,14 @@ def find_ours(
 ) -> list[psutil.Process]:
     """Our processes: RUN_DIR (as RUN_DIR_ENV) or TAG (as TAG_ENV) in their environment.
 
-    GROUP (the recorded vLLM pid, started at GROUP_STARTED) adds the members
-    of that process group whose environment cannot be read: setproctitle,
-    which vLLM calls in EngineCore and its workers, wipes
+    GROUP (the recorded vLLM pid, started at GROUP_STARTED with TAG) adds
+    the members of that process group whose environment cannot be read:
+    setproctitle, which vLLM calls in EngineCore and its workers, wipes
     ``/proc/<pid>/environ`` unless SPT_NOENV is set (see TITLE_ENV). Linux
     does not reuse a pid while a process group of that number exists, so a
-    leaderless group P is still the group our vLLM P made; a live P with
-    another start time means the pid was reused, and the group is ignored.
+    leaderless group P is still the group our vLLM P made; a live P that is
+    not the recorded process (is_recorded) means the pid was reused, and the
+    group is ignored.
 
     Only our user's processes are looked at (another user's environment is
     unreadable, and they are not ours to stop). This process and its
@@ -172,7 +194,7 @@ def find_ours(
     if run_dir is None and not tag and group is None:
         raise ValueError("find_ours needs a run_dir, a tag or a group")
     want_dir = str(Path(run_dir)) if run_dir is not None else None
-    if group is not None and not _group_is_ours(group, group_started):
+    if group is not None and not _group_is_ours(group, tag, group_started):
         group = None
     skip = _self_and_ancestors() | set(exclude)
     uid = os.getuid()
@@ -194,9 +216,7 @@ def find_ours(
             continue
         # Environment wiped by setproctitle (or unreadable): only the process group can tell.
         if group is not None and _pgid(proc.pid) == group:
-            created = proc.info.get("create_time") or 0.0
-            if created + _CREATE_TIME_TOLERANCE_S >= group_started:
-                found.append(proc)
+            found.append(proc)
     if exclude_media:
         media_pids: set[int] = set()
         for proc in found:
@@ -224,17 +244,16 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-def _group_is_ours(group: int, started: float) -> bool:
+def _group_is_ours(group: int, tag: str | None, started: float) -> bool:
     try:
         leader = psutil.Process(group)
     except psutil.NoSuchProcess:
         return True  # leaderless: the pid cannot have been reused while the group exists
     except psutil.Error:
         return False
-    try:
-        return abs(leader.create_time() - started) <= _CREATE_TIME_TOLERANCE_S
-    except psutil.Error:
-        return False
+    if leader.status() == psutil.STATUS_ZOMBIE:
+        return True  # dead, not yet reaped: still the recorded process's number
+    return is_recorded(leader, tag or "", started)
 
 
 def unidentified_vllm(exclude: Iterable[int] = ()) -> list[psutil.Process]:
@@ -596,6 +615,7 @@ __all__ = [
     "is_drainer",
     "is_logtee",
     "is_media_server",
+    "is_recorded",
     "media_server",
     "port_holder",
     "terminate",

@@ -33,10 +33,6 @@ STATE_FILE = "service.json"
 # remove_private_tmp() (the second is the launcher's own spelling).
 PRIVATE_TMP_PREFIX = "qwen3-vl-service-"
 PRIVATE_TMP_PREFIXES = (PRIVATE_TMP_PREFIX, "qwen3vl-")
-# psutil derives create_time from the boot time, which the kernel reports
-# as (wall clock - uptime): two readers may see it a second apart after a
-# clock adjustment. The tag in the environment is the strong check.
-_CREATE_TIME_TOLERANCE_S = 2.0
 STOP_HINT = "stop it with python stop_service.py"
 
 
@@ -159,30 +155,23 @@ def exists(run_dir: str | os.PathLike[str]) -> bool:
 def live_process(state: RunState) -> psutil.Process | None:
     """The recorded process if it is still the one that was recorded, else None.
 
-    Checks: the pid exists and is not a zombie, its start time matches, and
-    the tag is in its environment. If the environment cannot be read (another
-    user's process: not ours), it must at least belong to our user. A state
+    The tag in its environment decides (it is unique to one start, and it
+    survives a wall-clock step that would shift psutil's start times). Where
+    the environment cannot be read or was wiped, the start time must match
+    and the process must be our user's. A zombie is not live. A state
     written on another node never has a live process here.
     """
     if other_node(state) is not None:
         return None  # a pid of another node means nothing here
     try:
         proc = psutil.Process(state.pid)
-        if abs(proc.create_time() - state.create_time) > _CREATE_TIME_TOLERANCE_S:
-            return None  # the pid was reused by another program
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
-        try:
-            env = proc.environ()
-        except psutil.AccessDenied:
-            return proc if proc.uids().real == os.getuid() else None
-        from .vllm_args import TAG_ENV
-
-        if env.get(TAG_ENV) != state.tag:
-            return None
-        return proc
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+    except psutil.Error:
         return None
+    from .processes import is_recorded
+
+    return proc if is_recorded(proc, state.tag, state.create_time) else None
 
 
 def describe_since(state: RunState) -> str:
@@ -259,6 +248,7 @@ def check_not_running(run_dir: str | os.PathLike[str]) -> None:
     local = state is not None and other_node(state) is None
     leftovers = processes.find_ours(
         run_dir,
+        state.tag if local else None,
         group=state.pid if local else None,
         group_started=state.create_time if local else 0.0,
         exclude_media=True,

@@ -290,12 +290,12 @@ def test_wiped_environ_found_by_process_group(tmp_path: Path) -> None:
         by_env = {p.pid for p in processes.find_ours(run_dir_of(tmp_path))}
         assert pids["api"] in by_env and not titled & by_env
         started = psutil.Process(pids["api"]).create_time()
-        by_group = {
-            p.pid for p in processes.find_ours(run_dir_of(tmp_path), group=pids["api"], group_started=started)
-        }
-        assert titled <= by_group
-        # A live leader with another start time: the pid was reused, the group is not ours.
-        reused = processes.find_ours(run_dir_of(tmp_path), group=pids["api"], group_started=started - 100)
+        found = processes.find_ours(run_dir_of(tmp_path), s.tag, group=pids["api"], group_started=started)
+        assert titled <= {p.pid for p in found}
+        # A live leader that is not the recorded start (another tag): the pid was reused.
+        reused = processes.find_ours(
+            run_dir_of(tmp_path), "q3vl-other", group=pids["api"], group_started=started
+        )
         assert not titled & {p.pid for p in reused}
         # Unidentifiable vLLM-titled processes are listed, for the user to decide.
         assert titled <= {p.pid for p in processes.unidentified_vllm()}

@@ -85,7 +85,7 @@ def label_of(argv: list[str], name: str = "") -> str:
         if arg == "-m":
             return f"{exe} -m {argv[i + 1]}"
         if arg == "-c":
-            code = argv[i + 1].replace("\n", "; ")
+            code = "; ".join(line.strip() for line in argv[i + 1].splitlines() if line.strip())
             return f"{exe} -c {code[:40]}…" if len(code) > 40 else f"{exe} -c {code}"
         if not arg.startswith("-"):
             return f"{exe} {os.path.basename(arg)}"

@@ -150,14 +150,17 @@ def test_terminate_without_kill_reports_survivor(procs) -> None:
 
 
 @pytest.mark.integration
-def test_terminate_gone_and_zombie(procs) -> None:
-    p = procs("pass")
-    p_obj = psutil.Process(p.pid)
-    wait_until(lambda: p_obj.status() == psutil.STATUS_ZOMBIE)
-    # A zombie (exited, not reaped) counts as gone: nothing to signal.
-    assert not processes.is_alive(p_obj)
-    result = processes.terminate([p_obj], timeout=1.0)
-    assert result.stopped == [] and result.survivors == []
+def test_terminate_gone_and_zombie() -> None:
+    p = subprocess.Popen([PY, "-c", "pass"], env=clean_env())  # not reaped until the end: a zombie
+    try:
+        p_obj = psutil.Process(p.pid)
+        assert wait_until(lambda: p_obj.status() == psutil.STATUS_ZOMBIE)
+        # A zombie (exited, not reaped) counts as gone: nothing to signal.
+        assert not processes.is_alive(p_obj)
+        result = processes.terminate([p_obj], timeout=1.0)
+        assert result.stopped == [] and result.survivors == []
+    finally:
+        p.wait(5)
 
 
 @pytest.mark.integration
@@ -301,3 +304,28 @@ def test_wiped_environ_found_by_process_group(tmp_path: Path) -> None:
         assert titled <= {p.pid for p in processes.unidentified_vllm()}
     finally:
         s.cleanup()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("argv", "label"),
+    [
+        (["VLLM::EngineCore"], "VLLM::EngineCore"),
+        (
+            ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", "x"],
+            "python -m vllm.entrypoints.openai.api_server",
+        ),
+        (
+            ["/usr/bin/python3", "-B", "-c", "from multiprocessing.resource_tracker import main;main(31)"],
+            "python3 -c from multiprocessing.resource_tracker im…",
+        ),
+        (
+            ["/usr/bin/python3", "-c", "\nimport time\ntime.sleep(1)\n"],
+            "python3 -c import time; time.sleep(1)",
+        ),
+        (["/venv/bin/python", "/work/tests/standin_server.py", "--port", "1"], "python standin_server.py"),
+        ([], "name"),
+    ],
+)
+def test_labels(argv, label) -> None:
+    assert processes.label_of(argv, "name") == label

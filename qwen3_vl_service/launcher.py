@@ -16,9 +16,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
-import uuid
 from pathlib import Path
 
 from . import cli
@@ -146,8 +143,8 @@ def _state(cfg: ServiceConfig, *, pid: int, tag: str, private_tmp: str, detached
         media_port=cfg.media_port,
         model=str(cfg.model_path),
         served_model_name=cfg.served_model_name,
-        started_at=time.time(),
-        config_path=str(cfg.config_path) if cfg.config_path else None,
+        started_at=runstate.now_iso(),
+        config_path=str(cfg.config_path) if cfg.config_path else "",
         log_file=str(cfg.log_dir / SERVICE_LOG),
         private_tmp=private_tmp,
         detached=detached,
@@ -181,10 +178,10 @@ def _start(cfg: ServiceConfig, report_text: str, expert_parallel: bool, args) ->
 
     say = print
     _ensure_media(cfg, say)
-    tag = uuid.uuid4().hex[:16]
+    tag = runstate.new_tag()
     # Short and node-local: vLLM's IPC sockets live in TMPDIR, and a Unix socket path
     # must stay under 108 bytes; removed whole by stop_service.py.
-    private_tmp = tempfile.mkdtemp(prefix=f"qwen3vl-{tag[:8]}-")
+    private_tmp = runstate.make_private_tmp(tag)
     cmd = vllm_args.build(cfg, expert_parallel=expert_parallel, tag=tag, private_tmp=private_tmp)
     env = vllm_args.with_inherited(cmd.env, os.environ)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -220,8 +217,9 @@ def _start(cfg: ServiceConfig, report_text: str, expert_parallel: bool, args) ->
 
 
 def _start_detached(cfg, cmd, env, tag, private_tmp, report_text, args) -> int:
-    from . import processes, readiness, runstate
+    from . import readiness, runstate, stop
 
+    log_offset = readiness.log_size(cfg.log_dir / SERVICE_LOG)
     tee = _spawn_detached_logtee(cfg)
     assert tee.stdin is not None
     tee.stdin.write((report_text + "\n").encode())
@@ -263,16 +261,21 @@ def _start_detached(cfg, cmd, env, tag, private_tmp, report_text, args) -> int:
             log_file=cfg.log_dir / SERVICE_LOG,
             timeout=timeout,
             on_progress=progress,
+            log_offset=log_offset,
         )
     except (CheckFailed, KeyboardInterrupt):
         if tty:
             print()
         print("stopping what was started ...", file=sys.stderr)
-        procs = processes.find_tagged(tag)
-        processes.terminate(procs, timeout=cfg.shutdown_timeout + 5)
-        tee.wait(timeout=10)
-        runstate.clear(cfg.run_dir, tag)
-        shutil.rmtree(private_tmp, ignore_errors=True)
+        # The same path as stop_service.py: the tree, stragglers that ignore SIGTERM,
+        # the tee, the private TMPDIR and the state file. The media server stays (shared).
+        stop.stop_service(
+            cfg.run_dir,
+            host=cfg.host,
+            port=cfg.port,
+            timeout=cfg.shutdown_timeout + 5,
+            echo=lambda line: print(line, file=sys.stderr),
+        )
         raise
     if tty:
         print()

@@ -167,6 +167,8 @@ def build(
         "VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0",
         # Compute nodes have no business posting usage statistics to stats.vllm.ai.
         "VLLM_NO_USAGE_STATS": "1",
+        # Lines reach service.log (and the --detach progress watcher) as they are printed.
+        "PYTHONUNBUFFERED": "1",
     }
     env.update(cfg.vllm_env)
     # The default 600 s is too short for 236 GB from a network file system.

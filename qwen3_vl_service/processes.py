@@ -541,23 +541,12 @@ def _used(p) -> int | None:
     return int(value)
 
 
-def gpu_holders(pids: Iterable[int]) -> list[GpuHolder]:
-    """Which of PIDS hold memory on a GPU, per NVML. Raises NvmlUnavailable.
-
-    Inside a container NVML may report host pids, which then match nothing:
-    the caller should say that the check saw no process of ours, not that
-    there is none.
-    """
-    wanted = set(pids)
+@contextlib.contextmanager
+def _nvml_session():
+    """pynvml, initialised for the block; any NVML error becomes NvmlUnavailable."""
     pynvml = _nvml()
     try:
-        holders = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            for p in _gpu_processes(pynvml, handle):
-                if p.pid in wanted:
-                    holders.append(GpuHolder(gpu_index=i, pid=p.pid, used_bytes=_used(p)))
-        return holders
+        yield pynvml
     except NvmlUnavailable:
         raise
     except Exception as exc:  # noqa: BLE001 - any NVMLError
@@ -567,11 +556,28 @@ def gpu_holders(pids: Iterable[int]) -> list[GpuHolder]:
             pynvml.nvmlShutdown()
 
 
+def gpu_holders(pids: Iterable[int]) -> list[GpuHolder]:
+    """Which of PIDS hold memory on a GPU, per NVML. Raises NvmlUnavailable.
+
+    Inside a container NVML may report host pids, which then match nothing:
+    the caller should say that the check saw no process of ours, not that
+    there is none.
+    """
+    wanted = set(pids)
+    with _nvml_session() as pynvml:
+        holders = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            for p in _gpu_processes(pynvml, handle):
+                if p.pid in wanted:
+                    holders.append(GpuHolder(gpu_index=i, pid=p.pid, used_bytes=_used(p)))
+        return holders
+
+
 def gpu_memory(pids: Iterable[int] = ()) -> list[GpuMemory]:
     """Used and total memory of every GPU, and how much of it PIDS hold. Raises NvmlUnavailable."""
     wanted = set(pids)
-    pynvml = _nvml()
-    try:
+    with _nvml_session() as pynvml:
         out = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
@@ -590,13 +596,6 @@ def gpu_memory(pids: Iterable[int] = ()) -> list[GpuMemory]:
                 )
             )
         return out
-    except NvmlUnavailable:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any NVMLError
-        raise NvmlUnavailable(f"NVML query failed ({exc})") from None
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
 
 
 __all__ = [

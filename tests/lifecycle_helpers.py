@@ -208,3 +208,11 @@ def has_setproctitle() -> bool:
     except ImportError:
         return False
     return True
+
+
+def environ_of(pid: int) -> dict:
+    """PID's environment, or {} when it is gone or unreadable."""
+    try:
+        return psutil.Process(pid).environ()
+    except psutil.Error:
+        return {}

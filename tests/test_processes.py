@@ -17,6 +17,7 @@ from lifecycle_helpers import (
     PY,
     Standin,
     clean_env,
+    environ_of,
     free_port,
     gone,
     has_setproctitle,
@@ -38,13 +39,6 @@ IGNORE_TERM = (
 )
 
 
-def _environ(pid: int) -> dict:
-    try:
-        return psutil.Process(pid).environ()
-    except psutil.Error:
-        return {}
-
-
 @pytest.fixture
 def procs():
     started: list[subprocess.Popen] = []
@@ -53,7 +47,7 @@ def procs():
         p = subprocess.Popen([PY, "-c", code], env=env or clean_env(), **kw)
         started.append(p)
         # Right after exec the kernel may not show the new environment yet.
-        wait_until(lambda: p.poll() is not None or _environ(p.pid))
+        wait_until(lambda: p.poll() is not None or environ_of(p.pid))
         return p
 
     yield start

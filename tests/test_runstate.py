@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from lifecycle_helpers import PY, clean_env, kill_pids, wait_until
+from lifecycle_helpers import PY, clean_env, environ_of, kill_pids, wait_until
 
 from qwen3_vl_service import runstate
 from qwen3_vl_service.errors import CheckFailed
@@ -41,13 +41,6 @@ def _state(
     return runstate.RunState(**values)
 
 
-def _environ(pid: int) -> dict:
-    try:
-        return psutil.Process(pid).environ()
-    except psutil.Error:
-        return {}
-
-
 @pytest.fixture
 def sleeper():
     """Start `sleep`-like python processes with a given environment; kill them afterwards."""
@@ -57,7 +50,7 @@ def sleeper():
         p = subprocess.Popen([PY, "-c", "import time; time.sleep(120)"], env=env)
         started.append(p)
         # Right after exec the kernel may not show the new environment yet.
-        assert wait_until(lambda: _environ(p.pid))
+        assert wait_until(lambda: environ_of(p.pid))
         return p
 
     yield start
@@ -191,7 +184,7 @@ def test_live_process_wiped_environ_uses_start_time() -> None:
     p = subprocess.Popen([PY, "-c", code], env=clean_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "ok"
-        assert _environ(p.pid) == {}
+        assert environ_of(p.pid) == {}
         ct = psutil.Process(p.pid).create_time()
         assert runstate.live_process(_state(pid=p.pid, create_time=ct, tag="q3vl-any")).pid == p.pid
         assert runstate.live_process(_state(pid=p.pid, create_time=ct - 3600, tag="q3vl-any")) is None

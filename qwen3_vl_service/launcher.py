@@ -262,6 +262,7 @@ def _start_detached(cfg, cmd, env, tag, private_tmp, report_text, args) -> int:
             timeout=timeout,
             on_progress=progress,
             log_offset=log_offset,
+            poll=0.25,  # /health is cheap; a coarse poll would only add to the time to ready
         )
     except (CheckFailed, KeyboardInterrupt):
         if tty:

@@ -446,3 +446,54 @@ def test_stop_all_stops_the_media_server_and_frees_both_ports(svc):
     assert port_free(svc.port) and port_free(svc.media_port)
     again = svc.script("stop_service.py", "--all")
     assert again.returncode == 0 and "not running" in (again.stdout + again.stderr).lower()
+
+
+def test_foreground_start_execs_vllm_and_ctrl_c_stops_it(svc):
+    """`start_service.py` without --detach: the launcher's pid becomes vLLM, output is teed to
+    service.log, and Ctrl+C (SIGINT to the terminal's process group) stops every process."""
+    assert port_free(svc.port)
+    log = svc.log_dir / "service.log"
+    offset = log.stat().st_size if log.exists() else 0
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "start_service.py"),
+            "--config",
+            str(REPO / "config.demo.env"),
+            "--quiet",
+        ],
+        env=svc.env,
+        cwd=svc.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, as a terminal would give it
+    )
+    try:
+        t0 = time.monotonic()
+        deadline = t0 + 600
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+            try:
+                if requests.get(f"{svc.base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        TIMINGS.append(("start_service.py in the foreground (to /health 200)", 0, time.monotonic() - t0))
+        # exec: the pid we started is vLLM's API server now.
+        assert "vllm.entrypoints.openai.api_server" in " ".join(psutil.Process(proc.pid).cmdline())
+        assert svc.state()["pid"] == proc.pid
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+        out = proc.stdout.read().decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert ours(svc.run_dir) == [] or all(not alive(p.pid) for p in ours(svc.run_dir))
+    assert port_free(svc.port)
+    text = log.read_bytes()[offset:].decode(errors="replace")
+    # The launcher's report, then vLLM's own lines, in the terminal and in the log alike.
+    for where in (out, text):
+        assert "Preflight" in where and "exec vLLM" in where
+        assert "Application startup complete" in where

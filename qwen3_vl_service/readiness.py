@@ -174,7 +174,9 @@ _CAUSES: tuple[_Cause, ...] = (
         "processes share the GPUs), and check for leftovers with python status_service.py",
     ),
     _c(
-        r"Timed out waiting for engine core processes to start|VLLM_ENGINE_READY_TIMEOUT_S",
+        # vLLM's own words (v1/engine/core_client.py); not the bare variable name, which
+        # the launcher's report (teed into the same log) also shows.
+        r"Timed out waiting for engine core processes to start|configured by VLLM_ENGINE_READY_TIMEOUT_S",
         "the engine did not become ready within VLLM_ENGINE_READY_TIMEOUT_S (slow weight loading from a "
         "network file system?); raise STARTUP_TIMEOUT, or add --safetensors-load-strategy eager "
         "to EXTRA_VLLM_ARGS",
@@ -230,6 +232,18 @@ _CAUSES: tuple[_Cause, ...] = (
         "the engine failed while starting; the root cause is in the lines above it in the log",
     ),
 )
+
+
+_EXCEPTION_LINE = re.compile(r"^\W*(?:\(\w+ pid=\d+\)\s*)?([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+
+
+def _last_exception(lines) -> str | None:
+    """The last 'SomeError: message' line of a traceback: the cause when no known pattern matched."""
+    for line in reversed(list(lines)):
+        m = _EXCEPTION_LINE.match(line.strip())
+        if m:
+            return f"vLLM raised {m.group(1)}: {m.group(2).strip()[:300]} (the traceback is in the log)"
+    return None
 
 
 def diagnose(text: str) -> str | None:
@@ -394,6 +408,8 @@ def wait_healthy(
 
 def _failure(follower: LogFollower, what: str, log_file, *, timed_out: bool = False) -> StartupFailed:
     cause = diagnose("\n".join(follower.lines))
+    if cause is None and not timed_out:
+        cause = _last_exception(follower.lines)
     if cause is None and timed_out:
         cause = (
             "startup is slower than STARTUP_TIMEOUT allows (weights from a network file system?); "

@@ -286,3 +286,27 @@ def test_wait_healthy_ignores_earlier_runs_by_default(tmp_path: Path) -> None:
     assert info.value.cause is None
     assert info.value.tail == []
     assert "earlier run" not in str(info.value)
+
+
+@pytest.mark.unit
+def test_the_launchers_own_report_is_not_taken_for_a_timeout() -> None:
+    # The report teed into service.log shows the variable; only vLLM's own message counts.
+    assert readiness.diagnose("    VLLM_ENGINE_READY_TIMEOUT_S=1800 \\") is None
+    vllm_says = (
+        "TimeoutError: Timed out waiting for engine core processes to start. This can happen if "
+        "engines take longer than 600s (configured by VLLM_ENGINE_READY_TIMEOUT_S)."
+    )
+    assert "STARTUP_TIMEOUT" in (readiness.diagnose(vllm_says) or "")
+
+
+@pytest.mark.unit
+def test_an_unrecognised_failure_names_the_last_exception() -> None:
+    lines = [
+        "(APIServer pid=1) INFO starting",
+        '  |   File "/x/transformers/utils/hub.py", line 595, in cached_files',
+        "  | OSError: Repo id must be in the form 'repo_name' or 'namespace/repo_name': '/nonexistent/tok'.",
+        "(APIServer pid=1) ERROR something else without an exception name",
+    ]
+    cause = readiness._last_exception(lines)
+    assert cause is not None and cause.startswith("vLLM raised OSError: Repo id must be in the form")
+    assert readiness._last_exception(["all fine", "INFO done"]) is None

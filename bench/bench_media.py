@@ -2,9 +2,10 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/bench_media.py                 # ~2.5 min on a 2-core node
+    .venv/bin/python bench/bench_media.py                 # ~80 s on a 2-core node
     .venv/bin/python bench/bench_media.py --duration 2 --clients 1,16   # quicker look
     .venv/bin/python bench/bench_media.py --servers ours,nginx --big-mib 256
+    .venv/bin/python bench/bench_media.py --workers 1,auto   # ours twice: one process, and auto
 
 What it does:
 
@@ -12,7 +13,9 @@ What it does:
   private temporary folder, read once so that every server finds them in the
   page cache.
 * Starts three servers on free loopback ports: ours (``python -m
-  qwen3_vl_service.media``, settings as in production: access log on),
+  qwen3_vl_service.media``, settings as in production: access log on,
+  ``--workers`` as given, else its default, auto; several values start one
+  server each, named ours-w1, ours-wauto, ...),
   ``python -m http.server`` and a private nginx (Debian's package; installed
   with ``apt-get install -y nginx`` when missing and we are root) with its own
   conf, pid file and logs in the temporary folder, ``worker_processes auto``,
@@ -21,7 +24,8 @@ What it does:
   keep-alive clients, runs the load generator for ``--duration`` seconds per
   server (the servers' order rotates from case to case, to spread the noise of
   a shared node) and prints MiB/s, requests/s, errors, the server's CPU
-  seconds per GiB sent, and the ratios ours/nginx and ours/http.server.
+  seconds per GiB sent (all its processes: nginx's workers, our supervisor
+  and workers), and the ratios ours/nginx and ours/http.server.
 
 The load generator is this script itself (``--load`` mode) in a separate
 process: one blocking socket per client thread, ``recv_into`` a 4 MiB buffer
@@ -306,9 +310,9 @@ def report(case: str, servers: list[Server], results: dict[str, dict]) -> list[s
         gib = r["bytes"] / GIB
         cpu = r["cpu"] / gib if gib else 0.0
         ratios = ""
-        if s.name == "ours":
+        if s.name.startswith("ours"):
             peers = [n for n in ("nginx", "http.server") if speed.get(n)]
-            ratios = "  ".join(f"{speed['ours'] / speed[n]:5.2f}x {n}" for n in peers)
+            ratios = "  ".join(f"{speed[s.name] / speed[n]:5.2f}x {n}" for n in peers)
         rps = r["requests"] / r["seconds"]
         lines.append(
             f"{case:<18} {s.name:<12} {speed[s.name]:9.0f} {rps:8.1f} {r['errors']:6d} {cpu:9.2f}  {ratios}"
@@ -323,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-mib", type=int, default=1024, help="size of the big file in MiB (default 1024)")
     p.add_argument("--small-files", type=int, default=256, help="number of 1 MiB files (default 256)")
     p.add_argument("--servers", default="ours,nginx,http.server", help="which servers (default all three)")
+    p.add_argument(
+        "--workers", help="ours' --workers (default: its own, auto); a list (1,auto): one server each"
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     p.add_argument("--load", nargs=3, metavar=("PORT", "CLIENTS", "SECONDS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -341,12 +348,14 @@ def main(argv: list[str] | None = None) -> int:
         root = tmp / "root"
         print(f"writing {args.big_mib} MiB + {args.small_files} x 1 MiB into {root}", flush=True)
         big, small = make_files(root, args.big_mib, args.small_files)
-        if "ours" in wanted:
+        workers = args.workers.split(",") if args.workers else [""]
+        for w in workers if "ours" in wanted else []:
+            name = "ours" if len(workers) == 1 else f"ours-w{w}"
             port = free_port()
             cmd = [sys.executable, "-m", "qwen3_vl_service.media", "--host", "127.0.0.1", "--port", str(port)]
-            cmd += ["--root", str(root), "--allowed-types", "jpg,mp4", "--log-file", str(tmp / "ours.log")]
-            cmd += ["--pid-file", str(tmp / "ours.pid")]
-            servers.append(Server("ours", cmd, port, tmp / "ours_stdout.log", tmp / "ours.pid"))
+            cmd += ["--root", str(root), "--allowed-types", "jpg,mp4", "--log-file", str(tmp / f"{name}.log")]
+            cmd += ["--pid-file", str(tmp / f"{name}.pid")] + (["--workers", w] if w else [])
+            servers.append(Server(name, cmd, port, tmp / f"{name}_stdout.log", tmp / f"{name}.pid"))
         if "nginx" in wanted:
             nginx = ensure_nginx()
             if nginx:
@@ -366,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(Server("http.server", cmd, port, tmp / "http_server.log"))
         for s in servers:
             s.start()
-        names = ", ".join(f"{s.name} :{s.port}" for s in servers)
+        names = ", ".join(f"{s.name} :{s.port} ({len(s.pids())} processes)" for s in servers)
         print(f"servers: {names}; {os.cpu_count()} CPUs; load average {os.getloadavg()}")
         print(f"{'case':<18} {'server':<12} {'MiB/s':>9} {'req/s':>8} {'errors':>6} {'cpu s/GiB':>9}  ratios")
         case_no = 0

@@ -203,6 +203,20 @@ def _domains(raw: str) -> tuple[str, ...]:
     return parts
 
 
+def _workers(raw: str) -> int:
+    # 0 stands for auto: the media server picks min(CPUs it may use, 4).
+    value = raw.strip().lower()
+    if value in ("", "auto"):
+        return 0
+    try:
+        workers = int(value.replace("_", ""), 10)
+    except ValueError:
+        raise ValueError("allowed: auto, or a number of processes 1..64") from None
+    if not 1 <= workers <= 64:
+        raise ValueError("out of range; allowed: auto, or 1..64")
+    return workers
+
+
 def _gpus(raw: str) -> str:
     value = raw.strip()
     if value.lower() in ("", "auto"):
@@ -263,6 +277,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MEDIA_PORT", _int(1, 65535), "8080"),
     Setting("MEDIA_ROOT", _path, "media"),
     Setting("MEDIA_ALLOWED_TYPES", _extensions, "jpg,jpeg,png,webp,gif,bmp,tiff,mp4,webm,mov,mkv,avi"),
+    Setting("MEDIA_WORKERS", _workers, "auto"),
     Setting("ALLOWED_MEDIA_DOMAINS", _domains, ""),
     Setting("LOG_DIR", _path, "logs"),
     Setting("LOG_MAX_MB", _int(1, 100_000), "100"),
@@ -313,6 +328,7 @@ class ServiceConfig:
     media_port: int
     media_root: Path
     media_allowed_types: tuple[str, ...]
+    media_workers: int  # 0: auto
     allowed_media_domains: tuple[str, ...]
     log_dir: Path
     log_max_mb: int
@@ -333,7 +349,7 @@ class ServiceConfig:
             return "true" if value else "false"
         if isinstance(value, tuple):
             return ",".join(value) if key != "EXTRA_VLLM_ARGS" else shlex.join(value)
-        if key == "GPUS" and not value:
+        if key in ("GPUS", "MEDIA_WORKERS") and not value:
             return "auto"
         if key == "REASONING_PARSER" and not value:
             return "none"

@@ -167,6 +167,7 @@ def _ensure_media(cfg: ServiceConfig, say) -> None:
         cfg.log_dir / "media_server.log",
         cfg.run_dir / "media_server.pid",
         python=sys.executable,
+        workers=cfg.media_workers,
     )
     verb = "started" if started else "reusing"
     where = f"http://{cfg.media_host}:{cfg.media_port}/"

@@ -20,6 +20,7 @@ port, 2 bad usage or config, 130 interrupted)::
     python media_server.py                           # settings from ./config.env
     python media_server.py --config my.env --port 8081
     python media_server.py --root ./media --port 0   # any free port, printed
+    python media_server.py --workers 1               # one process, no supervisor
 
 The launcher calls ``ensure_running()``, which reuses a healthy server of ours
 or starts a detached one (``--detach``: the server double-forks once its port
@@ -27,10 +28,16 @@ is bound, so it is never left a zombie of the process that execs vLLM), and
 ``stop_service.py --all`` stops it by its pid file. ``GET /health`` answers
 JSON naming this service, its pid, root and allowed types.
 
-One process, one event loop (bench/bench_media.py measures it): large files
-go at nginx's speed (both are sendfile-bound), while for many 1 MiB files
-aiohttp's per-response Python work, about as much CPU as the kernel's copy of
-the MiB, leaves it at roughly half of nginx's rate; far above what vLLM asks.
+Processes: ``--workers`` / MEDIA_WORKERS (auto: min(CPUs, 4)) event loops
+share the one listening socket under a supervisor, whose pid is the one in
+the pid file and in /health, and which alone writes the log (_Supervisor);
+``--workers 1`` is a single process. bench/bench_media.py measures it: large
+files go at nginx's speed (both are sendfile-bound). A 1 MiB response costs
+nginx ~0.2 ms of CPU, nearly all of it the kernel's; ours the same plus
+~0.2 ms of aiohttp's Python per request, so one client gets a little over
+half of nginx's rate, and many clients scale with the workers as far as
+there are idle cores (4 workers: ~3x one on a 16-core node); far above what
+vLLM asks either way.
 """
 
 from __future__ import annotations
@@ -74,6 +81,15 @@ LOG_BACKUPS = 5
 # In-flight downloads get this long to finish after SIGTERM; the stop command
 # waits longer than this before it escalates to SIGKILL.
 SHUTDOWN_TIMEOUT_S = 5.0
+LISTEN_BACKLOG = 1024
+# --workers / MEDIA_WORKERS: 'auto' is min(CPUs, WORKERS_AUTO_MAX).
+WORKERS_AUTO_MAX = 4
+WORKERS_MAX = 64
+# A worker that dies unexpectedly is replaced, up to this many times in this window.
+RESTARTS_MAX = 5
+RESTART_WINDOW_S = 60.0
+# The supervisor writes the workers' log records at most this often (batches).
+RELAY_BATCH_S = 0.02
 
 # Our own table rather than the host's /etc/mime.types, so that the
 # Content-Type of the common formats does not depend on the node's packages.
@@ -119,6 +135,7 @@ class MediaSettings:
     allowed_types: tuple[str, ...]
     log_file: Path
     pid_file: Path | None
+    workers: int = 1  # serving processes; above 1, a supervisor runs them (see _Supervisor)
 
 
 def parse_types(value: str | Iterable[str]) -> tuple[str, ...]:
@@ -286,8 +303,29 @@ def aiohttp_etag(st: os.stat_result) -> str:
 # The aiohttp application
 
 
-def make_app(settings: MediaSettings) -> web.Application:
-    from aiohttp import web
+def _sendfile_now(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+    """As much of the range as the socket takes right now (0 if none)."""
+    try:
+        return os.sendfile(out_fd, in_fd, offset, count)
+    except OSError:  # EAGAIN: the buffer is full; any other error: loop.sendfile() reports it
+        return 0
+
+
+def _has_method(cls: type, name: str, params: list[str]) -> bool:
+    """Whether CLS still has method NAME with exactly these parameters (aiohttp internals we refine)."""
+    import inspect
+
+    fn = getattr(cls, name, None)
+    if not callable(fn):
+        return False
+    try:
+        return list(inspect.signature(fn).parameters) == params
+    except (TypeError, ValueError):
+        return False
+
+
+def make_app(settings: MediaSettings, health_pid: int | None = None) -> web.Application:
+    from aiohttp import web, web_fileresponse
 
     root = str(settings.root)
     allowed = frozenset(settings.allowed_types)
@@ -296,27 +334,40 @@ def make_app(settings: MediaSettings) -> web.Application:
         {
             "service": SERVICE_ID,
             "status": "ok",
-            "pid": os.getpid(),
+            "pid": health_pid or os.getpid(),  # the supervisor's, when workers answer
             "root": root,
             "allowed_types": sorted(allowed),
+            "workers": settings.workers,
             "version": __version__,
         }
     )
+    # Two refinements of aiohttp's FileResponse, each used only while the
+    # method it replaces still exists with the same parameters; otherwise
+    # aiohttp's own runs (correct, a little slower: see below).
+    own_lookup = _has_method(web.FileResponse, "_get_file_path_stat_encoding", ["self", "accept_encoding"])
+    fast_sendfile = _has_method(web.FileResponse, "_sendfile", ["self", "request", "fobj", "offset", "count"])
 
     def not_found() -> web.Response:
         # One response for every refusal: no hint whether the file exists.
         return web.Response(status=404, text="404: Not Found")
 
     class MediaFileResponse(web.FileResponse):
-        """FileResponse that sees the request with the headers we decided on.
+        """aiohttp's FileResponse for the file resolve_file() checked.
 
-        Accept-Encoding is dropped so that aiohttp never substitutes a
-        "clip.mp4.gz" neighbour (its pre-compressed-file feature: a type we
-        were not asked to serve); Range is dropped when it is to be ignored.
+        aiohttp would serve a "clip.mp4.gz" neighbour to a client that accepts
+        gzip (its pre-compressed-file feature: a type we were not asked to
+        serve). The lookup that finds it is replaced by one that returns our
+        file and the stat resolve_file() already took; with an aiohttp where
+        that lookup is gone, Accept-Encoding is dropped from the request
+        instead (a clone of the request: 25 us, and vLLM's client always sends
+        it). Range is dropped when it is to be ignored.
         """
 
-        def __init__(self, path: str, drop: tuple[str, ...], headers: dict[str, str]) -> None:
+        def __init__(
+            self, path: str, st: os.stat_result, drop: tuple[str, ...], headers: dict[str, str]
+        ) -> None:
             super().__init__(path, headers=headers)
+            self._st = st
             self._drop = drop
 
         async def prepare(self, request: web.BaseRequest) -> Any:
@@ -324,6 +375,42 @@ def make_app(settings: MediaSettings) -> web.Application:
                 kept = [(k, v) for k, v in request.headers.items() if k.lower() not in self._drop]
                 request = request.clone(headers=kept)
             return await super().prepare(request)
+
+        if own_lookup:
+
+            def _get_file_path_stat_encoding(self, accept_encoding: str) -> tuple[Any, os.stat_result, None]:
+                return self._path, self._st, None
+
+        if fast_sendfile:
+
+            async def _sendfile(self, request: Any, fobj: Any, offset: int, count: int) -> Any:
+                """aiohttp's _sendfile (headers, loop.sendfile(), EOF), with a first os.sendfile() right away.
+
+                A file that fits the socket buffer (1 MiB does, on loopback)
+                goes in that one call, which spares loop.sendfile()'s round:
+                pause_reading, add_writer, a wake-up of the loop, remove_writer,
+                resume_reading, lseek (-0.08 ms CPU per 1 MiB response here).
+                What does not fit goes through loop.sendfile() as before.
+                (TCP_CORK around headers and body, nginx's tcp_nopush, was
+                measured too: it cost more CPU than the header packet it saves.)
+                """
+                transport = request.transport
+                closing = transport is None or transport.is_closing()
+                sock = None if closing else transport.get_extra_info("socket")
+                if sock is None or web_fileresponse.NOSENDFILE or self.compression:
+                    return await super()._sendfile(request, fobj, offset, count)
+                writer = await web.StreamResponse.prepare(self, request)
+                # Only once the headers are in the kernel may the body follow them there.
+                if writer is not None and writer.output_size and not transport.get_write_buffer_size():
+                    sent = _sendfile_now(sock.fileno(), fobj.fileno(), offset, count)
+                    offset, count = offset + sent, count - sent
+                if count > 0:
+                    try:
+                        await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
+                    except NotImplementedError:
+                        return await self._sendfile_fallback(writer, fobj, offset, count)
+                await web.StreamResponse.write_eof(self)
+                return writer
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(text=health_body, content_type="application/json")
@@ -339,12 +426,12 @@ def make_app(settings: MediaSettings) -> web.Application:
         decision = range_decision(request.headers, aiohttp_etag(st))
         if decision == "unsatisfiable":
             return web.Response(status=416, headers={"Content-Range": f"bytes */{st.st_size}"})
-        drop = ["accept-encoding"] if "accept-encoding" in request.headers else []
-        if decision == "ignore":
-            drop.append("range")
+        drop = ("range",) if decision == "ignore" else ()
+        if not own_lookup and "accept-encoding" in request.headers:
+            drop += ("accept-encoding",)
         ext = segments[-1].rpartition(".")[2].lower()
         headers = {"Content-Type": ctypes[ext], "X-Content-Type-Options": "nosniff"}
-        return MediaFileResponse(real, tuple(drop), headers)
+        return MediaFileResponse(real, st, drop, headers)
 
     @web.middleware
     async def no_tracebacks(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -450,18 +537,81 @@ def _wrap_future_passes_through(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_LOGGERS = (SERVICE_ID, "aiohttp.access", "aiohttp.server", "aiohttp.web", "asyncio")
+
+
+class _LogFormatter(logging.Formatter):
+    """LOG_FORMAT, with the date formatted once a second rather than once a
+    line; and records relayed from workers (already formatted) as they are."""
+
+    def __init__(self) -> None:
+        super().__init__(LOG_FORMAT)
+        self._second = -1
+        self._date = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._date = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return f"{self._date},{int(record.msecs):03d}"
+
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "relayed", False):
+            return record.msg
+        return super().format(record)
+
+
 def setup_logging(log_file: Path) -> RotatingFileHandler:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     handler = _SizeRotatingHandler(
         log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
     )
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in (SERVICE_ID, "aiohttp.access", "aiohttp.server", "aiohttp.web", "asyncio"):
+    handler.setFormatter(_LogFormatter())
+    _route_logs(handler)
+    return handler
+
+
+def _route_logs(handler: logging.Handler) -> None:
+    for name in _LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    return handler
+
+
+def _lean_log_records() -> None:
+    """Gather for each record only what LOG_FORMAT shows (the logging HOWTO,
+    "Optimization"): no caller frame, thread, process or multiprocessing name.
+    For the server process only: one access-log record per request."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False  # Python 3.12+
+
+
+class _RelayHandler(logging.Handler):
+    """A worker's handler: each record, formatted as the log file has it and
+    ended by a NUL byte, goes down this worker's own pipe to the supervisor,
+    which alone writes and rotates the file (see _Supervisor)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self.setFormatter(_LogFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record).replace("\0", "\\0")
+            data = memoryview((text + "\0").encode("utf-8", "backslashreplace"))
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError:
+            pass  # the supervisor is gone; this worker follows it (_die_with)
+        except Exception:  # noqa: BLE001 - a bad log call, as logging reports it
+            self.handleError(record)
 
 
 def read_pid(pid_file: Path | None) -> int | None:
@@ -532,7 +682,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart right after a stop
         sock.bind(addr)
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
@@ -580,7 +730,10 @@ def _detach(log_file: Path) -> None:
     os.close(out)
 
 
-async def _serve(settings: MediaSettings, sock: socket.socket, announce: bool) -> int:
+async def _serve(
+    settings: MediaSettings, sock: socket.socket, announce: bool, supervisor: int | None = None
+) -> int:
+    """Serve on SOCK until SIGTERM (or SIGINT): the whole server, or with SUPERVISOR one of its workers."""
     from aiohttp import web
 
     loop = asyncio.get_running_loop()
@@ -592,40 +745,317 @@ async def _serve(settings: MediaSettings, sock: socket.socket, announce: bool) -
         got.append(signum)
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # A worker leaves Ctrl+C (sent to the whole process group) to the supervisor.
+    for signum in (signal.SIGTERM,) if supervisor else (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    if supervisor:
+
+        def watch_supervisor() -> None:  # where PR_SET_PDEATHSIG is missing (see _die_with)
+            if os.getppid() != supervisor:
+                on_signal(signal.SIGTERM)
+            else:
+                loop.call_later(1.0, watch_supervisor)
+
+        loop.call_later(1.0, watch_supervisor)
 
     runner = web.AppRunner(
-        make_app(settings),
+        make_app(settings, health_pid=supervisor),
         handle_signals=False,
         access_log_class=_access_logger_class(),
         access_log=logging.getLogger("aiohttp.access"),
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
     await runner.setup()
-    site = web.SockSite(runner, sock)
+    # SockSite listens again with its backlog: keep bind_socket()'s.
+    site = web.SockSite(runner, sock, backlog=LISTEN_BACKLOG)
     await site.start()
     pid = os.getpid()
+    if supervisor:
+        log.info("worker pid %d serving", pid)
+    else:
+        if settings.pid_file:
+            write_pid_file(settings.pid_file, pid)
+        _say_listening(settings, sock, pid, announce)
+    try:
+        await stop.wait()
+        if not supervisor:
+            log.info("signal %d: stopping (in-flight requests get %.0f s)", got[0], SHUTDOWN_TIMEOUT_S)
+        await runner.cleanup()
+    finally:
+        if settings.pid_file and not supervisor:
+            remove_pid_file(settings.pid_file, pid)
+    if not supervisor:
+        log.info("stopped")
+    return 130 if got and got[0] == signal.SIGINT else 0
+
+
+def _say_listening(settings: MediaSettings, sock: socket.socket, pid: int, announce: bool) -> None:
     host, port = sock.getsockname()[:2]
-    if settings.pid_file:
-        write_pid_file(settings.pid_file, pid)
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     log.info(
-        "listening on %s pid %d root %s types %s", url, pid, settings.root, ",".join(settings.allowed_types)
+        "listening on %s pid %d root %s types %s workers %d",
+        url,
+        pid,
+        settings.root,
+        ",".join(settings.allowed_types),
+        settings.workers,
     )
     if settings.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("MEDIA_HOST=%s: media files are reachable from other machines", settings.host)
     if announce:
         print(f"media server listening on {url} (root {settings.root}, pid {pid})", flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Several processes: a supervisor and its workers
+
+
+def auto_workers() -> int:
+    """min(CPUs this process may use, WORKERS_AUTO_MAX): the 'auto' of --workers / MEDIA_WORKERS."""
     try:
-        await stop.wait()
-        log.info("signal %d: stopping (in-flight requests get %.0f s)", got[0], SHUTDOWN_TIMEOUT_S)
-        await runner.cleanup()
-    finally:
-        if settings.pid_file:
-            remove_pid_file(settings.pid_file, pid)
-    log.info("stopped")
-    return 130 if got and got[0] == signal.SIGINT else 0
+        cpus = len(os.sched_getaffinity(0))  # a SLURM job's share, not the node's count
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, WORKERS_AUTO_MAX))
+
+
+def parse_workers(value: str | int) -> int:
+    """'auto' (or 0) -> auto_workers(); else 1..WORKERS_MAX. ValueError says what is allowed."""
+    allowed = f"auto or 1..{WORKERS_MAX}"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return auto_workers()
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number of processes; allowed: {allowed}") from None
+    if value == 0:
+        return auto_workers()
+    if not 1 <= value <= WORKERS_MAX:
+        raise ValueError(f"{value} is out of range; allowed: {allowed}")
+    return value
+
+
+def _die_with(parent: int) -> None:
+    """SIGTERM for this worker when PARENT (the supervisor) dies, even by SIGKILL.
+
+    Linux's PR_SET_PDEATHSIG; elsewhere _serve() looks at the parent pid once
+    a second. SIGTERM, not SIGKILL: downloads in flight still get their
+    SHUTDOWN_TIMEOUT_S, the listening socket closes at once.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(0)
+
+
+def _worker_main(
+    settings: MediaSettings, sock: socket.socket, parent: int, log_fd: int, close: list[int]
+) -> None:
+    """A worker, in the child of a fork: the supervisor's signal handling and
+    descriptors off, logging through the pipe, then the same server as one process."""
+    _die_with(parent)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for fd in close:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    file_handlers = {h for name in _LOGGERS for h in logging.getLogger(name).handlers}
+    _route_logs(_RelayHandler(log_fd))
+    for handler in file_handlers:  # the supervisor's file: never written from here
+        with contextlib.suppress(Exception):
+            handler.close()
+    try:
+        code = asyncio.run(_serve(settings, sock, announce=False, supervisor=parent))
+    except Exception:
+        log.exception("worker pid %d failed", os.getpid())
+        code = 1
+    sys.exit(code)
+
+
+class _Supervisor:
+    """Runs settings.workers serving processes on one listening socket, and nothing else.
+
+    The socket is bound once, before the workers are forked, and inherited:
+    one accept queue (a worker that dies takes no waiting connection with it)
+    and no second bind (SO_REUSEPORT would let any process of this user join
+    the port, an old media server of ours included). The supervisor answers
+    no request; /health from any worker names the supervisor's pid, the one
+    in the pid file, so that ensure_running() and stop_service.py see one
+    server. SIGTERM (or SIGINT) here: the socket closes, each worker gets
+    SIGTERM and its SHUTDOWN_TIMEOUT_S for downloads in flight, stragglers get
+    SIGKILL, the pid file goes. A worker that dies otherwise is replaced
+    (RESTARTS_MAX in RESTART_WINDOW_S, then the supervisor gives up: exit 1).
+
+    Logging: one writer. Each worker formats its records (the access log
+    line: as cheap as writing it) and sends them, NUL-terminated, down a pipe
+    of its own; here whole records are written in batches through the one
+    RotatingFileHandler, so that rotation is never raced, a record is never
+    cut by another's, and each worker's order is kept. Pickled LogRecords
+    through multiprocessing.Queue/QueueHandler cost twice as much per record
+    in the worker (format, copy, pickle, a feeder thread) and once more here.
+    """
+
+    def __init__(self, settings: MediaSettings, sock: socket.socket, handler: logging.Handler) -> None:
+        import multiprocessing
+        import selectors
+
+        self.settings = settings
+        self.sock = sock
+        self.handler = handler
+        self.pid = os.getpid()
+        self.ctx = multiprocessing.get_context("fork")
+        self.selector = selectors.DefaultSelector()
+        self.procs: dict[int, Any] = {}  # slot -> multiprocessing.Process
+        self.pipes: dict[int, bytearray] = {}  # read end of a worker's log pipe -> unfinished record
+        self.failures: list[float] = []
+        self.signals: list[int] = []
+        self.deadline: float | None = None
+        self.code = 0
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+
+    def run(self, announce: bool) -> int:
+        import selectors
+
+        from aiohttp import web  # noqa: F401 - imported once here, shared by the forked workers
+
+        def on_signal(signum: int, frame: Any) -> None:
+            self.signals.append(signum)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, on_signal)
+        signal.set_wakeup_fd(self.wake_w)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, ("wake", -1))
+        try:
+            for slot in range(self.settings.workers):
+                self._spawn(slot)
+            if self.settings.pid_file:
+                write_pid_file(self.settings.pid_file, self.pid)
+            _say_listening(self.settings, self.sock, self.pid, announce)
+            while self.procs or self.pipes:
+                timeout = 1.0 if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+                events = self.selector.select(timeout)
+                # Signals first: a worker that stop_service.py stopped at the same time is no failure.
+                with contextlib.suppress(OSError):
+                    while os.read(self.wake_r, 512):
+                        pass
+                if self.signals and self.deadline is None:
+                    self._stop(f"signal {self.signals[0]}")
+                relayed = False
+                for key, _ in events:
+                    kind, slot = key.data
+                    if kind == "log":
+                        self._relay(key.fd)
+                        relayed = True
+                    elif kind == "exit":
+                        self._reap(slot)
+                if relayed and self.deadline is None:
+                    # Let records gather: one wake-up and write per batch rather than per request.
+                    time.sleep(RELAY_BATCH_S)
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    for proc in self.procs.values():
+                        log.warning("worker pid %d still running: SIGKILL", proc.pid)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(proc.pid, signal.SIGKILL)
+                    self.deadline = time.monotonic() + 5.0
+        finally:
+            for proc in self.procs.values():  # only after an error of our own
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+            if self.settings.pid_file:
+                remove_pid_file(self.settings.pid_file, self.pid)
+        log.info("stopped")
+        if self.code:
+            return self.code
+        return 130 if self.signals and self.signals[0] == signal.SIGINT else 0
+
+    def _spawn(self, slot: int) -> None:
+        import selectors
+
+        r, w = os.pipe()
+        with contextlib.suppress(ImportError, AttributeError, OSError):
+            import fcntl
+
+            fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, 1 << 20)  # room for bursts: a full pipe blocks the worker
+        close = [r, self.wake_r, self.wake_w, self.selector.fileno(), *self.pipes]
+        proc = self.ctx.Process(
+            target=_worker_main,
+            args=(self.settings, self.sock, self.pid, w, close),
+            name=f"media-worker-{slot}",
+        )
+        try:
+            proc.start()
+        finally:
+            os.close(w)  # the worker's end: EOF here once it exits
+        os.set_blocking(r, False)
+        self.pipes[r] = bytearray()
+        self.selector.register(r, selectors.EVENT_READ, ("log", slot))
+        self.selector.register(proc.sentinel, selectors.EVENT_READ, ("exit", slot))
+        self.procs[slot] = proc
+
+    def _relay(self, fd: int) -> None:
+        """Write the whole records that arrived on a worker's pipe; keep a partial one."""
+        buf = self.pipes[fd]
+        eof = False
+        try:
+            while len(buf) < (1 << 22):
+                data = os.read(fd, 1 << 16)
+                if not data:
+                    eof = True
+                    break
+                buf += data
+        except BlockingIOError:
+            pass
+        end = len(buf) if eof else buf.rfind(b"\0") + 1
+        if end > 0:
+            text = bytes(buf[:end]).decode("utf-8", "replace").rstrip("\0").replace("\0", "\n")
+            del buf[:end]
+            if text:
+                record = logging.makeLogRecord({"msg": text, "relayed": True, "levelno": logging.INFO})
+                self.handler.handle(record)
+        if eof:
+            self.selector.unregister(fd)
+            os.close(fd)
+            del self.pipes[fd]
+
+    def _reap(self, slot: int) -> None:
+        proc = self.procs.pop(slot)
+        self.selector.unregister(proc.sentinel)
+        proc.join()
+        if self.deadline is not None:
+            return
+        code = proc.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        now = time.monotonic()
+        self.failures = [t for t in self.failures if now - t < RESTART_WINDOW_S] + [now]
+        if len(self.failures) > RESTARTS_MAX:
+            log.error(
+                "worker pid %d %s: %d failures in %.0f s, giving up",
+                proc.pid,
+                how,
+                len(self.failures),
+                RESTART_WINDOW_S,
+            )
+            self.code = 1
+            self._stop("too many worker failures")
+            return
+        log.warning("worker pid %d %s; starting another", proc.pid, how)
+        self._spawn(slot)
+
+    def _stop(self, why: str) -> None:
+        log.info("%s: stopping (in-flight requests get %.0f s)", why, SHUTDOWN_TIMEOUT_S)
+        self.sock.close()  # our copy; the workers close theirs at SIGTERM
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+        self.deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S + 5.0
 
 
 def serve(settings: MediaSettings, *, detach: bool = False) -> int:
@@ -641,8 +1071,11 @@ def serve(settings: MediaSettings, *, detach: bool = False) -> int:
     sock = bind_socket(settings.host, settings.port)
     if detach:
         _detach(settings.log_file)
-    setup_logging(settings.log_file)
+    handler = setup_logging(settings.log_file)
+    _lean_log_records()
     _raise_fd_limit()
+    if settings.workers > 1:
+        return _Supervisor(settings, sock, handler).run(announce=not detach)
     # The stock asyncio loop, not uvloop: aiohttp's FileResponse uses
     # loop.sendfile(), which uvloop does not implement (it would fall back to
     # read() + write() through a thread).
@@ -704,12 +1137,15 @@ def ensure_running(
     pid_file: str | Path,
     python: str = sys.executable,
     timeout: float = 10.0,
+    workers: int | str | None = None,
 ) -> tuple[int | None, bool]:
     """(pid, started_now): reuse our healthy server on HOST:PORT, or start a detached one.
 
     Raises CheckFailed (one line with the fix) when the port belongs to
     someone else, when a server of ours serves another root, or when the new
-    server does not come up within TIMEOUT seconds.
+    server does not come up within TIMEOUT seconds. WORKERS (auto, 0 = auto,
+    or a number) applies to a server started here; a running one is reused
+    whatever its number of workers.
     """
     real_root = str(check_root(root, "MEDIA_ROOT"))
     try:
@@ -754,6 +1190,14 @@ def ensure_running(
     cmd = [python, "-m", "qwen3_vl_service.media", "--detach", "--host", host, "--port", str(port)]
     cmd += ["--root", real_root, "--allowed-types", ",".join(types)]
     cmd += ["--log-file", str(log_file), "--pid-file", str(pid_file)]
+    if workers is not None:
+        try:
+            parse_workers(workers)
+        except ValueError as exc:
+            raise ConfigError(
+                f"MEDIA_WORKERS: {exc}", fix="use auto or a number of processes like 2"
+            ) from None
+        cmd += ["--workers", "auto" if workers in (0, "0") else str(workers).strip().lower()]
     env = dict(os.environ)
     pkg_parent = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
@@ -824,6 +1268,11 @@ def _parser() -> ArgumentParser:
     p.add_argument("--allowed-types", metavar="EXTS", help="e.g. jpg,png,mp4 (MEDIA_ALLOWED_TYPES)")
     p.add_argument("--log-file", help="log file (default LOG_DIR/media_server.log)")
     p.add_argument("--pid-file", help="pid file (default RUN_DIR/media_server.pid)")
+    p.add_argument(
+        "--workers",
+        metavar="N",
+        help=f"serving processes: auto (min(CPUs, {WORKERS_AUTO_MAX})) or 1..{WORKERS_MAX} (MEDIA_WORKERS)",
+    )
     p.add_argument("--detach", action="store_true", help="run in the background once the port is bound")
     return p
 
@@ -846,6 +1295,13 @@ def settings_from_args(argv: Sequence[str] | None) -> tuple[MediaSettings, bool]
     root = check_root(args.root if args.root is not None else cfg.media_root, "--root/MEDIA_ROOT")
     log_file = Path(args.log_file) if args.log_file else cfg.log_dir / LOG_FILE_NAME
     pid_file = Path(args.pid_file) if args.pid_file else cfg.run_dir / PID_FILE_NAME
+    # Explicit arguments need no config file: then MEDIA_WORKERS is not read either.
+    workers_value = args.workers if args.workers is not None else getattr(cfg, "media_workers", "auto")
+    try:
+        workers = parse_workers(workers_value)
+    except ValueError as exc:
+        where = "--workers" if args.workers is not None else "MEDIA_WORKERS"
+        raise UsageError(f"{where}: {exc}", fix="use auto or a number of processes like 2") from None
     settings = MediaSettings(
         host=args.host if args.host is not None else cfg.media_host,
         port=args.port if args.port is not None else cfg.media_port,
@@ -853,6 +1309,7 @@ def settings_from_args(argv: Sequence[str] | None) -> tuple[MediaSettings, bool]
         allowed_types=types,
         log_file=log_file.resolve(),
         pid_file=pid_file.resolve(),
+        workers=workers,
     )
     return settings, args.detach
 

@@ -1,9 +1,11 @@
 """The media server: its path policy (unit) and the real server on a free port (integration).
 
 The server runs as a subprocess (``python -m qwen3_vl_service.media --port 0``)
-and is stopped by its pid; the load test runs MEDIA_LOAD_SECONDS (default 10;
-30 for the issue's figure) with MEDIA_LOAD_CONNECTIONS (default 200)
-connections on loopback.
+and is stopped by its pid; the shared server runs two workers under a
+supervisor, so that every path and security test goes through them (the
+single-process server gets its own tests). The load test runs
+MEDIA_LOAD_SECONDS (default 10; 30 for the issue's figure) with
+MEDIA_LOAD_CONNECTIONS (default 200) connections on loopback.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import pytest
 
 from qwen3_vl_service import media
 from qwen3_vl_service.errors import CheckFailed, ConfigError
+from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -193,7 +196,7 @@ def make_tree(base: Path) -> tuple[Path, Path]:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("media")
     root, _ = make_tree(base)
-    proc, port, _ = start_server(root, base)
+    proc, port, _ = start_server(root, base, "--workers", "2")
     srv = Server(proc, port, root, base / "media.log", base / "media.pid")
     try:
         yield srv
@@ -567,12 +570,13 @@ def test_access_log(server: Server) -> None:
 
 
 @pytest.mark.integration
-def test_sigterm_lets_a_download_finish_and_removes_the_pid_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_lets_a_download_finish_and_removes_the_pid_file(tmp_path: Path, workers: str) -> None:
     root = tmp_path / "root"
     root.mkdir()
     data = random.Random(7).randbytes(32 * 1024 * 1024)
     (root / "big.mp4").write_bytes(data)
-    proc, port, _ = start_server(root, tmp_path)
+    proc, port, _ = start_server(root, tmp_path, "--workers", workers)
     try:
         pid_file = tmp_path / "media.pid"
         assert media.read_pid(pid_file) == proc.pid
@@ -597,6 +601,209 @@ def test_sigterm_lets_a_download_finish_and_removes_the_pid_file(tmp_path: Path)
     finally:
         _stop_pid(proc.pid)
         proc.communicate(timeout=10)
+
+
+def _workers_of(pid: int, count: int, timeout: float = 10.0) -> list[psutil.Process]:
+    """The supervisor's worker processes, once there are COUNT of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        children = []
+        for child in psutil.Process(pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    children.append(child)
+        if len(children) == count or time.monotonic() >= deadline:
+            return children
+        time.sleep(0.05)
+
+
+def _log_text(log_file: Path, needle: str, count: int = 1, timeout: float = 5.0) -> str:
+    """The log once NEEDLE is in it COUNT times (the supervisor writes the workers' lines in batches)."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = log_file.read_text() if log_file.exists() else ""
+        if text.count(needle) >= count:
+            break
+        time.sleep(0.05)
+    return text
+
+
+@pytest.mark.unit
+def test_parse_workers() -> None:
+    auto = media.auto_workers()
+    assert 1 <= auto <= media.WORKERS_AUTO_MAX
+    assert media.parse_workers("auto") == media.parse_workers(" AUTO ") == media.parse_workers(0) == auto
+    assert media.parse_workers("3") == media.parse_workers(3) == 3
+    for bad in ("", "two", "-1", "65", "1.5", 65):
+        with pytest.raises(ValueError, match=r"allowed: auto or 1\.\.64"):
+            media.parse_workers(bad)
+
+
+@pytest.mark.unit
+def test_media_workers_setting(tmp_path: Path) -> None:
+    config = pytest.importorskip("qwen3_vl_service.config")
+    empty = tmp_path / "config.env"
+    empty.write_text("")
+    assert config.load(empty, environ={}).display_value("MEDIA_WORKERS") == "auto"
+    assert config.load(REPO / "config.env", environ={}).media_workers == 0  # shipped: auto
+    for raw, value, shown in (("auto", 0, "auto"), ("2", 2, "2"), (" 64 ", 64, "64")):
+        cfg = config.load(empty, environ={"MEDIA_WORKERS": raw})
+        assert cfg.media_workers == value and cfg.display_value("MEDIA_WORKERS") == shown
+    for bad in ("0", "0x2", "65", "many"):
+        with pytest.raises(ConfigError, match="MEDIA_WORKERS"):
+            config.load(empty, environ={"MEDIA_WORKERS": bad})
+
+
+@pytest.mark.integration
+def test_one_worker_is_one_process(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "a.jpg").write_bytes(b"jpeg")
+    proc, port, _ = start_server(tmp_path / "root", tmp_path, "--workers", "1")
+    try:
+        srv = Server(proc, port, tmp_path / "root", tmp_path / "media.log", tmp_path / "media.pid")
+        info = json.loads(srv.get("/health")[2])
+        assert info["pid"] == proc.pid and info["workers"] == 1
+        assert psutil.Process(proc.pid).children() == []
+        assert srv.get("/a.jpg")[2] == b"jpeg" and srv.get("/../a.jpg")[0] == 404
+        assert "/a.jpg" in _log_text(srv.log_file, "/a.jpg")
+    finally:
+        _stop_pid(proc.pid)
+        proc.communicate(timeout=10)
+
+
+@pytest.mark.integration
+def test_workers_one_port_one_pid_one_log(tmp_path: Path) -> None:
+    """Three workers: one pid file and /health pid (the supervisor's), every request
+    logged once, whole, through the supervisor."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "a.jpg").write_bytes(b"jpeg" * 1000)
+    proc, port, _ = start_server(tmp_path / "root", tmp_path, "--workers", "3")
+    try:
+        workers = _workers_of(proc.pid, 3)
+        assert len(workers) == 3
+        assert all(w.cmdline() == psutil.Process(proc.pid).cmdline() for w in workers)  # found as media
+        srv = Server(proc, port, tmp_path / "root", tmp_path / "media.log", tmp_path / "media.pid")
+        assert media.read_pid(srv.pid_file) == proc.pid
+        assert media.is_ours_healthy("127.0.0.1", port, 2.0, root=srv.root, pid_file=srv.pid_file)
+
+        def fetch(i: int) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            try:
+                for j in range(10):
+                    conn.request("GET", f"/a.jpg?c={i}&r={j}", headers={"User-Agent": f"agent-{i}"})
+                    resp = conn.getresponse()
+                    assert resp.read() == b"jpeg" * 1000
+                return resp.status
+            finally:
+                conn.close()
+
+        with ThreadPoolExecutor(12) as pool:
+            assert set(pool.map(fetch, range(12))) == {200}
+        text = _log_text(srv.log_file, "GET /a.jpg?", count=120)
+        lines = [line for line in text.splitlines() if "GET /a.jpg?" in line]
+        assert len(lines) == 120
+        assert {re.search(r"c=(\d+)&r=(\d+)", line).groups() for line in lines} == {
+            (str(i), str(j)) for i in range(12) for j in range(10)
+        }
+        whole = (
+            r"\S+ \S+ INFO aiohttp\.access: 127\.0\.0\.1 "
+            r"\"GET /a\.jpg\?c=(\d+)&r=\d HTTP/1\.1\" 200 4000 [\d.]+ 'agent-\1'"
+        )
+        assert all(re.fullmatch(whole, line) for line in lines), lines[:3]
+        assert text.count("worker pid") == 3 and text.count("listening on") == 1
+    finally:
+        _stop_pid(proc.pid)
+        proc.communicate(timeout=10)
+    assert all(_gone(w.pid, 5) for w in workers)
+
+
+@pytest.mark.integration
+def test_workers_die_with_a_killed_supervisor(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+    proc, port, _ = start_server(tmp_path / "root", tmp_path, "--workers", "2")
+    try:
+        workers = _workers_of(proc.pid, 2)
+        assert len(workers) == 2
+        proc.kill()  # SIGKILL: no chance to stop them itself
+        assert all(_gone(w.pid, media.SHUTDOWN_TIMEOUT_S + 5) for w in workers)
+        with socket.socket() as probe:  # nobody listens any more
+            assert probe.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        for w in workers:
+            _stop_pid(w.pid)
+        proc.communicate(timeout=10)
+
+
+@pytest.mark.integration
+def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "a.png").write_bytes(b"png")
+    proc, port, _ = start_server(tmp_path / "root", tmp_path, "--workers", "2")
+    try:
+        old = _workers_of(proc.pid, 2)
+        os.kill(old[0].pid, signal.SIGKILL)
+        assert _gone(old[0].pid, 5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            now = _workers_of(proc.pid, 2, timeout=0)
+            if len(now) == 2 and old[0].pid not in {w.pid for w in now}:
+                break
+            time.sleep(0.05)
+        assert len(now) == 2 and old[1].pid in {w.pid for w in now}
+        srv = Server(proc, port, tmp_path / "root", tmp_path / "media.log", tmp_path / "media.pid")
+        for _ in range(20):
+            assert srv.get("/a.png")[2] == b"png"
+        text = _log_text(srv.log_file, "starting another")
+        assert f"worker pid {old[0].pid} killed by signal 9; starting another" in text
+    finally:
+        _stop_pid(proc.pid)
+        proc.communicate(timeout=10)
+
+
+@pytest.mark.integration
+def test_stop_service_all_stops_the_supervisor_and_its_workers(tmp_path: Path) -> None:
+    """stop_service.py --all finds the supervisor (pid file, command line) and stops its workers too."""
+    run_dir, log_dir, root = tmp_path / "run", tmp_path / "logs", tmp_path / "media"
+    root.mkdir()
+    media_port = free_port()
+    settings = {
+        "RUN_DIR": run_dir,
+        "LOG_DIR": log_dir,
+        "MODEL_PATH": tmp_path / "model",
+        "PORT": free_port(),
+        "MEDIA_PORT": media_port,
+        "MEDIA_ROOT": root,
+        "MEDIA_WORKERS": 2,
+        "SHUTDOWN_TIMEOUT": 2,
+    }
+    cfg = tmp_path / "config.env"
+    cfg.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+    pid_file = run_dir / media.PID_FILE_NAME
+    pid, started = media.ensure_running(
+        "127.0.0.1", media_port, root, ("png",), log_dir / "media_server.log", pid_file, workers=2
+    )
+    try:
+        assert started and media.read_pid(pid_file) == pid
+        workers = _workers_of(pid, 2)
+        assert len(workers) == 2
+        env = {k: v for k, v in _env().items() if k not in settings and k not in (RUN_DIR_ENV, TAG_ENV)}
+        result = subprocess.run(
+            [PY, str(REPO / "stop_service.py"), "--config", str(cfg), "--all"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        for p in (pid, *(w.pid for w in workers)):
+            assert f"pid {p} " in result.stdout
+            assert _gone(p, 1)
+        assert not pid_file.exists()
+        assert "stopped" in (log_dir / "media_server.log").read_text()
+    finally:
+        _stop_pid(pid)
 
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

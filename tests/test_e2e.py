@@ -402,10 +402,14 @@ def test_status_reports_healthy_with_metrics(svc):
     proc = svc.script("status_service.py", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     status = json.loads(proc.stdout)
-    text = json.dumps(status)
-    assert status["healthy"] is True
-    assert "num_requests_running" in text or "running" in text
-    assert "kv_cache" in text
+    assert status["running"] is True and status["healthy"] is True
+    metrics = status["metrics"]
+    assert "error" not in metrics, metrics
+    assert metrics["requests_running"] == 0 and metrics["requests_waiting"] == 0
+    assert 0.0 <= metrics["kv_cache_usage"] <= 1.0
+    # The requests above generated tokens: the counters saw them.
+    assert metrics["generation_tokens_total"] > 0 and metrics["prompt_tokens_total"] > 0
+    assert status["served_models"] == [MODEL]
     human = svc.script("status_service.py")
     assert human.returncode == 0 and str(svc.port) in human.stdout
 

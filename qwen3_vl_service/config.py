@@ -32,7 +32,18 @@ from .errors import ConfigError, ServiceError
 
 DEFAULT_CONFIG = "config.env"
 # Keys with these prefixes are passed to vLLM's environment untouched.
-PASSTHROUGH_PREFIXES = ("VLLM_", "NCCL_", "OMP_", "CUDA_", "TORCH_", "PYTORCH_", "HF_", "TRANSFORMERS_")
+PASSTHROUGH_PREFIXES = (
+    "VLLM_",
+    "NCCL_",
+    "OMP_",
+    "CUDA_",
+    "TORCH_",
+    "PYTORCH_",
+    "TORCHINDUCTOR_",
+    "TRITON_",
+    "HF_",
+    "TRANSFORMERS_",
+)
 SECRET_KEYS = frozenset({"API_KEY"})
 
 # ---------------------------------------------------------------------------

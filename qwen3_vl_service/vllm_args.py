@@ -86,6 +86,7 @@ def build(
     tag: str = "",
     python: str | None = None,
     private_tmp: str = "",
+    compile_cache: str = "",
 ) -> VllmCommand:
     """The argv and environment for vLLM's OpenAI-compatible server."""
     py = python or cfg.vllm_python or sys.executable
@@ -185,6 +186,10 @@ def build(
     if private_tmp:
         # vLLM's IPC sockets live in TMPDIR; a private one is removed whole at stop.
         env["TMPDIR"] = private_tmp
+        if compile_cache:
+            # torch.compile's inductor cache also defaults to TMPDIR: keep it where it would
+            # be without our private TMPDIR, or every start recompiles from nothing.
+            env.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache)
     return VllmCommand(argv=tuple(argv), env=env)
 
 

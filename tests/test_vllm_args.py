@@ -139,3 +139,22 @@ def test_pinned_vllm_parser_accepts_the_command(tmp_path):
     assert ns["reasoning_parser"] == "deepseek_r1"
     assert ns["override_generation_config"]["max_new_tokens"] == 8192
     assert ns["shutdown_timeout"] == 30
+
+
+@pytest.mark.unit
+def test_private_tmpdir_keeps_the_compile_cache_outside_it(tmp_path):
+    cfg = cfg_from(tmp_path)
+    cmd = vllm_args.build(
+        cfg,
+        expert_parallel=False,
+        tag="t",
+        private_tmp="/tmp/qwen3vl-x",
+        compile_cache="/tmp/torchinductor_me",
+    )
+    assert cmd.env["TMPDIR"] == "/tmp/qwen3vl-x"
+    assert cmd.env["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/torchinductor_me"
+    own = cfg_from(tmp_path, "TORCHINDUCTOR_CACHE_DIR=/scratch/inductor\n")
+    cmd = vllm_args.build(
+        own, expert_parallel=False, private_tmp="/tmp/q", compile_cache="/tmp/torchinductor_me"
+    )
+    assert cmd.env["TORCHINDUCTOR_CACHE_DIR"] == "/scratch/inductor"

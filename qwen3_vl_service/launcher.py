@@ -180,16 +180,10 @@ def _start(cfg: ServiceConfig, report_text: str, expert_parallel: bool, args) ->
     say = print
     _ensure_media(cfg, say)
     tag = runstate.new_tag()
-    # Short and node-local: vLLM's IPC sockets live in TMPDIR, and a Unix socket path
-    # must stay under 108 bytes; removed whole by stop_service.py.
+    # Short and node-local: vLLM's IPC sockets go here (VLLM_RPC_BASE_PATH), and a Unix
+    # socket path must stay under 108 bytes; removed whole by stop_service.py.
     private_tmp = runstate.make_private_tmp(tag)
-    cmd = vllm_args.build(
-        cfg,
-        expert_parallel=expert_parallel,
-        tag=tag,
-        private_tmp=private_tmp,
-        compile_cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR") or _default_inductor_cache(),
-    )
+    cmd = vllm_args.build(cfg, expert_parallel=expert_parallel, tag=tag, private_tmp=private_tmp)
     env = vllm_args.with_inherited(cmd.env, os.environ)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -276,7 +270,7 @@ def _start_detached(cfg, cmd, env, tag, private_tmp, report_text, args) -> int:
             print()
         print("stopping what was started ...", file=sys.stderr)
         # The same path as stop_service.py: the tree, stragglers that ignore SIGTERM,
-        # the tee, the private TMPDIR and the state file. The media server stays (shared).
+        # the tee, the IPC socket folder and the state file. The media server stays (shared).
         stop.stop_service(
             cfg.run_dir,
             host=cfg.host,
@@ -294,19 +288,6 @@ def _start_detached(cfg, cmd, env, tag, private_tmp, report_text, args) -> int:
         + (f" --config {shlex.quote(str(cfg.config_path))}" if cfg.config_path else "")
     )
     return 0
-
-
-def _default_inductor_cache() -> str:
-    """Where torch puts its inductor cache by default: TMPDIR/torchinductor_USER (torch/_inductor)."""
-    import getpass
-    import re
-    import tempfile
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = f"uid_{os.getuid()}"
-    return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
 
 
 def _client_host(host: str) -> str:

@@ -28,7 +28,7 @@ import psutil
 from .errors import CheckFailed
 
 STATE_FILE = "service.json"
-# Private TMPDIR of one run (vLLM's IPC sockets): made with this prefix, and
+# Private folder of one run for vLLM's IPC sockets (VLLM_RPC_BASE_PATH): made with this prefix, and
 # only a directory with one of PRIVATE_TMP_PREFIXES is ever removed by
 # remove_private_tmp() (the second is the launcher's own spelling).
 PRIVATE_TMP_PREFIX = "qwen3-vl-service-"
@@ -288,7 +288,7 @@ def clear_corrupt(run_dir: str | os.PathLike[str]) -> bool:
 
 
 def make_private_tmp(tag: str, base: str | os.PathLike[str] | None = None) -> str:
-    """A private TMPDIR for one run (0700), under BASE or the system temp dir.
+    """A private folder for one run's IPC sockets (0700), under BASE or the system temp dir.
 
     Kept short on purpose: vLLM puts ZMQ IPC sockets there, and a Unix socket
     path is limited to 107 bytes, so it does not go under a deep RUN_DIR.
@@ -298,7 +298,7 @@ def make_private_tmp(tag: str, base: str | os.PathLike[str] | None = None) -> st
 
 
 def remove_private_tmp(path: str) -> bool:
-    """Remove a private TMPDIR made by make_private_tmp (ours, a real directory); anything else stays."""
+    """Remove a private folder made by make_private_tmp (ours, a real directory); anything else stays."""
     if not path:
         return False
     p = Path(path)

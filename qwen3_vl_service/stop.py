@@ -12,7 +12,7 @@ Order:
    (vLLM #55510, #34643, #25850), also those of an earlier run whose state
    file was lost. A process is ours by its environment, never by its name.
 3. With ``--all``, the media server (its pid file, checked by command line).
-4. The private TMPDIR of the run (vLLM's IPC sockets) and the state file go.
+4. The run's private socket folder (vLLM's IPC sockets, VLLM_RPC_BASE_PATH) and the state file go.
 5. Verification: no process of ours is left, the port is free, and (where
    NVML works) no process of ours holds GPU memory.
 
@@ -101,7 +101,9 @@ def _tmpdirs(procs: list[psutil.Process]) -> set[str]:
     out = set()
     for p in procs:
         try:
-            tmp = p.environ().get("TMPDIR", "")
+            # VLLM_RPC_BASE_PATH: where the launcher points vLLM's IPC sockets (older runs: TMPDIR).
+            env = p.environ()
+            tmp = env.get("VLLM_RPC_BASE_PATH") or env.get("TMPDIR", "")
         except psutil.Error:
             continue
         if Path(tmp).name.startswith(runstate.PRIVATE_TMP_PREFIXES):
@@ -285,7 +287,7 @@ def render(report: StopReport, *, include_media: bool) -> list[str]:
     if include_media and report.media_note:
         lines.append(report.media_note)
     for tmp in report.removed_tmp:
-        lines.append(f"removed the run's private TMPDIR {tmp}")
+        lines.append(f"removed the run's IPC socket folder {tmp}")
     for p in report.survivors:
         lines.append(
             f"error: pid {p.pid} ({p.label}) survived SIGKILL (stuck in the kernel?); "

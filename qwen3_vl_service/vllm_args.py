@@ -86,7 +86,6 @@ def build(
     tag: str = "",
     python: str | None = None,
     private_tmp: str = "",
-    compile_cache: str = "",
 ) -> VllmCommand:
     """The argv and environment for vLLM's OpenAI-compatible server."""
     py = python or cfg.vllm_python or sys.executable
@@ -184,12 +183,11 @@ def build(
         env[TAG_ENV] = tag
         env[RUN_DIR_ENV] = str(cfg.run_dir)
     if private_tmp:
-        # vLLM's IPC sockets live in TMPDIR; a private one is removed whole at stop.
-        env["TMPDIR"] = private_tmp
-        if compile_cache:
-            # torch.compile's inductor cache also defaults to TMPDIR: keep it where it would
-            # be without our private TMPDIR, or every start recompiles from nothing.
-            env.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache)
+        # vLLM's ZMQ IPC sockets (one file per channel, left behind even after a clean
+        # shutdown) go to a private folder that stop_service.py removes whole. Only the
+        # sockets: TMPDIR itself stays as the job set it, since torch keeps its compile
+        # caches there (precompiled headers: about 6 s per start on the CPU build).
+        env["VLLM_RPC_BASE_PATH"] = private_tmp
     return VllmCommand(argv=tuple(argv), env=env)
 
 

@@ -437,7 +437,7 @@ def test_kill_9_of_the_api_server_then_stop_leaves_nothing(svc):
     assert requests.get(f"{svc.media}/health", timeout=10).status_code == 200, (
         "without --all the media server stays"
     )
-    assert not Path(state["private_tmp"]).exists(), "vLLM's private TMPDIR (IPC sockets) is removed"
+    assert not Path(state["private_tmp"]).exists(), "the run's IPC socket folder is removed"
 
 
 def test_stop_all_stops_the_media_server_and_frees_both_ports(svc):

@@ -142,19 +142,8 @@ def test_pinned_vllm_parser_accepts_the_command(tmp_path):
 
 
 @pytest.mark.unit
-def test_private_tmpdir_keeps_the_compile_cache_outside_it(tmp_path):
-    cfg = cfg_from(tmp_path)
-    cmd = vllm_args.build(
-        cfg,
-        expert_parallel=False,
-        tag="t",
-        private_tmp="/tmp/qwen3vl-x",
-        compile_cache="/tmp/torchinductor_me",
-    )
-    assert cmd.env["TMPDIR"] == "/tmp/qwen3vl-x"
-    assert cmd.env["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/torchinductor_me"
-    own = cfg_from(tmp_path, "TORCHINDUCTOR_CACHE_DIR=/scratch/inductor\n")
-    cmd = vllm_args.build(
-        own, expert_parallel=False, private_tmp="/tmp/q", compile_cache="/tmp/torchinductor_me"
-    )
-    assert cmd.env["TORCHINDUCTOR_CACHE_DIR"] == "/scratch/inductor"
+def test_ipc_sockets_go_to_the_private_folder_and_tmpdir_is_left_alone(tmp_path):
+    cmd = vllm_args.build(cfg_from(tmp_path), expert_parallel=False, tag="t", private_tmp="/tmp/qwen3vl-x")
+    assert cmd.env["VLLM_RPC_BASE_PATH"] == "/tmp/qwen3vl-x"
+    # torch's compile caches (precompiled headers) live in TMPDIR: keep it.
+    assert "TMPDIR" not in cmd.env

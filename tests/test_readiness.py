@@ -211,6 +211,19 @@ def test_wait_healthy_reports_phases_then_returns(tmp_path: Path) -> None:
     assert seen[0].endswith("s)")  # elapsed time shown
 
 
+def _wait(p, log: Path, port: int, *, timeout: float, on_progress=lambda s: None) -> None:
+    """wait_healthy on the stand-in P, reading its LOG from the start."""
+    readiness.wait_healthy(
+        f"http://127.0.0.1:{port}/health",
+        is_alive=lambda: p.poll() is None,
+        log_file=log,
+        timeout=timeout,
+        on_progress=on_progress,
+        poll=0.2,
+        log_offset=0,
+    )
+
+
 @pytest.mark.integration
 def test_wait_healthy_process_dies_with_cause(tmp_path: Path) -> None:
     port = free_port()
@@ -219,15 +232,7 @@ def test_wait_healthy_process_dies_with_cause(tmp_path: Path) -> None:
     )
     try:
         with pytest.raises(readiness.StartupFailed) as info:
-            readiness.wait_healthy(
-                f"http://127.0.0.1:{port}/health",
-                is_alive=lambda: p.poll() is None,
-                log_file=log,
-                timeout=60,
-                on_progress=lambda s: None,
-                poll=0.2,
-                log_offset=0,
-            )
+            _wait(p, log, port, timeout=60)
     finally:
         kill_pids([p.pid])
         p.wait(5)
@@ -246,15 +251,7 @@ def test_wait_healthy_times_out(tmp_path: Path) -> None:
     t0 = time.monotonic()
     try:
         with pytest.raises(readiness.StartupFailed) as info:
-            readiness.wait_healthy(
-                f"http://127.0.0.1:{port}/health",
-                is_alive=lambda: p.poll() is None,
-                log_file=log,
-                timeout=2,
-                on_progress=lambda s: None,
-                poll=0.2,
-                log_offset=0,
-            )
+            _wait(p, log, port, timeout=2)
     finally:
         kill_pids([p.pid])
         p.wait(5)

@@ -283,11 +283,17 @@ def _start_detached(cfg, cmd, env, tag, private_tmp, report_text, args) -> int:
         print()
     print(f"ready: {url}/v1 (model {cfg.served_model_name}); health {url}/health")
     print(f"logs: tail -f {cfg.log_dir / SERVICE_LOG}")
-    print(
-        "stop: python stop_service.py"
-        + (f" --config {shlex.quote(str(cfg.config_path))}" if cfg.config_path else "")
-    )
+    config = f" --config {shlex.quote(_short(cfg.config_path))}" if cfg.config_path else ""
+    print(f"stop: {shlex.quote(_short(sys.executable))} stop_service.py{config}")
     return 0
+
+
+def _short(path) -> str:
+    """PATH relative to the working directory when it lies below it (what a user would type)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _client_host(host: str) -> str:

@@ -615,10 +615,9 @@ class _RelayHandler(logging.Handler):
 
 
 def read_pid(pid_file: Path | None) -> int | None:
-    try:
-        return int(Path(pid_file).read_text().strip()) if pid_file else None
-    except (OSError, ValueError):
-        return None
+    from .processes import read_pid_file
+
+    return read_pid_file(Path(pid_file)) if pid_file else None
 
 
 def write_pid_file(pid_file: Path, pid: int) -> None:
@@ -640,34 +639,19 @@ def remove_pid_file(pid_file: Path, pid: int) -> None:
 
 
 def _is_media_process(pid: int) -> bool:
-    import psutil
+    from .processes import is_media_pid
 
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        cmd = " ".join(proc.cmdline())
-    except (psutil.Error, OSError):
-        return False
-    return "qwen3_vl_service.media" in cmd or "media_server.py" in cmd or "qwen3-vl-media" in cmd
+    return is_media_pid(pid)
 
 
-def port_holder(port: int) -> str:
-    """'pid 123 (python3 -m http.server 8080)' for the listener on PORT, as far as we may see."""
-    import psutil
+def port_holder(host: str, port: int) -> str:
+    """'pid 123 (python3 -m http.server 8080)' for the listener on HOST:PORT, as far as we may see."""
+    from .processes import port_holder as holder
 
-    try:
-        conns = psutil.net_connections(kind="inet")
-    except (psutil.Error, OSError):
-        conns = []
-    for conn in conns:
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-            try:
-                cmd = " ".join(psutil.Process(conn.pid).cmdline())[:120]
-            except (psutil.Error, OSError):
-                cmd = "?"
-            return f"pid {conn.pid} ({cmd})"
-    return "another process (its owner is not visible to this user)"
+    found = holder(host, port)
+    if found is None or found[0] is None:
+        return "another process (its owner is not visible to this user)"
+    return f"pid {found[0]} ({found[1][:120] or '?'})"
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -687,7 +671,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise CheckFailed(
-                f"port {port} on {host} is in use by {port_holder(port)}",
+                f"port {port} on {host} is in use by {port_holder(host, port)}",
                 fix="stop that process or set MEDIA_PORT (--port) to a free port",
             ) from None
         if exc.errno == errno.EACCES:

@@ -18,7 +18,6 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from . import gpus as gpus_mod
@@ -345,20 +344,17 @@ def port_holders(port: int) -> list[_Holder]:
 
 
 def _looks_like_media(cmdline: str) -> bool:
-    return any(s in cmdline for s in ("qwen3_vl_service.media", "media_server.py", "qwen3-vl-media"))
+    from .processes import MEDIA_MARKERS
 
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
+    return any(m in cmdline for m in MEDIA_MARKERS)
 
 
 def _media_ours(cfg: ServiceConfig, holders: list[_Holder]) -> tuple[bool | None, str]:
     """(True: ours and fit for reuse / False: ours but not usable / None: not ours, detail)."""
     pid_file = cfg.run_dir / MEDIA_PID_FILE
-    recorded = _read_pid(pid_file)
+    from .processes import read_pid_file
+
+    recorded = read_pid_file(pid_file)
     try:
         from . import media
     except ImportError:

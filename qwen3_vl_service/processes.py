@@ -110,6 +110,15 @@ def is_media_server(proc: psutil.Process) -> bool:
     return any(m in text for m in MEDIA_MARKERS)
 
 
+def is_media_pid(pid: int) -> bool:
+    """PID is a live (not zombie) process whose command line is the media server's."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and is_media_server(proc)
+    except psutil.Error:
+        return False
+
+
 def is_logtee(proc: psutil.Process) -> bool:
     return LOGTEE_MARKER in cmdline_text(proc)
 

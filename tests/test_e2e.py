@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from skips import vllm_missing
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -119,7 +120,7 @@ class Service:
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory):
     if not _have_vllm():
-        pytest.skip("vLLM is not installed here: run scripts/setup_env.sh (scripts/test.sh does)")
+        vllm_missing("vLLM is not installed here: run scripts/setup_env.sh (scripts/test.sh does)")
     from qwen3_vl_service import sample_media, tiny_model
 
     s = Service(tmp_path_factory.mktemp("e2e"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import realmodel
+from skips import vllm_missing
 
 from qwen3_vl_service import model
 
@@ -120,7 +121,7 @@ def test_vllm_registry_is_read_without_importing_vllm():
 
     archs = model.vllm_architectures()
     if archs is None:
-        pytest.skip("vLLM is not installed for this interpreter")
+        vllm_missing("vLLM is not installed for this interpreter")
     assert "Qwen3VLMoeForConditionalGeneration" in archs
     assert "vllm" not in sys.modules or "vllm.model_executor" not in sys.modules
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from skips import vllm_missing
 
 from qwen3_vl_service import config, vllm_args
 
@@ -111,7 +112,7 @@ def _vllm_python() -> str | None:
 def test_pinned_vllm_parser_accepts_the_command(tmp_path):
     """Every flag we emit exists in the pinned vLLM and parses to the intended value."""
     if _vllm_python() is None:
-        pytest.skip("vLLM is not installed in this environment (run scripts/setup_env.sh)")
+        vllm_missing("vLLM is not installed in this environment (run scripts/setup_env.sh)")
     cfg = config.load(REPO / "config.env", environ={})
     argv = list(vllm_args.build(cfg, expert_parallel=True).argv)[3:]
     probe = (

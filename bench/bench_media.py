@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/bench_media.py                 # ~80 s on a 2-core node
+    .venv/bin/python bench/bench_media.py                 # ~105 s on a 2-core node
     .venv/bin/python bench/bench_media.py --duration 2 --clients 1,16   # quicker look
     .venv/bin/python bench/bench_media.py --servers ours,nginx --big-mib 256
     .venv/bin/python bench/bench_media.py --workers 1,auto   # ours twice: one process, and auto
@@ -12,20 +12,30 @@ What it does:
 * Writes a 1 GiB file and ``--small-files`` 1 MiB files (random bytes) into a
   private temporary folder, read once so that every server finds them in the
   page cache.
-* Starts three servers on free loopback ports: ours (``python -m
+* Starts four servers on free loopback ports: ours (``python -m
   qwen3_vl_service.media``, settings as in production: access log on,
   ``--workers`` as given, else its default, auto; several values start one
   server each, named ours-w1, ours-wauto, ...),
-  ``python -m http.server`` and a private nginx (Debian's package; installed
+  ``python -m http.server``, a private nginx (Debian's package; installed
   with ``apt-get install -y nginx`` when missing and we are root) with its own
   conf, pid file and logs in the temporary folder, ``worker_processes auto``,
-  ``sendfile on``, access log on. Every server is stopped by its pid at the end.
+  ``sendfile on``, access log on, and the asyncio floor (``--floor``, below)
+  with as many processes as ours has workers. Every server is stopped by its
+  pid at the end.
 * For the 1 GiB file and for the many 1 MiB files, at 1, 16 and 64 concurrent
   keep-alive clients, runs the load generator for ``--duration`` seconds per
   server (the servers' order rotates from case to case, to spread the noise of
   a shared node) and prints MiB/s, requests/s, errors, the server's CPU
   seconds per GiB sent (all its processes: nginx's workers, our supervisor
-  and workers), and the ratios ours/nginx and ours/http.server.
+  and workers), and the ratios ours/nginx, ours/http.server, ours/floor and
+  floor/nginx.
+
+The asyncio floor is not a server to use but a measuring stick: the least a
+Python asyncio server does per response (split the request line, open,
+fstat, write a status line and Content-Length, os.sendfile, close; no HTTP
+parsing, checks, Range or log). floor/nginx is what Python's event loop
+costs on this machine; ours/floor what aiohttp's HTTP handling, our path
+checks and the access log cost on top.
 
 The load generator is this script itself (``--load`` mode) in a separate
 process: one blocking socket per client thread, ``recv_into`` a 4 MiB buffer
@@ -35,7 +45,8 @@ topped out near 1.5 GB/s on the 1 GiB file, under what nginx and ours can send
 (about 3 GB/s here), so it measured itself. Bytes of responses cut off at the
 end of a run count, as in wrk.
 
-Exit code 0 if every server answered every request without error, 1 otherwise.
+Exit code 0 if every server sent data and answered every request without error,
+1 otherwise (the temporary folder with the servers' logs is then kept).
 """
 
 from __future__ import annotations
@@ -149,6 +160,100 @@ def load_main(port: int, paths: list[str], clients: int, duration: float) -> Non
         t.join(duration + 30)
     out["seconds"] = time.monotonic() - start
     print(json.dumps(out), flush=True)
+
+
+# ---------------------------------------------------------------------------
+# The asyncio floor (runs in its own processes: --floor)
+#
+# Not a server to use: a measuring stick. It is the least that a Python
+# asyncio server does per response: split the request line, open, fstat,
+# write the headers, os.sendfile() (the loop's sendfile for what does not fit
+# the socket buffer), close. No HTTP parsing, no path checks, no Range, no
+# log. Whatever ours costs above it is the price of a real HTTP library and of
+# the checks; whatever it costs above nginx is the price of Python's loop.
+
+
+class _FloorProtocol:
+    """An asyncio.Protocol; one request per read, as the load generator sends them."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.fd = transport.get_extra_info("socket").fileno()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            fd = os.open(self.root + data.split(b" ", 2)[1].decode(), os.O_RDONLY)
+        except (OSError, IndexError, UnicodeDecodeError):
+            self.transport.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            self.transport.close()
+            return
+        size = os.fstat(fd).st_size
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        sent = 0
+        if not self.transport.get_write_buffer_size():
+            with contextlib.suppress(BlockingIOError):
+                sent = os.sendfile(self.fd, fd, 0, size)
+        if sent == size:
+            os.close(fd)
+            return
+        import asyncio
+
+        self.transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._rest(os.fdopen(fd, "rb"), sent, size - sent))
+
+    async def _rest(self, fobj, offset: int, count: int) -> None:
+        import asyncio
+
+        with fobj:
+            await asyncio.get_running_loop().sendfile(self.transport, fobj, offset, count)
+        self.transport.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        pass
+
+    def eof_received(self) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+def floor_main(port: int, root: str, processes: int) -> None:
+    """PROCESSES event loops on one listening socket; SIGTERM to the first ends them all."""
+    import asyncio
+
+    sock = socket.create_server(("127.0.0.1", port), backlog=4096)
+    children = []
+    for _ in range(processes - 1):
+        pid = os.fork()
+        if pid == 0:
+            children = []
+            break
+        children.append(pid)
+
+    def on_term(signum, frame) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_server(lambda: _FloorProtocol(root), sock=sock)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
 
 
 # ---------------------------------------------------------------------------
@@ -301,6 +406,18 @@ def run_load(port: int, paths: list[str], clients: int, duration: float) -> dict
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def wait_settled(servers: list[Server], timeout: float = 10.0) -> None:
+    """Until each server's process count has stopped changing (ours forks its workers after the bind)."""
+    deadline = time.monotonic() + timeout
+    counts = None
+    while time.monotonic() < deadline:
+        now = [len(s.pids()) for s in servers]
+        if now == counts:
+            return
+        counts = now
+        time.sleep(0.5)
+
+
 def report(case: str, servers: list[Server], results: dict[str, dict]) -> list[str]:
     """One line per server: MiB/s, requests/s, errors, server CPU s per GiB; ours gets the ratios."""
     speed = {n: r["bytes"] / r["seconds"] / MIB for n, r in results.items()}
@@ -310,8 +427,9 @@ def report(case: str, servers: list[Server], results: dict[str, dict]) -> list[s
         gib = r["bytes"] / GIB
         cpu = r["cpu"] / gib if gib else 0.0
         ratios = ""
-        if s.name.startswith("ours"):
-            peers = [n for n in ("nginx", "http.server") if speed.get(n)]
+        if s.name.startswith("ours") or s.name == "asyncio-floor":
+            peers = ["nginx"] if s.name == "asyncio-floor" else ["nginx", "http.server", "asyncio-floor"]
+            peers = [n for n in peers if speed.get(n)]
             ratios = "  ".join(f"{speed[s.name] / speed[n]:5.2f}x {n}" for n in peers)
         rps = r["requests"] / r["seconds"]
         lines.append(
@@ -326,16 +444,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,16,64", help="concurrent clients (default 1,16,64)")
     p.add_argument("--big-mib", type=int, default=1024, help="size of the big file in MiB (default 1024)")
     p.add_argument("--small-files", type=int, default=256, help="number of 1 MiB files (default 256)")
-    p.add_argument("--servers", default="ours,nginx,http.server", help="which servers (default all three)")
+    p.add_argument(
+        "--servers",
+        default="ours,nginx,http.server,asyncio-floor",
+        help="which servers (default: ours,nginx,http.server,asyncio-floor)",
+    )
     p.add_argument(
         "--workers", help="ours' --workers (default: its own, auto); a list (1,auto): one server each"
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     p.add_argument("--load", nargs=3, metavar=("PORT", "CLIENTS", "SECONDS"), help=argparse.SUPPRESS)
+    p.add_argument("--floor", nargs=3, metavar=("PORT", "ROOT", "PROCESSES"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.load:
         paths = sys.stdin.read().split()
         load_main(int(args.load[0]), paths, int(args.load[1]), float(args.load[2]))
+        return 0
+    if args.floor:
+        floor_main(int(args.floor[0]), args.floor[1], int(args.floor[2]))
         return 0
 
     clients = [int(c) for c in args.clients.split(",")]
@@ -373,8 +499,18 @@ def main(argv: list[str] | None = None) -> int:
                 str(root),
             ]
             servers.append(Server("http.server", cmd, port, tmp / "http_server.log"))
+        if "asyncio-floor" in wanted:
+            # As many processes as ours has workers (the first --workers value).
+            from qwen3_vl_service.media import parse_workers
+
+            processes = parse_workers(workers[0] or "auto")
+            port = free_port()
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--floor", str(port), str(root)]
+            cmd.append(str(processes))
+            servers.append(Server("asyncio-floor", cmd, port, tmp / "asyncio_floor.log"))
         for s in servers:
             s.start()
+        wait_settled(servers)
         names = ", ".join(f"{s.name} :{s.port} ({len(s.pids())} processes)" for s in servers)
         print(f"servers: {names}; {os.cpu_count()} CPUs; load average {os.getloadavg()}")
         print(f"{'case':<18} {'server':<12} {'MiB/s':>9} {'req/s':>8} {'errors':>6} {'cpu s/GiB':>9}  ratios")
@@ -389,15 +525,17 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_load(s.port, paths, c, args.duration)
                     r["cpu"] = s.cpu_seconds() - cpu0
                     results[s.name] = r
-                    failed |= r["errors"] > 0
+                    if r["errors"] or not r["bytes"]:  # (a 1 GiB file at c=64 may finish no request in time)
+                        failed = True
+                        print(f"{s.name}: {r['errors']} errors, {r['bytes']} bytes received (log: {tmp})")
                 for line in report(f"{label} c={c}", servers, results):
                     print(line, flush=True)
         print(f"total {time.monotonic() - started:.0f} s; load average now {os.getloadavg()}")
     finally:
         for s in servers:
             s.stop()
-        if args.keep:
-            print(f"kept {tmp}")
+        if args.keep or failed:
+            print(f"kept {tmp} (the servers' logs; remove it when done)")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     return 1 if failed else 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +205,37 @@ def parse_visible_devices(value: str | None) -> list[str] | None:
     return entries
 
 
+def cuda_order(entries: list[str], count: int, uuid_of: Callable[[int], str]) -> tuple[list[int], int | None]:
+    """The NVML indices CUDA uses for ENTRIES (from parse_visible_devices), in CUDA's order.
+
+    Also returns the position of the first entry CUDA ignores, with all after
+    it (None: every entry is used): an index past COUNT, a UUID prefix that
+    names no GPU or several, a GPU named twice. UUID_OF(i) is asked only when
+    an entry is a UUID (CUDA accepts any unique prefix, in any case). A MIG
+    instance raises CheckFailed: this model needs whole GPUs.
+    """
+    order: list[int] = []
+    uuids: dict[int, str] | None = None
+    for pos, entry in enumerate(entries):
+        index: int | None = None
+        if entry.isdigit():
+            index = int(entry) if int(entry) < count else None
+        elif entry.upper().startswith("MIG-"):
+            raise CheckFailed(
+                f"CUDA_VISIBLE_DEVICES names a MIG instance ({entry}); this model needs whole GPUs",
+                fix="give whole GPUs (indices or GPU-UUIDs), or unset CUDA_VISIBLE_DEVICES",
+            )
+        elif entry.upper().startswith("GPU-"):
+            if uuids is None:
+                uuids = {i: uuid_of(i).upper() for i in range(count)}
+            matches = [i for i, u in uuids.items() if u.startswith(entry.upper())]
+            index = matches[0] if len(matches) == 1 else None
+        if index is None or index in order:
+            return order, pos
+        order.append(index)
+    return order, None
+
+
 def _select(nvml: Any, count: int, entries: list[str] | None) -> tuple[list[tuple[int, Any]], list[str]]:
     """[(nvml_index, handle)] in CUDA order, and notes about entries CUDA would ignore."""
     handles: dict[int, Any] = {}
@@ -239,34 +270,12 @@ def _select(nvml: Any, count: int, entries: list[str] | None) -> tuple[list[tupl
             else []
         )
         return every, notes
-    chosen: list[tuple[int, Any]] = []
-    notes: list[str] = []
-    uuids: dict[int, str] | None = None
-    for pos, entry in enumerate(entries):
-        index: int | None = None
-        if entry.isdigit():
-            index = int(entry)
-            if index >= count:
-                index = None
-        elif entry.upper().startswith("MIG-"):
-            raise CheckFailed(
-                f"CUDA_VISIBLE_DEVICES names a MIG instance ({entry}); this model needs whole GPUs",
-                fix="give whole GPUs (indices or GPU-UUIDs), or unset CUDA_VISIBLE_DEVICES",
-            )
-        elif entry.upper().startswith("GPU-"):
-            if uuids is None:
-                uuids = {i: _text(nvml.nvmlDeviceGetUUID(handle(i))).upper() for i in range(count)}
-            # CUDA accepts any unique prefix of the UUID.
-            matches = [i for i, u in uuids.items() if u.startswith(entry.upper())]
-            index = matches[0] if len(matches) == 1 else None
-        if index is None or any(index == c for c, _ in chosen):
-            rest = ",".join(entries[pos:])
-            notes.append(
-                f"CUDA ignores CUDA_VISIBLE_DEVICES from {entry!r} on ({rest}): not a GPU of this node"
-            )
-            break
-        chosen.append((index, handle(index)))
-    return chosen, notes
+    order, ignored_from = cuda_order(entries, count, lambda i: _text(nvml.nvmlDeviceGetUUID(handle(i))))
+    notes = []
+    if ignored_from is not None:
+        entry, rest = entries[ignored_from], ",".join(entries[ignored_from:])
+        notes.append(f"CUDA ignores CUDA_VISIBLE_DEVICES from {entry!r} on ({rest}): not a GPU of this node")
+    return [(i, handle(i)) for i in order], notes
 
 
 def detect(environ: Mapping[str, str] | None = None, nvml: Any = None) -> Inventory:

@@ -48,6 +48,7 @@ from typing import Any
 
 from . import cli
 from .errors import UsageError
+from .gpus import cuda_order, parse_visible_devices
 
 CHECK = "Interconnect"
 DEFAULT_TIMEOUT = 120.0
@@ -252,26 +253,11 @@ def _norm_bus(bus_id: str) -> str:
 
 
 def visible_indices(env: Mapping[str, str], uuids: Sequence[str]) -> list[int]:
-    """The NVML indices of the devices CUDA will use, in CUDA's order (CUDA_VISIBLE_DEVICES)."""
-    raw = env.get("CUDA_VISIBLE_DEVICES")
-    if raw is None:
+    """The NVML indices of the devices CUDA will use, in CUDA's order (gpus' CUDA_VISIBLE_DEVICES rule)."""
+    entries = parse_visible_devices(env.get("CUDA_VISIBLE_DEVICES"))
+    if entries is None:
         return list(range(len(uuids)))
-    out: list[int] = []
-    for token in raw.split(","):
-        token = token.strip()
-        if token.isdigit() and int(token) < len(uuids):
-            index = int(token)
-        elif token.startswith("GPU-"):
-            matches = [i for i, u in enumerate(uuids) if u.startswith(token)]
-            if len(matches) != 1:
-                break
-            index = matches[0]
-        else:
-            break  # CUDA, too, ignores everything after the first entry it cannot use
-        if index in out:
-            break
-        out.append(index)
-    return out
+    return cuda_order(entries, len(uuids), lambda i: uuids[i])[0]
 
 
 def read_topology(env: Mapping[str, str] | None = None, nvml=None) -> Topology:

@@ -176,6 +176,24 @@ def test_detect_stops_where_cuda_stops_and_says_so():
     assert len(inv.notes) == 1 and "'9'" in inv.notes[0] and "CUDA ignores" in inv.notes[0]
 
 
+def test_cuda_order_is_the_one_rule_for_indices_uuids_and_where_cuda_stops():
+    uuids = ["GPU-aa11", "GPU-ab22", "GPU-ac33", "GPU-ba44"]
+    asked: list[int] = []
+
+    def uuid_of(i: int) -> str:
+        asked.append(i)
+        return uuids[i]
+
+    assert gpus.cuda_order(["2", "0"], 4, uuid_of) == ([2, 0], None)
+    assert asked == []  # no UUID entry: NVML is not asked for UUIDs
+    assert gpus.cuda_order(["gpu-BA", "GPU-ab22"], 4, uuid_of) == ([3, 1], None)  # prefixes, any case
+    assert gpus.cuda_order(["1", "GPU-a", "0"], 4, uuid_of) == ([1], 1)  # ambiguous prefix: CUDA stops
+    assert gpus.cuda_order(["1", "4", "0"], 4, uuid_of) == ([1], 1)  # no GPU 4
+    assert gpus.cuda_order(["1", "GPU-ab", "0"], 4, uuid_of) == ([1], 1)  # GPU 1 twice
+    with pytest.raises(CheckFailed, match="MIG instance"):
+        gpus.cuda_order(["MIG-1234"], 4, uuid_of)
+
+
 def test_detect_refuses_mig_instances():
     with pytest.raises(CheckFailed, match="MIG"):
         gpus.detect(environ={"CUDA_VISIBLE_DEVICES": "MIG-1234"}, nvml=FakeNvml())

@@ -355,7 +355,7 @@ def nginx_server(nginx: str, tmp: Path, root: Path, port: int) -> Server:
             error_log {tmp}/nginx_error.log warn;
             events {{ worker_connections 4096; }}
             http {{
-                include /etc/nginx/mime.types;
+                types {{ image/jpeg jpg; video/mp4 mp4; }}
                 default_type application/octet-stream;
                 sendfile on;
                 tcp_nopush on;
@@ -453,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", help="ours' --workers (default: its own, auto); a list (1,auto): one server each"
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    p.add_argument("--nginx", help="the nginx binary to use (default: nginx on PATH, else Debian's package)")
     p.add_argument("--load", nargs=3, metavar=("PORT", "CLIENTS", "SECONDS"), help=argparse.SUPPRESS)
     p.add_argument("--floor", nargs=3, metavar=("PORT", "ROOT", "PROCESSES"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -483,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--pid-file", str(tmp / f"{name}.pid")] + (["--workers", w] if w else [])
             servers.append(Server(name, cmd, port, tmp / f"{name}_stdout.log", tmp / f"{name}.pid"))
         if "nginx" in wanted:
-            nginx = ensure_nginx()
+            nginx = args.nginx or ensure_nginx()
             if nginx:
                 servers.append(nginx_server(nginx, tmp, root, free_port()))
         if "http.server" in wanted:
@@ -515,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"servers: {names}; {os.cpu_count()} CPUs; load average {os.getloadavg()}")
         print(f"{'case':<18} {'server':<12} {'MiB/s':>9} {'req/s':>8} {'errors':>6} {'cpu s/GiB':>9}  ratios")
         case_no = 0
-        for label, paths in (("1 GiB file", big), ("1 MiB files", small)):
+        big_label = "1 GiB file" if args.big_mib == 1024 else f"{args.big_mib} MiB file"
+        for label, paths in ((big_label, big), ("1 MiB files", small)):
             for c in clients:
                 case_no += 1
                 order = servers[case_no % len(servers) :] + servers[: case_no % len(servers)]

@@ -139,7 +139,10 @@ def _gpu_findings(cfg: ServiceConfig, inv: Inventory) -> list[Finding]:
 # SLURM
 
 
-def _slurm_findings(cfg: ServiceConfig, alloc: Allocation | None, plan: Plan | None) -> list[Finding]:
+def _slurm_findings(
+    cfg: ServiceConfig, alloc: Allocation | None, plan: Plan | None, no_end_time: str = ""
+) -> list[Finding]:
+    """NO_END_TIME: why squeue could not tell the end time either (empty: it was not asked)."""
     if alloc is None:
         if cfg.require_slurm:
             return [
@@ -227,7 +230,8 @@ def _slurm_findings(cfg: ServiceConfig, alloc: Allocation | None, plan: Plan | N
 
     load = plan.expected_load_s if plan is not None else None
     if alloc.time_left_s is None:
-        parts.append("time limit unknown (SLURM_JOB_END_TIME unset)")
+        why = "SLURM_JOB_END_TIME unset" + (f"; {no_end_time}" if no_end_time else "")
+        parts.append(f"time limit unknown ({why})")
     elif load is not None and alloc.time_left_s < load:
         out.append(
             Finding(
@@ -252,7 +256,8 @@ def _slurm_findings(cfg: ServiceConfig, alloc: Allocation | None, plan: Plan | N
         )
     else:
         left = format_duration(max(0.0, alloc.time_left_s))
-        parts.append(f"{left} left" + (f" (loading takes ~{format_duration(load)})" if load else ""))
+        source = " (from squeue)" if alloc.end_time_source == "squeue" else ""
+        parts.append(f"{left} left{source}" + (f" (loading takes ~{format_duration(load)})" if load else ""))
     out.insert(0, Finding("ok", "SLURM", ", ".join(parts)))
     return out
 
@@ -500,13 +505,18 @@ def run(
             gpu_findings.extend(_gpu_findings(cfg, inventory))
 
     alloc = slurm_mod.allocation(env)
+    no_end_time = ""
+    if alloc is not None and alloc.end_time is None and "SLURM_JOB_END_TIME" not in env:
+        end, no_end_time = slurm_mod.squeue_end_time(alloc.job_id)
+        if end is not None:
+            alloc = slurm_mod.with_end_time(alloc, end)
     info = model_mod.inspect(cfg.model_path)
     plan = plan_mod.make(cfg, inventory, info)
 
     findings.extend(gpu_findings)
     # The plan's GPU findings (count, free memory) belong with the GPU lines.
     findings.extend(f for f in plan.findings if f.check == "GPUs")
-    findings.extend(_slurm_findings(cfg, alloc, plan))
+    findings.extend(_slurm_findings(cfg, alloc, plan, no_end_time))
     findings.extend(_model_findings(info))
     findings.extend(f for f in plan.findings if f.check != "GPUs")
     if check_ports:

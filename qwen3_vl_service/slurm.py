@@ -1,19 +1,27 @@
 """The SLURM allocation this process runs in, read from the SLURM_* variables.
 
-Pure reading: no ``scontrol`` call (it may hang when the controller is busy,
-and the variables carry what the preflight needs). Values that cannot be
-parsed are kept out of the numbers and named in ``Allocation.notes``.
+``allocation()`` only reads variables: values that cannot be parsed are kept
+out of the numbers and named in ``Allocation.notes``. One thing older SLURM
+does not export is the job's end time (SLURM_JOB_END_TIME arrived in 23.02):
+``squeue_end_time()`` then asks ``squeue`` once, with a short timeout, since
+the controller may be slow to answer; ``with_end_time()`` puts it in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import shutil
+import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 MiB = 1024**2
+# How long squeue may take to tell the job's end time before it is left unknown.
+SQUEUE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -25,9 +33,10 @@ class Allocation:
     job_gpus: tuple[str, ...] = ()
     # SLURM_MEM_PER_NODE (MB), or SLURM_MEM_PER_CPU x SLURM_CPUS_ON_NODE; None: no --mem limit given.
     mem_per_node_bytes: int | None = None
-    # SLURM_JOB_END_TIME (Unix seconds); None when not exported (older SLURM).
+    # SLURM_JOB_END_TIME (Unix seconds), or squeue's answer (with_end_time); None: unknown or no limit.
     end_time: float | None = None
     time_left_s: float | None = None
+    end_time_source: str = ""  # "SLURM_JOB_END_TIME" or "squeue"; empty while end_time is None
     node_name: str = ""  # SLURMD_NODENAME: set where slurmd started us; empty in a bare salloc shell
     nodelist: str = ""
     partition: str = ""
@@ -116,11 +125,52 @@ def allocation(environ: Mapping[str, str] | None = None, now: float | None = Non
         mem_per_node_bytes=mem_bytes,
         end_time=end_time,
         time_left_s=time_left,
+        end_time_source="SLURM_JOB_END_TIME" if end_time is not None else "",
         node_name=env.get("SLURMD_NODENAME", "").strip(),
         nodelist=env.get("SLURM_JOB_NODELIST", "").strip() or env.get("SLURM_NODELIST", "").strip(),
         partition=env.get("SLURM_JOB_PARTITION", "").strip(),
         cpus_on_node=cpus,
         notes=tuple(notes),
+    )
+
+
+def squeue_end_time(job_id: str, timeout: float = SQUEUE_TIMEOUT_S) -> tuple[float | None, str]:
+    """The end time of JOB_ID from ``squeue -h -j JOB_ID -o %e`` (Unix seconds), or None and why.
+
+    squeue prints local time without a zone ("2026-11-29T21:43:50"), as this
+    process reads it; "Unknown"/"N/A" (no limit, or not yet known) give None.
+    """
+    exe = shutil.which("squeue")
+    if exe is None:
+        return None, "squeue is not on PATH"
+    try:
+        done = subprocess.run(
+            [exe, "-h", "-j", job_id, "-o", "%e"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"squeue did not answer within {timeout:g} s"
+    except OSError as exc:
+        return None, f"squeue could not run: {exc.strerror or exc}"
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        err = done.stderr.strip().splitlines()
+        return None, f"squeue does not list job {job_id}" + (f" ({err[-1]})" if err else "")
+    text = lines[0].strip()
+    try:
+        return datetime.fromisoformat(text).timestamp(), ""
+    except ValueError:
+        return None, f"squeue gives no end time ({text})"
+
+
+def with_end_time(alloc: Allocation, end_time: float, now: float | None = None) -> Allocation:
+    """ALLOC with the end time squeue gave."""
+    current = time.time() if now is None else now
+    return dataclasses.replace(
+        alloc, end_time=end_time, time_left_s=end_time - current, end_time_source="squeue"
     )
 
 
@@ -134,4 +184,4 @@ def format_duration(seconds: float) -> str:
     return f"{s} s"
 
 
-__all__ = ["Allocation", "allocation", "format_duration"]
+__all__ = ["Allocation", "allocation", "format_duration", "squeue_end_time", "with_end_time"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -294,6 +296,25 @@ def test_slurm_short_time_is_a_warning_when_loading_fits(tmp_path, model_dir):
         make_cfg(tmp_path, model_dir), gpu_spec="8xH100-80GB", environ=slurm_env(hours=0.5)
     )
     assert "leaving under 30 min of service" in lines(report, "warn", "SLURM")
+
+
+@pytest.mark.unit
+def test_older_slurm_without_end_time_asks_squeue(tmp_path, model_dir, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    end = datetime.fromtimestamp(int(time.time()) + 3 * 3600 + 120)
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\necho {end.isoformat(timespec='seconds')}\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    report = preflight.run(make_cfg(tmp_path, model_dir), gpu_spec="8xH100-80GB", environ=dict(SLURM_OK))
+    ok = lines(report, "ok", "SLURM")
+    assert "3 h 01 min left (from squeue)" in ok or "3 h 02 min left (from squeue)" in ok, ok
+    # squeue gone or silent: unknown, and why.
+    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 1\n")
+    report = preflight.run(make_cfg(tmp_path, model_dir), gpu_spec="8xH100-80GB", environ=dict(SLURM_OK))
+    assert "time limit unknown (SLURM_JOB_END_TIME unset; squeue does not list job 4242)" in lines(
+        report, "ok", "SLURM"
+    )
 
 
 @pytest.mark.unit

@@ -1,6 +1,11 @@
-"""slurm.allocation(): the job as the SLURM_* variables describe it."""
+"""slurm.allocation(): the job as the SLURM_* variables describe it; squeue_end_time() where they don't."""
 
 from __future__ import annotations
+
+import os
+import time
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +85,54 @@ def test_time_left_can_be_negative_when_the_job_is_over():
 @pytest.mark.parametrize(("s", "text"), [(3725, "1 h 02 min"), (90, "1 min 30 s"), (5, "5 s"), (-3, "0 s")])
 def test_format_duration(s, text):
     assert slurm.format_duration(s) == text
+
+
+# -- squeue_end_time: SLURM before 23.02 exports no SLURM_JOB_END_TIME -----------------
+# A stand-in squeue (a real executable on PATH): SLURM itself is the edge here.
+
+
+def put_squeue(monkeypatch, tmp_path: Path, body: str) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    exe = bin_dir / "squeue"
+    exe.write_text("#!/bin/sh\n" + body + "\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    return bin_dir
+
+
+def test_squeue_end_time_reads_squeue_local_time(monkeypatch, tmp_path):
+    end = datetime.fromtimestamp(int(time.time()) + 5400)
+    bin_dir = put_squeue(
+        monkeypatch, tmp_path, f'echo "$@" > "{tmp_path}/args"; echo {end.isoformat(timespec="seconds")}'
+    )
+    got, why = slurm.squeue_end_time("4242")
+    assert (got, why) == (end.timestamp(), "")
+    assert (tmp_path / "args").read_text().split() == ["-h", "-j", "4242", "-o", "%e"]
+    alloc = slurm.with_end_time(slurm.allocation(environ={"SLURM_JOB_ID": "4242"}), got, now=got - 5400)
+    assert alloc.time_left_s == 5400 and alloc.end_time_source == "squeue"
+    assert bin_dir.is_dir()
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ("echo Unknown", "squeue gives no end time (Unknown)"),
+        (
+            "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1",
+            "squeue does not list job 4242 (slurm_load_jobs error: Invalid job id specified)",
+        ),
+        ("exit 0", "squeue does not list job 4242"),
+        ("exec sleep 30", "squeue did not answer within 0.5 s"),
+    ],
+)
+def test_squeue_end_time_unknown_says_why(monkeypatch, tmp_path, body, why):
+    put_squeue(monkeypatch, tmp_path, body)
+    started = time.monotonic()
+    assert slurm.squeue_end_time("4242", timeout=0.5) == (None, why)
+    assert time.monotonic() - started < 10  # a hung controller does not hang the preflight
+
+
+def test_squeue_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert slurm.squeue_end_time("4242") == (None, "squeue is not on PATH")

@@ -274,14 +274,17 @@ def make(cfg: ServiceConfig, inventory: Inventory | None, model: ModelInfo) -> P
         plan.weights_source = (
             "the index's metadata.total_size" if model.index_total_size else "the shard files"
         )
+    if cfg.device == "cpu":
+        # The load-time and host-memory figures below are the GPU service's
+        # (CUDA graphs, one CUDA worker per GPU); the CPU backend has neither,
+        # and the SLURM checks that use them would refuse the demo for nothing.
+        return plan
+    if weights:
         plan.expected_load_s = weights / LOAD_RATE + LOAD_FIXED_S
     plan.host_memory_bytes = HOST_BASE + tp * HOST_PER_WORKER
     if "eager" in _load_strategy(cfg):
         # Each rank reads a whole shard into memory at once (vllm weight_utils, load_strategy eager).
         plan.host_memory_bytes += tp * max((s.size or 0) for s in model.shards or ())
-
-    if cfg.device == "cpu":
-        return plan
     if inventory is None:
         out.append(
             Finding(

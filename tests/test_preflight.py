@@ -341,6 +341,18 @@ def test_cpu_device_skips_gpus_but_checks_model_and_ports(tmp_path, model_dir):
 
 
 @pytest.mark.unit
+def test_cpu_device_in_a_short_small_job_is_not_held_to_the_gpu_estimates(tmp_path, model_dir):
+    # Found under a real SLURM: the CPU demo in a 5-minute job was refused for the GPU
+    # service's 5-minute warm-up estimate. The CPU backend has no such estimates.
+    cfg = make_cfg(tmp_path, model_dir, DEVICE="cpu", TENSOR_PARALLEL_SIZE=1)
+    env = slurm_env(hours=5 / 60, SLURM_MEM_PER_NODE="8000")
+    report = preflight.run(cfg, environ=env, nvml=FakeNvml(init_error=9))
+    assert not lines(report, "error", "SLURM") and not lines(report, "warn", "SLURM")
+    assert "7.8 GiB memory" in lines(report, "ok", "SLURM") and " left" in lines(report, "ok", "SLURM")
+    assert report.plan.expected_load_s is None and report.plan.host_memory_bytes is None
+
+
+@pytest.mark.unit
 def test_ports_can_be_left_out(tmp_path, model_dir):
     report = preflight.run(
         make_cfg(tmp_path, model_dir), gpu_spec="8xH100-80GB", environ={}, check_ports=False

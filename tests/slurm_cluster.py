@@ -1,0 +1,180 @@
+"""A private one-node SLURM cluster for the tests: munged, slurmctld and slurmd of this machine's packages.
+
+Everything it uses lives in one temporary folder: the munge key and socket,
+slurm.conf (free ports for slurmctld and slurmd), state, spool, logs and pid
+files. Clients reach it through SLURM_CONF (``Cluster.env``); nothing under
+/etc is read or written. ``stop()`` ends the jobs, then the three daemons it
+started, by pid, and removes the folder.
+
+Needs Debian's slurm-wlm and munge (scripts/test.sh installs them where it can)
+and root: slurmd starts jobs as their owner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "scancel")
+
+
+def missing() -> str:
+    """Why a private cluster cannot run here; empty when it can."""
+    absent = [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+    if absent:
+        return f"SLURM is not installed ({', '.join(absent)} missing: apt-get install slurm-wlm munge)"
+    if os.geteuid() != 0:
+        return "a private SLURM cluster needs root (slurmd runs jobs as their owner)"
+    return ""
+
+
+def _exe(name: str) -> str:
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self) -> None:
+        # Short: the munge socket path must fit a Unix socket address (108 bytes).
+        self.dir = Path(tempfile.mkdtemp(prefix="slurm-"))
+        self.node = socket.gethostname().split(".")[0]
+        self.conf = self.dir / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.procs: list[subprocess.Popen] = []
+
+    # -- start / stop ------------------------------------------------------------
+
+    def start(self, timeout: float = 60.0) -> Cluster:
+        d = self.dir
+        for sub in ("state", "spool"):
+            (d / sub).mkdir()
+        key = d / "munge.key"
+        subprocess.run([_exe("mungekey"), "--create", f"--keyfile={key}"], check=True, capture_output=True)
+        key.chmod(0o600)
+        sock = d / "munge.sock"
+        self._spawn(
+            [
+                _exe("munged"),
+                "--foreground",
+                "--force",
+                f"--socket={sock}",
+                f"--key-file={key}",
+                f"--pid-file={d / 'munged.pid'}",
+                f"--log-file={d / 'munged.log'}",
+                f"--seed-file={d / 'munged.seed'}",
+            ],
+            "munged",
+        )
+        self._wait(lambda: sock.exists(), timeout, "munged did not create its socket")
+        cpus = os.cpu_count() or 1
+        mem_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+        user = getpass.getuser()
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=qwen3test",
+                    f"SlurmctldHost={self.node}(127.0.0.1)",
+                    f"SlurmctldPort={_free_port()}",
+                    f"SlurmdPort={_free_port()}",
+                    f"SlurmUser={user}",
+                    f"SlurmdUser={user}",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={sock}",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core",
+                    "SchedulerType=sched/backfill",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "MpiDefault=none",
+                    "ReturnToService=2",
+                    "KillWait=30",
+                    f"PlugStackConfig={d / 'plugstack.conf'}",
+                    f"StateSaveLocation={d / 'state'}",
+                    f"SlurmdSpoolDir={d / 'spool'}",
+                    f"SlurmctldPidFile={d / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={d / 'slurmd.pid'}",
+                    f"SlurmctldLogFile={d / 'slurmctld.log'}",
+                    f"SlurmdLogFile={d / 'slurmd.log'}",
+                    f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mib * 8 // 10} "
+                    "State=UNKNOWN",
+                    f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
+        (d / "plugstack.conf").write_text("")
+        self._spawn([_exe("slurmctld"), "-D", "-i", "-f", str(self.conf)], "slurmctld")
+        self._spawn([_exe("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)], "slurmd")
+        self._wait(
+            lambda: self.cli("sinfo", "-h", "-o", "%T").stdout.strip() == "idle",
+            timeout,
+            "the node did not come up idle",
+        )
+        return self
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.cli("scancel", "--full", "--user", getpass.getuser(), timeout=10)
+        for proc in reversed(self.procs):  # slurmd, slurmctld, munged
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- use ---------------------------------------------------------------------
+
+    def cli(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        """A SLURM command against this cluster."""
+        return subprocess.run(
+            [_exe(argv[0]), *argv[1:]], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def job_state(self, job_id: str) -> str:
+        out = self.cli("scontrol", "show", "job", job_id).stdout
+        for word in out.split():
+            if word.startswith("JobState="):
+                return word.split("=", 1)[1]
+        return ""
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.dir.glob("*.log"))
+        )
+
+    # -- inside ------------------------------------------------------------------
+
+    def _spawn(self, argv: list[str], name: str) -> None:
+        out = open(self.dir / f"{name}.stdout", "wb")  # noqa: SIM115 - kept open for the daemon's life
+        proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        self.procs.append(proc)
+        out.close()
+
+    def _wait(self, predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}:\n{self.logs()}")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                if predicate():
+                    return
+            time.sleep(0.3)
+        raise RuntimeError(f"{what} within {timeout:.0f} s:\n{self.logs()}")

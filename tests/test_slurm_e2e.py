@@ -1,0 +1,119 @@
+"""slurm/serve.sbatch under a real SLURM: submitted with sbatch, serving, stopped at the time limit.
+
+A private one-node cluster (tests/slurm_cluster.py: Debian's slurm-wlm and
+munge, its own config, ports and folders) runs the batch script unchanged,
+with the CPU demo: ``sbatch --time=5 slurm/serve.sbatch`` (the options a
+cluster without GPUs needs given on the command line, as a user would). The
+test checks that the job's preflight sees the job and its time left, that
+the service answers, and that SLURM's warning signal before the time limit
+(the script's ``--signal=B:TERM@120``) stops it through stop_service.py:
+nothing of the service left, both ports free, the job COMPLETED.
+
+About 3 minutes: the warning comes 120-150 s before the 5-minute limit.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import slurm_cluster
+from skips import vllm_missing
+from test_e2e import _have_vllm, free_port, ours, port_free
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+
+def _wait(predicate, timeout: float, step: float = 1.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@pytest.fixture
+def cluster():
+    why = slurm_cluster.missing()
+    if why:
+        if why.startswith("SLURM is not installed"):
+            vllm_missing(why)  # under CI=true scripts/test.sh installs it: a failure there
+        pytest.skip(why)
+    c = slurm_cluster.Cluster().start()
+    yield c
+    c.stop()
+
+
+def test_sbatch_serves_and_the_time_limit_signal_stops_everything(cluster, tmp_path):
+    if not _have_vllm():
+        vllm_missing("vLLM is not installed here: run scripts/setup_env.sh (scripts/test.sh does)")
+    from qwen3_vl_service import sample_media, tiny_model
+
+    tiny_model.generate(tmp_path / "model")
+    sample_media.write_samples(tmp_path / "media")
+    port, media_port = free_port(), free_port()
+    run_dir = tmp_path / "run"
+    out = tmp_path / "job.out"
+    env = {
+        **cluster.env,
+        "CONFIG": str(REPO / "config.demo.env"),
+        "PYTHON": sys.executable,
+        "PORT": str(port),
+        "MEDIA_PORT": str(media_port),
+        "MODEL_PATH": str(tmp_path / "model"),
+        "MEDIA_ROOT": str(tmp_path / "media"),
+        "RUN_DIR": str(run_dir),
+        "LOG_DIR": str(tmp_path / "logs"),
+    }
+    cpus = str(os.cpu_count() or 1)
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--time=5", "--gpus-per-node=0", f"--cpus-per-task={cpus}",
+         f"--output={out}", str(REPO / "slurm" / "serve.sbatch")],
+        env=env, capture_output=True, text=True, timeout=30, cwd=REPO,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+
+    def report() -> str:
+        text = out.read_text(errors="replace") if out.exists() else "(no job output)"
+        return f"job {job} {cluster.job_state(job)}\n{text[-6000:]}\n{cluster.logs()}"
+
+    base = f"http://127.0.0.1:{port}"
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    up = _wait(lambda: _healthy(f"{base}/health") or cluster.job_state(job) in ended, 240)
+    assert up and _healthy(f"{base}/health"), f"the service did not come up:\n{report()}"
+    head = out.read_text()
+    assert f"job {job} on {cluster.node}" in head  # serve.sbatch's own line, and the preflight's:
+    assert f"ok    SLURM     job {job} on {cluster.node} (partition test)" in head, head[:4000]
+    # Its time left: from SLURM_JOB_END_TIME, or (SLURM before 23.02, as Debian 12's) from squeue.
+    assert "time limit unknown" not in head and " left" in head.split("ok    SLURM", 1)[1].split("\n")[0]
+    models = requests.get(f"{base}/v1/models", timeout=10).json()
+    assert models["data"][0]["id"] == "qwen3-vl-fp8"
+    chat = requests.post(
+        f"{base}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4},
+        timeout=120,
+    )
+    assert chat.status_code == 200, chat.text
+
+    # No scancel: SLURM itself warns the script 120 s before the 5-minute limit.
+    assert _wait(lambda: cluster.job_state(job) == "COMPLETED", 300, step=2), report()
+    text = out.read_text()
+    assert "stopping the service: SIGTERM (time limit or scancel)" in text, report()
+    assert "the service was stopped" in text, report()
+    assert not ours(run_dir.resolve()), report()
+    assert port_free(port) and port_free(media_port), report()

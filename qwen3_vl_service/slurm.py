@@ -1,8 +1,8 @@
 """The SLURM allocation this process runs in, read from the SLURM_* variables.
 
 ``allocation()`` only reads variables: values that cannot be parsed are kept
-out of the numbers and named in ``Allocation.notes``. One thing older SLURM
-does not export is the job's end time (SLURM_JOB_END_TIME arrived in 23.02):
+out of the numbers and named in ``Allocation.notes``. Not every SLURM exports
+the job's end time (SLURM_JOB_END_TIME; 22.05, Debian 12's, does not):
 ``squeue_end_time()`` then asks ``squeue`` once, with a short timeout, since
 the controller may be slow to answer; ``with_end_time()`` puts it in.
 """

@@ -87,7 +87,7 @@ def test_format_duration(s, text):
     assert slurm.format_duration(s) == text
 
 
-# -- squeue_end_time: SLURM before 23.02 exports no SLURM_JOB_END_TIME -----------------
+# -- squeue_end_time: where SLURM exports no SLURM_JOB_END_TIME (22.05 does not) ---------
 # A stand-in squeue (a real executable on PATH): SLURM itself is the edge here.
 
 

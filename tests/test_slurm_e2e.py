@@ -99,7 +99,7 @@ def test_sbatch_serves_and_the_time_limit_signal_stops_everything(cluster, tmp_p
     head = out.read_text()
     assert f"job {job} on {cluster.node}" in head  # serve.sbatch's own line, and the preflight's:
     assert f"ok    SLURM     job {job} on {cluster.node} (partition test)" in head, head[:4000]
-    # Its time left: from SLURM_JOB_END_TIME, or (SLURM before 23.02, as Debian 12's) from squeue.
+    # Its time left: from SLURM_JOB_END_TIME, or (where it is not exported, as in 22.05) from squeue.
     assert "time limit unknown" not in head and " left" in head.split("ok    SLURM", 1)[1].split("\n")[0]
     models = requests.get(f"{base}/v1/models", timeout=10).json()
     assert models["data"][0]["id"] == "qwen3-vl-fp8"

@@ -337,8 +337,9 @@ class Server:
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
+            # Its whole session (start_new_session): workers of ours or of the floor too.
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGKILL)
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
 
 
@@ -533,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
                 for line in report(f"{label} c={c}", servers, results):
                     print(line, flush=True)
         print(f"total {time.monotonic() - started:.0f} s; load average now {os.getloadavg()}")
+    except BaseException:
+        failed = True  # keep the servers' logs
+        raise
     finally:
         for s in servers:
             s.stop()

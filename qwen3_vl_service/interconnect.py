@@ -263,7 +263,8 @@ def visible_indices(env: Mapping[str, str], uuids: Sequence[str]) -> list[int]:
 def read_topology(env: Mapping[str, str] | None = None, nvml=None) -> Topology:
     """The GPUs CUDA will see, in its order, and the link between each pair.
 
-    Raises TopologyUnavailable where NVML cannot answer (no library, no driver, no GPU).
+    Raises TopologyUnavailable where NVML cannot answer (no library, no driver, no GPU),
+    and CheckFailed where CUDA_VISIBLE_DEVICES names a MIG instance (gpus.cuda_order).
     """
     env = os.environ if env is None else env
     try:

@@ -17,7 +17,6 @@ import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
 
 MiB = 1024**2
 # How long squeue may take to tell the job's end time before it is left unknown.
@@ -135,35 +134,37 @@ def allocation(environ: Mapping[str, str] | None = None, now: float | None = Non
 
 
 def squeue_end_time(job_id: str, timeout: float = SQUEUE_TIMEOUT_S) -> tuple[float | None, str]:
-    """The end time of JOB_ID from ``squeue -h -j JOB_ID -o %e`` (Unix seconds), or None and why.
+    """The end time of JOB_ID from squeue (Unix seconds), or None and why.
 
-    squeue prints local time without a zone ("2026-11-29T21:43:50"), as this
-    process reads it; "Unknown"/"N/A" (no limit, or not yet known) give None.
+    ``squeue -h -j JOB_ID -o "%A %e"`` with SLURM_TIME_FORMAT=%s: Unix seconds,
+    whatever the user's own SLURM_TIME_FORMAT or time zone. The line is picked
+    by its job id (%A): for the first task of a job array, -j JOB_ID lists
+    every task. "Unknown"/"N/A" (no limit, or not known yet) give None.
     """
     exe = shutil.which("squeue")
     if exe is None:
         return None, "squeue is not on PATH"
     try:
         done = subprocess.run(
-            [exe, "-h", "-j", job_id, "-o", "%e"],
+            [exe, "-h", "-j", job_id, "-o", "%A %e"],
             capture_output=True,
             text=True,
             timeout=timeout,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, "SLURM_TIME_FORMAT": "%s"},
         )
     except subprocess.TimeoutExpired:
         return None, f"squeue did not answer within {timeout:g} s"
     except OSError as exc:
         return None, f"squeue could not run: {exc.strerror or exc}"
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
+    rows = [line.split() for line in done.stdout.splitlines()]
+    ends = [row[1] for row in rows if len(row) == 2 and row[0] == job_id]
+    if done.returncode != 0 or not ends:
         err = done.stderr.strip().splitlines()
         return None, f"squeue does not list job {job_id}" + (f" ({err[-1]})" if err else "")
-    text = lines[0].strip()
-    try:
-        return datetime.fromisoformat(text).timestamp(), ""
-    except ValueError:
-        return None, f"squeue gives no end time ({text})"
+    if not ends[0].isdigit():
+        return None, f"squeue gives no end time ({ends[0]})"
+    return float(ends[0]), ""
 
 
 def with_end_time(alloc: Allocation, end_time: float, now: float | None = None) -> Allocation:

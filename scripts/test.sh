@@ -10,16 +10,26 @@ bash scripts/setup_env.sh
 PY=.venv/bin/python
 
 # tests/test_slurm_e2e.py runs slurm/serve.sbatch on a private one-node cluster
-# of Debian's slurm-wlm and munge (no daemon of the system is started or used).
-if ! command -v sbatch >/dev/null || [ ! -x /usr/sbin/slurmd ] || [ ! -x /usr/sbin/munged ]; then
+# of Debian's slurm-wlm and munge, with its own config, key and daemons. As root
+# with apt-get, this installs the packages if missing, with policy-rc.d telling
+# the packages' scripts not to start or restart their system services.
+if ! command -v sbatch >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "== installing slurm-wlm and munge (Debian) for the SLURM test (log: .venv/apt-slurm.log)"
-        export DEBIAN_FRONTEND=noninteractive
+        mkdir -p logs
+        log=logs/apt-slurm.log
+        echo "== installing slurm-wlm and munge (Debian) for the SLURM test (log: $log)"
+        policy=/usr/sbin/policy-rc.d
+        made_policy=0
+        if [ ! -e "$policy" ]; then
+            printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
+        fi
         pkgs=(slurm-wlm munge)
-        apt-get install -y -q --no-install-recommends "${pkgs[@]}" >.venv/apt-slurm.log 2>&1 ||
-            { apt-get update -q && apt-get install -y -q --no-install-recommends "${pkgs[@]}"; } \
-                >>.venv/apt-slurm.log 2>&1 ||
-            echo "warning: could not install ${pkgs[*]} (see .venv/apt-slurm.log); the SLURM test will say so" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        if ! apt-get install -y -q --no-install-recommends "${pkgs[@]}" >"$log" 2>&1; then
+            { apt-get update -q && apt-get install -y -q --no-install-recommends "${pkgs[@]}"; } >>"$log" 2>&1 ||
+                echo "warning: could not install ${pkgs[*]} (see $log); the SLURM test will say so" >&2
+        fi
+        if [ "$made_policy" = 1 ]; then rm -f "$policy"; fi
     else
         echo "note: SLURM is not installed and apt-get as root is not at hand: tests/test_slurm_e2e.py skips"
     fi

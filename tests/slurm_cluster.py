@@ -13,8 +13,8 @@ and root: slurmd starts jobs as their owner.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -33,6 +33,11 @@ def missing() -> str:
     if os.geteuid() != 0:
         return "a private SLURM cluster needs root (slurmd runs jobs as their owner)"
     return ""
+
+
+def _user() -> str:
+    """The user this process runs as (not $USER, which sudo -E keeps)."""
+    return pwd.getpwuid(os.geteuid()).pw_name
 
 
 def _exe(name: str) -> str:
@@ -57,6 +62,15 @@ class Cluster:
     # -- start / stop ------------------------------------------------------------
 
     def start(self, timeout: float = 60.0) -> Cluster:
+        """Up and idle, or everything started so far stopped again and the error raised."""
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
         d = self.dir
         for sub in ("state", "spool"):
             (d / sub).mkdir()
@@ -80,7 +94,7 @@ class Cluster:
         self._wait(lambda: sock.exists(), timeout, "munged did not create its socket")
         cpus = os.cpu_count() or 1
         mem_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
-        user = getpass.getuser()
+        user = _user()
         self.conf.write_text(
             "\n".join(
                 [
@@ -124,11 +138,15 @@ class Cluster:
             timeout,
             "the node did not come up idle",
         )
-        return self
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.cli("scancel", "--full", "--user", getpass.getuser(), timeout=10)
+        """Cancel the jobs and wait until SLURM has ended them (KillWait=30), then stop the daemons."""
+        if len(self.procs) == 3 and all(p.poll() is None for p in self.procs):
+            with contextlib.suppress(Exception):
+                self.cli("scancel", "--full", "--user", _user(), timeout=10)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and self.cli("squeue", "-h", timeout=10).stdout.strip():
+                    time.sleep(1)
         for proc in reversed(self.procs):  # slurmd, slurmctld, munged
             if proc.poll() is None:
                 proc.terminate()
@@ -155,17 +173,16 @@ class Cluster:
         return ""
 
     def logs(self) -> str:
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.dir.glob("*.log"))
-        )
+        """The daemons' logs and what they printed before their logs were open."""
+        files = sorted([*self.dir.glob("*.log"), *self.dir.glob("*.stdout")])
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in files)
 
     # -- inside ------------------------------------------------------------------
 
     def _spawn(self, argv: list[str], name: str) -> None:
-        out = open(self.dir / f"{name}.stdout", "wb")  # noqa: SIM115 - kept open for the daemon's life
-        proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        with open(self.dir / f"{name}.stdout", "wb") as out:  # the daemon keeps its own copy of the fd
+            proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         self.procs.append(proc)
-        out.close()
 
     def _wait(self, predicate, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -302,8 +301,8 @@ def test_slurm_short_time_is_a_warning_when_loading_fits(tmp_path, model_dir):
 def test_older_slurm_without_end_time_asks_squeue(tmp_path, model_dir, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    end = datetime.fromtimestamp(int(time.time()) + 3 * 3600 + 120)
-    (bin_dir / "squeue").write_text(f"#!/bin/sh\necho {end.isoformat(timespec='seconds')}\n")
+    end = int(time.time()) + 3 * 3600 + 120
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\necho 4242 {end}\n")
     (bin_dir / "squeue").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     report = preflight.run(make_cfg(tmp_path, model_dir), gpu_spec="8xH100-80GB", environ=dict(SLURM_OK))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -101,23 +100,27 @@ def put_squeue(monkeypatch, tmp_path: Path, body: str) -> Path:
     return bin_dir
 
 
-def test_squeue_end_time_reads_squeue_local_time(monkeypatch, tmp_path):
-    end = datetime.fromtimestamp(int(time.time()) + 5400)
-    bin_dir = put_squeue(
-        monkeypatch, tmp_path, f'echo "$@" > "{tmp_path}/args"; echo {end.isoformat(timespec="seconds")}'
+def test_squeue_end_time_asks_for_unix_seconds_and_picks_its_own_job(monkeypatch, tmp_path):
+    end = int(time.time()) + 5400
+    # The first task of an array: squeue -j lists the whole array, pending tasks first.
+    put_squeue(
+        monkeypatch,
+        tmp_path,
+        f'echo "$SLURM_TIME_FORMAT $@" > "{tmp_path}/args"; printf "4243 N/A\\n4242 {end}\\n4244 N/A\\n"',
     )
+    monkeypatch.setenv("SLURM_TIME_FORMAT", "relative")  # the user's own: overridden
     got, why = slurm.squeue_end_time("4242")
-    assert (got, why) == (end.timestamp(), "")
-    assert (tmp_path / "args").read_text().split() == ["-h", "-j", "4242", "-o", "%e"]
+    assert (got, why) == (float(end), "")
+    assert (tmp_path / "args").read_text().split() == ["%s", "-h", "-j", "4242", "-o", "%A", "%e"]
     alloc = slurm.with_end_time(slurm.allocation(environ={"SLURM_JOB_ID": "4242"}), got, now=got - 5400)
     assert alloc.time_left_s == 5400 and alloc.end_time_source == "squeue"
-    assert bin_dir.is_dir()
 
 
 @pytest.mark.parametrize(
     ("body", "why"),
     [
-        ("echo Unknown", "squeue gives no end time (Unknown)"),
+        ("echo 4242 Unknown", "squeue gives no end time (Unknown)"),
+        ("echo 4243 1900000000", "squeue does not list job 4242"),
         (
             "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1",
             "squeue does not list job 4242 (slurm_load_jobs error: Invalid job id specified)",

@@ -19,26 +19,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import slurm_cluster
+from lifecycle_helpers import wait_until
 from skips import vllm_missing
 from test_e2e import _have_vllm, free_port, ours, port_free
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
-
-
-def _wait(predicate, timeout: float, step: float = 1.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def _healthy(url: str) -> bool:
@@ -110,7 +101,7 @@ def _serve_until_the_time_limit(cluster, env, out: Path, port: int, media_port: 
 
     base = f"http://127.0.0.1:{port}"
     ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-    up = _wait(lambda: _healthy(f"{base}/health") or cluster.job_state(job) in ended, 240)
+    up = wait_until(lambda: _healthy(f"{base}/health") or cluster.job_state(job) in ended, 240, step=1)
     assert up and _healthy(f"{base}/health"), f"the service did not come up:\n{report()}"
     head = out.read_text()
     assert f"job {job} on {cluster.node}" in head  # serve.sbatch's own line, and the preflight's:
@@ -127,7 +118,7 @@ def _serve_until_the_time_limit(cluster, env, out: Path, port: int, media_port: 
     assert chat.status_code == 200, chat.text
 
     # No scancel: SLURM itself warns the script 120 s before the 5-minute limit.
-    assert _wait(lambda: cluster.job_state(job) in ended, 300, step=2), report()
+    assert wait_until(lambda: cluster.job_state(job) in ended, 300, step=2), report()
     assert cluster.job_state(job) == "COMPLETED", report()
     text = out.read_text()
     assert "stopping the service: SIGTERM (time limit or scancel)" in text, report()

@@ -74,12 +74,11 @@ def main() -> int:
         }
         env = {**os.environ, **overrides}
         cfg = config.load(REPO / "config.demo.env", environ=env)
-        cmd = vllm_args.build(cfg, expert_parallel=False)
-        bare_env = vllm_args.with_inherited(cmd.env, os.environ)
-        # vLLM's IPC sockets in this run's folder, as the launcher does (else
-        # they pile up in /tmp: vLLM leaves them behind at shutdown).
+        # vLLM's IPC sockets in this run's folder, as the launcher has them (else they
+        # pile up in /tmp: vLLM leaves them behind at shutdown).
         (root / "ipc").mkdir()
-        bare_env["VLLM_RPC_BASE_PATH"] = str(root / "ipc")
+        cmd = vllm_args.build(cfg, expert_parallel=False, private_tmp=str(root / "ipc"))
+        bare_env = vllm_args.with_inherited(cmd.env, os.environ)
         demo = ["--config", str(REPO / "config.demo.env")]
         times: dict[str, list[float]] = {"bare vLLM": [], "start_service.py --detach": []}
         spawn: list[float] = []

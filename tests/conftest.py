@@ -1,8 +1,33 @@
-"""Shared pytest hooks. Fixtures live in the test modules (or tests/*.py helpers) that use them."""
+"""Shared pytest hooks, and the one fixture several modules use (procs). Others live with their tests."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+
+import pytest
+from lifecycle_helpers import PY, SLEEP, clean_env, environ_of, kill_pids, wait_until
+
+
+@pytest.fixture
+def procs():
+    """procs(code=SLEEP, env=None, **popen_kw): a `python -c CODE` process of this test, killed afterwards.
+
+    Returned once its environment is readable in /proc (right after exec the
+    kernel may not show it yet), or once it has exited.
+    """
+    started: list[subprocess.Popen] = []
+
+    def start(code: str = SLEEP, env=None, **kw) -> subprocess.Popen:
+        p = subprocess.Popen([PY, "-c", code], env=env or clean_env(), **kw)
+        started.append(p)
+        wait_until(lambda: p.poll() is not None or environ_of(p.pid))
+        return p
+
+    yield start
+    kill_pids([p.pid for p in started])
+    for p in started:
+        p.wait(5)
 
 
 def pytest_terminal_summary(terminalreporter):

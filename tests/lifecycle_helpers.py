@@ -60,6 +60,33 @@ def write_config(tmp: Path, *, port: int, media_port: int | None = None, **setti
     return path
 
 
+SLEEP = "import time; time.sleep(120)"
+
+
+def make_state(
+    pid: int = 12345, create_time: float = 1000.0, tag: str = "q3vl-test-1", **kw
+) -> runstate.RunState:
+    """A RunState with plausible values; KW overrides any field."""
+    values = dict(
+        pid=pid,
+        create_time=create_time,
+        tag=tag,
+        host="127.0.0.1",
+        port=8010,
+        media_host="127.0.0.1",
+        media_port=8080,
+        model="/models/Qwen3-VL-235B-A22B-Thinking-FP8",
+        served_model_name="qwen3-vl-fp8",
+        started_at="2025-11-29T10:00:00+00:00",
+        config_path="/work/config.env",
+        log_file="/work/logs/service.log",
+        private_tmp="",
+        detached=False,
+    )
+    values.update(kw)
+    return runstate.RunState(**values)
+
+
 def run_dir_of(tmp: Path) -> Path:
     return (tmp / "run").resolve()
 
@@ -143,13 +170,11 @@ class Standin:
 
     def write_state(self, *, private_tmp: str = "", detached: bool = False) -> runstate.RunState:
         proc = psutil.Process(self.proc.pid)
-        state = runstate.RunState(
+        state = make_state(
             pid=self.proc.pid,
             create_time=proc.create_time(),
             tag=self.tag,
-            host="127.0.0.1",
             port=self.port,
-            media_host="127.0.0.1",
             media_port=1,
             model=str(self.tmp / "model"),
             served_model_name="standin-model",

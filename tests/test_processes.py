@@ -15,9 +15,9 @@ import psutil
 import pytest
 from lifecycle_helpers import (
     PY,
+    SLEEP,
     Standin,
     clean_env,
-    environ_of,
     free_port,
     gone,
     has_setproctitle,
@@ -32,28 +32,10 @@ from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV
 
 needs_titles = pytest.mark.skipif(not has_setproctitle(), reason="setproctitle is not installed")
 
-SLEEP = "import time; time.sleep(120)"
 IGNORE_TERM = (
     "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
     "print('ready', flush=True); time.sleep(120)"
 )
-
-
-@pytest.fixture
-def procs():
-    started: list[subprocess.Popen] = []
-
-    def start(code: str, env=None, **kw) -> subprocess.Popen:
-        p = subprocess.Popen([PY, "-c", code], env=env or clean_env(), **kw)
-        started.append(p)
-        # Right after exec the kernel may not show the new environment yet.
-        wait_until(lambda: p.poll() is not None or environ_of(p.pid))
-        return p
-
-    yield start
-    kill_pids([p.pid for p in started])
-    for p in started:
-        p.wait(5)
 
 
 @pytest.mark.integration

@@ -11,53 +11,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from lifecycle_helpers import PY, clean_env, environ_of, kill_pids, wait_until
+from lifecycle_helpers import PY, clean_env, environ_of, kill_pids, make_state
 
 from qwen3_vl_service import runstate
 from qwen3_vl_service.errors import CheckFailed
 from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV
-
-
-def _state(
-    pid: int = 12345, create_time: float = 1000.0, tag: str = "q3vl-test-1", **kw
-) -> runstate.RunState:
-    values = dict(
-        pid=pid,
-        create_time=create_time,
-        tag=tag,
-        host="127.0.0.1",
-        port=8010,
-        media_host="127.0.0.1",
-        media_port=8080,
-        model="/models/Qwen3-VL-235B-A22B-Thinking-FP8",
-        served_model_name="qwen3-vl-fp8",
-        started_at="2025-11-29T10:00:00+00:00",
-        config_path="/work/config.env",
-        log_file="/work/logs/service.log",
-        private_tmp="",
-        detached=False,
-    )
-    values.update(kw)
-    return runstate.RunState(**values)
-
-
-@pytest.fixture
-def sleeper():
-    """Start `sleep`-like python processes with a given environment; kill them afterwards."""
-    started: list[subprocess.Popen] = []
-
-    def start(env: dict[str, str]) -> subprocess.Popen:
-        p = subprocess.Popen([PY, "-c", "import time; time.sleep(120)"], env=env)
-        started.append(p)
-        # Right after exec the kernel may not show the new environment yet.
-        assert wait_until(lambda: environ_of(p.pid))
-        return p
-
-    yield start
-    kill_pids([p.pid for p in started])
-    for p in started:
-        p.wait(5)
-
 
 # ---------------------------------------------------------------------------
 # The file
@@ -65,7 +23,7 @@ def sleeper():
 
 @pytest.mark.unit
 def test_write_read_roundtrip_and_mode(tmp_path: Path) -> None:
-    st = _state(node="node-1", slurm_job_id="12")
+    st = make_state(node="node-1", slurm_job_id="12")
     path = runstate.write(tmp_path / "run", st)
     assert path == tmp_path / "run" / "service.json"
     assert runstate.read(tmp_path / "run") == st
@@ -75,9 +33,9 @@ def test_write_read_roundtrip_and_mode(tmp_path: Path) -> None:
 
 @pytest.mark.unit
 def test_write_replaces_atomically(tmp_path: Path) -> None:
-    runstate.write(tmp_path, _state(pid=1))
+    runstate.write(tmp_path, make_state(pid=1))
     inode = (tmp_path / "service.json").stat().st_ino
-    runstate.write(tmp_path, _state(pid=2))
+    runstate.write(tmp_path, make_state(pid=2))
     assert runstate.read(tmp_path).pid == 2
     # A new file renamed over the old one, never the old one rewritten in place.
     assert (tmp_path / "service.json").stat().st_ino != inode
@@ -91,9 +49,9 @@ def test_write_replaces_atomically(tmp_path: Path) -> None:
         "{not json",
         "[]",
         '{"pid": 1}',
-        json.dumps({**dataclasses.asdict(_state()), "pid": "12"}),
-        json.dumps({**dataclasses.asdict(_state()), "pid": -4}),
-        json.dumps({**dataclasses.asdict(_state()), "detached": "no"}),
+        json.dumps({**dataclasses.asdict(make_state()), "pid": "12"}),
+        json.dumps({**dataclasses.asdict(make_state()), "pid": -4}),
+        json.dumps({**dataclasses.asdict(make_state()), "detached": "no"}),
         b"\xff\xfe garbage".decode("latin-1"),
     ],
 )
@@ -114,7 +72,7 @@ def test_missing_state(tmp_path: Path) -> None:
 
 @pytest.mark.unit
 def test_clear_only_by_owner(tmp_path: Path) -> None:
-    runstate.write(tmp_path, _state(tag="mine"))
+    runstate.write(tmp_path, make_state(tag="mine"))
     assert not runstate.clear(tmp_path, "someone-else")
     assert runstate.read(tmp_path) is not None
     assert runstate.clear(tmp_path, "mine")
@@ -161,16 +119,16 @@ def test_private_tmp_path_is_short_enough_for_ipc_sockets() -> None:
 
 
 @pytest.mark.integration
-def test_live_process_checks_pid_time_and_tag(tmp_path: Path, sleeper) -> None:
+def test_live_process_checks_pid_time_and_tag(tmp_path: Path, procs) -> None:
     tag = runstate.new_tag()
-    proc = sleeper(clean_env(**{TAG_ENV: tag, RUN_DIR_ENV: str(tmp_path)}))
+    proc = procs(env=clean_env(**{TAG_ENV: tag, RUN_DIR_ENV: str(tmp_path)}))
     ct = psutil.Process(proc.pid).create_time()
-    assert runstate.live_process(_state(pid=proc.pid, create_time=ct, tag=tag)).pid == proc.pid
+    assert runstate.live_process(make_state(pid=proc.pid, create_time=ct, tag=tag)).pid == proc.pid
     # Same pid and time but another tag: not the recorded start.
-    assert runstate.live_process(_state(pid=proc.pid, create_time=ct, tag="q3vl-other")) is None
+    assert runstate.live_process(make_state(pid=proc.pid, create_time=ct, tag="q3vl-other")) is None
     # The tag decides where it can be read: a wall-clock step that shifts psutil's
     # start times does not make a running service look stale.
-    assert runstate.live_process(_state(pid=proc.pid, create_time=ct - 3600, tag=tag)).pid == proc.pid
+    assert runstate.live_process(make_state(pid=proc.pid, create_time=ct - 3600, tag=tag)).pid == proc.pid
 
 
 @pytest.mark.integration
@@ -186,33 +144,33 @@ def test_live_process_wiped_environ_uses_start_time() -> None:
         assert p.stdout.readline().strip() == "ok"
         assert environ_of(p.pid) == {}
         ct = psutil.Process(p.pid).create_time()
-        assert runstate.live_process(_state(pid=p.pid, create_time=ct, tag="q3vl-any")).pid == p.pid
-        assert runstate.live_process(_state(pid=p.pid, create_time=ct - 3600, tag="q3vl-any")) is None
+        assert runstate.live_process(make_state(pid=p.pid, create_time=ct, tag="q3vl-any")).pid == p.pid
+        assert runstate.live_process(make_state(pid=p.pid, create_time=ct - 3600, tag="q3vl-any")) is None
     finally:
         kill_pids([p.pid])
         p.wait(5)
 
 
 @pytest.mark.integration
-def test_live_process_untagged_program_on_recorded_pid(sleeper) -> None:
-    proc = sleeper(clean_env())
+def test_live_process_untagged_program_on_recorded_pid(procs) -> None:
+    proc = procs(env=clean_env())
     ct = psutil.Process(proc.pid).create_time()
-    assert runstate.live_process(_state(pid=proc.pid, create_time=ct, tag="q3vl-x")) is None
+    assert runstate.live_process(make_state(pid=proc.pid, create_time=ct, tag="q3vl-x")) is None
 
 
 @pytest.mark.integration
 def test_live_process_dead_pid() -> None:
     p = subprocess.Popen([PY, "-c", "pass"])
     p.wait()
-    assert runstate.live_process(_state(pid=p.pid, create_time=0.0)) is None
+    assert runstate.live_process(make_state(pid=p.pid, create_time=0.0)) is None
 
 
 @pytest.mark.integration
-def test_check_not_running_refuses_second_start(tmp_path: Path, sleeper) -> None:
+def test_check_not_running_refuses_second_start(tmp_path: Path, procs) -> None:
     run_dir = tmp_path / "run"
     tag = runstate.new_tag()
-    proc = sleeper(clean_env(**{TAG_ENV: tag, RUN_DIR_ENV: str(run_dir)}))
-    st = _state(pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(), tag=tag)
+    proc = procs(env=clean_env(**{TAG_ENV: tag, RUN_DIR_ENV: str(run_dir)}))
+    st = make_state(pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(), tag=tag)
     runstate.write(run_dir, st)
     with pytest.raises(CheckFailed) as info:
         runstate.check_not_running(run_dir)
@@ -222,29 +180,31 @@ def test_check_not_running_refuses_second_start(tmp_path: Path, sleeper) -> None
 
 
 @pytest.mark.integration
-def test_stale_state_is_replaced(tmp_path: Path, sleeper) -> None:
+def test_stale_state_is_replaced(tmp_path: Path, procs) -> None:
     run_dir = tmp_path / "run"
     dead = subprocess.Popen([PY, "-c", "pass"])
     dead.wait()
-    runstate.write(run_dir, _state(pid=dead.pid, create_time=1.0, tag="q3vl-old"))
+    runstate.write(run_dir, make_state(pid=dead.pid, create_time=1.0, tag="q3vl-old"))
     # A pid reused by another program (alive, but not the recorded one) is stale too.
-    other = sleeper(clean_env())
+    other = procs(env=clean_env())
     runstate.check_not_running(run_dir)
-    runstate.write(run_dir, _state(pid=other.pid, create_time=1.0, tag="q3vl-old2"))
+    runstate.write(run_dir, make_state(pid=other.pid, create_time=1.0, tag="q3vl-old2"))
     runstate.check_not_running(run_dir)
 
     tag = runstate.new_tag()
-    new = sleeper(clean_env(**{TAG_ENV: tag, RUN_DIR_ENV: str(run_dir)}))
-    runstate.write(run_dir, _state(pid=new.pid, create_time=psutil.Process(new.pid).create_time(), tag=tag))
+    new = procs(env=clean_env(**{TAG_ENV: tag, RUN_DIR_ENV: str(run_dir)}))
+    runstate.write(
+        run_dir, make_state(pid=new.pid, create_time=psutil.Process(new.pid).create_time(), tag=tag)
+    )
     assert runstate.read(run_dir).tag == tag
     with pytest.raises(CheckFailed):
         runstate.check_not_running(run_dir)
 
 
 @pytest.mark.integration
-def test_check_not_running_refuses_leftovers_without_state(tmp_path: Path, sleeper) -> None:
+def test_check_not_running_refuses_leftovers_without_state(tmp_path: Path, procs) -> None:
     run_dir = tmp_path / "run"
-    orphan = sleeper(clean_env(**{TAG_ENV: "q3vl-lost", RUN_DIR_ENV: str(run_dir)}))
+    orphan = procs(env=clean_env(**{TAG_ENV: "q3vl-lost", RUN_DIR_ENV: str(run_dir)}))
     with pytest.raises(CheckFailed) as info:
         runstate.check_not_running(run_dir)
     assert f"{orphan.pid}" in str(info.value)
@@ -261,7 +221,7 @@ def test_write_failure_leaves_no_temp_file(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        runstate.write(tmp_path, _state())
+        runstate.write(tmp_path, make_state())
     assert list(tmp_path.iterdir()) == []
 
 
@@ -269,7 +229,7 @@ def test_write_failure_leaves_no_temp_file(tmp_path: Path, monkeypatch) -> None:
 def test_tolerated_spellings(tmp_path: Path) -> None:
     """A Unix time for started_at and null paths read fine (not as a corrupt, stale file)."""
     data = {
-        **dataclasses.asdict(_state()),
+        **dataclasses.asdict(make_state()),
         "started_at": 1764410400.5,
         "config_path": None,
         "private_tmp": None,
@@ -306,7 +266,7 @@ def _fake_squeue(tmp_path: Path, *, stdout: str = "", stderr: str = "", rc: int 
 @pytest.mark.unit
 def test_write_records_node_and_job(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    runstate.write(tmp_path, _state())
+    runstate.write(tmp_path, make_state())
     st = runstate.read(tmp_path)
     assert st.node == runstate.this_node()
     assert st.slurm_job_id == "4242"
@@ -315,7 +275,7 @@ def test_write_records_node_and_job(tmp_path: Path, monkeypatch) -> None:
 
 @pytest.mark.unit
 def test_state_of_another_node_refuses_start(tmp_path: Path, monkeypatch) -> None:
-    runstate.write(tmp_path, _state(pid=os.getpid(), node="gpu-node-17"))
+    runstate.write(tmp_path, make_state(pid=os.getpid(), node="gpu-node-17"))
     st = runstate.read(tmp_path)
     assert runstate.other_node(st) == "gpu-node-17"
     assert runstate.live_process(st) is None  # its pid means nothing here
@@ -337,7 +297,7 @@ def test_state_of_another_node_refuses_start(tmp_path: Path, monkeypatch) -> Non
 )
 def test_state_of_another_node_and_its_job(tmp_path: Path, monkeypatch, squeue, refused) -> None:
     monkeypatch.setenv("PATH", _fake_squeue(tmp_path, **squeue)["PATH"])
-    runstate.write(tmp_path / "run", _state(node="gpu-node-17", slurm_job_id="777"))
+    runstate.write(tmp_path / "run", make_state(node="gpu-node-17", slurm_job_id="777"))
     if refused:
         with pytest.raises(CheckFailed, match="SLURM job 777"):
             runstate.check_not_running(tmp_path / "run")

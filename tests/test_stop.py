@@ -18,6 +18,7 @@ from lifecycle_helpers import (
     gone,
     has_setproctitle,
     kill_pids,
+    make_state,
     run_dir_of,
     run_tool,
     start_decoy,
@@ -100,21 +101,8 @@ def test_stop_removes_stale_state(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, port=free_port())
     dead = subprocess.Popen([PY, "-c", "pass"])
     dead.wait()
-    st = runstate.RunState(
-        pid=dead.pid,
-        create_time=1.0,
-        tag="q3vl-stale",
-        host="127.0.0.1",
-        port=free_port(),
-        media_host="127.0.0.1",
-        media_port=8080,
-        model="m",
-        served_model_name="m",
-        started_at="2025-01-01T00:00:00+00:00",
-        config_path=str(cfg),
-        log_file="x",
-        private_tmp="",
-        detached=True,
+    st = make_state(
+        pid=dead.pid, create_time=1.0, tag="q3vl-stale", port=free_port(), config_path=str(cfg), detached=True
     )
     runstate.write(run_dir_of(tmp_path), st)
     result = run_tool("stop_service.py", "--config", str(cfg))
@@ -218,20 +206,13 @@ def test_stop_bad_usage(tmp_path: Path) -> None:
 
 def test_stop_and_status_defer_to_the_node_that_runs_it(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, port=free_port())
-    st = runstate.RunState(
+    st = make_state(
         pid=os.getpid(),  # a live pid here, which must not be touched
         create_time=psutil.Process().create_time(),
         tag="q3vl-elsewhere",
         host="0.0.0.0",
         port=free_port(),
-        media_host="127.0.0.1",
-        media_port=8080,
-        model="m",
-        served_model_name="m",
-        started_at="2025-01-01T00:00:00+00:00",
         config_path=str(cfg),
-        log_file="x",
-        private_tmp="",
         detached=True,
         node="gpu-node-17",
     )

@@ -569,17 +569,20 @@ def _kill_groups(procs: Sequence[subprocess.Popen], grace: float = 3.0, reap: fl
     for p in live:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(p.poll() is None for p in live):
-        time.sleep(0.05)
+    _wait_exit(live, grace)
     for p in procs:
         # Also the groups whose leader has exited: a child it left behind would hold the GPU.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, signal.SIGKILL)
-    deadline = time.monotonic() + reap
+    _wait_exit(procs, reap)
+    return [p.pid for p in procs if p.poll() is None]
+
+
+def _wait_exit(procs: Sequence[subprocess.Popen], seconds: float) -> None:
+    """Until every one of PROCS has exited (and is reaped), or SECONDS have passed."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and any(p.poll() is None for p in procs):
         time.sleep(0.05)
-    return [p.pid for p in procs if p.poll() is None]
 
 
 def run_check(

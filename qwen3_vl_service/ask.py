@@ -27,7 +27,7 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("prompt", help="the question")
     p.add_argument("--image", action="append", default=[], metavar="PATH|URL")
     p.add_argument("--video", action="append", default=[], metavar="PATH|URL")
-    p.add_argument("--config", metavar="FILE", help="settings file (default: ./config.env)")
+    p.add_config()
     p.add_argument(
         "--via-file",
         action="store_true",

@@ -77,5 +77,9 @@ class ArgumentParser(argparse.ArgumentParser):
             print(message, file=sys.stderr, end="")
         raise SystemExit(status)
 
+    def add_config(self, default: str = "./config.env") -> None:
+        """--config FILE, the same in every command."""
+        self.add_argument("--config", metavar="FILE", help=f"settings file (default {default})")
+
 
 __all__ = ["EXIT_USAGE", "ArgumentParser", "error", "run"]

@@ -956,7 +956,7 @@ def _parser() -> cli.ArgumentParser:
         epilog="Token: HF_TOKEN in the environment or 'hf auth login'; it is never printed. "
         "Exit codes: 0 ok, 1 failed (one line says why), 2 bad usage or config, 130 interrupted.",
     )
-    p.add_argument("--config", metavar="FILE", help="settings file (default ./config.env)")
+    p.add_config()
     p.add_argument("--repo", help="Hub repo id (default MODEL_REPO)")
     p.add_argument("--revision", help="branch, tag or commit (default MODEL_REVISION)")
     p.add_argument("--local-dir", metavar="DIR", help="target directory (default MODEL_PATH)")

@@ -31,7 +31,7 @@ def _parser() -> cli.ArgumentParser:
         prog="start_service.py",
         description="Check the node, the model and the settings, then start vLLM's OpenAI-compatible server.",
     )
-    p.add_argument("--config", metavar="FILE", help="settings file (default: ./config.env)")
+    p.add_config()
     p.add_argument(
         "--dry-run",
         action="store_true",

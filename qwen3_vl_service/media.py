@@ -1249,7 +1249,7 @@ def _parser() -> ArgumentParser:
         prog="media_server.py",
         description="Serve local images and videos to vLLM over loopback HTTP (GET/HEAD, Range, /health).",
     )
-    p.add_argument("--config", metavar="FILE", help="config file (default ./config.env if present)")
+    p.add_config("./config.env if present")
     p.add_argument("--host", help="address to bind (MEDIA_HOST, default 127.0.0.1: this node only)")
     p.add_argument("--port", type=int, help="port (MEDIA_PORT, default 8080; 0 picks a free one)")
     p.add_argument("--root", help="folder to serve (MEDIA_ROOT)")

@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = ArgumentParser(
             prog="status_service.py", description="Show the state of the Qwen3-VL service."
         )
-        parser.add_argument("--config", metavar="FILE", help="config file (default ./config.env)")
+        parser.add_config()
         parser.add_argument("--json", action="store_true", help="print one JSON object")
         parser.add_argument(
             "--sample",

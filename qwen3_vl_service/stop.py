@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = ArgumentParser(
             prog="stop_service.py", description="Stop the Qwen3-VL service of this checkout."
         )
-        parser.add_argument("--config", metavar="FILE", help="config file (default ./config.env)")
+        parser.add_config()
         parser.add_argument("--all", action="store_true", help="also stop the media server")
         parser.add_argument(
             "--timeout",

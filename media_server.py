@@ -1,3 +1,3 @@
-from qwen3_vl_service.media import main
+from qwen3_vl_service.media.server import main
 
 raise SystemExit(main())

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ServiceError
+from .media.policy import content_type_for
 
 DEFAULT_CONFIG = "config.env"
 # Keys with these prefixes are passed to vLLM's environment untouched.
@@ -176,15 +177,19 @@ def _reasoning_parser(raw: str) -> str:
     return value
 
 
-def _extensions(raw: str) -> tuple[str, ...]:
+def _media_types(raw: str) -> tuple[str, ...]:
+    # The one rule for MEDIA_ALLOWED_TYPES (and media_server.py --allowed-types):
+    # extensions the media server has an image/video Content-Type for.
     parts = [p.strip().lower().lstrip(".") for p in re.split(r"[,\s]+", raw) if p.strip()]
     if not parts:
         raise ValueError("must list at least one file extension, e.g. jpg,png,mp4")
     for p in parts:
-        if not re.fullmatch(r"[a-z0-9]{1,10}", p):
+        if not re.fullmatch(r"[a-z0-9]{1,16}", p):
             raise ValueError(
                 f"{p!r} is not a file extension; allowed: comma-separated extensions like jpg,png,mp4"
             )
+        if content_type_for(p) is None:
+            raise ValueError(f"{p!r} is not an image or video type; allowed: extensions like jpg,png,mp4")
     return tuple(dict.fromkeys(parts))
 
 
@@ -214,11 +219,12 @@ def _domains(raw: str) -> tuple[str, ...]:
     return parts
 
 
-def _workers(raw: str) -> int:
-    # 0 stands for auto: the media server picks min(CPUs it may use, 4).
+def _workers(raw: str) -> int | None:
+    # None is auto: the media server runs min(CPUs it may use, media.workers.WORKERS_AUTO_MAX = 8).
+    # 0 is refused like any other number out of range (by the media server's --workers too).
     value = raw.strip().lower()
     if value in ("", "auto"):
-        return 0
+        return None
     try:
         workers = int(value.replace("_", ""), 10)
     except ValueError:
@@ -287,7 +293,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MEDIA_HOST", _host, "127.0.0.1"),
     Setting("MEDIA_PORT", _int(1, 65535), "8080"),
     Setting("MEDIA_ROOT", _path, "media"),
-    Setting("MEDIA_ALLOWED_TYPES", _extensions, "jpg,jpeg,png,webp,gif,bmp,tiff,mp4,webm,mov,mkv,avi"),
+    Setting("MEDIA_ALLOWED_TYPES", _media_types, "jpg,jpeg,png,webp,gif,bmp,tiff,mp4,webm,mov,mkv,avi"),
     Setting("MEDIA_WORKERS", _workers, "auto"),
     Setting("ALLOWED_MEDIA_DOMAINS", _domains, ""),
     Setting("LOG_DIR", _path, "logs"),
@@ -339,7 +345,7 @@ class ServiceConfig:
     media_port: int
     media_root: Path
     media_allowed_types: tuple[str, ...]
-    media_workers: int  # 0: auto
+    media_workers: int | None  # None: auto
     allowed_media_domains: tuple[str, ...]
     log_dir: Path
     log_max_mb: int
@@ -360,7 +366,7 @@ class ServiceConfig:
             return "true" if value else "false"
         if isinstance(value, tuple):
             return ",".join(value) if key != "EXTRA_VLLM_ARGS" else shlex.join(value)
-        if key in ("GPUS", "MEDIA_WORKERS") and not value:
+        if key in ("GPUS", "MEDIA_WORKERS") and not value:  # "" and None: auto
             return "auto"
         if key == "REASONING_PARSER" and not value:
             return "none"
@@ -463,23 +469,7 @@ def load(config_path: str | Path | None = None, environ: Mapping[str, str] | Non
         if setting.key not in raw:
             raw[setting.key], sources[setting.key] = setting.default, "default"
 
-    values: dict[str, Any] = {}
-    for setting in SETTINGS:
-        text = raw[setting.key]
-        try:
-            value = setting.parse(text)
-        except ValueError as exc:
-            shown = mask(text) if setting.key in SECRET_KEYS else repr(text)
-            raise ConfigError(
-                f"{setting.key}={shown} (from {sources[setting.key]}) is invalid: {exc}",
-                fix=f"fix {setting.key}",
-            ) from None
-        except ServiceError as exc:  # a parser that delegates (GPUS -> gpus.parse_spec)
-            raise ConfigError(
-                f"{setting.key}={text!r} (from {sources[setting.key]}) is invalid: {exc.message}",
-                fix=exc.fix or f"fix {setting.key}",
-            ) from None
-        values[setting.key.lower()] = value
+    values = {s.key.lower(): parse_value(s.key, raw[s.key], source=sources[s.key]) for s in SETTINGS}
 
     for key in ("model_path", "media_root", "log_dir", "run_dir"):
         p = Path(os.path.expandvars(values[key])).expanduser()
@@ -488,6 +478,26 @@ def load(config_path: str | Path | None = None, environ: Mapping[str, str] | Non
     cfg = ServiceConfig(**values, config_path=used_path, sources=sources, vllm_env=vllm_env)
     _check_together(cfg)
     return cfg
+
+
+def parse_value(key: str, text: str, *, source: str = "", name: str = "") -> Any:
+    """Setting KEY's validated value from TEXT, by its one parser.
+
+    ConfigError (exit 2) otherwise, naming NAME (default KEY; a command-line
+    flag that overrides the setting passes its own), the value, SOURCE and
+    what is allowed.
+    """
+    name = name or key
+    shown = mask(text) if key in SECRET_KEYS else repr(text)
+    where = f" (from {source})" if source else ""
+    try:
+        return SETTINGS_BY_KEY[key].parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={shown}{where} is invalid: {exc}", fix=f"fix {name}") from None
+    except ServiceError as exc:  # a parser that delegates (GPUS -> gpus.parse_spec)
+        raise ConfigError(
+            f"{name}={shown}{where} is invalid: {exc.message}", fix=exc.fix or f"fix {name}"
+        ) from None
 
 
 def _check_together(cfg: ServiceConfig) -> None:
@@ -526,4 +536,4 @@ def as_json(cfg: ServiceConfig) -> str:
     )
 
 
-__all__ = ["SETTINGS", "ServiceConfig", "as_json", "load", "mask"]
+__all__ = ["SETTINGS", "ServiceConfig", "as_json", "load", "mask", "parse_value"]

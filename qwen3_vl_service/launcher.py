@@ -154,20 +154,22 @@ def _state(cfg: ServiceConfig, *, pid: int, tag: str, private_tmp: str, detached
 def _ensure_media(cfg: ServiceConfig, say) -> None:
     if not cfg.media_server:
         return
-    from . import media
+    from .media import LOG_FILE_NAME, PID_FILE_NAME, client
 
     if not cfg.media_root.is_dir():
         cfg.media_root.mkdir(parents=True, exist_ok=True)
         say(f"created the media root {cfg.media_root}")
-    pid, started = media.ensure_running(
+    pid, started = client.ensure_running(
         cfg.media_host,
         cfg.media_port,
         cfg.media_root,
         cfg.media_allowed_types,
-        cfg.log_dir / "media_server.log",
-        cfg.run_dir / "media_server.pid",
+        cfg.log_dir / LOG_FILE_NAME,
+        cfg.run_dir / PID_FILE_NAME,
         python=sys.executable,
         workers=cfg.media_workers,
+        log_max_mb=cfg.log_max_mb,
+        log_backups=cfg.log_backups,
     )
     verb = "started" if started else "reusing"
     where = f"http://{cfg.media_host}:{cfg.media_port}/"

@@ -7,7 +7,7 @@ pipe, then execs vLLM (``start_tee()`` does the first two steps). Hence:
 
 - The bytes reach the terminal unchanged (tqdm bars keep their ``\\r``);
   the file gets one line per ``\\n`` or ``\\r`` segment, ANSI colours
-  removed, flushed at once, rotated by ``logging.handlers.RotatingFileHandler``.
+  removed, flushed at once, rotated by ``logrotate.SizeRotatingHandler``.
 - SIGINT, SIGTERM and SIGHUP are ignored: Ctrl+C at the terminal and
   ``scancel`` signal the whole process group, and the tee must outlive vLLM
   to record its shutdown lines (and vLLM must not get EPIPE while it shuts
@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import logging.handlers
 import os
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from .logrotate import rotating_handler
 
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _SPLIT = re.compile(rb"[\r\n]")
@@ -36,31 +37,8 @@ _CHUNK = 65536
 _MAX_PENDING = 1 << 20
 
 
-class _RotatingHandler(logging.handlers.RotatingFileHandler):
-    """RotatingFileHandler that, with no backups to keep, starts the file afresh.
-
-    The stock handler never rolls over when backupCount is 0, so LOG_BACKUPS=0
-    would let the log grow without bound.
-    """
-
-    def doRollover(self) -> None:
-        if self.backupCount > 0:
-            super().doRollover()
-            return
-        if self.stream:
-            self.stream.close()
-            self.stream = None  # type: ignore[assignment]
-        with open(self.baseFilename, "w", encoding=self.encoding):
-            pass
-        if not self.delay:
-            self.stream = self._open()
-
-
 def _handler(path: Path, max_bytes: int, backups: int) -> logging.Handler:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = _RotatingHandler(
-        path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", errors="replace"
-    )
+    handler = rotating_handler(path, max_bytes, backups)
     handler.setFormatter(logging.Formatter("%(message)s"))
     return handler
 

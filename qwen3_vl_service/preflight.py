@@ -27,12 +27,13 @@ from . import slurm as slurm_mod
 from .config import ServiceConfig
 from .errors import CheckFailed
 from .gpus import Inventory
+from .media import PID_FILE_NAME as MEDIA_PID_FILE
+from .media import client as media_client
 from .model import ModelInfo
 from .plan import Finding, Plan
 from .slurm import Allocation, format_duration
 
 GiB = 1024**3
-MEDIA_PID_FILE = "media_server.pid"
 CHECK_WIDTH = 9  # "Parallel", "Capacity": the check names' column
 
 
@@ -360,31 +361,13 @@ def _media_ours(cfg: ServiceConfig, holders: list[_Holder]) -> tuple[bool | None
     from .processes import read_pid_file
 
     recorded = read_pid_file(pid_file)
-    try:
-        from . import media
-    except ImportError:
-        media = None
-    checker = getattr(media, "is_ours_healthy", None) if media is not None else None
-    if checker is not None:
-        try:
-            healthy = bool(checker(cfg.media_host, cfg.media_port, 1.0))
-        except Exception:  # noqa: BLE001 - a probe failure means "not healthy"
-            healthy = False
-        if healthy:
-            try:
-                same_root = bool(checker(cfg.media_host, cfg.media_port, 1.0, root=cfg.media_root))
-            except TypeError:  # an is_ours_healthy without root=
-                same_root = True
-            except Exception:  # noqa: BLE001
-                same_root = True
-            if not same_root:
-                return False, f"it serves another folder than MEDIA_ROOT={cfg.media_root}"
-            return True, ""
+    if media_client.is_ours_healthy(cfg.media_host, cfg.media_port, 1.0):
+        if not media_client.is_ours_healthy(cfg.media_host, cfg.media_port, 1.0, root=cfg.media_root):
+            return False, f"it serves another folder than MEDIA_ROOT={cfg.media_root}"
+        return True, ""
     ours = [h for h in holders if h.pid is not None and (h.pid == recorded or _looks_like_media(h.cmdline))]
     if not ours:
         return None, ""
-    if checker is None:
-        return True, ""  # no health probe to ask: trust the pid file / command line
     return False, "it does not answer /health"
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import psutil
 
+from .media import PID_FILE_NAME as MEDIA_PID_FILE
 from .vllm_args import RUN_DIR_ENV, TAG_ENV
 
-MEDIA_PID_FILE = "media_server.pid"
 # For vLLM's environment: keeps /proc/<pid>/environ readable after vLLM's
 # EngineCore and workers call setproctitle (which otherwise overwrites it with
 # the title, and with it our tag). The title is then limited to the length of

@@ -112,18 +112,24 @@ def write(run_dir: str | os.PathLike[str], state: RunState) -> Path:
         state = replace(state, node=this_node())
     if not state.slurm_job_id:
         state = replace(state, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
-    directory = Path(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / STATE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=directory)
+    # No secret lives in the state (the API key stays in the environment):
+    # readable by others, so that a colleague's `status` works.
+    return write_atomic(Path(run_dir) / STATE_FILE, state.to_json())
+
+
+def write_atomic(target: Path, text: str, mode: int = 0o644) -> Path:
+    """Write TEXT to TARGET atomically: a temp file in the same folder, fsync, chmod MODE, rename over.
+
+    A reader sees the old content or the new one, never a part (state and pid files).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(state.to_json())
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        # No secret lives in the state (the API key stays in the environment):
-        # readable by others, so that a colleague's `status` works.
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -123,6 +123,9 @@ BAD = [
     ("DEVICE=cpu\nTENSOR_PARALLEL_SIZE=2\n", {}, ["DEVICE=cpu", "TENSOR_PARALLEL_SIZE=2"]),
     ("VLLM_PYTHON=venv/bin/python\n", {}, ["VLLM_PYTHON", "absolute"]),
     ("VLLM_API_KEY=abc\n", {}, ["VLLM_API_KEY", "API_KEY"]),
+    # Issue 16, defect 1: one rule for the media settings, checked by config (so --dry-run reports it).
+    ("MEDIA_ALLOWED_TYPES=txt,html\n", {}, ["MEDIA_ALLOWED_TYPES", "'txt' is not an image or video type"]),
+    ("MEDIA_WORKERS=0\n", {}, ["MEDIA_WORKERS='0'", "auto, or 1..64"]),
 ]
 
 

@@ -32,8 +32,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from qwen3_vl_service import media
+from qwen3_vl_service import config
 from qwen3_vl_service.errors import CheckFailed, ConfigError
+from qwen3_vl_service.media import PID_FILE_NAME, SERVICE_ID, client
+from qwen3_vl_service.media import server as media_server
+from qwen3_vl_service.media.app import SHUTDOWN_TIMEOUT_S
+from qwen3_vl_service.media.workers import WORKERS_AUTO_MAX, auto_workers
+from qwen3_vl_service.processes import read_pid_file
 from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV
 
 REPO = Path(__file__).resolve().parent.parent
@@ -205,117 +210,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         proc.communicate(timeout=10)
 
 
-# ---------------------------------------------------------------------------
-# Unit: the pure decisions
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize(
-    "raw",
-    [
-        "/../etc/passwd",
-        "/sub/../sample.jpg",
-        "/./sample.jpg",
-        "/%2e%2e/etc/passwd",
-        "/%2E%2E/etc/passwd",
-        "/.%2e/etc/passwd",
-        "/%252e%252e/etc/passwd",
-        "/%25252e%25252e/etc/passwd",
-        "/..%2fetc%2fpasswd",
-        "/..%2Fetc/passwd",
-        "/%2fetc%2fpasswd",
-        "/..%5cetc%5cpasswd",
-        "/..\\etc\\passwd",
-        "/sub\\..\\sample.jpg",
-        "//etc/passwd",
-        "/sub//nested.png",
-        "/sample.jpg%00.png",
-        "/sample.jpg\x00",
-        "/a%0d%0aSet-Cookie:x.jpg",
-        "/.hidden.jpg",
-        "/.git/x.png",
-        "/sub/",
-        "/",
-        "",
-        "etc/passwd",
-        "/%ff%fe.jpg",
-        "/" + "a" * 5000 + ".jpg",
-    ],
-)
-def test_clean_segments_refuses(raw: str) -> None:
-    assert media.clean_segments(raw) is None
-
-
-@pytest.mark.unit
-def test_clean_segments_decodes_once() -> None:
-    assert media.clean_segments("/sub/nested.png") == ["sub", "nested.png"]
-    assert media.clean_segments("/my%20clip.mp4") == ["my clip.mp4"]
-    assert media.clean_segments("/vid%C3%A9o.mp4") == ["vidéo.mp4"]
-    assert media.clean_segments("/100%.jpg") == ["100%.jpg"]
-    assert media.clean_segments("/sample%2Ejpg") == ["sample.jpg"]
-
-
-@pytest.mark.unit
-def test_parse_types() -> None:
-    assert media.parse_types("jpg, .PNG mp4,mp4") == ("jpg", "png", "mp4")
-    assert media.parse_types(("webm", "mov")) == ("webm", "mov")
-    for bad in ("", " , ", "exe", "txt", "html", "../x", "mp4;rm"):
-        with pytest.raises(ValueError):
-            media.parse_types(bad)
-
-
-@pytest.mark.unit
-def test_content_types_do_not_depend_on_the_host() -> None:
-    for ext, ctype in EXPECTED_TYPES.items():
-        assert media.content_type_for(ext) == ctype
-    assert media.content_type_for("mkv") == "video/x-matroska"
-    assert media.content_type_for("txt") is None
-    assert set(media.DEFAULT_TYPES) <= set(media.MIME_TYPES)
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize(
-    ("headers", "expected"),
-    [
-        ({}, "keep"),
-        ({"Range": "bytes=0-10"}, "keep"),
-        ({"Range": "bytes=-10"}, "keep"),
-        ({"Range": "bytes=abc"}, "keep"),  # aiohttp answers 416
-        ({"Range": "bytes=-0"}, "unsatisfiable"),
-        ({"Range": "bytes=0-1,5-6"}, "ignore"),
-        ({"Range": "items=0-5"}, "ignore"),
-        ({"Range": "garbage"}, "ignore"),
-        ({"Range": "bytes=0-1", "If-Range": '"abc"'}, "keep"),
-        ({"Range": "bytes=0-1", "If-Range": '"other"'}, "ignore"),
-        ({"Range": "bytes=0-1", "If-Range": 'W/"abc"'}, "ignore"),
-        ({"Range": "bytes=0-1", "If-Range": "Sun, 06 Nov 1994 08:49:37 GMT"}, "keep"),
-    ],
-)
-def test_range_decision(headers: dict[str, str], expected: str) -> None:
-    assert media.range_decision(headers, "abc") == expected
-
-
 @pytest.mark.unit
 def test_pid_file_is_atomic_and_removed_only_by_its_owner(tmp_path: Path) -> None:
     pid_file = tmp_path / "run" / "media_server.pid"
-    media.write_pid_file(pid_file, 4242)
+    media_server.write_pid_file(pid_file, 4242)
     assert pid_file.read_text() == "4242\n"
     assert [p.name for p in pid_file.parent.iterdir()] == ["media_server.pid"]  # no temp file left
-    media.remove_pid_file(pid_file, 1111)  # not ours: stays
-    assert media.read_pid(pid_file) == 4242
-    media.remove_pid_file(pid_file, 4242)
+    media_server.remove_pid_file(pid_file, 1111)  # not ours: stays
+    assert read_pid_file(pid_file) == 4242
+    media_server.remove_pid_file(pid_file, 4242)
     assert not pid_file.exists()
-    assert media.read_pid(pid_file) is None
-
-
-@pytest.mark.unit
-def test_check_root(tmp_path: Path) -> None:
-    assert media.check_root(tmp_path) == Path(os.path.realpath(tmp_path))
-    with pytest.raises(ConfigError, match=r"does not exist.*mkdir -p"):
-        media.check_root(tmp_path / "nope")
-    (tmp_path / "f").write_text("x")
-    with pytest.raises(ConfigError, match="not a directory"):
-        media.check_root(tmp_path / "f")
+    assert read_pid_file(pid_file) is None
 
 
 # ---------------------------------------------------------------------------
@@ -364,12 +269,12 @@ def test_health(server: Server) -> None:
     status, headers, body = server.get("/health")
     assert status == 200 and headers["content-type"].startswith("application/json")
     info = json.loads(body)
-    assert info["service"] == media.SERVICE_ID
-    assert info["pid"] == server.proc.pid == media.read_pid(server.pid_file)
+    assert info["service"] == SERVICE_ID
+    assert info["pid"] == server.proc.pid == read_pid_file(server.pid_file)
     assert info["root"] == str(server.root.resolve())
     assert set(info["allowed_types"]) == set(TYPES.split(","))
-    assert media.is_ours_healthy("127.0.0.1", server.port, 2.0, root=server.root, pid_file=server.pid_file)
-    assert not media.is_ours_healthy("127.0.0.1", server.port, 2.0, root=server.root / "sub")
+    assert client.is_ours_healthy("127.0.0.1", server.port, 2.0, root=server.root, pid_file=server.pid_file)
+    assert not client.is_ours_healthy("127.0.0.1", server.port, 2.0, root=server.root / "sub")
 
 
 @pytest.mark.integration
@@ -579,7 +484,7 @@ def test_sigterm_lets_a_download_finish_and_removes_the_pid_file(tmp_path: Path,
     proc, port, _ = start_server(root, tmp_path, "--workers", workers)
     try:
         pid_file = tmp_path / "media.pid"
-        assert media.read_pid(pid_file) == proc.pid
+        assert read_pid_file(pid_file) == proc.pid
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # keep the download in flight
         sock.settimeout(30)
@@ -630,29 +535,30 @@ def _log_text(log_file: Path, needle: str, count: int = 1, timeout: float = 5.0)
 
 
 @pytest.mark.unit
-def test_parse_workers() -> None:
-    auto = media.auto_workers()
-    assert 1 <= auto <= media.WORKERS_AUTO_MAX
-    assert media.parse_workers("auto") == media.parse_workers(" AUTO ") == media.parse_workers(0) == auto
-    assert media.parse_workers("3") == media.parse_workers(3) == 3
-    for bad in ("", "two", "-1", "65", "1.5", 65):
-        with pytest.raises(ValueError, match=r"allowed: auto or 1\.\.64"):
-            media.parse_workers(bad)
+def test_auto_workers() -> None:
+    assert 1 <= auto_workers() <= WORKERS_AUTO_MAX
 
 
 @pytest.mark.unit
 def test_media_workers_setting(tmp_path: Path) -> None:
-    config = pytest.importorskip("qwen3_vl_service.config")
+    """MEDIA_WORKERS: auto (None) or 1..64, one rule for config.env, the environment and --workers."""
     empty = tmp_path / "config.env"
     empty.write_text("")
     assert config.load(empty, environ={}).display_value("MEDIA_WORKERS") == "auto"
-    assert config.load(REPO / "config.env", environ={}).media_workers == 0  # shipped: auto
-    for raw, value, shown in (("auto", 0, "auto"), ("2", 2, "2"), (" 64 ", 64, "64")):
+    assert config.load(REPO / "config.env", environ={}).media_workers is None  # shipped: auto
+    for raw, value, shown in (
+        ("auto", None, "auto"),
+        (" AUTO ", None, "auto"),
+        ("2", 2, "2"),
+        (" 64 ", 64, "64"),
+    ):
         cfg = config.load(empty, environ={"MEDIA_WORKERS": raw})
         assert cfg.media_workers == value and cfg.display_value("MEDIA_WORKERS") == shown
-    for bad in ("0", "0x2", "65", "many"):
+    for bad in ("0", "0x2", "65", "-1", "1.5", "many"):
         with pytest.raises(ConfigError, match="MEDIA_WORKERS"):
             config.load(empty, environ={"MEDIA_WORKERS": bad})
+        with pytest.raises(ConfigError, match="--workers"):
+            config.parse_value("MEDIA_WORKERS", bad, name="--workers")
 
 
 @pytest.mark.integration
@@ -684,8 +590,8 @@ def test_workers_one_port_one_pid_one_log(tmp_path: Path) -> None:
         assert len(workers) == 3
         assert all(w.cmdline() == psutil.Process(proc.pid).cmdline() for w in workers)  # found as media
         srv = Server(proc, port, tmp_path / "root", tmp_path / "media.log", tmp_path / "media.pid")
-        assert media.read_pid(srv.pid_file) == proc.pid
-        assert media.is_ours_healthy("127.0.0.1", port, 2.0, root=srv.root, pid_file=srv.pid_file)
+        assert read_pid_file(srv.pid_file) == proc.pid
+        assert client.is_ours_healthy("127.0.0.1", port, 2.0, root=srv.root, pid_file=srv.pid_file)
 
         def fetch(i: int) -> int:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -726,7 +632,7 @@ def test_workers_die_with_a_killed_supervisor(tmp_path: Path) -> None:
         workers = _workers_of(proc.pid, 2)
         assert len(workers) == 2
         proc.kill()  # SIGKILL: no chance to stop them itself
-        assert all(_gone(w.pid, media.SHUTDOWN_TIMEOUT_S + 5) for w in workers)
+        assert all(_gone(w.pid, SHUTDOWN_TIMEOUT_S + 5) for w in workers)
         with socket.socket() as probe:  # nobody listens any more
             assert probe.connect_ex(("127.0.0.1", port)) != 0
     finally:
@@ -779,12 +685,12 @@ def test_stop_service_all_stops_the_supervisor_and_its_workers(tmp_path: Path) -
     }
     cfg = tmp_path / "config.env"
     cfg.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
-    pid_file = run_dir / media.PID_FILE_NAME
-    pid, started = media.ensure_running(
+    pid_file = run_dir / PID_FILE_NAME
+    pid, started = client.ensure_running(
         "127.0.0.1", media_port, root, ("png",), log_dir / "media_server.log", pid_file, workers=2
     )
     try:
-        assert started and media.read_pid(pid_file) == pid
+        assert started and read_pid_file(pid_file) == pid
         workers = _workers_of(pid, 2)
         assert len(workers) == 2
         env = {k: v for k, v in _env().items() if k not in settings and k not in (RUN_DIR_ENV, TAG_ENV)}
@@ -857,7 +763,6 @@ def test_cli_errors_are_one_line_with_the_fix(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_settings_from_config_file(tmp_path: Path) -> None:
-    pytest.importorskip("qwen3_vl_service.config")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "a.webp").write_bytes(b"webp")
     (tmp_path / "m" / "b.jpg").write_bytes(b"jpg")
@@ -870,7 +775,7 @@ def test_settings_from_config_file(tmp_path: Path) -> None:
         info = json.loads(srv.get("/health")[2])
         assert info["root"] == str((tmp_path / "m").resolve()) and info["allowed_types"] == ["webp"]
         assert srv.get("/a.webp")[0] == 200 and srv.get("/b.jpg")[0] == 404
-        assert media.read_pid(tmp_path / "rn" / "media_server.pid") == proc.pid
+        assert read_pid_file(tmp_path / "rn" / "media_server.pid") == proc.pid
         assert (tmp_path / "lg" / "media_server.log").exists()
     finally:
         _stop_pid(proc.pid)
@@ -900,20 +805,20 @@ def test_ensure_running_starts_reuses_and_refuses(tmp_path: Path) -> None:
     port = free_port()
     pid = None
     try:
-        pid, started = media.ensure_running("127.0.0.1", port, root, ("png", "mp4"), log_file, pid_file)
-        assert started and pid == media.read_pid(pid_file)
+        pid, started = client.ensure_running("127.0.0.1", port, root, ("png", "mp4"), log_file, pid_file)
+        assert started and pid == read_pid_file(pid_file)
         proc = psutil.Process(pid)
         assert proc.ppid() != os.getpid()  # detached: not our child, never our zombie
         assert os.getsid(pid) != os.getsid(0)
-        assert media.is_ours_healthy("127.0.0.1", port, 2.0, root=root, pid_file=pid_file)
-        again = media.ensure_running("127.0.0.1", port, root, ["mp4", "png"], log_file, pid_file)
+        assert client.is_ours_healthy("127.0.0.1", port, 2.0, root=root, pid_file=pid_file)
+        again = client.ensure_running("127.0.0.1", port, root, ["mp4", "png"], log_file, pid_file)
         assert again == (pid, False)
         other = tmp_path / "other"
         other.mkdir()
         with pytest.raises(CheckFailed, match=r"serves .*media.*not .*other.*kill"):
-            media.ensure_running("127.0.0.1", port, other, ("png",), log_file, pid_file)
+            client.ensure_running("127.0.0.1", port, other, ("png",), log_file, pid_file)
         with pytest.raises(CheckFailed, match="not recorded in"):
-            media.ensure_running(
+            client.ensure_running(
                 "127.0.0.1", port, root, ("png", "mp4"), log_file, tmp_path / "elsewhere.pid"
             )
         assert "listening on" in log_file.read_text()
@@ -935,7 +840,7 @@ def test_ensure_running_names_a_foreign_port_holder(tmp_path: Path) -> None:
         while socket.socket().connect_ex(("127.0.0.1", port)) != 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         with pytest.raises(CheckFailed) as info:
-            media.ensure_running(
+            client.ensure_running(
                 "127.0.0.1", port, tmp_path, ("png",), tmp_path / "m.log", tmp_path / "m.pid", timeout=10
             )
         message = info.value.one_line()
@@ -952,7 +857,7 @@ def test_ensure_running_names_a_foreign_port_holder(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_ensure_running_reports_a_bad_root(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
-        media.ensure_running(
+        client.ensure_running(
             "127.0.0.1", free_port(), tmp_path / "nope", ("png",), tmp_path / "l", tmp_path / "p"
         )
 
@@ -1020,3 +925,62 @@ def test_load_many_connections_zero_errors(server: Server) -> None:
     assert stats["ok"] > connections
     assert server.get("/health")[0] == 200
     assert not re.search(r'HTTP/1\.1" 5\d\d ', server.log_file.read_text())
+
+
+@pytest.mark.integration
+def test_workers_0_and_non_media_types_are_refused_like_config_refuses_them(tmp_path: Path) -> None:
+    """Issue 16, defect 1: --workers and --allowed-types go through config's one parser for the setting."""
+    common = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--root",
+        str(tmp_path),
+        "--log-file",
+        str(tmp_path / "l"),
+    ]
+    common += ["--pid-file", str(tmp_path / "p.pid")]
+    r = _run_cli(*common, "--allowed-types", "jpg", "--workers", "0", cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.startswith("error: --workers='0' is invalid") and "auto, or 1..64" in r.stderr
+    r = _run_cli(*common, "--allowed-types", "txt,html", cwd=tmp_path)
+    assert r.returncode == 2 and "'txt' is not an image or video type" in r.stderr
+    assert not (tmp_path / "p.pid").exists()
+
+
+@pytest.mark.unit
+def test_log_settings_reach_the_server_settings(tmp_path: Path) -> None:
+    """Issue 16, defect 2: LOG_MAX_MB and LOG_BACKUPS from config.env (or the flags) size the media log."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "config.env").write_text("MEDIA_ROOT=m\nLOG_MAX_MB=3\nLOG_BACKUPS=0\n")
+    settings, _ = media_server.settings_from_args(["--config", str(tmp_path / "config.env")])
+    assert (settings.log_max_bytes, settings.log_backups) == (3 * 1024 * 1024, 0)
+    argv = ["--config", str(tmp_path / "config.env"), "--log-max-mb", "7", "--log-backups", "2"]
+    settings, _ = media_server.settings_from_args(argv)
+    assert (settings.log_max_bytes, settings.log_backups) == (7 * 1024 * 1024, 2)
+
+
+@pytest.mark.integration
+def test_the_media_log_rotates_at_log_max_mb(tmp_path: Path) -> None:
+    """Issue 16, defect 2: ensure_running() hands LOG_MAX_MB/LOG_BACKUPS to the server; it rotates by them."""
+    root, log_file, pid_file = tmp_path / "media", tmp_path / "logs" / "media_server.log", tmp_path / "m.pid"
+    root.mkdir()
+    port = free_port()
+    pid = None
+    try:
+        pid, _ = client.ensure_running(
+            "127.0.0.1", port, root, ("png",), log_file, pid_file, workers=1, log_max_mb=1, log_backups=1
+        )
+        # Each refused request logs its (raw, up to 4096 bytes) path: ~4.2 KB a line, 2.5 MiB in all.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for i in range(600):
+            conn.request("GET", f"/{i:04d}" + "a" * 4000 + ".png")
+            assert conn.getresponse().read() == b"404: Not Found"
+        conn.close()
+        files = sorted(p.name for p in log_file.parent.iterdir())  # one process: written at once
+        assert files == ["media_server.log", "media_server.log.1"]  # LOG_BACKUPS=1: one backup, no .2
+        for f in log_file.parent.iterdir():
+            assert 0 < f.stat().st_size <= 1024 * 1024  # LOG_MAX_MB=1, not the old hard-coded 10 MiB
+    finally:
+        _stop_pid(pid)

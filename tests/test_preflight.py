@@ -15,6 +15,8 @@ import realmodel
 from test_gpus import H100_TOTAL, FakeNvml, h100
 
 from qwen3_vl_service import config, preflight
+from qwen3_vl_service.media import PID_FILE_NAME
+from qwen3_vl_service.media import client as media_client
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 1024**3
@@ -185,10 +187,9 @@ def test_media_port_held_by_a_silent_media_server_look_alike(tmp_path, model_dir
 
 @pytest.mark.integration
 def test_our_healthy_media_server_is_reused(tmp_path, model_dir):
-    pytest.importorskip("qwen3_vl_service.media")
     cfg = make_cfg(tmp_path, model_dir)
     cfg.media_root.mkdir(parents=True, exist_ok=True)
-    pid_file = cfg.run_dir / "media_server.pid"
+    pid_file = cfg.run_dir / PID_FILE_NAME
     server = subprocess.Popen(
         [
             sys.executable,
@@ -212,10 +213,8 @@ def test_our_healthy_media_server_is_reused(tmp_path, model_dir):
         stderr=subprocess.DEVNULL,
     )
     try:
-        from qwen3_vl_service import media
-
         deadline = time.monotonic() + 20
-        while not media.is_ours_healthy("127.0.0.1", cfg.media_port, 0.5):
+        while not media_client.is_ours_healthy("127.0.0.1", cfg.media_port, 0.5):
             assert server.poll() is None and time.monotonic() < deadline, "the media server did not come up"
             time.sleep(0.1)
         report = preflight.run(cfg, gpu_spec="8xH100-80GB", environ={})

@@ -72,9 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m qwen3_vl_service.sample_media", description=__doc__.splitlines()[0]
     )
     parser.add_argument("out_dir", type=Path)
-    args = parser.parse_args(argv)
 
     def body() -> int:
+        args = parser.parse_args(argv)  # inside the handler: a bad argument is one line, exit 2
         for p in write_samples(args.out_dir):
             print(f"{p} ({p.stat().st_size} bytes)")
         return 0

@@ -1,6 +1,12 @@
-"""Generate a tiny Qwen3-VL-MoE checkpoint for the CPU end-to-end tests and the demo.
+"""Generate a random Qwen3-VL-MoE checkpoint: tiny for the CPU demo, real-shaped block-FP8 for GPUs.
 
     python -m qwen3_vl_service.tiny_model OUT_DIR [--seed N]
+    python -m qwen3_vl_service.tiny_model OUT_DIR --fp8 [--real-shapes --layers N]
+
+--fp8 writes the published FP8 checkpoint's layout (see fp8_checkpoint);
+--real-shapes the published widths (hidden 4096, 128 experts, vocabulary
+151,936, Qwen's token ids), cut to N text layers, streamed shard by shard
+without building a model (random data on the GPU when there is one).
 
 The Hub is out of reach on the CI and demo machines, so the model is made here:
 the same architecture (``Qwen3VLMoeForConditionalGeneration``, model_type
@@ -20,10 +26,12 @@ launcher path never imports this module.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import struct
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,6 +88,31 @@ TEXT = {
     # Real: mrope_section [24, 20, 20] for head_dim 128 (sums to head_dim / 2).
     "mrope_section": [6, 5, 5],
 }
+# Small FP8 (--fp8 without --real-shapes): every linear width a multiple of the
+# 128 block where vLLM requires it (q and k/v of the fused qkv, gate and up of
+# the fused w13), not square, so the scale grid [ceil(out/128), ceil(in/128)]
+# differs from its transpose.
+TEXT_FP8 = {
+    **TEXT,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "moe_intermediate_size": 384,
+    "head_dim": 64,
+    "mrope_section": [12, 10, 10],
+}
+# The published model's text shapes (model-facts.md); the depth comes from --layers.
+TEXT_REAL = {
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "moe_intermediate_size": 1536,
+    "num_hidden_layers": 94,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "mrope_section": [24, 20, 20],
+}
 VISION = {
     # Real: depth 27, hidden 1152, 16 heads, intermediate 4304, deepstack [8, 16, 24].
     "depth": 2,
@@ -88,16 +121,45 @@ VISION = {
     "intermediate_size": 128,
     "deepstack_visual_indexes": [0, 1],
 }
+VISION_REAL = {
+    "depth": 27,
+    "hidden_size": 1152,
+    "num_heads": 16,
+    "intermediate_size": 4304,
+    "deepstack_visual_indexes": [8, 16, 24],
+}
+REAL_VOCAB = 151936  # the embedding rows; Qwen's added tokens start at 151643
+REAL_ADDED_BASE = 151643
 MAX_SHARD_BYTES = 1 << 20  # about 3-4 shards, like the real checkpoint's many
+REAL_SHARD_BYTES = 4 << 30  # the published shards are about 4-5 GB each
+
+
+def vision_cut(depth: int) -> dict[str, Any]:
+    """VISION_REAL cut to depth blocks (3..27), the deepstack taps scaled into the cut.
+
+    vLLM adds the deepstack features to the first len(indexes) text layers and
+    sizes its multiscale input by their count, so the cut keeps all three taps,
+    strictly increasing and inside the depth (27 gives the real [8, 16, 24]).
+    """
+    if not 3 <= depth <= VISION_REAL["depth"]:
+        raise ValueError(f"vision depth {depth} outside 3..{VISION_REAL['depth']}")
+    real = VISION_REAL["deepstack_visual_indexes"]
+    taps = [i * depth // VISION_REAL["depth"] for i in real]
+    return {**VISION_REAL, "depth": depth, "deepstack_visual_indexes": taps}
 
 
 def token_ids(base: int) -> dict[str, int]:
     return {tok: base + i for i, (tok, _special) in enumerate(ADDED_TOKENS)}
 
 
-def build_config(ids: dict[str, int], vocab_size: int) -> dict[str, Any]:
+def build_config(
+    ids: dict[str, int],
+    vocab_size: int,
+    text: dict[str, Any] | None = None,
+    vision: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """config.json, field for field like the real checkpoint's (less quantization_config)."""
-    t, v = TEXT, VISION
+    t, v = text or TEXT, vision or VISION
     return {
         "architectures": ["Qwen3VLMoeForConditionalGeneration"],
         "dtype": "bfloat16",
@@ -336,8 +398,27 @@ def _dump(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def build_tokenizer():
-    """Byte-level BPE like Qwen2's (same regex, NFC, byte-level), plus Qwen's added tokens."""
+def _pad_vocab(tok, size: int):
+    """The BPE model's vocabulary filled to size entries with tokens no merge produces.
+
+    Qwen's added tokens then get their real ids (151643...) without training a
+    151k-entry BPE on a few kilobytes of text. The fillers are plain printable
+    ASCII, so the byte-level decoder renders them as their own text.
+    """
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    for i in range(len(vocab), size):
+        vocab[f"<|reserved_{i}|>"] = i
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def build_tokenizer(pad_to: int | None = None):
+    """Byte-level BPE like Qwen2's (same regex, NFC, byte-level), plus Qwen's added tokens.
+
+    pad_to: the id of the first added token (Qwen's 151643 for --real-shapes).
+    """
     from tokenizers import (
         AddedToken,
         Regex,
@@ -368,6 +449,8 @@ def build_tokenizer():
         special_tokens=[],
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
+    if pad_to is not None:
+        tok = _pad_vocab(tok, pad_to)
     base = tok.get_vocab_size(with_added_tokens=False)
     for text, special in ADDED_TOKENS:  # one at a time: ids follow Qwen's order
         added = AddedToken(
@@ -555,16 +638,45 @@ def write_weights(out: Path, config: dict[str, Any], seed: int) -> list[Path]:
     return paths
 
 
-def generate(out_dir: Path, seed: int = 0) -> Path:
-    """Write the tiny model to out_dir (created if needed) and return it."""
+def generate(
+    out_dir: Path,
+    seed: int = 0,
+    *,
+    fp8: bool = False,
+    real_shapes: bool = False,
+    layers: int | None = None,
+    log=None,
+) -> Path:
+    """Write the model to out_dir (created if needed) and return it.
+
+    Default: the tiny bfloat16 model of the CPU demo and tests. fp8: block-FP8
+    weights in the published checkpoint's layout (fp8_checkpoint). real_shapes:
+    the published text and vision widths, depth cut to layers (default 94).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok, ids = build_tokenizer()
-    vocab_size = -(-tok.get_vocab_size(with_added_tokens=True) // 128) * 128  # padded, like 151936
-    config = build_config(ids, vocab_size)
+    text, vision = (TEXT_REAL if real_shapes else TEXT_FP8 if fp8 else TEXT), VISION
+    if layers is not None:
+        text = {**text, "num_hidden_layers": layers}
+    if real_shapes:
+        vision = vision_cut(min(VISION_REAL["depth"], max(3, text["num_hidden_layers"])))
+    tok, ids = build_tokenizer(pad_to=REAL_ADDED_BASE if real_shapes else None)
+    padded = -(-tok.get_vocab_size(with_added_tokens=True) // 128) * 128  # like 151936
+    vocab_size = REAL_VOCAB if real_shapes else padded
+    config = build_config(ids, vocab_size, text, vision)
     for stale in out.glob("model-*-of-*.safetensors"):
         stale.unlink()
-    write_weights(out, config, seed)
+    if fp8 or real_shapes:
+        # Straight from the layout, no transformers model: at real shapes it would not fit.
+        from . import fp8_checkpoint
+
+        if fp8:
+            config["quantization_config"] = fp8_checkpoint.quantization_config(config)
+        tensors = fp8_checkpoint.layout(config, fp8=fp8)
+        shard_bytes = REAL_SHARD_BYTES if real_shapes else MAX_SHARD_BYTES
+        fp8_checkpoint.write_shards(out, tensors, seed, shard_bytes, log=log)
+    else:
+        write_weights(out, config, seed)
     _dump(out / "config.json", config)
     write_tokenizer(out, tok, ids)
     write_processor_configs(out)
@@ -572,13 +684,24 @@ def generate(out_dir: Path, seed: int = 0) -> Path:
     return out
 
 
-def _check_bf16_header(path: Path) -> None:  # cheap sanity check used by main()
+def _check_header(path: Path, fp8: bool) -> None:  # cheap sanity check used by main()
     with open(path, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(n))
     dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
-    if dtypes != {"BF16"}:
+    allowed = {"BF16", "F8_E4M3"} if fp8 else {"BF16"}
+    if not dtypes <= allowed:
         raise RuntimeError(f"{path.name}: unexpected dtypes {sorted(dtypes)}")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -586,19 +709,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = ArgumentParser(
         prog="python -m qwen3_vl_service.tiny_model",
-        description="Write a tiny random Qwen3-VL-MoE model (same layout as the real checkpoint).",
+        description="Write a random Qwen3-VL-MoE model (same layout as the real checkpoint).",
     )
     parser.add_argument("out_dir", type=Path, help="directory to write (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="block-quantized FP8 weights (e4m3, 128x128 weight_scale_inv) as the published FP8 checkpoint",
+    )
+    parser.add_argument(
+        "--real-shapes",
+        action="store_true",
+        help="the published widths (hidden 4096, 64/4 heads, 128 experts, vocab 151936); "
+        "use --layers to cut the depth",
+    )
+    parser.add_argument(
+        "--layers", type=_positive, help="text layers (real: 94); the vision depth follows, 3..27"
+    )
 
     def body() -> int:
-        out = generate(args.out_dir, seed=args.seed)
+        args = parser.parse_args(argv)
+        started = time.monotonic()
+        out = generate(
+            args.out_dir,
+            seed=args.seed,
+            fp8=args.fp8,
+            real_shapes=args.real_shapes,
+            layers=args.layers,
+            log=print,
+        )
         shards = sorted(out.glob("model-*-of-*.safetensors"))
         for s in shards:
-            _check_bf16_header(s)
+            _check_header(s, args.fp8)
         size = sum(s.stat().st_size for s in shards)
-        print(f"wrote {out}: {len(shards)} shards, {size / 1e6:.1f} MB")
+        took = time.monotonic() - started
+        print(f"wrote {out}: {len(shards)} shards, {size / 1e6:.1f} MB in {took:.1f} s")
         return 0
 
     return run(body)

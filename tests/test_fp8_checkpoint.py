@@ -1,0 +1,303 @@
+"""The block-FP8 checkpoint layout against the published Qwen3-VL-235B-A22B-Thinking-FP8.
+
+The expected layout below is written out from the published facts, not from
+the generator's constants:
+
+- tensor names and dtypes: the published FP8 releases of Qwen's MoE models
+  keep the experts per expert (``mlp.experts.{e}.{gate,up,down}_proj.weight``,
+  F8_E4M3) with a bfloat16 ``weight_scale_inv`` each, and the router
+  (``mlp.gate``), norms, embeddings, ``lm_head`` and the vision tower in BF16
+  (Qwen3-235B-A22B-FP8's ``modules_to_not_convert`` quoted in
+  vllm-project/llm-compressor#1758; the ``ignored_layers`` of Qwen3-VL FP8
+  config.json linked from HabanaAI/vllm-fork#2107);
+- shapes: hidden 4096, 64 query / 4 KV heads of 128, 128 experts of width
+  1536, vocabulary 151,936 (the model card and config.json, model-facts.md);
+- ``weight_scale_inv``: one per 128x128 block, ``[ceil(out/128), ceil(in/128)]``
+  (``weight_block_size: [128, 128]``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+
+from qwen3_vl_service import fp8_checkpoint, tiny_model
+
+# -- the published facts, one text layer at real shapes ---------------------------------------
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 4096, 64, 4, 128
+EXPERTS, MOE_WIDTH, VOCAB = 128, 1536, 151936
+
+
+def published_layer(i: int, experts: int, hidden: int, heads: int, kv: int, hd: int, width: int):
+    """name -> (dtype, shape) of one decoder layer of the published FP8 checkpoint."""
+    p = f"model.language_model.layers.{i}"
+    q, k = heads * hd, kv * hd
+
+    def fp8(name, out, inp):
+        return {
+            f"{name}.weight": ("F8_E4M3", [out, inp]),
+            f"{name}.weight_scale_inv": ("BF16", [math.ceil(out / 128), math.ceil(inp / 128)]),
+        }
+
+    layer = {
+        f"{p}.input_layernorm.weight": ("BF16", [hidden]),
+        f"{p}.post_attention_layernorm.weight": ("BF16", [hidden]),
+        f"{p}.self_attn.q_norm.weight": ("BF16", [hd]),
+        f"{p}.self_attn.k_norm.weight": ("BF16", [hd]),
+        f"{p}.mlp.gate.weight": ("BF16", [experts, hidden]),
+        **fp8(f"{p}.self_attn.q_proj", q, hidden),
+        **fp8(f"{p}.self_attn.k_proj", k, hidden),
+        **fp8(f"{p}.self_attn.v_proj", k, hidden),
+        **fp8(f"{p}.self_attn.o_proj", hidden, q),
+    }
+    for e in range(experts):
+        layer.update(fp8(f"{p}.mlp.experts.{e}.gate_proj", width, hidden))
+        layer.update(fp8(f"{p}.mlp.experts.{e}.up_proj", width, hidden))
+        layer.update(fp8(f"{p}.mlp.experts.{e}.down_proj", hidden, width))
+    return layer
+
+
+DTYPE_OF_KIND = {"fp8": "F8_E4M3", "scale": "BF16", "bf16": "BF16", "norm": "BF16", "bias": "BF16"}
+
+
+def _real_config(layers: int = 1) -> dict:
+    ids = tiny_model.token_ids(tiny_model.REAL_ADDED_BASE)
+    text = {**tiny_model.TEXT_REAL, "num_hidden_layers": layers}
+    return tiny_model.build_config(ids, tiny_model.REAL_VOCAB, text, tiny_model.vision_cut(3))
+
+
+@pytest.mark.unit
+def test_real_shape_layer_matches_the_published_layout():
+    tensors = fp8_checkpoint.layout(_real_config(layers=1), fp8=True)
+    got = {t.name: (DTYPE_OF_KIND[t.kind], list(t.shape)) for t in tensors}
+    want = published_layer(0, EXPERTS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MOE_WIDTH)
+    layer0 = {k: v for k, v in got.items() if k.startswith("model.language_model.layers.0.")}
+    assert layer0 == want
+    assert len(layer0) == 5 + 4 * 2 + 128 * 3 * 2  # 781: norms, gate, 4 attention and 384 expert linears
+    assert got["model.language_model.layers.0.self_attn.q_proj.weight_scale_inv"] == ("BF16", [64, 32])
+    assert got["model.language_model.layers.0.mlp.experts.127.down_proj.weight_scale_inv"] == (
+        "BF16",
+        [32, 12],
+    )
+    assert got["model.language_model.embed_tokens.weight"] == ("BF16", [VOCAB, HIDDEN])
+    assert got["lm_head.weight"] == ("BF16", [VOCAB, HIDDEN])
+    assert got["model.language_model.norm.weight"] == ("BF16", [HIDDEN])
+    vision = {k: v for k, v in got.items() if k.startswith("model.visual.")}
+    assert vision and {d for d, _ in vision.values()} == {"BF16"}
+    assert got["model.visual.blocks.0.attn.qkv.weight"] == ("BF16", [3 * 1152, 1152])
+    assert got["model.visual.merger.linear_fc2.weight"] == ("BF16", [HIDDEN, 1152 * 4])
+
+
+@pytest.mark.unit
+def test_scale_grid_rounds_up_partial_blocks():
+    assert fp8_checkpoint.scale_shape((1536, 4096)) == (12, 32)
+    assert fp8_checkpoint.scale_shape((129, 127)) == (2, 1)
+
+
+@pytest.mark.unit
+def test_quantization_config_as_published():
+    config = _real_config(layers=2)
+    qc = fp8_checkpoint.quantization_config(config)
+    assert {k: v for k, v in qc.items() if k != "ignored_layers"} == {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
+    ignored = qc["ignored_layers"]
+    assert "lm_head" in ignored
+    assert {"model.language_model.layers.0.mlp.gate", "model.language_model.layers.1.mlp.gate"} <= set(
+        ignored
+    )
+    assert "model.visual.blocks.2.attn.qkv" in ignored and "model.visual.blocks.3.attn.qkv" not in ignored
+    assert "model.visual.deepstack_merger_list.2.linear_fc1" in ignored
+    assert not any("self_attn" in n or "experts" in n for n in ignored)
+
+
+@pytest.mark.unit
+def test_vision_cut_keeps_deepstack_inside_the_depth():
+    assert tiny_model.vision_cut(27)["deepstack_visual_indexes"] == [8, 16, 24]
+    for depth in range(3, 28):
+        taps = tiny_model.vision_cut(depth)["deepstack_visual_indexes"]
+        assert len(taps) == 3 and taps == sorted(set(taps)) and taps[-1] < depth
+    with pytest.raises(ValueError):
+        tiny_model.vision_cut(2)
+
+
+# -- the generated files ------------------------------------------------------------------------
+
+
+def _headers(model_dir: Path) -> dict[str, dict]:
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    headers: dict[str, dict] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with open(model_dir / shard, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            headers.update({k: v for k, v in json.loads(fh.read(n)).items() if k != "__metadata__"})
+    assert set(headers) == set(index["weight_map"])
+    return headers
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(tmp_path_factory) -> Path:
+    return tiny_model.generate(tmp_path_factory.mktemp("fp8") / "model", seed=0, fp8=True)
+
+
+@pytest.mark.integration
+def test_generated_fp8_files_have_the_published_layout(fp8_dir):
+    config = json.loads((fp8_dir / "config.json").read_text())
+    t = config["text_config"]
+    headers = _headers(fp8_dir)
+    got = {k: (v["dtype"], v["shape"]) for k, v in headers.items()}
+    want = published_layer(
+        0,
+        t["num_experts"],
+        t["hidden_size"],
+        t["num_attention_heads"],
+        t["num_key_value_heads"],
+        t["head_dim"],
+        t["moe_intermediate_size"],
+    )
+    assert {k: v for k, v in got.items() if k.startswith("model.language_model.layers.0.")} == want
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    assert config["quantization_config"]["quant_method"] == "fp8"
+    assert {d for k, (d, _) in got.items() if k.startswith("model.visual.")} == {"BF16"}
+    for name in ("lm_head.weight", "model.language_model.embed_tokens.weight"):
+        assert got[name][0] == "BF16"
+
+
+@pytest.mark.integration
+def test_fp8_weights_dequantize_to_finite_small_values(fp8_dir):
+    import torch
+    from safetensors import safe_open
+
+    index = json.loads((fp8_dir / "model.safetensors.index.json").read_text())
+    name = "model.language_model.layers.1.mlp.experts.3.down_proj.weight"
+    with safe_open(str(fp8_dir / index["weight_map"][name]), "pt") as f:
+        w = f.get_tensor(name)
+    with safe_open(str(fp8_dir / index["weight_map"][name + "_scale_inv"]), "pt") as f:
+        s = f.get_tensor(name + "_scale_inv")
+    assert w.dtype == torch.float8_e4m3fn and s.dtype == torch.bfloat16
+    full = (
+        w.float() * s.float().repeat_interleave(128, 0).repeat_interleave(128, 1)[: w.shape[0], : w.shape[1]]
+    )
+    assert torch.isfinite(full).all()
+    assert 0.005 < full.std().item() < 0.05
+
+
+@pytest.mark.integration
+def test_bf16_layout_equals_transformers_state_dict():
+    """The hand-written names (fp8_checkpoint.layout) against transformers' own model (the peer)."""
+    tok_ids = tiny_model.token_ids(5000)
+    config = tiny_model.build_config(tok_ids, 5120)
+    got = {t.name: t.shape for t in fp8_checkpoint.layout(config, fp8=False)}
+    assert got == tiny_model._param_shapes(config)
+
+
+@pytest.mark.integration
+def test_real_shapes_tokenizer_has_qwens_ids():
+    tok, ids = tiny_model.build_tokenizer(pad_to=tiny_model.REAL_ADDED_BASE)
+    assert ids["<|endoftext|>"] == 151643 and ids["<|im_start|>"] == 151644 and ids["<|im_end|>"] == 151645
+    assert (ids["<|vision_start|>"], ids["<|vision_end|>"]) == (151652, 151653)
+    assert (ids["<|image_pad|>"], ids["<|video_pad|>"]) == (151655, 151656)
+    assert (ids["<think>"], ids["</think>"]) == (151667, 151668)
+    assert tok.get_vocab_size(with_added_tokens=True) == 151669 <= tiny_model.REAL_VOCAB
+    assert tok.encode("a <|image_pad|>").ids[-1] == 151655
+
+
+@pytest.mark.integration
+def test_vllm_weight_mapping_accepts_every_generated_name(fp8_dir):
+    """The installed vLLM's own name mapping for Qwen3VLMoe takes every tensor, and its Fp8Config
+    quantizes exactly the FP8 ones (without building the model: FP8 does not run on these CPUs)."""
+    try:
+        from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+        from vllm.model_executor.layers.quantization import fp8 as vllm_fp8
+        from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+        from vllm.model_executor.models.qwen3_moe import Qwen3MoeModel
+        from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration as Model
+    except ImportError as exc:
+        from tests.skips import vllm_missing
+
+        vllm_missing(f"vLLM not importable: {exc}")
+    import inspect
+
+    config = json.loads((fp8_dir / "config.json").read_text())
+    headers = _headers(fp8_dir)
+    experts = RoutedExperts.build_expert_params_mapping(
+        "gate_proj",
+        "down_proj",
+        "up_proj",
+        num_experts=config["text_config"]["num_experts"],
+        include_fused=True,
+    )
+    # The parameters vLLM's block-FP8 MoE method registers (w13_/w2_ + weight_scale_inv for blocks).
+    moe_source = inspect.getsource(vllm_fp8.Fp8MoEMethod)
+    assert 'register_parameter("w13_weight"' in moe_source and '"weight_scale_inv"' in moe_source
+    moe_params = {"w13_weight", "w2_weight", "w13_weight_scale_inv", "w2_weight_scale_inv"}
+
+    quant = vllm_fp8.Fp8Config.from_config(config["quantization_config"])
+    quant.packed_modules_mapping = dict(Model.packed_modules_mapping) | {
+        "gate_up_proj": ["gate_proj", "up_proj"]
+    }
+    quant.apply_vllm_mapper(Model.hf_to_vllm_mapper)
+    for name, header in headers.items():
+        mapped = Model.hf_to_vllm_mapper.map_name(name)
+        assert mapped is not None and mapped.startswith(
+            ("visual.", "language_model.model.", "language_model.lm_head.")
+        ), name
+        module, leaf = mapped.rsplit(".", 1)
+        if ".mlp.experts." in mapped:
+            hits = [(p, w) for p, w, _e, _s in experts if w in mapped]
+            assert hits, f"no vLLM expert mapping for {name}"
+            param, weight = hits[0]
+            assert mapped.replace(weight, param).rsplit(".", 1)[-1] in moe_params, name
+            module = mapped.split(".mlp.experts.")[0] + ".mlp.experts"
+        elif mapped.startswith("language_model.model."):
+            stacked = Qwen3MoeModel.hf_to_vllm_mapper.map_name(mapped)
+            module = stacked.rsplit(".", 1)[0]
+        if header["dtype"] == "F8_E4M3" or leaf == "weight_scale_inv":
+            assert leaf in ("weight", "weight_scale_inv") or ".mlp.experts." in mapped, name
+            assert not is_layer_skipped(module, quant.ignored_layers, quant.packed_modules_mapping), name
+        elif name.endswith(
+            (
+                "attn.qkv.weight",
+                "attn.proj.weight",
+                "linear_fc1.weight",
+                "linear_fc2.weight",
+                "mlp.gate.weight",
+            )
+        ):
+            # a BF16 linear layer: vLLM must leave it unquantized, as the published config says
+            assert is_layer_skipped(module, quant.ignored_layers, quant.packed_modules_mapping), name
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("module", ["qwen3_vl_service.tiny_model", "qwen3_vl_service.sample_media"])
+@pytest.mark.parametrize("argv", [["--bogus"], ["OUT", "--bogus"]])
+def test_bad_arguments_go_through_the_one_error_handler(module, argv, tmp_path):
+    """Issue 16, defect 3: a one-line error and exit 2, not argparse's usage block or a traceback."""
+    import subprocess
+    import sys
+
+    argv = [str(tmp_path / a) if a == "OUT" else a for a in argv]
+    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr and "--help" in lines[0]
+
+
+@pytest.mark.integration
+def test_tiny_model_refuses_a_zero_layer_count(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "qwen3_vl_service.tiny_model", str(tmp_path / "m"), "--fp8", "--layers", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "must be at least 1, got 0" in proc.stderr
+    assert not (tmp_path / "m").exists()

@@ -1,2 +1,2 @@
-from qwen3_vl_service.download import main
+from qwen3_vl_service.download.command import main
 raise SystemExit(main())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,25 +127,67 @@ _NO_GPU_FIX = (
 )
 
 
-def _init_failure(nvml: Any, exc: BaseException) -> CheckFailed:
+class NvmlUnavailable(CheckFailed):
+    """NVML cannot answer here: no nvidia-ml-py, no driver, no permission, or a failed query."""
+
+
+def load_nvml() -> Any:
+    """The pynvml module (nvidia-ml-py), imported here only: tests put a fake in its place."""
+    try:
+        import pynvml  # lazy: CPU machines and login nodes plan without it
+    except ImportError:
+        raise NvmlUnavailable(
+            "cannot query the GPUs: the nvidia-ml-py package (module pynvml) is not installed",
+            fix="pip install nvidia-ml-py (a launcher requirement), or plan with --gpus 8xH100-80GB",
+        ) from None
+    return pynvml
+
+
+@contextlib.contextmanager
+def nvml_session(nvml: Any = None) -> Iterator[Any]:
+    """NVML, initialised for the block and shut down after: the one place that opens it.
+
+    NVML is the pynvml module (default: load_nvml()). NvmlUnavailable (a
+    CheckFailed, one line with the fix) when it cannot start, and for any
+    NVML error the block leaves uncaught.
+    """
+    nv = load_nvml() if nvml is None else nvml
+    try:
+        nv.nvmlInit()
+    except nv.NVMLError as exc:
+        raise _init_failure(nv, exc) from None
+    except Exception as exc:  # noqa: BLE001 - OSError and friends from a broken libnvidia-ml
+        raise NvmlUnavailable(
+            f"NVML could not start: {exc}", fix=f"check nvidia-smi; {_NO_GPU_FIX}"
+        ) from None
+    try:
+        yield nv
+    except nv.NVMLError as exc:
+        raise NvmlUnavailable(f"NVML query failed: {exc}", fix="check nvidia-smi") from None
+    finally:
+        with contextlib.suppress(Exception):  # nothing to do about a failing shutdown
+            nv.nvmlShutdown()
+
+
+def _init_failure(nvml: Any, exc: BaseException) -> NvmlUnavailable:
     if _is_nvml_error(nvml, exc, "LibraryNotFound"):
-        return CheckFailed(
+        return NvmlUnavailable(
             "no NVIDIA driver on this node: the NVML library libnvidia-ml.so.1 was not found", fix=_NO_GPU_FIX
         )
     if _is_nvml_error(nvml, exc, "DriverNotLoaded"):
-        return CheckFailed(
+        return NvmlUnavailable(
             "no NVIDIA driver on this node: NVML says the driver is not loaded",
             fix=f"{_NO_GPU_FIX}; if this is a GPU node, ask the admins (nvidia-smi fails too)",
         )
     if _is_nvml_error(nvml, exc, "LibRmVersionMismatch"):
-        return CheckFailed(
+        return NvmlUnavailable(
             "the NVIDIA driver and its NVML library have different versions "
             "(driver updated, node not rebooted)",
             fix="use another node and tell the admins",
         )
     if _is_nvml_error(nvml, exc, "NoPermission"):
-        return CheckFailed("no permission to open the NVIDIA devices through NVML", fix=_NO_GPU_FIX)
-    return CheckFailed(f"NVML could not start: {exc}", fix=f"check nvidia-smi; {_NO_GPU_FIX}")
+        return NvmlUnavailable("no permission to open the NVIDIA devices through NVML", fix=_NO_GPU_FIX)
+    return NvmlUnavailable(f"NVML could not start: {exc}", fix=f"check nvidia-smi; {_NO_GPU_FIX}")
 
 
 def _text(value: Any) -> str:
@@ -170,8 +212,9 @@ def _process_name(nvml: Any, pid: int) -> str:
         return "?"
 
 
-def _gpu_processes(nvml: Any, handle: Any) -> tuple[GpuProcess, ...]:
-    found: dict[int, GpuProcess] = {}
+def nvml_processes(nvml: Any, handle: Any) -> list[tuple[int, int | None]]:
+    """(pid, bytes used or None where the driver does not say) of each process on the GPU HANDLE."""
+    found: dict[int, int | None] = {}
     for fn_name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
         fn = getattr(nvml, fn_name, None)
         if fn is None:
@@ -183,9 +226,17 @@ def _gpu_processes(nvml: Any, handle: Any) -> tuple[GpuProcess, ...]:
         for p in procs or ():
             pid = int(getattr(p, "pid", 0) or 0)
             used = getattr(p, "usedGpuMemory", None)
+            # NVML reports "not available" as a huge sentinel (NVML_VALUE_NOT_AVAILABLE).
             if pid and pid not in found:
-                found[pid] = GpuProcess(pid=pid, name=_process_name(nvml, pid), used_bytes=int(used or 0))
-    return tuple(found.values())
+                found[pid] = None if used is None or used >= 2**63 else int(used)
+    return list(found.items())
+
+
+def _gpu_processes(nvml: Any, handle: Any) -> tuple[GpuProcess, ...]:
+    return tuple(
+        GpuProcess(pid=pid, name=_process_name(nvml, pid), used_bytes=used or 0)
+        for pid, used in nvml_processes(nvml, handle)
+    )
 
 
 def parse_visible_devices(value: str | None) -> list[str] | None:
@@ -288,19 +339,7 @@ def detect(environ: Mapping[str, str] | None = None, nvml: Any = None) -> Invent
     CUDA_DEVICE_ORDER=PCI_BUS_ID or the GPUs are all of one kind.
     """
     env = os.environ if environ is None else environ
-    if nvml is None:
-        try:
-            import pynvml as nvml  # nvidia-ml-py
-        except ImportError:
-            raise CheckFailed(
-                "cannot query the GPUs: the nvidia-ml-py package (module pynvml) is not installed",
-                fix="pip install nvidia-ml-py (a launcher requirement), or plan with --gpus 8xH100-80GB",
-            ) from None
-    try:
-        nvml.nvmlInit()
-    except nvml.NVMLError as exc:
-        raise _init_failure(nvml, exc) from None
-    try:
+    with nvml_session(nvml) as nvml:
         try:
             count = int(nvml.nvmlDeviceGetCount())
         except nvml.NVMLError as exc:
@@ -345,9 +384,6 @@ def detect(environ: Mapping[str, str] | None = None, nvml: Any = None) -> Invent
                     processes=_gpu_processes(nvml, h),
                 )
             )
-    finally:
-        with contextlib.suppress(Exception):  # nothing to do about a failing shutdown
-            nvml.nvmlShutdown()
     return Inventory(
         gpus=tuple(gpus),
         source="nvml",

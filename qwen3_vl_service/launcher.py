@@ -332,9 +332,9 @@ def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
         )
     )
     if args.check_interconnect or cfg.check_interconnect:
-        from . import interconnect
+        from .interconnect import report as interconnect
 
-        report.findings.extend(interconnect.findings(cfg, report))
+        report.findings.extend(interconnect.findings(cfg))
 
     cmd = vllm_args.build(cfg, expert_parallel=report.expert_parallel)
     parts = []

@@ -28,6 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .download.manifest import read_manifest
+from .download.verify import verify
+from .errors import CheckFailed
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # The architectures this launcher was written and checked for.
@@ -204,73 +208,16 @@ def _read_header(path: Path, size: int) -> tuple[int | None, int, str]:
     return 8 + n + end, vision, ""
 
 
-def _manifest_sizes(manifest: Any) -> dict[str, int]:
-    """{file name: size} from a download manifest, whatever its exact shape."""
-    files = manifest.get("files") if isinstance(manifest, Mapping) else getattr(manifest, "files", None)
-    if files is None and isinstance(manifest, Mapping):
-        files = manifest
-    out: dict[str, int] = {}
-    items: Iterable[tuple[Any, Any]]
-    if isinstance(files, Mapping):
-        items = files.items()
-    elif isinstance(files, (list, tuple)):
-        items = ((None, f) for f in files)
-    else:
-        return out
-    for key, entry in items:
-        name, size = key, None
-        if isinstance(entry, int) and not isinstance(entry, bool):
-            size = entry
-        else:
-            get = entry.get if isinstance(entry, Mapping) else (lambda k, e=entry: getattr(e, k, None))
-            for k in ("name", "path", "filename", "rfilename"):
-                if get(k):
-                    name = get(k)
-                    break
-            for k in ("size", "bytes", "nbytes"):
-                if isinstance(get(k), int):
-                    size = get(k)
-                    break
-        if isinstance(name, str) and isinstance(size, int):
-            out[name] = size
-    return out
-
-
 def _manifest(path: Path) -> tuple[bool, dict[str, int], list[str], str]:
-    """(present, sizes, verify() problems, note) through download.py, which may not exist yet."""
-    try:
-        from . import download  # type: ignore[attr-defined]
-    except ImportError:
-        return False, {}, [], ""
-    read_manifest = getattr(download, "read_manifest", None)
-    verify = getattr(download, "verify", None)
-    if read_manifest is None:
-        return False, {}, [], ""
+    """(present, sizes, verify() problems, note) from the download manifest, offline."""
     try:
         manifest = read_manifest(path)
-    except FileNotFoundError:
+    except CheckFailed as exc:  # a broken manifest is a finding, not a crash
+        return True, {}, [], f"the download manifest cannot be used: {exc.one_line()}"
+    if manifest is None:
         return False, {}, [], ""
-    except Exception as exc:  # noqa: BLE001 - a broken manifest is a finding, not a crash
-        return True, {}, [], f"the download manifest cannot be used: {_exc_text(exc)}"
-    if not manifest:
-        return False, {}, [], ""
-    problems: list[str] = []
-    if verify is not None:
-        try:
-            problems = [str(p) for p in verify(path, deep=False)]
-        except Exception as exc:  # noqa: BLE001
-            return (
-                True,
-                _manifest_sizes(manifest),
-                [],
-                f"checking the download manifest failed: {_exc_text(exc)}",
-            )
-    return True, _manifest_sizes(manifest), problems, ""
-
-
-def _exc_text(exc: BaseException) -> str:
-    one_line = getattr(exc, "one_line", None)
-    return one_line() if callable(one_line) else f"{type(exc).__name__}: {exc}"
+    sizes = {f.name: f.size for f in manifest.files}
+    return True, sizes, verify(path, deep=False, manifest=manifest), ""
 
 
 def vllm_architectures() -> frozenset[str] | None:

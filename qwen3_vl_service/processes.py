@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psutil
 
+from .gpus import NvmlUnavailable, nvml_processes, nvml_session
 from .media import PID_FILE_NAME as MEDIA_PID_FILE
 from .vllm_args import RUN_DIR_ENV, TAG_ENV
 
@@ -514,57 +515,6 @@ class GpuMemory:
     ours_bytes: int  # by the given pids (0 if none or not reported)
 
 
-class NvmlUnavailable(Exception):
-    """NVML cannot be used here (no driver, no GPU, no nvidia-ml-py); the message says why."""
-
-
-def _nvml():
-    """Initialised pynvml (nvidia-ml-py), or NvmlUnavailable."""
-    try:
-        import pynvml  # lazy: CPU machines and login nodes run without it
-    except ImportError as exc:
-        raise NvmlUnavailable(f"nvidia-ml-py is not installed ({exc})") from None
-    try:
-        pynvml.nvmlInit()
-    except Exception as exc:  # noqa: BLE001 - NVMLError_* and OSError from a missing libnvidia-ml
-        raise NvmlUnavailable(f"NVML did not start ({exc})") from None
-    return pynvml
-
-
-def _gpu_processes(pynvml, handle) -> list:
-    procs = []
-    for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
-        fn = getattr(pynvml, getter, None)
-        if fn is None:
-            continue
-        with contextlib.suppress(Exception):
-            procs.extend(fn(handle))
-    return procs
-
-
-def _used(p) -> int | None:
-    value = getattr(p, "usedGpuMemory", None)
-    # NVML reports "not available" as a huge sentinel (NVML_VALUE_NOT_AVAILABLE).
-    if value is None or value >= 2**63:
-        return None
-    return int(value)
-
-
-@contextlib.contextmanager
-def _nvml_session():
-    """pynvml, initialised for the block; any NVML error becomes NvmlUnavailable."""
-    pynvml = _nvml()
-    try:
-        yield pynvml
-    except NvmlUnavailable:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any NVMLError
-        raise NvmlUnavailable(f"NVML query failed ({exc})") from None
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
-
-
 def gpu_holders(pids: Iterable[int]) -> list[GpuHolder]:
     """Which of PIDS hold memory on a GPU, per NVML. Raises NvmlUnavailable.
 
@@ -573,28 +523,27 @@ def gpu_holders(pids: Iterable[int]) -> list[GpuHolder]:
     there is none.
     """
     wanted = set(pids)
-    with _nvml_session() as pynvml:
+    with nvml_session() as nv:
         holders = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            for p in _gpu_processes(pynvml, handle):
-                if p.pid in wanted:
-                    holders.append(GpuHolder(gpu_index=i, pid=p.pid, used_bytes=_used(p)))
+        for i in range(nv.nvmlDeviceGetCount()):
+            for pid, used in nvml_processes(nv, nv.nvmlDeviceGetHandleByIndex(i)):
+                if pid in wanted:
+                    holders.append(GpuHolder(gpu_index=i, pid=pid, used_bytes=used))
         return holders
 
 
 def gpu_memory(pids: Iterable[int] = ()) -> list[GpuMemory]:
     """Used and total memory of every GPU, and how much of it PIDS hold. Raises NvmlUnavailable."""
     wanted = set(pids)
-    with _nvml_session() as pynvml:
+    with nvml_session() as nv:
         out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
+        for i in range(nv.nvmlDeviceGetCount()):
+            handle = nv.nvmlDeviceGetHandleByIndex(i)
+            mem = nv.nvmlDeviceGetMemoryInfo(handle)
+            name = nv.nvmlDeviceGetName(handle)
             if isinstance(name, bytes):
                 name = name.decode("utf-8", "replace")
-            ours = sum(_used(p) or 0 for p in _gpu_processes(pynvml, handle) if p.pid in wanted)
+            ours = sum(used or 0 for pid, used in nvml_processes(nv, handle) if pid in wanted)
             out.append(
                 GpuMemory(
                     index=i,

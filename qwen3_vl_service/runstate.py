@@ -11,7 +11,6 @@ replaced by the next start (gunicorn ``pidfile.py``).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 import psutil
 
 from .errors import CheckFailed
+from .fileio import write_atomic
 
 STATE_FILE = "service.json"
 # Private folder of one run for vLLM's IPC sockets (VLLM_RPC_BASE_PATH): made with this prefix, and
@@ -115,27 +115,6 @@ def write(run_dir: str | os.PathLike[str], state: RunState) -> Path:
     # No secret lives in the state (the API key stays in the environment):
     # readable by others, so that a colleague's `status` works.
     return write_atomic(Path(run_dir) / STATE_FILE, state.to_json())
-
-
-def write_atomic(target: Path, text: str, mode: int = 0o644) -> Path:
-    """Write TEXT to TARGET atomically: a temp file in the same folder, fsync, chmod MODE, rename over.
-
-    A reader sees the old content or the new one, never a part (state and pid files).
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return target
 
 
 def read(run_dir: str | os.PathLike[str]) -> RunState | None:

@@ -25,8 +25,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_hub import FakeHub, FakeRepo, small_model_repo
 
-from qwen3_vl_service import download as dl
+from qwen3_vl_service.download import command, hub_errors
+from qwen3_vl_service.download import hub as dl_hub
+from qwen3_vl_service.download.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestFile,
+    read_manifest,
+    write_manifest,
+)
+from qwen3_vl_service.download.verify import verify
 from qwen3_vl_service.errors import CheckFailed, ConfigError
+from qwen3_vl_service.units import format_decimal_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "download_model.py"
@@ -177,7 +187,7 @@ def test_full_download_writes_files_and_manifest_then_rerun_fetches_nothing(hub,
     assert f"MODEL_REVISION={repo.commit}" in done.stdout
     assert "Fetching 8 files" in done.stderr  # huggingface_hub's progress bar
 
-    manifest = json.loads((target / dl.MANIFEST_NAME).read_text())
+    manifest = json.loads((target / MANIFEST_NAME).read_text())
     assert manifest["repo"] == repo.repo_id and manifest["revision"] == "main"
     assert manifest["commit"] == repo.commit
     entries = {f["name"]: f for f in manifest["files"]}
@@ -188,7 +198,7 @@ def test_full_download_writes_files_and_manifest_then_rerun_fetches_nothing(hub,
             assert entries[name]["sha256"] == repo.etag(name)
         else:
             assert entries[name]["git_sha1"] == repo.etag(name)
-    assert dl.read_manifest(target) is not None and dl.verify(target, deep=True) == []
+    assert read_manifest(target) is not None and verify(target, deep=True) == []
 
     again = run_cli(dl_args(repo.repo_id, target), env, tmp_path)
     assert again.returncode == 0, again.stderr
@@ -245,7 +255,7 @@ def test_interrupted_midway_then_rerun_fetches_only_the_unfinished_file(hub, rep
     )
     assert "Traceback" not in err
     assert not partials(target) and not (target / SHARD2).exists()
-    assert not (target / dl.MANIFEST_NAME).exists()
+    assert not (target / MANIFEST_NAME).exists()
 
     hub.release.set()
     resumed = run_cli(dl_args(repo.repo_id, target), env, tmp_path)
@@ -255,7 +265,7 @@ def test_interrupted_midway_then_rerun_fetches_only_the_unfinished_file(hub, rep
     for name in others:
         assert hub.count("GET", name) == 1, f"{name} was fetched again"
     assert hub.count("GET", SHARD2) == 2
-    assert dl.verify(target, deep=True) == []
+    assert verify(target, deep=True) == []
 
 
 @pytest.mark.integration
@@ -408,13 +418,13 @@ def test_repo_not_found(hub, tmp_path):
 def test_too_little_space_is_refused_before_any_byte_is_written(hub, repo, tmp_path):
     target = tmp_path / "model"
     small = SimpleNamespace(total=10**9, used=10**9 - 500_000_000, free=500_000_000)
-    with pytest.raises(dl.DownloadFailed) as info:
-        dl.download(
+    with pytest.raises(hub_errors.DownloadFailed) as info:
+        dl_hub.download(
             repo.repo_id, "main", target, endpoint=hub.endpoint, token=False, disk_usage=lambda p: small
         )
     message = info.value.one_line()
     assert "not enough space" in message and "3.6 MB still to fetch (+1.1 GB margin)" in message, message
-    assert "only 500.0 MB free" in message and "MODEL_PATH" in message
+    assert "only 500 MB free" in message and "MODEL_PATH" in message
     assert hub.resolve_gets() == []
     assert not target.exists()
 
@@ -425,7 +435,7 @@ def test_space_check_counts_files_already_there(hub, repo, tmp_path):
     target = tmp_path / "model"
     target.mkdir()
     (target / SHARD2).write_bytes(repo.files[SHARD2])
-    plan = dl.plan_download(repo.repo_id, "main", target, endpoint=hub.endpoint, token=False)
+    plan = dl_hub.plan_download(repo.repo_id, "main", target, endpoint=hub.endpoint, token=False)
     assert plan.commit == repo.commit
     assert plan.present == {SHARD2}
     assert plan.needed == sum(len(d) for d in repo.files.values()) - len(repo.files[SHARD2])
@@ -455,8 +465,8 @@ def test_disk_filling_up_midway_says_what_is_left(hub, repo, tmp_path, mount_tmp
         calls.append(path)
         return plenty if len(calls) == 1 else shutil.disk_usage(path)
 
-    with pytest.raises(dl.DownloadFailed) as info:
-        dl.download(
+    with pytest.raises(hub_errors.DownloadFailed) as info:
+        dl_hub.download(
             repo.repo_id, "main", fs / "model", endpoint=hub.endpoint, token=False, disk_usage=disk_usage
         )
     message = info.value.one_line()
@@ -520,7 +530,7 @@ def downloaded(tmp_path_factory) -> Path:
     repo = small_model_repo()
     place = tmp_path_factory.mktemp("downloaded")
     with FakeHub(repo) as server:
-        dl.download(repo.repo_id, "main", place / "model", endpoint=server.endpoint, token=False)
+        dl_hub.download(repo.repo_id, "main", place / "model", endpoint=server.endpoint, token=False)
     return place / "model"
 
 
@@ -589,23 +599,23 @@ def test_verify_deep_catches_a_flipped_byte_that_sizes_miss(model_copy, tmp_path
     assert f"problem: {SHARD3}: sha256 " in deep.stdout and "(corrupt); delete the file" in deep.stdout
     assert "problem: config.json: git sha1 " in deep.stdout
     assert "2 problem(s)" in deep.stderr
-    problems = dl.verify(model_copy, deep=True)
+    problems = verify(model_copy, deep=True)
     assert len(problems) == 2
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_verify_without_or_with_a_damaged_manifest(model_copy, tmp_path):
-    (model_copy / dl.MANIFEST_NAME).write_text("{not json")
+    (model_copy / MANIFEST_NAME).write_text("{not json")
     done = verify_cli(model_copy, tmp_path)
     assert done.returncode == 1 and "is damaged" in error_lines(done.stderr)[0]
     with pytest.raises(CheckFailed, match="is damaged"):
-        dl.read_manifest(model_copy)
-    (model_copy / dl.MANIFEST_NAME).unlink()
-    assert dl.read_manifest(model_copy) is None
+        read_manifest(model_copy)
+    (model_copy / MANIFEST_NAME).unlink()
+    assert read_manifest(model_copy) is None
     done = verify_cli(model_copy, tmp_path)
-    assert done.returncode == 1 and f"no {dl.MANIFEST_NAME} in" in done.stdout
-    assert dl.verify(tmp_path / "nowhere") == [
+    assert done.returncode == 1 and f"no {MANIFEST_NAME} in" in done.stdout
+    assert verify(tmp_path / "nowhere") == [
         f"model directory {tmp_path / 'nowhere'} does not exist; run download_model.py"
     ]
 
@@ -613,10 +623,10 @@ def test_verify_without_or_with_a_damaged_manifest(model_copy, tmp_path):
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_verify_flags_a_manifest_of_another_repo_or_commit(model_copy):
-    manifest = dl.read_manifest(model_copy)
-    assert dl.verify(model_copy, expect_repo=manifest.repo, expect_revision=manifest.commit) == []
-    assert dl.verify(model_copy, expect_revision="main") == []  # a branch cannot be checked offline
-    problems = dl.verify(model_copy, expect_repo="Qwen/other", expect_revision="a" * 40)
+    manifest = read_manifest(model_copy)
+    assert verify(model_copy, expect_repo=manifest.repo, expect_revision=manifest.commit) == []
+    assert verify(model_copy, expect_revision="main") == []  # a branch cannot be checked offline
+    problems = verify(model_copy, expect_repo="Qwen/other", expect_revision="a" * 40)
     assert len(problems) == 2 and "MODEL_REPO=Qwen/other" in problems[0] and "MODEL_REVISION=" in problems[1]
 
 
@@ -626,20 +636,20 @@ def test_verify_flags_a_manifest_of_another_repo_or_commit(model_copy):
 
 @pytest.mark.unit
 def test_manifest_round_trip_is_atomic(tmp_path):
-    manifest = dl.Manifest(
+    manifest = Manifest(
         repo="a/b",
         revision="main",
         commit="c" * 40,
         created="2025-01-01T00:00:00+00:00",
         files=(
-            dl.ManifestFile("x.safetensors", 3, sha256="d" * 64),
-            dl.ManifestFile("sub/y.json", 2, git_sha1="e" * 40),
+            ManifestFile("x.safetensors", 3, sha256="d" * 64),
+            ManifestFile("sub/y.json", 2, git_sha1="e" * 40),
         ),
     )
-    dl.write_manifest(tmp_path, manifest)
-    assert [p.name for p in tmp_path.iterdir()] == [dl.MANIFEST_NAME]  # no temporary file left
-    assert dl.read_manifest(tmp_path) == manifest
-    assert json.loads((tmp_path / dl.MANIFEST_NAME).read_text())["total_bytes"] == 5
+    write_manifest(tmp_path, manifest)
+    assert [p.name for p in tmp_path.iterdir()] == [MANIFEST_NAME]  # no temporary file left
+    assert read_manifest(tmp_path) == manifest
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["total_bytes"] == 5
 
 
 @pytest.mark.unit
@@ -652,36 +662,38 @@ def test_manifest_names_must_stay_inside_the_directory(tmp_path, name):
         "commit": "c" * 40,
         "files": [{"name": name, "size": 1}],
     }
-    (tmp_path / dl.MANIFEST_NAME).write_text(json.dumps(data))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(CheckFailed, match="is damaged"):
-        dl.read_manifest(tmp_path)
+        read_manifest(tmp_path)
 
 
 @pytest.mark.unit
 def test_os_errors_become_one_line_with_the_fix(tmp_path):
-    ctx = dl._Context("a/b", "main", "https://hub", tmp_path / "m", remaining=5 * 10**9)
-    full = dl._translate(OSError(errno.ENOSPC, "No space left on device"), ctx)
+    ctx = hub_errors._Context("a/b", "main", "https://hub", tmp_path / "m", remaining=5 * 10**9)
+    full = hub_errors._translate(OSError(errno.ENOSPC, "No space left on device"), ctx)
     assert (
         full is not None
         and "disk full" in full.one_line()
-        and "5.0 GB were still to fetch" in full.one_line()
+        and "5 GB were still to fetch" in full.one_line()
     )
-    quota = dl._translate(OSError(errno.EDQUOT, "Disk quota exceeded"), ctx)
+    quota = hub_errors._translate(OSError(errno.EDQUOT, "Disk quota exceeded"), ctx)
     assert quota is not None and "disk full" in quota.one_line()
-    denied = dl._translate(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "m")), ctx)
+    denied = hub_errors._translate(
+        PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "m")), ctx
+    )
     assert denied is not None and denied.one_line().startswith(f"cannot write the model to {tmp_path / 'm'}")
-    assert dl._translate(ValueError("something else"), ctx) is None
+    assert hub_errors._translate(ValueError("something else"), ctx) is None
 
 
 @pytest.mark.unit
 def test_space_arithmetic_and_units(tmp_path):
-    files = (dl.ManifestFile("a", 10 * 10**9), dl.ManifestFile("b", 5 * 10**9))
-    plan = dl.Plan("a/b", "main", "c" * 40, files, frozenset({"a"}), tmp_path, tmp_path, 6_100_000_000, 0)
+    files = (ManifestFile("a", 10 * 10**9), ManifestFile("b", 5 * 10**9))
+    plan = dl_hub.Plan("a/b", "main", "c" * 40, files, frozenset({"a"}), tmp_path, tmp_path, 6_100_000_000, 0)
     assert plan.needed == 5 * 10**9 and plan.margin == 1 << 30 and plan.fits
     assert not dataclasses_replace(plan, free=5 * 10**9).fits
     assert dataclasses_replace(plan, free=5 * 10**9, reclaimable=2 * 10**9).fits
-    assert dl._human(236_123_456_789) == "236.1 GB" and dl._human(512) == "512 B"
-    assert dl.nearest_existing_dir(tmp_path / "x" / "y") == tmp_path
+    assert format_decimal_bytes(236_123_456_789) == "236.1 GB" and format_decimal_bytes(512) == "512 B"
+    assert hub_errors.nearest_existing_dir(tmp_path / "x" / "y") == tmp_path
 
 
 def dataclasses_replace(plan, **changes):
@@ -693,15 +705,18 @@ def dataclasses_replace(plan, **changes):
 @pytest.mark.unit
 def test_bad_usage_and_bad_config_exit_2(tmp_path):
     assert (
-        dl.main(["--local-dir", str(tmp_path), "--repo", "a/b", "--revision", "main", "--workers", "0"]) == 2
-    )
-    assert (
-        dl.main(["--local-dir", str(tmp_path), "--repo", "a/b", "--revision", "x", "--dry-run", "--verify"])
+        command.main(["--local-dir", str(tmp_path), "--repo", "a/b", "--revision", "main", "--workers", "0"])
         == 2
     )
-    assert dl.main(["--config", str(tmp_path / "missing.env")]) == 2
+    assert (
+        command.main(
+            ["--local-dir", str(tmp_path), "--repo", "a/b", "--revision", "x", "--dry-run", "--verify"]
+        )
+        == 2
+    )
+    assert command.main(["--config", str(tmp_path / "missing.env")]) == 2
     with pytest.raises(ConfigError):
-        dl._settings(dl._parser().parse_args(["--config", str(tmp_path / "missing.env")]))
+        command._settings(command._parser().parse_args(["--config", str(tmp_path / "missing.env")]))
 
 
 @pytest.mark.unit
@@ -718,6 +733,6 @@ def test_importing_the_module_pulls_in_no_hub_torch_or_vllm():
 @pytest.mark.unit
 def test_the_script_is_two_lines():
     assert SCRIPT.read_text().splitlines() == [
-        "from qwen3_vl_service.download import main",
+        "from qwen3_vl_service.download.command import main",
         "raise SystemExit(main())",
     ]

@@ -16,14 +16,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
+import pynvml
 import pytest
 
-from qwen3_vl_service import interconnect as ic
+from qwen3_vl_service import gpus
 from qwen3_vl_service.config import load
 from qwen3_vl_service.errors import UsageError
+from qwen3_vl_service.gpus import NvmlUnavailable
+from qwen3_vl_service.interconnect import command, report, run, topology
 
 ROOT = Path(__file__).resolve().parent.parent
-HAS_TORCH = ic.torch_missing(sys.executable) is None
+HAS_TORCH = run.torch_missing(sys.executable) is None
 
 
 # ---------------------------------------------------------------------------
@@ -35,8 +38,10 @@ class FakeNvml:
 
     NVML_NVLINK_MAX_LINKS = 36
 
-    class NVMLError(Exception):
-        pass
+    # pynvml's own error classes, so that gpus.nvml_session tells them apart as with the real library.
+    NVMLError = pynvml.NVMLError
+    NVMLError_LibraryNotFound = pynvml.NVMLError_LibraryNotFound
+    NVMLError_DriverNotLoaded = pynvml.NVMLError_DriverNotLoaded
 
     def __init__(
         self,
@@ -92,7 +97,7 @@ class FakeNvml:
 
     def nvmlDeviceGetNvLinkState(self, h, link):
         if link >= self.links:
-            raise self.NVMLError("Not Supported")
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
         return 0 if link < self.down.get(h, 0) else 1
 
     def nvmlDeviceGetNvLinkRemotePciInfo(self, h, link):
@@ -144,49 +149,43 @@ def _leftovers(run_id: str) -> list[psutil.Process]:
 
 @pytest.mark.unit
 def test_parse_sizes_binary_units_and_errors():
-    assert ic.parse_sizes("1M,16M,256M") == (1 << 20, 16 << 20, 256 << 20)
-    assert ic.parse_sizes("64K, 1MiB,4096, 1G") == (64 << 10, 1 << 20, 4096, 1 << 30)
-    assert ic.parse_sizes("10") == (8,)  # whole float32 elements
+    assert run.parse_sizes("1M,16M,256M") == (1 << 20, 16 << 20, 256 << 20)
+    assert run.parse_sizes("64K, 1MiB,4096, 1G") == (64 << 10, 1 << 20, 4096, 1 << 30)
+    assert run.parse_sizes("10") == (8,)  # whole float32 elements
     for bad in ("", "12Q", "0", "16G"):
         with pytest.raises(UsageError):
-            ic.parse_sizes(bad)
+            run.parse_sizes(bad)
 
 
 @pytest.mark.unit
 def test_bus_bandwidth_follows_nccl_tests():
-    assert ic.bus_bandwidth(100.0, 8) == pytest.approx(175.0)
-    assert ic.bus_bandwidth(100.0, 2) == pytest.approx(100.0)
-    assert ic.bus_bandwidth(100.0, 1) == 0.0
-    s = ic.SizeResult(nbytes=256 << 20, iters=10, time_s=1e-3)
+    assert run.bus_bandwidth(100.0, 8) == pytest.approx(175.0)
+    assert run.bus_bandwidth(100.0, 2) == pytest.approx(100.0)
+    assert run.bus_bandwidth(100.0, 1) == 0.0
+    s = run.SizeResult(nbytes=256 << 20, iters=10, time_s=1e-3)
     assert s.algbw == pytest.approx(268.435456)
     assert s.busbw(8) == pytest.approx(268.435456 * 14 / 8)
 
 
 @pytest.mark.unit
-def test_formatting():
-    assert ic.format_ranks([5, 0, 1, 2, 7]) == "0-2,5,7"
-    assert ic.format_bytes(1 << 20) == "1 MiB"
-    assert ic.format_bytes(1536) == "1.5 KiB"
-    assert ic.format_time(31.2e-6) == "31.2 us"
-
-
-@pytest.mark.unit
 def test_visible_indices_follow_cuda_visible_devices():
     uuids = [f"GPU-{i}abc" for i in range(4)]
-    assert ic.visible_indices({}, uuids) == [0, 1, 2, 3]
-    assert ic.visible_indices({"CUDA_VISIBLE_DEVICES": "2,3"}, uuids) == [2, 3]
-    assert ic.visible_indices({"CUDA_VISIBLE_DEVICES": "GPU-3"}, uuids) == [3]
-    assert ic.visible_indices({"CUDA_VISIBLE_DEVICES": "1,9,0"}, uuids) == [1]  # CUDA stops at the bad entry
-    assert ic.visible_indices({"CUDA_VISIBLE_DEVICES": ""}, uuids) == []
+    assert topology.visible_indices({}, uuids) == [0, 1, 2, 3]
+    assert topology.visible_indices({"CUDA_VISIBLE_DEVICES": "2,3"}, uuids) == [2, 3]
+    assert topology.visible_indices({"CUDA_VISIBLE_DEVICES": "GPU-3"}, uuids) == [3]
+    assert topology.visible_indices({"CUDA_VISIBLE_DEVICES": "1,9,0"}, uuids) == [
+        1
+    ]  # CUDA stops at the bad entry
+    assert topology.visible_indices({"CUDA_VISIBLE_DEVICES": ""}, uuids) == []
 
 
 @pytest.mark.unit
 def test_worker_env_turns_nvls_off_unless_set():
-    env = ic.worker_env({"PATH": "/bin"}, {"NCCL_P2P_LEVEL": "NVL"})
+    env = run.worker_env({"PATH": "/bin"}, {"NCCL_P2P_LEVEL": "NVL"})
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["NCCL_P2P_LEVEL"] == "NVL"
     assert str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
-    assert ic.worker_env({"NCCL_NVLS_ENABLE": "1"})["NCCL_NVLS_ENABLE"] == "1"
-    assert ic.worker_env({}, {"NCCL_NVLS_ENABLE": "1"})["NCCL_NVLS_ENABLE"] == "1"
+    assert run.worker_env({"NCCL_NVLS_ENABLE": "1"})["NCCL_NVLS_ENABLE"] == "1"
+    assert run.worker_env({}, {"NCCL_NVLS_ENABLE": "1"})["NCCL_NVLS_ENABLE"] == "1"
 
 
 @pytest.mark.unit
@@ -202,21 +201,21 @@ def test_module_does_not_import_torch():
 @pytest.mark.unit
 def test_topology_h100_nvswitch():
     nv = FakeNvml(8)
-    topo = ic.read_topology({}, nvml=nv)
+    topo = topology.read_topology({}, nvml=nv)
     assert nv.shut
     assert len(topo.gpus) == 8 and topo.all_nvlink
     assert topo.links[0] == ("X", *["NV18"] * 7)
     assert topo.nominal() == (450.0, "NVLink4: 18 links x 25 GB/s")
-    text = ic.render_topology(topo)
+    text = topology.render_topology(topo)
     assert "GPU7" in text and "NV18" in text and "450 GB/s" in text
-    notes = ic.topology_notes(topo)
+    notes = report.topology_findings(topo)
     assert [n.level for n in notes] == ["ok"]
     assert "NVLink between every pair" in notes[0].message
 
 
 @pytest.mark.unit
 def test_topology_subset_and_visible_devices():
-    topo = ic.read_topology({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, nvml=FakeNvml(8))
+    topo = topology.read_topology({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, nvml=FakeNvml(8))
     assert [g.index for g in topo.gpus] == [4, 5, 6, 7]
     assert [g.index for g in topo.subset(2).gpus] == [4, 5]
     assert topo.subset(1).nominal() is None
@@ -224,9 +223,9 @@ def test_topology_subset_and_visible_devices():
 
 @pytest.mark.unit
 def test_topology_flags_a_down_nvlink():
-    topo = ic.read_topology({}, nvml=FakeNvml(8, down={3: 2}))
+    topo = topology.read_topology({}, nvml=FakeNvml(8, down={3: 2}))
     assert topo.gpus[3].nvlinks_active == 16 and topo.gpus[3].nvlinks_supported == 18
-    notes = ic.topology_notes(topo)
+    notes = report.topology_findings(topo)
     down = [n for n in notes if "NVLinks down" in n.message]
     assert down and down[0].level == "warn" and "GPU3 16/18" in down[0].message
     assert "nvidia-smi nvlink -s" in down[0].fix
@@ -235,24 +234,24 @@ def test_topology_flags_a_down_nvlink():
 
 @pytest.mark.unit
 def test_topology_pcie_with_p2p_disabled():
-    topo = ic.read_topology({}, nvml=FakeNvml(4, links=0, nvswitch=False, p2p=4, ancestor=50))
+    topo = topology.read_topology({}, nvml=FakeNvml(4, links=0, nvswitch=False, p2p=4, ancestor=50))
     assert not topo.all_nvlink
     assert topo.links[0] == ("X", "SYS", "SYS", "SYS")
     value, what = topo.nominal()
     assert what == "PCIe Gen5 x16" and value == pytest.approx(63.0, rel=0.01)
-    notes = ic.topology_notes(topo)
+    notes = report.topology_findings(topo)
     assert any(n.level == "warn" and "disabled by regkey" in n.message for n in notes)
-    assert "P2P not available" in ic.render_topology(topo)
+    assert "P2P not available" in topology.render_topology(topo)
 
 
 @pytest.mark.unit
 def test_topology_unavailable_without_driver():
-    with pytest.raises(ic.TopologyUnavailable, match="no NVIDIA driver"):
-        ic.read_topology({}, nvml=FakeNvml(init_error="Driver Not Loaded"))
-    with pytest.raises(ic.TopologyUnavailable, match="no GPU"):
-        ic.read_topology({}, nvml=FakeNvml(0))
-    with pytest.raises(ic.TopologyUnavailable, match="no GPU is visible"):
-        ic.read_topology({"CUDA_VISIBLE_DEVICES": ""}, nvml=FakeNvml(2))
+    with pytest.raises(NvmlUnavailable, match="no NVIDIA driver"):
+        topology.read_topology({}, nvml=FakeNvml(init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED))
+    with pytest.raises(NvmlUnavailable, match="no GPU"):
+        topology.read_topology({}, nvml=FakeNvml(0))
+    with pytest.raises(NvmlUnavailable, match="no GPU is visible"):
+        topology.read_topology({"CUDA_VISIBLE_DEVICES": ""}, nvml=FakeNvml(2))
 
 
 # ---------------------------------------------------------------------------
@@ -267,34 +266,34 @@ def _result(status="ok", world=8, **kw):
         "nccl_version": "2.27.3",
         "elapsed_s": 9.5,
     }
-    return ic.CheckResult(status=status, **{**base, **kw})
+    return run.CheckResult(status=status, **{**base, **kw})
 
 
 @pytest.mark.unit
 def test_notes_healthy_nvlink_bandwidth():
-    topo = ic.read_topology({}, nvml=FakeNvml(8))
+    topo = topology.read_topology({}, nvml=FakeNvml(8))
     # 256 MiB in 1.3 ms: algbw 206 GB/s, busbw 361 GB/s = 80% of 450.
-    sizes = (ic.SizeResult(1 << 20, 50, 40e-6), ic.SizeResult(256 << 20, 16, 1.3e-3))
-    notes = ic.result_notes(_result(sizes=sizes), topo)
+    sizes = (run.SizeResult(1 << 20, 50, 40e-6), run.SizeResult(256 << 20, 16, 1.3e-3))
+    notes = report.result_findings(_result(sizes=sizes), topo)
     assert [n.level for n in notes] == ["ok"]
     assert "correct at 1 MiB, 256 MiB" in notes[0].message
     assert "bus bandwidth 361 GB/s at 256 MiB = 80% of the nominal 450 GB/s" in notes[0].message
-    table = ic.render_table(_result(sizes=sizes), topo)
+    table = report.render_table(_result(sizes=sizes), topo)
     assert "busbw" in table and "361.4 GB/s" in table and "80%" in table
 
 
 @pytest.mark.unit
 def test_notes_low_bandwidth_over_nvlink_warns():
-    topo = ic.read_topology({}, nvml=FakeNvml(8))
-    sizes = (ic.SizeResult(256 << 20, 16, 20e-3),)  # busbw 23 GB/s: not NVLink
-    notes = ic.result_notes(_result(sizes=sizes), topo)
+    topo = topology.read_topology({}, nvml=FakeNvml(8))
+    sizes = (run.SizeResult(256 << 20, 16, 20e-3),)  # busbw 23 GB/s: not NVLink
+    notes = report.result_findings(_result(sizes=sizes), topo)
     assert notes[0].level == "warn" and "NCCL_DEBUG=INFO" in notes[0].fix
 
 
 @pytest.mark.unit
 def test_notes_timeout_names_causes_and_variables():
     r = _result("timeout", message="did not finish within 120 s (stuck: ...)", log_dir="/tmp/x")
-    (note,) = ic.result_notes(r)
+    (note,) = report.result_findings(r)
     assert note.level == "error" and "/tmp/x" in note.message
     for word in (
         "P2P",
@@ -312,47 +311,49 @@ def test_notes_timeout_names_causes_and_variables():
 
 @pytest.mark.unit
 def test_notes_wrong_sums_are_an_error():
-    sizes = (ic.SizeResult(256 << 20, 16, 1.3e-3, bad_ranks=(2, 3)),)
-    (note,) = ic.result_notes(_result("wrong", sizes=sizes, message="wrong sums on rank(s) 2-3 at 256 MiB"))
+    sizes = (run.SizeResult(256 << 20, 16, 1.3e-3, bad_ranks=(2, 3)),)
+    (note,) = report.result_findings(
+        _result("wrong", sizes=sizes, message="wrong sums on rank(s) 2-3 at 256 MiB")
+    )
     assert note.level == "error" and "2-3" in note.message
 
 
 @pytest.mark.unit
 def test_findings_skip_without_gpus(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, monkeypatch)
-    monkeypatch.setattr(ic, "_load_nvml", lambda: FakeNvml(init_error="NVML Shared Library Not Found"))
-    (f,) = ic.findings(cfg, None)
+    monkeypatch.setattr(gpus, "load_nvml", lambda: FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND))
+    (f,) = report.findings(cfg)
     assert f.level == "warn" and f.message.startswith("interconnect check skipped: no NVIDIA driver")
 
 
 @pytest.mark.unit
 def test_findings_skip_without_torch(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, monkeypatch, VLLM_PYTHON=_no_torch_python(tmp_path))
-    monkeypatch.setattr(ic, "_load_nvml", lambda: FakeNvml(8))
-    (f,) = ic.findings(cfg, None)
+    monkeypatch.setattr(gpus, "load_nvml", lambda: FakeNvml(8))
+    (f,) = report.findings(cfg)
     assert f.level == "warn" and "skipped: torch is not installed" in f.message
 
 
 @pytest.mark.unit
 def test_findings_skip_for_cpu_device(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, monkeypatch, DEVICE="cpu", TENSOR_PARALLEL_SIZE="1")
-    (f,) = ic.findings(cfg, None)
+    (f,) = report.findings(cfg)
     assert f.level == "warn" and "skipped" in f.message
 
 
 @pytest.mark.unit
 def test_findings_runs_the_check_on_tp_gpus(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, monkeypatch, TENSOR_PARALLEL_SIZE="4")
-    monkeypatch.setattr(ic, "_load_nvml", lambda: FakeNvml(8))
-    monkeypatch.setattr(ic, "torch_missing", lambda python: None)
+    monkeypatch.setattr(gpus, "load_nvml", lambda: FakeNvml(8))
+    monkeypatch.setattr(report, "torch_missing", lambda python: None)
     seen = {}
 
     def fake_run(n, **kw):
         seen.update(kw, n=n)
-        return _result(world=n, sizes=(ic.SizeResult(256 << 20, 16, 1.3e-3),))
+        return _result(world=n, sizes=(run.SizeResult(256 << 20, 16, 1.3e-3),))
 
-    monkeypatch.setattr(ic, "run_check", fake_run)
-    found = ic.findings(cfg, None)
+    monkeypatch.setattr(report, "run_check", fake_run)
+    found = report.findings(cfg)
     assert seen["n"] == 4 and seen["backend"] == "nccl"
     assert seen["env"]["NCCL_NVLS_ENABLE"] == "0"
     assert seen["log_dir"] == cfg.log_dir / "interconnect"
@@ -362,16 +363,16 @@ def test_findings_runs_the_check_on_tp_gpus(tmp_path, monkeypatch):
 
 @pytest.mark.unit
 def test_cli_skips_in_one_line_without_gpus(monkeypatch, capsys):
-    monkeypatch.setattr(ic, "_load_nvml", lambda: FakeNvml(init_error="NVML Shared Library Not Found"))
-    assert ic.main(["--world-size", "1"]) == 0
+    monkeypatch.setattr(gpus, "load_nvml", lambda: FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND))
+    assert command.main(["--world-size", "1"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("interconnect check skipped:")
 
 
 @pytest.mark.unit
 def test_cli_rejects_more_ranks_than_gpus(monkeypatch, capsys):
-    monkeypatch.setattr(ic, "_load_nvml", lambda: FakeNvml(2))
-    assert ic.main(["--world-size", "4"]) == 2
+    monkeypatch.setattr(gpus, "load_nvml", lambda: FakeNvml(2))
+    assert command.main(["--world-size", "4"]) == 2
     assert "--world-size 4 but 2 GPU(s)" in capsys.readouterr().err
 
 
@@ -392,8 +393,8 @@ def test_failing_rank_ends_the_others_quickly(tmp_path):
     )
     script.chmod(0o755)
     t0 = time.monotonic()
-    env = ic.worker_env(os.environ, {}, "gloo")
-    r = ic.run_check(2, backend="gloo", timeout=30, python=str(script), env=env, log_dir=tmp_path / "logs")
+    env = run.worker_env(os.environ, {}, "gloo")
+    r = run.run_check(2, backend="gloo", timeout=30, python=str(script), env=env, log_dir=tmp_path / "logs")
     assert time.monotonic() - t0 < 8
     assert r.status == "failed" and "rank 0 failed: RuntimeError: boom" in r.message
     assert r.log_dir == str(tmp_path / "logs") and (tmp_path / "logs" / "rank0.log").exists()
@@ -404,7 +405,7 @@ def test_failing_rank_ends_the_others_quickly(tmp_path):
 @pytest.mark.integration
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch (CPU) in this python")
 def test_gloo_all_reduce_is_checked_and_timed():
-    r = ic.run_check(2, backend="gloo", sizes=(64 << 10, 1 << 20), iters=3, timeout=60)
+    r = run.run_check(2, backend="gloo", sizes=(64 << 10, 1 << 20), iters=3, timeout=60)
     assert r.status == "ok", r.message
     assert [s.nbytes for s in r.sizes] == [64 << 10, 1 << 20]
     assert all(s.bad_ranks == () and s.time_s > 0 and s.algbw > 0 for s in r.sizes)
@@ -419,7 +420,7 @@ def test_gloo_all_reduce_is_checked_and_timed():
 def test_hung_peer_becomes_a_timeout_error_and_no_worker_is_left(tmp_path):
     timeout = 8.0
     t0 = time.monotonic()
-    r = ic.run_check(
+    r = run.run_check(
         2, backend="gloo", sizes=(1 << 20,), timeout=timeout, simulate_hang_rank=1, log_dir=tmp_path / "logs"
     )
     took = time.monotonic() - t0
@@ -429,7 +430,7 @@ def test_hung_peer_becomes_a_timeout_error_and_no_worker_is_left(tmp_path):
     assert r.stuck[0] == "the warm-up all-reduce"
     assert _leftovers(r.run_id) == []
     assert not any(_alive(p) for p in r.pids)
-    (note,) = ic.result_notes(r)
+    (note,) = report.result_findings(r)
     assert note.level == "error" and "did not finish within 8 s" in note.message
     assert "rank 1 in a simulated hang" in note.message and "NCCL_P2P_DISABLE=1" in note.fix
 
@@ -460,7 +461,7 @@ def test_workers_die_with_a_killed_parent(tmp_path):
         deadline = time.monotonic() + 30
         while len(pids) < 2 and time.monotonic() < deadline:
             for rank in (0, 1):
-                for e in ic._events(tmp_path / f"rank{rank}.log"):
+                for e in run._events(tmp_path / f"rank{rank}.log"):
                     if e.get("event") == "start":
                         pids[rank] = e["pid"]
             time.sleep(0.05)
@@ -480,9 +481,9 @@ def test_workers_die_with_a_killed_parent(tmp_path):
 @pytest.mark.integration
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch (CPU) in this python")
 def test_nccl_without_cuda_is_skipped_not_failed():
-    r = ic.run_check(1, backend="nccl", sizes=(1 << 20,), timeout=60)
+    r = run.run_check(1, backend="nccl", sizes=(1 << 20,), timeout=60)
     if r.status != "skipped":
         pytest.skip(f"this torch can run NCCL here ({r.status})")
     assert "sees no CUDA GPU" in r.message or "without NCCL" in r.message
-    (note,) = ic.result_notes(r)
+    (note,) = report.result_findings(r)
     assert note.level == "warn" and note.message.startswith("interconnect check skipped:")

@@ -11,6 +11,7 @@ import realmodel
 from skips import vllm_missing
 
 from qwen3_vl_service import model
+from qwen3_vl_service.download.manifest import Manifest, ManifestFile, write_manifest
 
 pytestmark = pytest.mark.unit
 
@@ -165,13 +166,12 @@ def test_single_file_checkpoint_without_index(tmp_path: Path):
 
 
 def test_download_manifest_sizes_and_problems_are_used_once(tmp_path: Path):
-    download = pytest.importorskip("qwen3_vl_service.download")
     d = realmodel.build(tmp_path / "m")
-    files = tuple(download.ManifestFile(p.name, p.stat().st_size) for p in sorted(d.iterdir()) if p.is_file())
-    manifest = download.Manifest(
+    files = tuple(ManifestFile(p.name, p.stat().st_size) for p in sorted(d.iterdir()) if p.is_file())
+    manifest = Manifest(
         repo="Qwen/Qwen3-VL-235B-A22B-Thinking-FP8", revision="main", commit="c" * 40, created="", files=files
     )
-    download.write_manifest(d, manifest)
+    write_manifest(d, manifest)
     info = model.inspect(d)
     assert info.manifest and info.errors == ()
     shard = d / realmodel.shard_name(5)

@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import psutil
+import pynvml
 import pytest
 from lifecycle_helpers import (
     PY,
@@ -191,6 +192,7 @@ def test_media_server_needs_pidfile_and_cmdline(tmp_path: Path, procs) -> None:
 
 def _fake_pynvml(procs_by_gpu: dict[int, list[tuple[int, int]]], *, init_error: Exception | None = None):
     mod = types.ModuleType("pynvml")
+    mod.NVMLError = pynvml.NVMLError  # the real error class: what gpus.nvml_session catches
     state = {"init": 0, "shutdown": 0}
 
     def nvmlInit():

@@ -192,6 +192,42 @@ def _wrap_future_passes_through(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
+class SendfileFirstLoop(asyncio.SelectorEventLoop):
+    """The stock event loop, whose sendfile() first sends what the socket takes right away.
+
+    aiohttp's FileResponse sends a file body with loop.sendfile(), the public
+    asyncio API. The stock implementation always takes a round through the
+    loop (pause_reading, a wait for an empty write buffer, a future, resume,
+    lseek) before its first os.sendfile(). A file that fits the socket buffer
+    (a 1 MiB image does, on loopback) goes here in one os.sendfile() call once
+    the headers are in the kernel; the rest goes through the stock path.
+    bench/bench_media.py, 1 MiB files: ~0.2 ms of CPU less per response.
+    The stock asyncio loop, not uvloop: uvloop has no loop.sendfile() and
+    aiohttp would fall back to read() + write() through a thread.
+    """
+
+    async def sendfile(
+        self, transport: Any, file: Any, offset: int = 0, count: int | None = None, *, fallback: bool = True
+    ) -> int:
+        sock = transport.get_extra_info("socket")
+        if not count or sock is None or transport.is_closing() or transport.get_write_buffer_size():
+            return await super().sendfile(transport, file, offset, count, fallback=fallback)
+        try:
+            sent = os.sendfile(sock.fileno(), file.fileno(), offset, count)
+        except OSError:  # EAGAIN: the buffer is full; any other error: the stock path reports it
+            sent = 0
+        if sent == count:
+            file.seek(offset + sent)  # where the stock sendfile() leaves the file
+            return sent
+        return sent + await super().sendfile(transport, file, offset + sent, count - sent, fallback=fallback)
+
+
+def run_serving(coro: Any) -> int:
+    """Run CORO (serve_socket) to its end on a SendfileFirstLoop; its exit code."""
+    with asyncio.Runner(loop_factory=SendfileFirstLoop) as runner:
+        return runner.run(coro)
+
+
 async def serve_socket(
     settings: MediaSettings,
     sock: socket.socket,

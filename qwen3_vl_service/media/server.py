@@ -29,7 +29,6 @@ cost aiohttp's request handling in Python on top of the kernel's work.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import logging
@@ -43,10 +42,10 @@ from pathlib import Path
 from .. import config
 from ..cli import ArgumentParser, run
 from ..errors import CheckFailed, ConfigError, UsageError
+from ..fileio import write_atomic
 from ..processes import is_media_pid, port_holder, read_pid_file
-from ..runstate import write_atomic
 from . import LOG_FILE_NAME, PID_FILE_NAME, SERVICE_ID
-from .app import LISTEN_BACKLOG, MediaSettings, serve_socket
+from .app import LISTEN_BACKLOG, MediaSettings, run_serving, serve_socket
 from .logs import lean_log_records, setup_logging
 from .policy import check_root
 from .workers import WORKERS_AUTO_MAX, Supervisor, auto_workers
@@ -57,7 +56,7 @@ log = logging.getLogger(SERVICE_ID)
 
 
 def write_pid_file(pid_file: Path, pid: int) -> None:
-    """Atomically (runstate.write_atomic): a reader sees the old pid or the new one."""
+    """Atomically (fileio.write_atomic): a reader sees the old pid or the new one."""
     write_atomic(pid_file, f"{pid}\n")
 
 
@@ -176,10 +175,7 @@ def serve(settings: MediaSettings, *, detach: bool = False) -> int:
     try:
         if settings.workers > 1:
             return Supervisor(settings, sock, handler).run(on_listening=listening)
-        # The stock asyncio loop, not uvloop: aiohttp's FileResponse uses
-        # loop.sendfile(), which uvloop does not implement (it would fall back to
-        # read() + write() through a thread).
-        code = asyncio.run(serve_socket(settings, sock, on_listening=listening))
+        code = run_serving(serve_socket(settings, sock, on_listening=listening))
         log.info("stopped")
         return code
     finally:

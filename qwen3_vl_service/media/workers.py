@@ -7,7 +7,6 @@ limit, and the supervisor gives up loudly on a crash loop.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import fcntl
@@ -23,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import SERVICE_ID
-from .app import SHUTDOWN_TIMEOUT_S, MediaSettings, serve_socket
+from .app import SHUTDOWN_TIMEOUT_S, MediaSettings, run_serving, serve_socket
 from .logs import relay_to
 
 # MEDIA_WORKERS=auto is min(CPUs, WORKERS_AUTO_MAX). 8, measured on a 32-core
@@ -78,7 +77,7 @@ def worker_main(
             os.close(fd)
     relay_to(log_fd)
     try:
-        code = asyncio.run(serve_socket(settings, sock, supervisor=parent, on_listening=_say_serving))
+        code = run_serving(serve_socket(settings, sock, supervisor=parent, on_listening=_say_serving))
     except Exception:
         log.exception("worker pid %d failed", os.getpid())
         code = 1

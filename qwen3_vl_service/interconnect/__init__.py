@@ -1,0 +1,1 @@
+"""The interconnect check: GPU topology from NVML and a checked, timed all-reduce under a hard timeout."""

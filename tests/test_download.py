@@ -672,9 +672,7 @@ def test_os_errors_become_one_line_with_the_fix(tmp_path):
     ctx = hub_errors._Context("a/b", "main", "https://hub", tmp_path / "m", remaining=5 * 10**9)
     full = hub_errors._translate(OSError(errno.ENOSPC, "No space left on device"), ctx)
     assert (
-        full is not None
-        and "disk full" in full.one_line()
-        and "5 GB were still to fetch" in full.one_line()
+        full is not None and "disk full" in full.one_line() and "5 GB were still to fetch" in full.one_line()
     )
     quota = hub_errors._translate(OSError(errno.EDQUOT, "Disk quota exceeded"), ctx)
     assert quota is not None and "disk full" in quota.one_line()

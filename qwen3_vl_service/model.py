@@ -4,8 +4,8 @@
 ``vision_config``), the quantization settings, the safetensors index and the
 header of every shard, and checks that the tokenizer, the processor configs
 and the chat template are there. It never raises for a bad directory: what is
-wrong becomes ``ModelInfo.issues`` (level, message, fix), which the preflight
-prints.
+wrong becomes ``ModelInfo.issues`` (Findings of the check "Model"), which the
+preflight prints.
 
 Each shard's size is checked exactly: a safetensors file is an 8-byte header
 length, a JSON header and the tensor data, and the header's largest data
@@ -31,6 +31,7 @@ from typing import Any
 from .download.manifest import read_manifest
 from .download.verify import verify
 from .errors import CheckFailed
+from .findings import Finding
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -40,13 +41,6 @@ KNOWN_ARCHITECTURES = frozenset({"Qwen3VLMoeForConditionalGeneration", "Qwen3VLF
 VISION_PREFIXES = ("model.visual.", "visual.")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit for the JSON header
 _FIX_DOWNLOAD = "run download_model.py again (it resumes and re-checks)"
-
-
-@dataclass(frozen=True)
-class Issue:
-    level: str  # "warn" or "error"
-    message: str
-    fix: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,7 +86,7 @@ class ModelInfo:
     chat_template: str = ""  # where the chat template lives, "" when there is none
     tokenizer_max_length: int | None = None
     manifest: bool = False
-    issues: tuple[Issue, ...] = ()
+    issues: tuple[Finding, ...] = ()
 
     # -- derived facts ------------------------------------------------------
 
@@ -138,7 +132,7 @@ class ModelInfo:
         return int(limit * self.rope_scaling_factor)
 
     @property
-    def errors(self) -> tuple[Issue, ...]:
+    def errors(self) -> tuple[Finding, ...]:
         return tuple(i for i in self.issues if i.level == "error")
 
 
@@ -251,13 +245,14 @@ def _list(names: Iterable[str], limit: int = 5) -> str:
 def inspect(path: str | Path) -> ModelInfo:
     """Everything the preflight needs to know about the model directory at PATH."""
     p = Path(path)
-    issues: list[Issue] = []
+    issues: list[Finding] = []
     facts: dict[str, Any] = {"path": p}
 
     if not p.exists():
         issues.append(
-            Issue(
+            Finding(
                 "error",
+                "Model",
                 f"Model not found at {p}",
                 "run download_model.py, or set MODEL_PATH to the model's folder",
             )
@@ -265,7 +260,12 @@ def inspect(path: str | Path) -> ModelInfo:
         return ModelInfo(**facts, issues=tuple(issues))
     if not p.is_dir():
         issues.append(
-            Issue("error", f"MODEL_PATH {p} is a file, not a folder", "set MODEL_PATH to the model's folder")
+            Finding(
+                "error",
+                "Model",
+                f"MODEL_PATH {p} is a file, not a folder",
+                "set MODEL_PATH to the model's folder",
+            )
         )
         return ModelInfo(**facts, issues=tuple(issues))
     facts["exists"] = True
@@ -274,10 +274,10 @@ def inspect(path: str | Path) -> ModelInfo:
     config, err = _read_json(p / "config.json")
     if err:
         facts["config_error"] = f"config.json {err}"
-        issues.append(Issue("error", f"config.json in {p} is {err}", _FIX_DOWNLOAD))
+        issues.append(Finding("error", "Model", f"config.json in {p} is {err}", _FIX_DOWNLOAD))
     elif not isinstance(config, dict):
         facts["config_error"] = "config.json is not a JSON object"
-        issues.append(Issue("error", f"config.json in {p} is not a JSON object", _FIX_DOWNLOAD))
+        issues.append(Finding("error", "Model", f"config.json in {p} is not a JSON object", _FIX_DOWNLOAD))
         config = None
     if config is not None:
         _config_facts(config, facts, issues)
@@ -290,14 +290,17 @@ def inspect(path: str | Path) -> ModelInfo:
     present, sizes, manifest_problems, manifest_note = _manifest(p)
     facts["manifest"] = present
     if manifest_note:
-        issues.append(Issue("warn", manifest_note, _FIX_DOWNLOAD))
+        issues.append(Finding("warn", "Model", manifest_note, _FIX_DOWNLOAD))
     # verify()'s lines carry their own fix ("...; rerun download_model.py").
     for problem in manifest_problems[:8]:
-        issues.append(Issue("error", f"download manifest check: {problem}"))
+        issues.append(Finding("error", "Model", f"download manifest check: {problem}"))
     if len(manifest_problems) > 8:
         issues.append(
-            Issue(
-                "error", f"download manifest check: {len(manifest_problems) - 8} more problems", _FIX_DOWNLOAD
+            Finding(
+                "error",
+                "Model",
+                f"download manifest check: {len(manifest_problems) - 8} more problems",
+                _FIX_DOWNLOAD,
             )
         )
     _weights_facts(p, sizes, facts, issues, already=manifest_problems)
@@ -305,8 +308,9 @@ def inspect(path: str | Path) -> ModelInfo:
     partial = sorted(p.glob(".cache/huggingface/download/**/*.incomplete"))
     if partial:
         issues.append(
-            Issue(
+            Finding(
                 "warn",
+                "Model",
                 f"{len(partial)} unfinished download file(s) under {p / '.cache/huggingface/download'}",
                 "let download_model.py finish (or run it again)",
             )
@@ -314,7 +318,7 @@ def inspect(path: str | Path) -> ModelInfo:
     return ModelInfo(**facts, issues=tuple(issues))
 
 
-def _config_facts(config: dict[str, Any], facts: dict[str, Any], issues: list[Issue]) -> None:
+def _config_facts(config: dict[str, Any], facts: dict[str, Any], issues: list[Finding]) -> None:
     archs = config.get("architectures")
     facts["architectures"] = tuple(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else ()
     facts["model_type"] = str(config.get("model_type", ""))
@@ -350,8 +354,9 @@ def _config_facts(config: dict[str, Any], facts: dict[str, Any], issues: list[Is
     ]
     if missing:
         issues.append(
-            Issue(
+            Finding(
                 "error",
+                "Model",
                 f"config.json lacks {', '.join(missing)} (in text_config or at the top level)",
                 _FIX_DOWNLOAD,
             )
@@ -368,13 +373,16 @@ def _config_facts(config: dict[str, Any], facts: dict[str, Any], issues: list[Is
 
     archs = facts["architectures"]
     if not archs:
-        issues.append(Issue("error", 'config.json names no architecture ("architectures")', _FIX_DOWNLOAD))
+        issues.append(
+            Finding("error", "Model", 'config.json names no architecture ("architectures")', _FIX_DOWNLOAD)
+        )
     elif not any(a in KNOWN_ARCHITECTURES for a in archs):
         served = vllm_architectures()
         if served is not None and not any(a in served for a in archs):
             issues.append(
-                Issue(
+                Finding(
                     "error",
+                    "Model",
                     f"architecture {archs[0]} is not one the installed vLLM serves",
                     "point MODEL_PATH at Qwen/Qwen3-VL-235B-A22B-Thinking-FP8 (or a model vLLM supports)",
                 )
@@ -384,15 +392,16 @@ def _config_facts(config: dict[str, Any], facts: dict[str, Any], issues: list[Is
                 "the installed vLLM lists it" if served is not None else "vLLM is not installed here to ask"
             )
             issues.append(
-                Issue(
+                Finding(
                     "warn",
+                    "Model",
                     f"architecture {archs[0]} is not the Qwen3-VL this launcher is built for ({where})",
                     "the capacity numbers assume a Qwen3-VL layout; check them",
                 )
             )
 
 
-def _tokenizer_facts(p: Path, tok_cfg: dict[str, Any], facts: dict[str, Any], issues: list[Issue]) -> None:
+def _tokenizer_facts(p: Path, tok_cfg: dict[str, Any], facts: dict[str, Any], issues: list[Finding]) -> None:
     names = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
     found = tuple(n for n in names if (p / n).is_file())
     facts["tokenizer_files"] = found
@@ -404,7 +413,9 @@ def _tokenizer_facts(p: Path, tok_cfg: dict[str, Any], facts: dict[str, Any], is
     if not (fast or slow):
         missing.append("tokenizer.json (or vocab.json + merges.txt)")
     if missing:
-        issues.append(Issue("error", f"tokenizer files missing in {p}: {', '.join(missing)}", _FIX_DOWNLOAD))
+        issues.append(
+            Finding("error", "Model", f"tokenizer files missing in {p}: {', '.join(missing)}", _FIX_DOWNLOAD)
+        )
     mml = tok_cfg.get("model_max_length")
     # Tokenizers without a limit write a huge sentinel (1e30); vLLM's min() makes it harmless.
     facts["tokenizer_max_length"] = mml if isinstance(mml, int) and 0 < mml < 10**12 else None
@@ -414,14 +425,18 @@ def _tokenizer_facts(p: Path, tok_cfg: dict[str, Any], facts: dict[str, Any], is
     facts["processor_files"] = found_proc
     if "preprocessor_config.json" not in found_proc:
         issues.append(
-            Issue(
-                "error", f"preprocessor_config.json missing in {p}: images cannot be processed", _FIX_DOWNLOAD
+            Finding(
+                "error",
+                "Model",
+                f"preprocessor_config.json missing in {p}: images cannot be processed",
+                _FIX_DOWNLOAD,
             )
         )
     elif "video_preprocessor_config.json" not in found_proc:
         issues.append(
-            Issue(
+            Finding(
                 "warn",
+                "Model",
                 f"video_preprocessor_config.json missing in {p}: videos use the image processor's settings",
                 _FIX_DOWNLOAD,
             )
@@ -435,8 +450,9 @@ def _tokenizer_facts(p: Path, tok_cfg: dict[str, Any], facts: dict[str, Any], is
         facts["chat_template"] = "tokenizer_config.json"
     else:
         issues.append(
-            Issue(
+            Finding(
                 "error",
+                "Model",
                 f"no chat template in {p} (chat_template.jinja, chat_template.json or "
                 "tokenizer_config.json): every /v1/chat/completions request would fail",
                 _FIX_DOWNLOAD,
@@ -445,7 +461,7 @@ def _tokenizer_facts(p: Path, tok_cfg: dict[str, Any], facts: dict[str, Any], is
 
 
 def _weights_facts(
-    p: Path, manifest_sizes: dict[str, int], facts: dict[str, Any], issues: list[Issue], already: list[str]
+    p: Path, manifest_sizes: dict[str, int], facts: dict[str, Any], issues: list[Finding], already: list[str]
 ) -> None:
     """Index and shards; a shard the manifest check already named is not reported twice."""
 
@@ -459,11 +475,13 @@ def _weights_facts(
             facts["index_file"] = SINGLE_FILE
             names = [SINGLE_FILE]
         else:
-            issues.append(Issue("error", f"no {INDEX_FILE} (and no {SINGLE_FILE}) in {p}", _FIX_DOWNLOAD))
+            issues.append(
+                Finding("error", "Model", f"no {INDEX_FILE} (and no {SINGLE_FILE}) in {p}", _FIX_DOWNLOAD)
+            )
             return
     elif err or not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         why = err or "has no weight_map"
-        issues.append(Issue("error", f"{INDEX_FILE} in {p} {why}", _FIX_DOWNLOAD))
+        issues.append(Finding("error", "Model", f"{INDEX_FILE} in {p} {why}", _FIX_DOWNLOAD))
         return
     else:
         facts["index_file"] = INDEX_FILE
@@ -472,7 +490,9 @@ def _weights_facts(
         facts["index_total_size"] = total
         names = sorted({v for v in index["weight_map"].values() if isinstance(v, str)})
         if not names:
-            issues.append(Issue("error", f"{INDEX_FILE} in {p} lists no shard files", _FIX_DOWNLOAD))
+            issues.append(
+                Finding("error", "Model", f"{INDEX_FILE} in {p} lists no shard files", _FIX_DOWNLOAD)
+            )
             return
 
     shards: list[Shard] = []
@@ -506,24 +526,28 @@ def _weights_facts(
     missing = [s.name for s in shards if s.size is None and not reported(s.name)]
     if missing:
         issues.append(
-            Issue(
+            Finding(
                 "error",
+                "Model",
                 f"{len(missing)} of {len(shards)} weight shards missing in {p}: {_list(missing)}",
                 _FIX_DOWNLOAD,
             )
         )
     bad = [s for s in shards if s.size is not None and s.problem and not reported(s.name)]
     for s in bad[:5]:
-        issues.append(Issue("error", f"weight shard {s.name} is {s.problem}", _FIX_DOWNLOAD))
+        issues.append(Finding("error", "Model", f"weight shard {s.name} is {s.problem}", _FIX_DOWNLOAD))
     if len(bad) > 5:
-        issues.append(Issue("error", f"{len(bad) - 5} more weight shards are damaged", _FIX_DOWNLOAD))
+        issues.append(
+            Finding("error", "Model", f"{len(bad) - 5} more weight shards are damaged", _FIX_DOWNLOAD)
+        )
     total = facts.get("index_total_size")
     if total and not already and not any(s.problem for s in shards) and headers_ok:
         data = sum((s.size or 0) for s in shards)
         if data < total:
             issues.append(
-                Issue(
+                Finding(
                     "error",
+                    "Model",
                     f"the shards hold {data:,} bytes, less than the {total:,} the index's total_size names",
                     _FIX_DOWNLOAD,
                 )
@@ -533,7 +557,6 @@ def _weights_facts(
 __all__ = [
     "INDEX_FILE",
     "KNOWN_ARCHITECTURES",
-    "Issue",
     "ModelInfo",
     "Shard",
     "inspect",

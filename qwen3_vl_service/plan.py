@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
+
+from .findings import Finding, Level
 
 if TYPE_CHECKING:
     from .config import ServiceConfig
@@ -62,16 +64,6 @@ VLLM_FP8_BLOCK_ERROR = (
     "weight quantization block_n = {block}."
 )
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
-
-Level = Literal["ok", "warn", "error"]
-
-
-@dataclass(frozen=True)
-class Finding:
-    level: Level
-    check: str
-    message: str
-    fix: str = ""
 
 
 @dataclass(frozen=True)
@@ -404,13 +396,39 @@ def _gpu_count(cfg: ServiceConfig, inventory: Inventory, model: ModelInfo, out: 
 
 
 def _parallel(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> None:
-    out = plan.findings
+    """The parallel layout: what vLLM refuses for this TP, whether experts go whole, the summary line."""
+    problems = _tp_problems(cfg, model, plan.findings)
+    problems = _expert_parallel(cfg, model, plan) or problems
+    _expert_spread(model, plan)
+    if not problems:
+        tp = cfg.tensor_parallel_size
+        heads = model.num_attention_heads or 0
+        kv = model.num_key_value_heads or heads
+        kv_per = max(1, kv // tp)
+        rep = f", each replicated on {tp // kv} GPUs" if tp > kv else ""
+        ep = (
+            "expert parallel on"
+            if plan.expert_parallel
+            else f"expert parallel off ({plan.expert_parallel_reason})"
+        )
+        plan.findings.append(
+            Finding(
+                "ok",
+                "Parallel",
+                f"TP={tp}: {heads // tp} attention heads and {kv_per} KV head(s) per GPU "
+                f"({kv} KV heads{rep}); {ep}",
+            )
+        )
+
+
+def _tp_problems(cfg: ServiceConfig, model: ModelInfo, out: list[Finding]) -> bool:
+    """The tensor-parallel sizes vLLM refuses for this model's heads and experts. True if any."""
     tp = cfg.tensor_parallel_size
     heads = model.num_attention_heads or 0
     kv = model.num_key_value_heads or heads
-    problems = False
+    experts = model.num_experts or 0
+    before = len(out)
     if heads % tp:
-        problems = True
         valid = ", ".join(str(t) for t in _valid_tps(model, 64) if t <= 16)
         out.append(
             Finding(
@@ -423,7 +441,6 @@ def _parallel(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> None:
             )
         )
     elif (kv >= tp and kv % tp) or (kv < tp and tp % kv):
-        problems = True
         out.append(
             Finding(
                 "error",
@@ -433,9 +450,7 @@ def _parallel(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> None:
                 "set TENSOR_PARALLEL_SIZE to a divisor or a multiple of the KV heads",
             )
         )
-    experts = model.num_experts or 0
     if experts and tp > experts:
-        problems = True
         out.append(
             Finding(
                 "error",
@@ -445,107 +460,111 @@ def _parallel(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> None:
                 f"set TENSOR_PARALLEL_SIZE to at most {experts}",
             )
         )
+    return len(out) > before
 
+
+def _expert_parallel(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> bool:
+    """Decide plan.expert_parallel from EXPERT_PARALLEL and the FP8 block split. True on a problem."""
+    tp = cfg.tensor_parallel_size
     split = _fp8_split(model, tp)
-    mode = cfg.expert_parallel
-    inter = model.moe_intermediate_size
     if split is not None and not split[0]:
-        _, per, block = split
-        why = (
-            f"FP8 block quantization ({block}x{block}) and TP={tp}: each expert's {inter} columns split "
-            f"{tp} ways are {inter / tp:g}, not a multiple of {block}"
+        _fp8_split_needs_ep(cfg, model, plan, split)
+        return False
+    experts = model.num_experts or 0
+    inter = model.moe_intermediate_size
+    if cfg.expert_parallel != "on":
+        plan.expert_parallel = False
+        if split is not None:
+            plan.expert_parallel_reason = (
+                f"not needed: {inter}/{tp} = {split[1]} columns per GPU, a multiple of {split[2]}"
+            )
+        elif experts:
+            plan.expert_parallel_reason = "not needed: the experts are not block-quantized"
+        else:
+            plan.expert_parallel_reason = "not a mixture-of-experts model"
+        return False
+    if experts:
+        plan.expert_parallel = True
+        plan.expert_parallel_reason = "EXPERT_PARALLEL=on"
+        return False
+    plan.expert_parallel = False
+    plan.findings.append(
+        Finding(
+            "error",
+            "Parallel",
+            "EXPERT_PARALLEL=on but the model has no experts "
+            "(vLLM: 'Number of experts in the model "
+            "must be greater than 0 when expert parallelism is enabled.')",
+            "set EXPERT_PARALLEL=auto",
         )
-        vllm_error = VLLM_FP8_BLOCK_ERROR.format(per=per, block=block)
-        if mode == "off":
-            plan.expert_parallel_reason = "EXPERT_PARALLEL=off"
-            # Recent vLLM (the pinned 0.32: fused_moe/oracle/fp8.py, refine_fp8_moe_block_shape)
-            # can refine the scales to 64x64 blocks for its Triton MoE kernels instead of
-            # failing; older releases fail after minutes of loading, and the fast
-            # DeepGEMM/CUTLASS kernels need the checkpoint's 128x128 blocks either way.
-            plan.expert_parallel = False
-            out.append(
-                Finding(
-                    "error",
-                    "Parallel",
-                    f"{why}; with EXPERT_PARALLEL=off vLLM stops while loading with "
-                    f"'{vllm_error}' (vLLM #17327, #17569)",
-                    "set EXPERT_PARALLEL=auto (or on): each GPU then holds whole experts; "
-                    "or TENSOR_PARALLEL_SIZE=4",
-                )
-            )
-        else:
-            plan.expert_parallel = True
-            plan.expert_parallel_reason = f"{why}; with expert parallelism each GPU holds whole experts"
-            out.append(
-                Finding(
-                    "ok",
-                    "Parallel",
-                    f"expert parallelism {'on' if mode == 'on' else 'switched on (EXPERT_PARALLEL=auto)'}: "
-                    f"{why}, "
-                    f"which vLLM refuses ('{vllm_error}', vLLM #17327, #17569); "
-                    "with --enable-expert-parallel each GPU holds whole experts",
-                )
-            )
-    else:
-        if mode == "on":
-            if not experts:
-                problems = True
-                plan.expert_parallel = False
-                out.append(
-                    Finding(
-                        "error",
-                        "Parallel",
-                        "EXPERT_PARALLEL=on but the model has no experts "
-                        "(vLLM: 'Number of experts in the model "
-                        "must be greater than 0 when expert parallelism is enabled.')",
-                        "set EXPERT_PARALLEL=auto",
-                    )
-                )
-            else:
-                plan.expert_parallel = True
-                plan.expert_parallel_reason = "EXPERT_PARALLEL=on"
-        else:
-            plan.expert_parallel = False
-            if split is not None:
-                plan.expert_parallel_reason = (
-                    f"not needed: {inter}/{tp} = {split[1]} columns per GPU, a multiple of {split[2]}"
-                )
-            elif experts:
-                plan.expert_parallel_reason = "not needed: the experts are not block-quantized"
-            else:
-                plan.expert_parallel_reason = "not a mixture-of-experts model"
+    )
+    return True
 
-    if plan.expert_parallel and experts and tp > 1:
-        base, extra = divmod(experts, tp)
-        if extra:
-            plan.experts_per_gpu = f"{base + 1} or {base} of {experts} experts per GPU"
-            out.append(
-                Finding(
-                    "warn",
-                    "Parallel",
-                    f"expert parallelism over {tp} GPUs: {experts} experts do not split evenly; vLLM gives "
-                    f"{extra} GPU(s) {base + 1} experts and the others {base} (uneven load)",
-                    "choose TENSOR_PARALLEL_SIZE dividing the expert count",
-                )
-            )
-        else:
-            plan.experts_per_gpu = f"{base} of {experts} experts per GPU"
-    if not problems:
-        kv_per = max(1, kv // tp)
-        rep = f", each replicated on {tp // kv} GPUs" if tp > kv else ""
-        ep = (
-            "expert parallel on"
-            if plan.expert_parallel
-            else f"expert parallel off ({plan.expert_parallel_reason})"
-        )
-        out.append(
+
+def _fp8_split_needs_ep(
+    cfg: ServiceConfig, model: ModelInfo, plan: Plan, split: tuple[bool, int, int]
+) -> None:
+    """FP8 blocks that TP would cut: expert parallelism on (auto, on), or the error vLLM would raise (off)."""
+    tp = cfg.tensor_parallel_size
+    inter = model.moe_intermediate_size or 0
+    _, per, block = split
+    why = (
+        f"FP8 block quantization ({block}x{block}) and TP={tp}: each expert's {inter} columns split "
+        f"{tp} ways are {inter / tp:g}, not a multiple of {block}"
+    )
+    vllm_error = VLLM_FP8_BLOCK_ERROR.format(per=per, block=block)
+    if cfg.expert_parallel == "off":
+        plan.expert_parallel_reason = "EXPERT_PARALLEL=off"
+        # Recent vLLM (the pinned 0.32: fused_moe/oracle/fp8.py, refine_fp8_moe_block_shape)
+        # can refine the scales to 64x64 blocks for its Triton MoE kernels instead of
+        # failing; older releases fail after minutes of loading, and the fast
+        # DeepGEMM/CUTLASS kernels need the checkpoint's 128x128 blocks either way.
+        plan.expert_parallel = False
+        plan.findings.append(
             Finding(
-                "ok",
+                "error",
                 "Parallel",
-                f"TP={tp}: {heads // tp} attention heads and {kv_per} KV head(s) per GPU "
-                f"({kv} KV heads{rep}); {ep}",
+                f"{why}; with EXPERT_PARALLEL=off vLLM stops while loading with "
+                f"'{vllm_error}' (vLLM #17327, #17569)",
+                "set EXPERT_PARALLEL=auto (or on): each GPU then holds whole experts; "
+                "or TENSOR_PARALLEL_SIZE=4",
             )
         )
+        return
+    plan.expert_parallel = True
+    plan.expert_parallel_reason = f"{why}; with expert parallelism each GPU holds whole experts"
+    how = "on" if cfg.expert_parallel == "on" else "switched on (EXPERT_PARALLEL=auto)"
+    plan.findings.append(
+        Finding(
+            "ok",
+            "Parallel",
+            f"expert parallelism {how}: {why}, "
+            f"which vLLM refuses ('{vllm_error}', vLLM #17327, #17569); "
+            "with --enable-expert-parallel each GPU holds whole experts",
+        )
+    )
+
+
+def _expert_spread(model: ModelInfo, plan: Plan) -> None:
+    """With expert parallelism: how many experts each GPU holds, and a warning when uneven."""
+    experts = model.num_experts or 0
+    tp = plan.tensor_parallel_size
+    if not (plan.expert_parallel and experts and tp > 1):
+        return
+    base, extra = divmod(experts, tp)
+    if not extra:
+        plan.experts_per_gpu = f"{base} of {experts} experts per GPU"
+        return
+    plan.experts_per_gpu = f"{base + 1} or {base} of {experts} experts per GPU"
+    plan.findings.append(
+        Finding(
+            "warn",
+            "Parallel",
+            f"expert parallelism over {tp} GPUs: {experts} experts do not split evenly; vLLM gives "
+            f"{extra} GPU(s) {base + 1} experts and the others {base} (uneven load)",
+            "choose TENSOR_PARALLEL_SIZE dividing the expert count",
+        )
+    )
 
 
 def _max_len(cfg: ServiceConfig, model: ModelInfo, out: list[Finding]) -> None:
@@ -564,7 +583,36 @@ def _max_len(cfg: ServiceConfig, model: ModelInfo, out: list[Finding]) -> None:
 
 
 def _capacity(cfg: ServiceConfig, inventory: Inventory, model: ModelInfo, plan: Plan) -> None:
-    out = plan.findings
+    """Weights, reserve and KV cache per GPU (see the module doc), and the verdict on them."""
+    weights = _weights_per_gpu(cfg, model, plan)
+    if cfg.enforce_eager:
+        plan.cuda_graph_reserve_bytes = 0
+    per_token = _kv_per_token(cfg, model, plan)
+    reserve = plan.reserve_bytes
+    slots = []
+    for rank, g in enumerate(inventory.gpus[: cfg.tensor_parallel_size]):
+        budget = math.ceil(g.total_bytes * cfg.gpu_memory_util)
+        kv = budget - weights - reserve
+        tokens = (max(kv, 0) // per_token) // KV_BLOCK * KV_BLOCK if per_token else 0
+        slots.append(
+            RankSlot(rank, rank, g.index, g.name, g.total_bytes, budget, weights, reserve, kv, tokens)
+        )
+    plan.rank_map = tuple(slots)
+    smallest = min(slots, key=lambda s: s.kv_bytes)
+    plan.budget_per_gpu_bytes = smallest.budget_bytes
+    plan.kv_bytes_per_gpu = smallest.kv_bytes
+    plan.kv_tokens = smallest.kv_tokens
+    plan.max_concurrency = plan.kv_tokens // cfg.max_model_len
+    if smallest.kv_bytes <= 0:
+        plan.findings.append(_does_not_fit(cfg, model, smallest))
+    elif plan.kv_tokens < cfg.max_model_len:
+        plan.findings.append(_one_sequence_does_not_fit(cfg, inventory, model, plan, smallest))
+    else:
+        plan.findings.append(_concurrency(cfg, plan, smallest))
+
+
+def _weights_per_gpu(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> int:
+    """The weights one GPU holds (the heaviest rank's); fills in the vision encoder's part."""
     tp = cfg.tensor_parallel_size
     total = plan.weights_total_bytes or 0
     # The vision encoder: exact from the shard headers, else estimated from vision_config.
@@ -590,96 +638,90 @@ def _capacity(cfg: ServiceConfig, inventory: Inventory, model: ModelInfo, plan: 
             * wbytes,
         )
         weights += experts_bytes * (math.ceil(model.num_experts / tp) / model.num_experts - 1 / tp)
-    weights_i = int(weights)
-    plan.weights_per_gpu_bytes = weights_i
-    if cfg.enforce_eager:
-        plan.cuda_graph_reserve_bytes = 0
-    reserve = plan.reserve_bytes
+    plan.weights_per_gpu_bytes = int(weights)
+    return plan.weights_per_gpu_bytes
 
+
+def _kv_per_token(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> int:
+    """KV cache bytes per token on one GPU; fills in the factors for the formula."""
     kv_name, kv_bytes = _kv_dtype(cfg, model)
     layers = model.num_hidden_layers or 0
-    kv_heads = model.num_key_value_heads or 1
-    kv_heads_per_gpu = max(1, kv_heads // tp)
+    kv_heads_per_gpu = max(1, (model.num_key_value_heads or 1) // cfg.tensor_parallel_size)
     head_dim = model.head_dim or 0
     per_token = layers * kv_heads_per_gpu * head_dim * 2 * kv_bytes
     plan.num_layers, plan.kv_heads_per_gpu, plan.head_dim = layers, kv_heads_per_gpu, head_dim
     plan.kv_dtype, plan.kv_dtype_bytes = kv_name, kv_bytes
     plan.kv_bytes_per_token_per_gpu = per_token
+    return per_token
 
-    slots = []
-    for rank, g in enumerate(inventory.gpus[:tp]):
-        budget = math.ceil(g.total_bytes * cfg.gpu_memory_util)
-        kv = budget - weights_i - reserve
-        tokens = (max(kv, 0) // per_token) // KV_BLOCK * KV_BLOCK if per_token else 0
-        slots.append(
-            RankSlot(rank, rank, g.index, g.name, g.total_bytes, budget, weights_i, reserve, kv, tokens)
-        )
-    plan.rank_map = tuple(slots)
-    smallest = min(slots, key=lambda s: s.kv_bytes)
-    plan.budget_per_gpu_bytes = smallest.budget_bytes
-    plan.kv_bytes_per_gpu = smallest.kv_bytes
-    plan.kv_tokens = smallest.kv_tokens
-    plan.max_concurrency = plan.kv_tokens // cfg.max_model_len
 
+def _more_gpus(model: ModelInfo, tp: int) -> int | None:
+    """The next tensor-parallel size (8, 16) that the attention heads allow, if any."""
+    return next((t for t in (8, 16) if t > tp and (model.num_attention_heads or 1) % t == 0), None)
+
+
+def _does_not_fit(cfg: ServiceConfig, model: ModelInfo, smallest: RankSlot) -> Finding:
     g = _gib
-    if smallest.kv_bytes <= 0:
-        more = next((t for t in (8, 16) if t > tp and (model.num_attention_heads or 1) % t == 0), None)
-        out.append(
-            Finding(
-                "error",
-                "Capacity",
-                f"the model does not fit: {g(weights_i)} GiB weights + {g(reserve)} GiB reserve per GPU "
-                f"exceed the {g(smallest.budget_bytes)} GiB budget (GPU_MEMORY_UTIL={cfg.gpu_memory_util:g} "
-                f"x {g(smallest.total_bytes)} GiB)",
-                (f"use {more} GPUs (TENSOR_PARALLEL_SIZE={more})" if more else "use more or larger GPUs")
-                + " or raise GPU_MEMORY_UTIL",
-            )
-        )
-        return
-    need_one = math.ceil(cfg.max_model_len / KV_BLOCK) * KV_BLOCK * per_token
-    if plan.kv_tokens < cfg.max_model_len:
-        fixes = [f"lower MAX_MODEL_LEN to {plan.kv_tokens} or less"]
-        if kv_bytes > 1:
-            fp8_tokens = plan.kv_tokens * kv_bytes  # same bytes, one byte per element
-            if fp8_tokens >= cfg.max_model_len:
-                fixes.append(f"set KV_CACHE_DTYPE=fp8 (holds {fp8_tokens:,} tokens)")
-        util = (weights_i + reserve + need_one) / smallest.total_bytes
-        util = math.ceil(util * 100) / 100
-        if util <= 0.95:
-            fixes.append(f"raise GPU_MEMORY_UTIL to {util:g}")
-        more = next((t for t in (8, 16) if t > tp and (model.num_attention_heads or 1) % t == 0), None)
-        if more and (inventory.count >= more or inventory.source.startswith("spec")):
-            fixes.append(f"use {more} GPUs")
-        out.append(
-            Finding(
-                "error",
-                "Capacity",
-                f"one sequence of MAX_MODEL_LEN={cfg.max_model_len:,} needs {g(need_one)} GiB "
-                "of KV cache per GPU, "
-                f"only {g(smallest.kv_bytes)} GiB ({plan.kv_tokens:,} tokens) are left after "
-                f"{g(weights_i)} GiB weights and {g(reserve)} GiB reserve; vLLM would fail after loading "
-                "('To serve at least one request with the model's max seq len ...')",
-                ", or ".join(fixes),
-            )
-        )
-        return
-    summary = (
-        f"KV cache {g(smallest.kv_bytes)} GiB per GPU = {plan.kv_tokens:,} tokens: "
-        f"{plan.max_concurrency} sequences of MAX_MODEL_LEN={cfg.max_model_len:,} at once"
+    more = _more_gpus(model, cfg.tensor_parallel_size)
+    return Finding(
+        "error",
+        "Capacity",
+        f"the model does not fit: {g(smallest.weights_bytes)} GiB weights + {g(smallest.reserve_bytes)} GiB "
+        f"reserve per GPU exceed the {g(smallest.budget_bytes)} GiB budget "
+        f"(GPU_MEMORY_UTIL={cfg.gpu_memory_util:g} x {g(smallest.total_bytes)} GiB)",
+        (f"use {more} GPUs (TENSOR_PARALLEL_SIZE={more})" if more else "use more or larger GPUs")
+        + " or raise GPU_MEMORY_UTIL",
     )
-    if plan.max_concurrency < cfg.max_num_seqs:
-        out.append(
-            Finding(
-                "warn",
-                "Capacity",
-                f"{summary}, fewer than MAX_NUM_SEQS={cfg.max_num_seqs}: when long requests fill the cache "
-                "vLLM preempts some and recomputes them later (shorter requests share the cache)",
-                f"set MAX_NUM_SEQS={plan.max_concurrency} to keep room for every full-length sequence, "
-                "or accept the preemption",
-            )
-        )
-    else:
-        out.append(Finding("ok", "Capacity", f"{summary} (MAX_NUM_SEQS={cfg.max_num_seqs})"))
 
 
-__all__ = ["Finding", "Plan", "RankSlot", "make", "vision_params"]
+def _one_sequence_does_not_fit(
+    cfg: ServiceConfig, inventory: Inventory, model: ModelInfo, plan: Plan, smallest: RankSlot
+) -> Finding:
+    g = _gib
+    tokens = smallest.kv_tokens
+    per_token = plan.kv_bytes_per_token_per_gpu or 0
+    kv_bytes = plan.kv_dtype_bytes or 1
+    weights, reserve = smallest.weights_bytes, smallest.reserve_bytes
+    need_one = math.ceil(cfg.max_model_len / KV_BLOCK) * KV_BLOCK * per_token
+    fixes = [f"lower MAX_MODEL_LEN to {tokens} or less"]
+    if kv_bytes > 1:
+        fp8_tokens = tokens * kv_bytes  # same bytes, one byte per element
+        if fp8_tokens >= cfg.max_model_len:
+            fixes.append(f"set KV_CACHE_DTYPE=fp8 (holds {fp8_tokens:,} tokens)")
+    util = math.ceil((weights + reserve + need_one) / smallest.total_bytes * 100) / 100
+    if util <= 0.95:
+        fixes.append(f"raise GPU_MEMORY_UTIL to {util:g}")
+    more = _more_gpus(model, cfg.tensor_parallel_size)
+    if more and (inventory.count >= more or inventory.source.startswith("spec")):
+        fixes.append(f"use {more} GPUs")
+    return Finding(
+        "error",
+        "Capacity",
+        f"one sequence of MAX_MODEL_LEN={cfg.max_model_len:,} needs {g(need_one)} GiB "
+        "of KV cache per GPU, "
+        f"only {g(smallest.kv_bytes)} GiB ({tokens:,} tokens) are left after "
+        f"{g(weights)} GiB weights and {g(reserve)} GiB reserve; vLLM would fail after loading "
+        "('To serve at least one request with the model's max seq len ...')",
+        ", or ".join(fixes),
+    )
+
+
+def _concurrency(cfg: ServiceConfig, plan: Plan, smallest: RankSlot) -> Finding:
+    concurrency = plan.max_concurrency or 0
+    summary = (
+        f"KV cache {_gib(smallest.kv_bytes)} GiB per GPU = {smallest.kv_tokens:,} tokens: "
+        f"{concurrency} sequences of MAX_MODEL_LEN={cfg.max_model_len:,} at once"
+    )
+    if concurrency >= cfg.max_num_seqs:
+        return Finding("ok", "Capacity", f"{summary} (MAX_NUM_SEQS={cfg.max_num_seqs})")
+    return Finding(
+        "warn",
+        "Capacity",
+        f"{summary}, fewer than MAX_NUM_SEQS={cfg.max_num_seqs}: when long requests fill the cache "
+        "vLLM preempts some and recomputes them later (shorter requests share the cache)",
+        f"set MAX_NUM_SEQS={concurrency} to keep room for every full-length sequence, "
+        "or accept the preemption",
+    )
+
+
+__all__ = ["Finding", "Level", "Plan", "RankSlot", "make", "vision_params"]

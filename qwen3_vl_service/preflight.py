@@ -26,11 +26,12 @@ from . import plan as plan_mod
 from . import slurm as slurm_mod
 from .config import ServiceConfig
 from .errors import CheckFailed
+from .findings import Finding, Level
 from .gpus import Inventory
 from .media import PID_FILE_NAME as MEDIA_PID_FILE
 from .media import client as media_client
 from .model import ModelInfo
-from .plan import Finding, Plan
+from .plan import Plan
 from .slurm import Allocation, format_duration
 
 GiB = 1024**3
@@ -143,28 +144,12 @@ def _gpu_findings(cfg: ServiceConfig, inv: Inventory) -> list[Finding]:
 def _slurm_findings(
     cfg: ServiceConfig, alloc: Allocation | None, plan: Plan | None, no_end_time: str = ""
 ) -> list[Finding]:
-    """NO_END_TIME: why squeue could not tell the end time either (empty: it was not asked)."""
+    """NO_END_TIME: why squeue could not tell the end time either (empty: it was not asked).
+
+    The first finding is the 'ok' summary of the job; the others say what is missing or short.
+    """
     if alloc is None:
-        if cfg.require_slurm:
-            return [
-                Finding(
-                    "error",
-                    "SLURM",
-                    "not inside a SLURM allocation (SLURM_JOB_ID is unset) and REQUIRE_SLURM=true",
-                    f"start it in a job: salloc --gpus-per-node={cfg.tensor_parallel_size} ... "
-                    "then srun --pty bash, "
-                    "or sbatch",
-                )
-            ]
-        return [
-            Finding(
-                "warn",
-                "SLURM",
-                "not inside a SLURM allocation (SLURM_JOB_ID is unset): "
-                "the GPUs may be shared and no time limit applies",
-                "run it inside salloc/sbatch (REQUIRE_SLURM=true makes this an error)",
-            )
-        ]
+        return [_no_allocation(cfg)]
     out: list[Finding] = []
     parts = [f"job {alloc.job_id}"]
     if alloc.node_name:
@@ -184,31 +169,64 @@ def _slurm_findings(
                 f"open a shell on the node first: srun --jobid {alloc.job_id} --pty bash",
             )
         )
-    tp = cfg.tensor_parallel_size
     if cfg.device == "gpu":
-        if alloc.gpus_on_node is None:
-            out.append(
-                Finding(
-                    "warn",
-                    "SLURM",
-                    f"job {alloc.job_id} has no GPUs recorded (SLURM_GPUS_ON_NODE and SLURM_JOB_GPUS unset)",
-                    f"request them: salloc --gpus-per-node={tp}",
-                )
-            )
-        elif alloc.gpus_on_node < tp:
-            out.append(
-                Finding(
-                    "error",
-                    "SLURM",
-                    f"SLURM allocated {alloc.gpus_on_node} GPU(s) on this node, "
-                    f"TENSOR_PARALLEL_SIZE={tp} needs {tp}",
-                    f"allocate {tp}: salloc --gpus-per-node={tp}, or lower TENSOR_PARALLEL_SIZE",
-                )
-            )
-        else:
-            ids = f" ({','.join(alloc.job_gpus)})" if alloc.job_gpus else ""
-            parts.append(f"{alloc.gpus_on_node} GPUs{ids}")
+        _slurm_gpus(cfg, alloc, out, parts)
+    _slurm_memory(cfg, alloc, plan, out, parts)
+    _slurm_time(alloc, plan, no_end_time, out, parts)
+    out.insert(0, Finding("ok", "SLURM", ", ".join(parts)))
+    return out
 
+
+def _no_allocation(cfg: ServiceConfig) -> Finding:
+    if cfg.require_slurm:
+        return Finding(
+            "error",
+            "SLURM",
+            "not inside a SLURM allocation (SLURM_JOB_ID is unset) and REQUIRE_SLURM=true",
+            f"start it in a job: salloc --gpus-per-node={cfg.tensor_parallel_size} ... "
+            "then srun --pty bash, "
+            "or sbatch",
+        )
+    return Finding(
+        "warn",
+        "SLURM",
+        "not inside a SLURM allocation (SLURM_JOB_ID is unset): "
+        "the GPUs may be shared and no time limit applies",
+        "run it inside salloc/sbatch (REQUIRE_SLURM=true makes this an error)",
+    )
+
+
+def _slurm_gpus(cfg: ServiceConfig, alloc: Allocation, out: list[Finding], parts: list[str]) -> None:
+    """The job's GPUs on this node against TENSOR_PARALLEL_SIZE (a finding, or a part of the summary)."""
+    tp = cfg.tensor_parallel_size
+    if alloc.gpus_on_node is None:
+        out.append(
+            Finding(
+                "warn",
+                "SLURM",
+                f"job {alloc.job_id} has no GPUs recorded (SLURM_GPUS_ON_NODE and SLURM_JOB_GPUS unset)",
+                f"request them: salloc --gpus-per-node={tp}",
+            )
+        )
+    elif alloc.gpus_on_node < tp:
+        out.append(
+            Finding(
+                "error",
+                "SLURM",
+                f"SLURM allocated {alloc.gpus_on_node} GPU(s) on this node, "
+                f"TENSOR_PARALLEL_SIZE={tp} needs {tp}",
+                f"allocate {tp}: salloc --gpus-per-node={tp}, or lower TENSOR_PARALLEL_SIZE",
+            )
+        )
+    else:
+        ids = f" ({','.join(alloc.job_gpus)})" if alloc.job_gpus else ""
+        parts.append(f"{alloc.gpus_on_node} GPUs{ids}")
+
+
+def _slurm_memory(
+    cfg: ServiceConfig, alloc: Allocation, plan: Plan | None, out: list[Finding], parts: list[str]
+) -> None:
+    """The job's host memory against what vLLM's processes need."""
     need = plan.host_memory_bytes if plan is not None else None
     if alloc.mem_per_node_bytes is None:
         parts.append("no --mem limit")
@@ -218,7 +236,7 @@ def _slurm_findings(
                 "error",
                 "SLURM",
                 f"the job has {_gib(alloc.mem_per_node_bytes)} GiB of host memory (SLURM_MEM_PER_NODE); "
-                f"vLLM with {tp} GPU worker(s) needs about {_gib(need)} GiB "
+                f"vLLM with {cfg.tensor_parallel_size} GPU worker(s) needs about {_gib(need)} GiB "
                 f"({_gib(plan_mod.HOST_BASE)} for the API server "
                 f"and engine + {_gib(plan_mod.HOST_PER_WORKER)} per GPU worker)",
                 f"allocate more: salloc --mem={int(need / GiB) + 1}G (or --mem=0 for the whole node)",
@@ -229,6 +247,11 @@ def _slurm_findings(
             f"{_gib(alloc.mem_per_node_bytes)} GiB memory" + (f" (needs ~{_gib(need)} GiB)" if need else "")
         )
 
+
+def _slurm_time(
+    alloc: Allocation, plan: Plan | None, no_end_time: str, out: list[Finding], parts: list[str]
+) -> None:
+    """The job's time left against the expected load time."""
     load = plan.expected_load_s if plan is not None else None
     if alloc.time_left_s is None:
         why = "SLURM_JOB_END_TIME unset" + (f"; {no_end_time}" if no_end_time else "")
@@ -259,8 +282,6 @@ def _slurm_findings(
         left = format_duration(max(0.0, alloc.time_left_s))
         source = " (from squeue)" if alloc.end_time_source == "squeue" else ""
         parts.append(f"{left} left{source}" + (f" (loading takes ~{format_duration(load)})" if load else ""))
-    out.insert(0, Finding("ok", "SLURM", ", ".join(parts)))
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -268,7 +289,7 @@ def _slurm_findings(
 
 
 def _model_findings(info: ModelInfo) -> list[Finding]:
-    out = [Finding(i.level, "Model", i.message, i.fix) for i in info.issues]  # type: ignore[arg-type]
+    out = list(info.issues)
     if not info.config_ok or info.errors:
         return out
     arch = info.architectures[0] if info.architectures else "?"
@@ -551,4 +572,4 @@ def render(report: Report, color: bool = False) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Finding", "Report", "port_holders", "render", "run"]
+__all__ = ["Finding", "Level", "Report", "port_holders", "render", "run"]

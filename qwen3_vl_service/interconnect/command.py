@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from .. import cli
 from ..config import load
 from ..errors import UsageError
+from ..findings import Finding
 from ..gpus import NvmlUnavailable
-from ..plan import Finding
 from .report import finding_line, render_table, result_findings, topology_findings
 from .run import (
     DEFAULT_SIZES,

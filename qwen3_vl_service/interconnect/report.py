@@ -6,8 +6,8 @@ import os
 import sys
 
 from ..config import ServiceConfig
+from ..findings import Finding
 from ..gpus import NvmlUnavailable
-from ..plan import Finding
 from ..units import format_bytes, format_ranges, format_short_time
 from .run import DEFAULT_SIZES, DEFAULT_TIMEOUT, CheckResult, run_check, torch_missing, worker_env
 from .topology import Topology, p2p_problems, read_topology

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import uuid
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from . import processes
 from .errors import CheckFailed
 from .fileio import write_atomic
 
@@ -154,9 +156,7 @@ def live_process(state: RunState) -> psutil.Process | None:
             return None
     except psutil.Error:
         return None
-    from .processes import is_recorded
-
-    return proc if is_recorded(proc, state.tag, state.create_time) else None
+    return proc if processes.is_recorded(proc, state.tag, state.create_time) else None
 
 
 def describe_since(state: RunState) -> str:
@@ -206,6 +206,68 @@ def elsewhere_error(state: RunState, node: str, run_dir: str | os.PathLike[str])
     )
 
 
+@dataclass(frozen=True)
+class ServiceState:
+    """What the run state says about the service of one RUN_DIR, judged on this node.
+
+    The one assessment that start (the double-start check), stop and status
+    share: the recorded state, whether its process still runs here, and why a
+    state file is stale. ``ours()`` finds this run's processes (also orphans
+    that lost their state file) the same way for all three.
+    """
+
+    run_dir: Path
+    state: RunState | None  # None: no state file, or an unreadable one
+    process: psutil.Process | None  # the recorded process, alive and still the recorded one
+    node: str | None  # the other node the state was written on, if not this one
+    elsewhere: bool  # written on another node whose SLURM job may still run: cannot be judged here
+    stale: str  # why the state file is stale; "" when there is none or it is live
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None
+
+    @property
+    def tag(self) -> str | None:
+        return self.state.tag if self.state is not None else None
+
+    def ours(self, *, exclude_media: bool = True) -> list[psutil.Process]:
+        """This run's processes: by RUN_DIR or tag in their environment, or by the recorded pid's group.
+
+        The process group stands in for children whose environment setproctitle wiped;
+        a pid recorded on another node names nothing here.
+        """
+        local = self.state is not None and self.node is None
+        return processes.find_ours(
+            self.run_dir,
+            self.tag,
+            exclude_media=exclude_media,
+            group=self.state.pid if local and self.state is not None else None,
+            group_started=self.state.create_time if local and self.state is not None else 0.0,
+        )
+
+    def elsewhere_error(self) -> CheckFailed:
+        assert self.state is not None and self.node is not None
+        return elsewhere_error(self.state, self.node, self.run_dir)
+
+
+def assess(run_dir: str | os.PathLike[str]) -> ServiceState:
+    """The service state of RUN_DIR (see ServiceState); asks squeue only for a state of another node."""
+    run_dir = Path(run_dir)
+    state = read(run_dir)
+    node = other_node(state) if state is not None else None
+    process = live_process(state) if state is not None else None
+    away = state is not None and node is not None and elsewhere(state) is not None
+    stale = ""
+    if state is None and exists(run_dir):
+        stale = "the state file is unreadable"
+    elif state is not None and node is not None and not away:
+        stale = f"written on node {node} by SLURM job {state.slurm_job_id}, which has ended"
+    elif state is not None and node is None and process is None:
+        stale = f"pid {state.pid} of the recorded start is gone"
+    return ServiceState(run_dir, state, process, node, away, stale)
+
+
 def check_not_running(run_dir: str | os.PathLike[str]) -> None:
     """Raise CheckFailed if the service of RUN_DIR runs, or left processes behind.
 
@@ -215,29 +277,15 @@ def check_not_running(run_dir: str | os.PathLike[str]) -> None:
     #55510, #34643) also refuse the start: a new vLLM would fail with out of
     memory minutes later.
     """
-    state = read(run_dir)
-    if state is not None:
-        node = other_node(state)
-        if node is not None:
-            if elsewhere(state) is not None:
-                raise elsewhere_error(state, node, run_dir)
-            return  # its SLURM job has ended: stale, the new state replaces it
-        proc = live_process(state)
-        if proc is not None:
-            raise CheckFailed(
-                f"service already running (pid {state.pid}, since {describe_since(state)})",
-                fix=STOP_HINT,
-            )
-    from . import processes
-
-    local = state is not None and other_node(state) is None
-    leftovers = processes.find_ours(
-        run_dir,
-        state.tag if local else None,
-        group=state.pid if local else None,
-        group_started=state.create_time if local else 0.0,
-        exclude_media=True,
-    )
+    current = assess(run_dir)
+    if current.elsewhere:
+        raise current.elsewhere_error()
+    if current.state is not None and current.running:
+        raise CheckFailed(
+            f"service already running (pid {current.state.pid}, since {describe_since(current.state)})",
+            fix=STOP_HINT,
+        )
+    leftovers = current.ours()
     if leftovers:
         shown = ", ".join(f"{p.pid} {processes.describe(p)}" for p in leftovers[:5])
         more = f" and {len(leftovers) - 5} more" if len(leftovers) > 5 else ""
@@ -272,14 +320,22 @@ def clear_corrupt(run_dir: str | os.PathLike[str]) -> bool:
     return True
 
 
-def make_private_tmp(tag: str, base: str | os.PathLike[str] | None = None) -> str:
-    """A private folder for one run's IPC sockets (0700), under BASE or the system temp dir.
+def private_tmp_path(tag: str, base: str | os.PathLike[str] | None = None) -> str:
+    """The private folder for one run's IPC sockets (VLLM_RPC_BASE_PATH), under BASE or the system temp dir.
 
+    Named by the tag, so that the command the report shows is the one that runs.
     Kept short on purpose: vLLM puts ZMQ IPC sockets there, and a Unix socket
     path is limited to 107 bytes, so it does not go under a deep RUN_DIR.
     """
-    short = tag.rsplit("-", 1)[-1][:12] or uuid.uuid4().hex[:12]
-    return tempfile.mkdtemp(prefix=f"{PRIVATE_TMP_PREFIX}{short}-", dir=base)
+    short = tag.rsplit("-", 1)[-1][:12] or "run"
+    return os.path.join(base if base is not None else tempfile.gettempdir(), f"{PRIVATE_TMP_PREFIX}{short}")
+
+
+def make_private_tmp(tag: str, base: str | os.PathLike[str] | None = None) -> str:
+    """Make private_tmp_path(TAG, BASE), readable by this user only (0700); returns its path."""
+    path = private_tmp_path(tag, base)
+    os.mkdir(path, 0o700)
+    return path
 
 
 def remove_private_tmp(path: str) -> bool:
@@ -291,8 +347,6 @@ def remove_private_tmp(path: str) -> bool:
         st = p.lstat()
     except OSError:
         return False
-    import stat
-
     if (
         not p.name.startswith(PRIVATE_TMP_PREFIXES)
         or not stat.S_ISDIR(st.st_mode)
@@ -307,6 +361,8 @@ def remove_private_tmp(path: str) -> bool:
 __all__ = [
     "STATE_FILE",
     "RunState",
+    "ServiceState",
+    "assess",
     "check_not_running",
     "clear",
     "clear_corrupt",
@@ -317,6 +373,7 @@ __all__ = [
     "new_tag",
     "now_iso",
     "other_node",
+    "private_tmp_path",
     "read",
     "remove_private_tmp",
     "state_path",

@@ -32,9 +32,11 @@ from pathlib import Path
 
 import psutil
 
+from . import config as config_mod
 from . import processes, runstate
 from .cli import ArgumentParser, run
 from .errors import EXIT_FAILED, EXIT_OK
+from .readiness import format_elapsed
 
 # Beyond SHUTDOWN_TIMEOUT: vLLM's engine teardown after the requests drained.
 SHUTDOWN_GRACE_S = 30
@@ -89,8 +91,6 @@ class StopReport:
 
 
 def _uptime(proc: psutil.Process) -> str:
-    from .readiness import format_elapsed
-
     try:
         return format_elapsed(time.time() - proc.create_time())
     except psutil.Error:
@@ -111,6 +111,21 @@ def _tmpdirs(procs: list[psutil.Process]) -> set[str]:
     return out
 
 
+@dataclass
+class _Run:
+    """What the steps of one stop share."""
+
+    current: runstate.ServiceState
+    report: StopReport
+    grace: float
+    echo: Callable[[str], None]
+    media_pids: set[int]
+    tmpdirs: set[str] = field(default_factory=set)
+
+    def not_media(self, p: psutil.Process) -> bool:
+        return p.pid not in self.media_pids and not processes.is_media_server(p)
+
+
 def stop_service(
     run_dir: str | os.PathLike[str],
     *,
@@ -127,63 +142,61 @@ def stop_service(
     ECHO gets a line before each step that may take time.
     """
     start = time.monotonic()
-    run_dir = Path(run_dir)
-    report = StopReport()
-    state = runstate.read(run_dir)
-    report.state = state
-    if state is None and runstate.exists(run_dir):
-        report.stale_state = "the state file is unreadable"
-    node = runstate.other_node(state) if state else None
-    if state is not None and node is not None:
-        if runstate.elsewhere(state) is not None:
-            raise runstate.elsewhere_error(state, node, run_dir)
-        report.stale_state = f"written on node {node} by SLURM job {state.slurm_job_id}, which has ended"
-    main = runstate.live_process(state) if state else None
-    if state is not None and main is None and not report.stale_state:
-        report.stale_state = f"pid {state.pid} of the recorded start is gone"
+    current = runstate.assess(run_dir)
+    if current.elsewhere:
+        raise current.elsewhere_error()
+    state = current.state
+    report = StopReport(state=state, stale_state=current.stale)
     if state is not None:
         host, port = state.host, state.port
     report.port = (host, port)
-
     media = processes.media_server(run_dir)
     media_pids = {media.pid, *(c.pid for c in _children(media))} if media else set()
-
-    def not_media(p: psutil.Process) -> bool:
-        return p.pid not in media_pids and not processes.is_media_server(p)
-
-    tmpdirs: set[str] = set()
+    run = _Run(current, report, grace, echo, media_pids)
     if state is not None and state.private_tmp:
-        tmpdirs.add(state.private_tmp)
+        run.tmpdirs.add(state.private_tmp)
 
-    # 1. The API server, with the time in-flight requests need.
-    members: list[psutil.Process] = []
-    if main is not None:
-        members = [p for p in processes.tree(main.pid)[1:] if not_media(p) and processes.is_alive(p)]
-        tmpdirs |= _tmpdirs([main, *members])
-        echo(
-            f"stopping vLLM (pid {main.pid}, up {_uptime(main)}): SIGTERM, "
-            f"waiting up to {timeout:g} s for in-flight requests and the engine"
-        )
-        member_infos = [processes.info(p) for p in members]
-        report.main = processes.terminate([main], timeout, kill_timeout=grace)
-        report.followed = [
-            i for p, i in zip(members, member_infos, strict=False) if not processes.is_alive(p)
-        ]
+    members = _stop_api_server(run, timeout)
+    _stop_the_rest(run, members)
+    if include_media:
+        _stop_media(run, media)
+    _remove_run_files(run)
+    _verify(run, host, port, include_media)
+    report.elapsed = time.monotonic() - start
+    return report
 
-    # 2. The rest of its tree, and every process carrying our run dir or tag (orphans).
-    tag = state.tag if state else None
-    # The recorded pid's process group (for children whose environment setproctitle wiped);
-    # a pid of another node names nothing here.
-    group = {"group": state.pid, "group_started": state.create_time} if state and node is None else {}
-    found = processes.find_ours(run_dir, tag, exclude_media=True, **group)
-    rest = [p for p in dict.fromkeys([*members, *found]) if not_media(p) and processes.is_alive(p)]
+
+def _stop_api_server(run: _Run, timeout: float) -> list[psutil.Process]:
+    """Step 1: the API server, with the time in-flight requests need. Returns the members of its tree."""
+    main = run.current.process
+    if main is None:
+        return []
+    members = [p for p in processes.tree(main.pid)[1:] if run.not_media(p) and processes.is_alive(p)]
+    run.tmpdirs |= _tmpdirs([main, *members])
+    run.echo(
+        f"stopping vLLM (pid {main.pid}, up {_uptime(main)}): SIGTERM, "
+        f"waiting up to {timeout:g} s for in-flight requests and the engine"
+    )
+    member_infos = [processes.info(p) for p in members]
+    run.report.main = processes.terminate([main], timeout, kill_timeout=run.grace)
+    run.report.followed = [
+        i for p, i in zip(members, member_infos, strict=False) if not processes.is_alive(p)
+    ]
+    return members
+
+
+def _stop_the_rest(run: _Run, members: list[psutil.Process]) -> None:
+    """Step 2: the rest of its tree, and every process carrying our run dir or tag (orphans)."""
+    report, grace = run.report, run.grace
+    found = run.current.ours()
+    rest = [p for p in dict.fromkeys([*members, *found]) if run.not_media(p) and processes.is_alive(p)]
     # Helpers that ignore SIGTERM on purpose and end at EOF: let them drain last.
     drainers = [p for p in rest if processes.is_drainer(p)]
     others = [p for p in rest if p not in drainers]
     if others:
-        tmpdirs |= _tmpdirs(others)
-        kind = "remaining" if main is not None else "leftover"
-        echo(f"stopping {len(others)} {kind} process(es) of ours: SIGTERM, SIGKILL after {grace:g} s")
+        run.tmpdirs |= _tmpdirs(others)
+        kind = "remaining" if run.current.process is not None else "leftover"
+        run.echo(f"stopping {len(others)} {kind} process(es) of ours: SIGTERM, SIGKILL after {grace:g} s")
         report.rest = processes.terminate(others, grace, kill_timeout=grace)
     if drainers:
         infos = [processes.info(p) for p in drainers]
@@ -193,33 +206,35 @@ def stop_service(
             killed = processes.terminate(still, 0.0, kill_timeout=grace)
             report.rest = report.rest.merge(killed) if report.rest else killed
 
-    # 3. The media server, only when asked.
-    if include_media:
-        if media is not None:
-            echo(f"stopping the media server (pid {media.pid})")
-            report.media = processes.terminate([media, *_children(media)], grace, kill_timeout=grace)
-            _remove_stale_media_pidfile(run_dir, media.pid)
-        else:
-            report.media_note = "the media server was not running"
 
-    # 4. Files of the run.
-    if not [
-        p for p in processes.find_ours(run_dir, tag, exclude_media=True, **group) if processes.is_alive(p)
-    ]:
-        for tmp in sorted(tmpdirs):
-            if runstate.remove_private_tmp(tmp):
-                report.removed_tmp.append(tmp)
-        if state is not None and (main is None or not processes.is_alive(main)):
-            runstate.clear(run_dir, state.tag)
-        elif state is None:
-            runstate.clear_corrupt(run_dir)
+def _stop_media(run: _Run, media: psutil.Process | None) -> None:
+    """Step 3 (--all only): the media server."""
+    if media is None:
+        run.report.media_note = "the media server was not running"
+        return
+    run.echo(f"stopping the media server (pid {media.pid})")
+    run.report.media = processes.terminate([media, *_children(media)], run.grace, kill_timeout=run.grace)
+    _remove_stale_media_pidfile(run.current.run_dir, media.pid)
 
-    # 5. Verify.
-    left = [
-        p
-        for p in processes.find_ours(run_dir, tag, exclude_media=not include_media, **group)
-        if processes.is_alive(p)
-    ]
+
+def _remove_run_files(run: _Run) -> None:
+    """Step 4: the IPC socket folders and the state file, once no process of ours is left."""
+    if [p for p in run.current.ours() if processes.is_alive(p)]:
+        return
+    for tmp in sorted(run.tmpdirs):
+        if runstate.remove_private_tmp(tmp):
+            run.report.removed_tmp.append(tmp)
+    state, main = run.current.state, run.current.process
+    if state is not None and (main is None or not processes.is_alive(main)):
+        runstate.clear(run.current.run_dir, state.tag)
+    elif state is None:
+        runstate.clear_corrupt(run.current.run_dir)
+
+
+def _verify(run: _Run, host: str, port: int, include_media: bool) -> None:
+    """Step 5: what is left of ours, the port, and GPU memory still held by what we stopped."""
+    report = run.report
+    left = [p for p in run.current.ours(exclude_media=not include_media) if processes.is_alive(p)]
     report.leftovers = [processes.info(p) for p in left]
     handled = {p.pid for p in report.stopped} | {p.pid for p in left}
     report.unidentified = [processes.info(p) for p in processes.unidentified_vllm(exclude=handled)]
@@ -229,8 +244,6 @@ def stop_service(
         report.gpu_holders = processes.gpu_holders(checked) if checked else []
     except processes.NvmlUnavailable as exc:
         report.gpu_note = f"GPU check skipped: {exc}"
-    report.elapsed = time.monotonic() - start
-    return report
 
 
 def _children(proc: psutil.Process | None) -> list[psutil.Process]:
@@ -325,8 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
 
     def body() -> int:
-        from . import config as config_mod
-
         parser = ArgumentParser(
             prog="stop_service.py", description="Stop the Qwen3-VL service of this checkout."
         )
@@ -367,8 +378,6 @@ def main(argv: list[str] | None = None) -> int:
 def _log_path(argv: list[str], name: str) -> Path | None:
     """Where an unexpected traceback goes: LOG_DIR of the config, if it loads."""
     try:
-        from . import config as config_mod
-
         cfg_path = None
         for i, a in enumerate(argv):
             if a == "--config" and i + 1 < len(argv):

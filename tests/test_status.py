@@ -12,6 +12,23 @@ from lifecycle_helpers import Standin, free_port, run_tool, write_config
 
 from qwen3_vl_service import runstate, status
 
+# The keys of `status_service.py --json`: always, and while the recorded start runs
+# "gpu_note" comes besides, where NVML is unavailable ("gpus" is then null).
+BASE_KEYS = {
+    "running",
+    "healthy",
+    "run_dir",
+    "state_file",
+    "urls",
+    "model",
+    "served_model_name",
+    "log_file",
+    "processes",
+    "gpus",
+    "media_answering",
+}
+RUNNING_KEYS = BASE_KEYS | {"pid", "tag", "started_at", "uptime_s", "detached", "config_path", "health"}
+
 
 @pytest.fixture
 def standins():
@@ -49,6 +66,20 @@ def test_status_running_and_healthy(tmp_path: Path, standins) -> None:
     assert info["processes"] >= 4
     assert info["urls"]["api"] == f"http://127.0.0.1:{port}/v1"
     assert "sk-test-secret" not in result.stdout
+    # The --json keys are an interface (scripts read them): exactly these, no more, no fewer.
+    assert set(info) - {"gpu_note"} == RUNNING_KEYS | {"metrics", "served_models"}
+    assert set(info["urls"]) == {"api", "health", "metrics", "media"}
+    assert set(info["health"]) == {"status", "error", "latency_ms"}
+    assert set(m) == {
+        "requests_running",
+        "requests_waiting",
+        "kv_cache_usage",
+        "generation_tokens_total",
+        "prompt_tokens_total",
+        "generation_tokens_per_s",
+        "prompt_tokens_per_s",
+        "sample_s",
+    }
 
     text = run_tool("status_service.py", "--config", str(cfg), "--sample", "0")
     assert text.returncode == 0
@@ -84,6 +115,7 @@ def test_status_unhealthy_shows_phase(tmp_path: Path, standins) -> None:
     assert info["running"] and not info["healthy"]
     assert info["health"]["status"] == 503
     assert info["phase"] == "ready"  # the stand-in logged startup complete but answers 503
+    assert set(info) - {"gpu_note"} == RUNNING_KEYS | {"phase"}
 
 
 @pytest.mark.integration
@@ -94,6 +126,7 @@ def test_status_not_running(tmp_path: Path) -> None:
     assert "not running" in result.stdout
     info = json.loads(run_tool("status_service.py", "--config", str(cfg), "--json").stdout)
     assert info["running"] is False and info["healthy"] is False
+    assert set(info) - {"gpu_note"} == BASE_KEYS
 
 
 @pytest.mark.integration

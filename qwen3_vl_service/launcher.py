@@ -11,16 +11,24 @@ answers in well under a second on a login node.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import cli
+import psutil
+
+from . import cli, logtee, preflight, readiness, runstate, stop, vllm_args
 from .config import SETTINGS, ServiceConfig, load
 from .errors import CheckFailed, UsageError
+from .interconnect import report as interconnect
+from .media import LOG_FILE_NAME, PID_FILE_NAME, client
+from .vllm_args import RUN_DIR_ENV, TAG_ENV, VllmCommand
 
 SERVICE_LOG = "service.log"
 LAUNCHER_LOG = "launcher.log"
@@ -76,8 +84,10 @@ def render_settings(cfg: ServiceConfig) -> str:
     return "\n".join(lines)
 
 
-def _vllm_probe(python: str) -> tuple[str, str]:
-    """('ok'|'warn', message): whether PYTHON can import vLLM, without importing it here."""
+def _vllm_probe(python: str) -> tuple[preflight.Level, str]:
+    """(level, message): whether PYTHON can import vLLM, asked in a child so that vLLM is never
+    imported here. 'ok' with its version; 'warn' when vLLM is not installed for PYTHON (the
+    caller makes that an error unless it is a dry run); 'error' when PYTHON cannot run."""
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         return "error", f"VLLM_PYTHON {python} is not an executable file"
     code = (
@@ -110,9 +120,6 @@ def _spawn_detached_logtee(cfg: ServiceConfig) -> subprocess.Popen:
     start_service.py --detach`) must see EOF when the launcher exits.
     Untagged, like the foreground tee: stop_service.py lets it drain, then exit at EOF.
     """
-    from . import logtee
-    from .vllm_args import RUN_DIR_ENV, TAG_ENV
-
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in (TAG_ENV, RUN_DIR_ENV)}
     argv = logtee.command(
@@ -128,11 +135,7 @@ def _spawn_detached_logtee(cfg: ServiceConfig) -> subprocess.Popen:
     )
 
 
-def _state(cfg: ServiceConfig, *, pid: int, tag: str, private_tmp: str, detached: bool):
-    import psutil
-
-    from . import runstate
-
+def _state(cfg: ServiceConfig, *, pid: int, tag: str, private_tmp: str, detached: bool) -> runstate.RunState:
     return runstate.RunState(
         pid=pid,
         create_time=psutil.Process(pid).create_time(),
@@ -151,11 +154,9 @@ def _state(cfg: ServiceConfig, *, pid: int, tag: str, private_tmp: str, detached
     )
 
 
-def _ensure_media(cfg: ServiceConfig, say) -> None:
+def _ensure_media(cfg: ServiceConfig, say: Callable[[str], None]) -> None:
     if not cfg.media_server:
         return
-    from .media import LOG_FILE_NAME, PID_FILE_NAME, client
-
     if not cfg.media_root.is_dir():
         cfg.media_root.mkdir(parents=True, exist_ok=True)
         say(f"created the media root {cfg.media_root}")
@@ -176,27 +177,45 @@ def _ensure_media(cfg: ServiceConfig, say) -> None:
     say(f"media server: {verb} pid {pid} on {where} serving {cfg.media_root}")
 
 
-def _start(cfg: ServiceConfig, report_text: str, expert_parallel: bool, args) -> int:
-    from . import runstate, vllm_args
+@dataclass(frozen=True)
+class Launch:
+    """The vLLM process a start runs, built once: the report and service.log show it, then it runs.
 
-    say = print
-    _ensure_media(cfg, say)
+    PRIVATE_TMP (its IPC socket folder, named by the tag) is made only when the start goes ahead.
+    """
+
+    tag: str
+    private_tmp: str
+    cmd: VllmCommand
+    env: dict[str, str]  # the whole environment vLLM gets
+
+    def display(self) -> str:
+        return self.cmd.display(self.env)
+
+
+def prepare_launch(
+    cfg: ServiceConfig, *, expert_parallel: bool, environ: Mapping[str, str] | None = None
+) -> Launch:
     tag = runstate.new_tag()
     # Short and node-local: vLLM's IPC sockets go here (VLLM_RPC_BASE_PATH), and a Unix
     # socket path must stay under 108 bytes; removed whole by stop_service.py.
-    private_tmp = runstate.make_private_tmp(tag)
+    private_tmp = runstate.private_tmp_path(tag)
     cmd = vllm_args.build(cfg, expert_parallel=expert_parallel, tag=tag, private_tmp=private_tmp)
-    env = vllm_args.with_inherited(cmd.env, os.environ)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    env = vllm_args.with_inherited(cmd.env, os.environ if environ is None else environ)
+    return Launch(tag=tag, private_tmp=private_tmp, cmd=cmd, env=env)
 
+
+def _start(cfg: ServiceConfig, report_text: str, launch: Launch, args: argparse.Namespace) -> int:
+    _ensure_media(cfg, print)
+    runstate.make_private_tmp(launch.tag)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     if args.detach:
-        return _start_detached(cfg, cmd, env, tag, private_tmp, report_text, args)
+        return _start_detached(cfg, launch, report_text, args)
 
     # Foreground: the launcher becomes vLLM (same pid), so Ctrl+C and `kill PID`
     # reach vLLM directly. From here on our stdout and stderr go through a tee
     # process into service.log (rotated by size) and on to the terminal.
-    from . import logtee
-
+    tag, private_tmp, argv = launch.tag, launch.private_tmp, launch.cmd.argv
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     logtee.start_tee(
         cfg.log_dir / SERVICE_LOG, max_bytes=cfg.log_max_mb * 1024 * 1024, backups=cfg.log_backups
@@ -209,19 +228,18 @@ def _start(cfg: ServiceConfig, report_text: str, expert_parallel: bool, args) ->
         cfg.run_dir, _state(cfg, pid=os.getpid(), tag=tag, private_tmp=private_tmp, detached=False)
     )
     try:
-        os.execve(cmd.argv[0], list(cmd.argv), env)
+        os.execve(argv[0], list(argv), launch.env)
     except OSError as exc:
         runstate.clear(cfg.run_dir, tag)
         shutil.rmtree(private_tmp, ignore_errors=True)
         raise CheckFailed(
-            f"cannot execute {cmd.argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
+            f"cannot execute {argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
         ) from None
     return 1  # not reached
 
 
-def _start_detached(cfg, cmd, env, tag, private_tmp, report_text, args) -> int:
-    from . import readiness, runstate, stop
-
+def _start_detached(cfg: ServiceConfig, launch: Launch, report_text: str, args: argparse.Namespace) -> int:
+    tag, private_tmp, cmd, env = launch.tag, launch.private_tmp, launch.cmd, launch.env
     log_offset = readiness.log_size(cfg.log_dir / SERVICE_LOG)
     tee = _spawn_detached_logtee(cfg)
     assert tee.stdin is not None
@@ -315,12 +333,30 @@ def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
     log_holder[0] = cfg.log_dir / LAUNCHER_LOG
 
     if not args.dry_run:
-        from . import runstate
-
         runstate.check_not_running(cfg.run_dir)
 
-    from . import preflight, vllm_args
+    report = _preflight(cfg, args)
+    launch = prepare_launch(cfg, expert_parallel=report.expert_parallel)
+    parts = []
+    if not args.quiet:
+        parts.append(render_settings(cfg))
+    parts.append("Preflight\n" + preflight.render(report, color=sys.stdout.isatty()))
+    parts.append("vLLM command\n    " + launch.display())
+    verdict = "would start: yes" if report.ok else "would start: no (fix the errors above)"
+    text = "\n\n".join(parts)
 
+    if args.dry_run:
+        print(text + "\n\n" + verdict)
+        return 0 if report.ok else 1
+    if not report.ok:
+        print(text)
+        n = sum(1 for f in report.findings if f.level == "error")
+        raise CheckFailed(f"preflight found {n} error(s); nothing was started", fix="fix them and run again")
+    return _start(cfg, text, launch, args)
+
+
+def _preflight(cfg: ServiceConfig, args: argparse.Namespace) -> preflight.Report:
+    """The preflight, the vLLM probe and (when asked) the interconnect check."""
     report = preflight.run(cfg, gpu_spec=args.gpus)
     python = cfg.vllm_python or sys.executable
     level, message = _vllm_probe(python)
@@ -332,27 +368,8 @@ def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
         )
     )
     if args.check_interconnect or cfg.check_interconnect:
-        from .interconnect import report as interconnect
-
         report.findings.extend(interconnect.findings(cfg))
-
-    cmd = vllm_args.build(cfg, expert_parallel=report.expert_parallel)
-    parts = []
-    if not args.quiet:
-        parts.append(render_settings(cfg))
-    parts.append("Preflight\n" + preflight.render(report, color=sys.stdout.isatty()))
-    parts.append("vLLM command\n    " + cmd.display())
-    verdict = "would start: yes" if report.ok else "would start: no (fix the errors above)"
-    text = "\n\n".join(parts)
-
-    if args.dry_run:
-        print(text + "\n\n" + verdict)
-        return 0 if report.ok else 1
-    if not report.ok:
-        print(text)
-        n = sum(1 for f in report.findings if f.level == "error")
-        raise CheckFailed(f"preflight found {n} error(s); nothing was started", fix="fix them and run again")
-    return _start(cfg, text, report.expert_parallel, args)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

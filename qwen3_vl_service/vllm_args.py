@@ -39,10 +39,15 @@ class VllmCommand:
     # Only the variables we set; the process inherits the rest of the environment.
     env: Mapping[str, str]
 
-    def display(self) -> str:
-        """The command as a shell line, with the secret-bearing variables masked."""
+    def display(self, full_env: Mapping[str, str] | None = None) -> str:
+        """The command as a shell line, with the secret-bearing variables masked.
+
+        FULL_ENV: the environment the process gets (with_inherited), for the values of our
+        variables as they are passed (NO_PROXY merged with the caller's).
+        """
+        values = {k: (full_env or self.env).get(k, v) for k, v in self.env.items()}
         shown_env = [
-            f"{k}={shlex.quote(mask(v) if k == 'VLLM_API_KEY' else v)}" for k, v in sorted(self.env.items())
+            f"{k}={shlex.quote(mask(v) if k == 'VLLM_API_KEY' else v)}" for k, v in sorted(values.items())
         ]
         return " \\\n    ".join([*shown_env, *_pair_flags(self.argv)])
 

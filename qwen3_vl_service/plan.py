@@ -513,11 +513,16 @@ def _fp8_split_needs_ep(
         f"{tp} ways are {inter / tp:g}, not a multiple of {block}"
     )
     vllm_error = VLLM_FP8_BLOCK_ERROR.format(per=per, block=block)
+    if inter % block:
+        _fp8_expert_unsplittable(model, plan, block)
+        return
     if cfg.expert_parallel == "off":
         plan.expert_parallel_reason = "EXPERT_PARALLEL=off"
         # Recent vLLM (the pinned 0.32: fused_moe/oracle/fp8.py, refine_fp8_moe_block_shape)
         # can refine the scales to 64x64 blocks for its Triton MoE kernels instead of
-        # failing; older releases fail after minutes of loading, and the fast
+        # failing (source read, not run: FP8 needs a GPU); 0.26.0, the GPU build tested,
+        # raised this ValueError on an H200 (a 192-wide expert at TP 1). Older releases
+        # fail after minutes of loading, and the fast
         # DeepGEMM/CUTLASS kernels need the checkpoint's 128x128 blocks either way.
         plan.expert_parallel = False
         plan.findings.append(
@@ -541,6 +546,32 @@ def _fp8_split_needs_ep(
             f"expert parallelism {how}: {why}, "
             f"which vLLM refuses ('{vllm_error}', vLLM #17327, #17569); "
             "with --enable-expert-parallel each GPU holds whole experts",
+        )
+    )
+
+
+def _fp8_expert_unsplittable(model: ModelInfo, plan: Plan, block: int) -> None:
+    """Experts whose whole width is not a multiple of the FP8 block: no TP or EP layout helps.
+
+    Expert parallelism keeps experts whole, so it only helps when the whole
+    width is block-aligned. Seen on an H200 with vLLM 0.26.0: a block-FP8
+    checkpoint with 192-wide experts (the per-GPU width of TP 8 at 1536) fails
+    at TP 1 with the same ValueError (validate_fp8_block_shape_moe checks the
+    width whatever the TP size).
+    """
+    inter = model.moe_intermediate_size or 0
+    plan.expert_parallel = False
+    plan.expert_parallel_reason = f"experts {inter} wide, not a multiple of the FP8 block {block}"
+    plan.findings.append(
+        Finding(
+            "error",
+            "Parallel",
+            f"FP8 block quantization ({block}x{block}): each expert is {inter} columns wide, not a "
+            f"multiple of {block}, so no TP size and no expert parallelism gives vLLM whole blocks; "
+            f"vLLM 0.26 stops while loading with "
+            f"'{VLLM_FP8_BLOCK_ERROR.format(per=inter, block=block)}' (vLLM #17327, #17569)",
+            "use a checkpoint quantized with a block that divides the expert width "
+            "(or the BF16 weights with online FP8: EXTRA_VLLM_ARGS=--quantization fp8)",
         )
     )
 

@@ -89,6 +89,22 @@ def test_tp8_off_refuses_and_quotes_the_vllm_error(tmp_path):
     assert "#17327" in err and "EXPERT_PARALLEL=auto" in err and "TENSOR_PARALLEL_SIZE=4" in err
 
 
+@pytest.mark.parametrize("tp, ep", [(1, "auto"), (1, "on"), (8, "auto"), (8, "off")])
+def test_experts_narrower_than_whole_blocks_are_refused_at_any_tp(tmp_path, tp, ep):
+    # A 192-wide expert: what each GPU holds of a 1536-wide one at TP 8. vLLM 0.26.0
+    # on an H200 refused it at TP 1 ("... weight = 192 is not divisible by ... 128"):
+    # expert parallelism keeps experts whole, so it cannot help here.
+    p = plan.make(
+        cfg(tmp_path, TENSOR_PARALLEL_SIZE=tp, EXPERT_PARALLEL=ep),
+        parse_spec(f"{tp}xH100-80GB"),
+        real_info(moe_intermediate_size=192),
+    )
+    assert p.expert_parallel is False
+    err = text(p, "error")
+    assert VLLM_ERROR in err and "no TP size and no expert parallelism" in err
+    assert "switched on" not in text(p, "ok")
+
+
 def test_tp8_on_is_on(tmp_path):
     p = plan.make(cfg(tmp_path, EXPERT_PARALLEL="on"), parse_spec("8xH100-80GB"), real_info())
     assert p.expert_parallel is True and "error" not in levels(p)

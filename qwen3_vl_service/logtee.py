@@ -14,6 +14,12 @@ pipe, then execs vLLM (``start_tee()`` does the first two steps). Hence:
   down). It ends at EOF, which comes when the last process that holds the
   pipe (vLLM, its EngineCore and workers) is gone.
 - If the terminal goes away (EIO/EPIPE on stdout), it keeps writing the file.
+- The log never stops the service: the pipe is read by one thread and
+  written by another, through a bounded queue. A writer that blocks (a hung
+  network file system, a terminal paused with Ctrl+S) makes the tee drop
+  output instead of filling the pipe, which would block vLLM's next print. A
+  full disk drops lines until writes work again; a log file removed by
+  someone is created anew. Each is said once on stderr.
 """
 
 from __future__ import annotations
@@ -22,10 +28,14 @@ import argparse
 import contextlib
 import logging
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .logrotate import rotating_handler
@@ -35,6 +45,12 @@ _SPLIT = re.compile(rb"[\r\n]")
 _CHUNK = 65536
 # A line longer than this is written in pieces rather than held in memory.
 _MAX_PENDING = 1 << 20
+# Chunks (up to _CHUNK bytes each) held while the writer is slow: 16 MiB at most.
+_QUEUE_CHUNKS = 256
+# How often the file is checked for having been removed or replaced (one stat).
+_CHECK_S = 1.0
+# At EOF, how long the writer may take to finish what is queued.
+_FINISH_S = 10.0
 
 
 def _handler(path: Path, max_bytes: int, backups: int) -> logging.Handler:
@@ -44,18 +60,76 @@ def _handler(path: Path, max_bytes: int, backups: int) -> logging.Handler:
 
 
 class _FileSink:
-    """Splits bytes into lines and writes them through the rotating handler."""
+    """Splits bytes into lines and writes them through the rotating handler.
 
-    def __init__(self, handler: logging.Handler) -> None:
+    Never raises for the file's sake: a write that fails (ENOSPC, EIO, the
+    folder gone) drops the line and closes the file, which is opened again
+    for the next line; NOTICE is told once per outage, and once when writing
+    works again.
+    """
+
+    def __init__(self, handler: logging.Handler, notice: Callable[[str], None] = lambda _m: None) -> None:
         self.handler = handler
         self.pending = b""
+        self.notice = notice
+        self.path = Path(getattr(handler, "baseFilename", ""))
+        self.failing: str | None = None  # why the last write failed
+        self.lost = 0
+        self.checked = 0.0
+        handler.handleError = self._failed  # type: ignore[method-assign]
+
+    def _failed(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        why = f"{type(exc).__name__}: {exc}" if exc else "unknown error"
+        self._drop_stream()
+        self.lost += 1
+        if self.failing is None:
+            self.notice(
+                f"cannot write {self.path} ({why}); vLLM keeps running, "
+                "its output is not logged until the file can be written again"
+            )
+        self.failing = why
+
+    def _drop_stream(self) -> None:
+        stream = getattr(self.handler, "stream", None)
+        if stream is None:
+            return
+        self.handler.stream = None  # type: ignore[attr-defined] - FileHandler opens it again
+        with contextlib.suppress(Exception):
+            stream.close()
+
+    def _check_file(self) -> None:
+        """The file was removed or replaced behind our back: start a new one (WatchedFileHandler's test)."""
+        now = time.monotonic()
+        if now - self.checked < _CHECK_S:
+            return
+        self.checked = now
+        stream = getattr(self.handler, "stream", None)
+        if stream is None or not self.path.name:
+            return
+        try:
+            on_disk = os.stat(self.path)
+            mine = os.fstat(stream.fileno())
+            same = (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            self._drop_stream()
+            with contextlib.suppress(OSError):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.notice(f"{self.path} was removed or replaced; writing a new file there")
 
     def _emit(self, raw: bytes) -> None:
         text = _ANSI.sub(b"", raw).decode("utf-8", "replace").rstrip()
         if not text:
             return
+        self._check_file()
         record = logging.LogRecord("vllm", logging.INFO, "", 0, text, None, None)
+        before = self.lost
         self.handler.handle(record)  # StreamHandler.emit flushes after each record
+        if self.failing is not None and self.lost == before:
+            self.notice(f"writing {self.path} again ({self.lost} line(s) were not logged)")
+            self.failing, self.lost = None, 0
 
     def feed(self, data: bytes) -> None:
         parts = _SPLIT.split(self.pending + data)
@@ -70,41 +144,74 @@ class _FileSink:
         if self.pending:
             self._emit(self.pending)
             self.pending = b""
-        self.handler.close()
+        with contextlib.suppress(Exception):
+            self.handler.close()
 
 
 def _ignore_signals() -> None:
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+    # SIGXFSZ: a file size limit (ulimit -f) must fail the write (EFBIG), not kill the tee.
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGXFSZ"):
         sig = getattr(signal, name, None)
         if sig is not None:
             signal.signal(sig, signal.SIG_IGN)
+
+
+def _notice(message: str) -> None:
+    with contextlib.suppress(Exception):
+        os.write(2, f"[logtee] {message}\n".encode("utf-8", "replace"))
+
+
+def _write_loop(chunks: queue.Queue, sink: _FileSink, stdout_fd: int, to_terminal: bool) -> None:
+    while True:
+        data = chunks.get()
+        if data is None:
+            break
+        if to_terminal:
+            try:
+                _write_all(stdout_fd, data)
+            except OSError:
+                to_terminal = False  # terminal closed: keep the file going
+        # Whatever goes wrong with the file, the pipe's reader must live on (vLLM would get EPIPE).
+        with contextlib.suppress(Exception):
+            sink.feed(data)
+    with contextlib.suppress(Exception):
+        sink.close()
 
 
 def run(
     log_file: Path, *, max_bytes: int, backups: int, quiet: bool, stdin_fd: int = 0, stdout_fd: int = 1
 ) -> int:
     _ignore_signals()
-    sink = _FileSink(_handler(log_file, max_bytes, backups))
-    to_terminal = not quiet
-    try:
-        while True:
-            try:
-                data = os.read(stdin_fd, _CHUNK)
-            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-                continue
-            if not data:
-                break
-            if to_terminal:
-                try:
-                    _write_all(stdout_fd, data)
-                except OSError:
-                    to_terminal = False  # terminal closed: keep the file going
-            # A full disk must not kill the pipe's reader (vLLM would get EPIPE).
-            with contextlib.suppress(Exception):
-                sink.feed(data)
-    finally:
-        with contextlib.suppress(Exception):
-            sink.close()
+    sink = _FileSink(_handler(log_file, max_bytes, backups), _notice)
+    chunks: queue.Queue = queue.Queue(maxsize=_QUEUE_CHUNKS)
+    writer = threading.Thread(
+        target=_write_loop, args=(chunks, sink, stdout_fd, not quiet), name="logtee-writer", daemon=True
+    )
+    writer.start()
+    dropped = 0
+    while True:
+        try:
+            data = os.read(stdin_fd, _CHUNK)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+            continue
+        if not data:
+            break
+        try:
+            chunks.put_nowait(data)
+        except queue.Full:
+            # Never wait for the writer: a full pipe would block vLLM's next print.
+            if not dropped:
+                _notice(
+                    f"writing {log_file} (or the terminal) is stuck; dropping vLLM's output "
+                    "so that vLLM never waits for it"
+                )
+            dropped += len(data)
+    deadline = time.monotonic() + _FINISH_S
+    with contextlib.suppress(queue.Full):
+        chunks.put(None, timeout=_FINISH_S)
+    writer.join(max(0.0, deadline - time.monotonic()))
+    if dropped:
+        _notice(f"{dropped} byte(s) of output were dropped while the writer was stuck")
     return 0
 
 

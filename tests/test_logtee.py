@@ -191,3 +191,112 @@ def test_bad_arguments(tmp_path: Path) -> None:
         stdin=subprocess.DEVNULL,
     )
     assert r.returncode == 2
+
+
+# -- the log never stops the service ----------------------------------------------------
+
+
+def test_a_full_disk_drops_lines_says_so_once_and_keeps_reading(tmp_path: Path) -> None:
+    """/dev/full answers every write with ENOSPC, like a log folder whose disk filled."""
+    p = subprocess.Popen(
+        [PY, "-m", "qwen3_vl_service.logtee", "/dev/full", "--max-bytes", "0", "--quiet"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=clean_env(),
+    )
+    _, err = p.communicate(b"".join(b"vLLM line %d\n" % i for i in range(5000)), timeout=30)
+    assert p.returncode == 0
+    notices = err.decode().splitlines()
+    assert len(notices) == 1, notices
+    assert "cannot write /dev/full" in notices[0] and "No space left on device" in notices[0]
+    assert "vLLM keeps running" in notices[0]
+
+
+def test_a_file_size_limit_does_not_kill_the_tee(tmp_path: Path) -> None:
+    """ulimit -f: the kernel sends SIGXFSZ (default action: terminate) and fails the write."""
+    import resource
+
+    log = tmp_path / "service.log"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    p = subprocess.Popen(
+        [PY, "-m", "qwen3_vl_service.logtee", str(log), "--max-bytes", "0", "--quiet"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=clean_env(),
+        preexec_fn=limit,
+    )
+    _, err = p.communicate(b"".join(b"line %04d\n" % i for i in range(1000)), timeout=30)
+    assert p.returncode == 0, err
+    assert 0 < log.stat().st_size <= 2000
+    assert err.decode().count("cannot write") == 1, err
+
+
+def test_a_removed_log_file_is_created_anew(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "service.log"
+    p = subprocess.Popen(
+        [PY, "-m", "qwen3_vl_service.logtee", str(log), "--quiet"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=clean_env(),
+    )
+    try:
+        p.stdin.write(b"before\n")
+        p.stdin.flush()
+        assert wait_until(lambda: log.exists() and "before" in log.read_text())
+        log.unlink()
+        log.parent.rmdir()
+        time.sleep(1.2)  # the tee looks at the file at most once a second
+        p.stdin.write(b"after\n")
+        p.stdin.close()
+        assert p.wait(20) == 0
+        assert log.read_text() == "after\n"
+        err = p.stderr.read().decode()
+        assert err.count("was removed or replaced") == 1, err
+    finally:
+        kill_pids([p.pid])
+
+
+def test_a_stuck_terminal_never_blocks_the_writer_of_the_pipe(tmp_path: Path) -> None:
+    """Nobody reads the tee's stdout (a paused terminal): vLLM's prints must not block.
+
+    Without the queue, the tee would block in its write to the terminal after 64 KiB,
+    stop reading, and vLLM would block once the pipe's 64 KiB filled.
+    """
+    import threading
+
+    log = tmp_path / "service.log"
+    r, w = os.pipe()  # never read: the "terminal" is full after 64 KiB
+    p = subprocess.Popen(
+        [PY, "-m", "qwen3_vl_service.logtee", str(log)],
+        stdin=subprocess.PIPE,
+        stdout=w,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=clean_env(),
+    )
+    os.close(w)
+
+    def produce() -> None:
+        line = b"x" * 1023 + b"\n"
+        for _ in range(40 * 1024):  # 40 MiB, far more than the pipe and the queue hold
+            p.stdin.write(line)
+        p.stdin.close()
+
+    producer = threading.Thread(target=produce, daemon=True)
+    try:
+        producer.start()
+        producer.join(120)
+        assert not producer.is_alive(), "the writer of the pipe was blocked"
+        assert p.wait(30) == 0
+        err = p.stderr.read().decode()
+        assert err.count("dropping vLLM's output") == 1, err
+        assert "byte(s) of output were dropped" in err
+    finally:
+        os.close(r)
+        kill_pids([p.pid])

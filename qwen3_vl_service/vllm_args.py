@@ -159,6 +159,8 @@ def build(
     if cfg.shutdown_timeout > 0:
         # Let in-flight requests finish on SIGTERM instead of aborting them.
         argv += ["--shutdown-timeout", str(cfg.shutdown_timeout)]
+    # /load: the requests in flight, which tells stop_service.py when the drain is over (drain.py).
+    argv.append("--enable-server-load-tracking")
     argv += list(cfg.extra_vllm_args)
 
     env: dict[str, str] = {

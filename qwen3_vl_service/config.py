@@ -289,6 +289,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHECK_INTERCONNECT", _bool, "false"),
     Setting("STARTUP_TIMEOUT", _int(10, 86_400), "1800"),
     Setting("SHUTDOWN_TIMEOUT", _int(0, 3600), "30"),
+    Setting("RESTART", _choice("on-failure", "no"), "on-failure"),
+    Setting("MAX_RESTARTS", _int(0, 1000), "3"),
+    Setting("RESTART_WINDOW", _int(1, 86_400), "900"),
+    Setting("RESTART_BACKOFF", _int(0, 3600), "10"),
+    Setting("HEALTH_FAIL_AFTER", _int(5, 86_400), "60"),
     Setting("MEDIA_SERVER", _bool, "true"),
     Setting("MEDIA_HOST", _host, "127.0.0.1"),
     Setting("MEDIA_PORT", _int(1, 65535), "8080"),
@@ -340,6 +345,11 @@ class ServiceConfig:
     check_interconnect: bool
     startup_timeout: int
     shutdown_timeout: int
+    restart: str  # "on-failure" or "no"
+    max_restarts: int
+    restart_window: int
+    restart_backoff: int
+    health_fail_after: int
     media_server: bool
     media_host: str
     media_port: int

@@ -207,8 +207,10 @@ def prepare_launch(
 
 def _start(cfg: ServiceConfig, report_text: str, launch: Launch, args: argparse.Namespace) -> int:
     _ensure_media(cfg, print)
-    runstate.make_private_tmp(launch.tag)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.restart == "on-failure":
+        return _start_supervised(cfg, report_text, launch, args)
+    runstate.make_private_tmp(launch.tag)
     if args.detach:
         return _start_detached(cfg, launch, report_text, args)
 
@@ -238,8 +240,45 @@ def _start(cfg: ServiceConfig, report_text: str, launch: Launch, args: argparse.
     return 1  # not reached
 
 
-def _start_detached(cfg: ServiceConfig, launch: Launch, report_text: str, args: argparse.Namespace) -> int:
-    tag, private_tmp, cmd, env = launch.tag, launch.private_tmp, launch.cmd, launch.env
+def _start_supervised(cfg: ServiceConfig, report_text: str, launch: Launch, args: argparse.Namespace) -> int:
+    """RESTART=on-failure: the supervisor runs LAUNCH (and restarts it); it carries the run's tag.
+
+    Foreground: the launcher becomes the supervisor (exec, same pid: a batch job's script
+    waits for it and gets its exit status). --detach: it runs in the background, and the
+    launcher waits for /health as for a bare vLLM. The supervisor writes the run state.
+    """
+    argv = [sys.executable, "-m", "qwen3_vl_service.supervisor"]
+    argv += ["--expert-parallel", "on" if "--enable-expert-parallel" in launch.cmd.argv else "off"]
+    if cfg.config_path:
+        argv += ["--config", str(cfg.config_path)]
+    env = {**os.environ, TAG_ENV: launch.tag, RUN_DIR_ENV: str(cfg.run_dir)}
+    # `python -m` from wherever the user started us.
+    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
+    if args.detach:
+        return _start_detached(cfg, launch, report_text, args, supervisor=([*argv, "--detached"], env))
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    logtee.start_tee(
+        cfg.log_dir / SERVICE_LOG, max_bytes=cfg.log_max_mb * 1024 * 1024, backups=cfg.log_backups
+    )
+    print(report_text, flush=True)
+    print(
+        f"[launcher] exec the supervisor (pid {os.getpid()}, tag {launch.tag}), which runs vLLM", flush=True
+    )
+    os.execve(argv[0], argv, env)
+    return 1  # not reached
+
+
+def _start_detached(
+    cfg: ServiceConfig,
+    launch: Launch,
+    report_text: str,
+    args: argparse.Namespace,
+    supervisor: tuple[list[str], dict[str, str]] | None = None,
+) -> int:
+    """vLLM in the background, or with SUPERVISOR (argv, env) the supervisor that runs it."""
+    tag, private_tmp, cmd = launch.tag, launch.private_tmp, launch.cmd
+    argv, env = supervisor or (list(cmd.argv), launch.env)
     log_offset = readiness.log_size(cfg.log_dir / SERVICE_LOG)
     tee = _spawn_detached_logtee(cfg)
     assert tee.stdin is not None
@@ -247,7 +286,7 @@ def _start_detached(cfg: ServiceConfig, launch: Launch, report_text: str, args: 
     tee.stdin.flush()
     try:
         proc = subprocess.Popen(
-            list(cmd.argv),
+            argv,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=tee.stdin,
@@ -256,14 +295,19 @@ def _start_detached(cfg: ServiceConfig, launch: Launch, report_text: str, args: 
         )
     except OSError as exc:
         tee.stdin.close()
-        shutil.rmtree(private_tmp, ignore_errors=True)
+        if supervisor is None:
+            shutil.rmtree(private_tmp, ignore_errors=True)
         raise CheckFailed(
-            f"cannot execute {cmd.argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
+            f"cannot execute {argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
         ) from None
     tee.stdin.close()
-    runstate.write(cfg.run_dir, _state(cfg, pid=proc.pid, tag=tag, private_tmp=private_tmp, detached=True))
+    if supervisor is None:
+        runstate.write(
+            cfg.run_dir, _state(cfg, pid=proc.pid, tag=tag, private_tmp=private_tmp, detached=True)
+        )
     url = f"http://{_client_host(cfg.host)}:{cfg.port}"
-    print(f"started vLLM in the background: pid {proc.pid}, log {cfg.log_dir / SERVICE_LOG}")
+    what = "the supervisor, which runs vLLM," if supervisor else "vLLM"
+    print(f"started {what} in the background: pid {proc.pid}, log {cfg.log_dir / SERVICE_LOG}")
     timeout = args.timeout or cfg.startup_timeout
     tty = sys.stdout.isatty()
     last = [""]

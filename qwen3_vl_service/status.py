@@ -26,7 +26,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import config as config_mod
-from . import processes, runstate
+from . import processes, runstate, supervisor
 from .cli import ArgumentParser, run
 from .config import ServiceConfig
 from .errors import EXIT_FAILED, EXIT_OK
@@ -204,6 +204,7 @@ class Status:
     served_models: tuple[str, ...] | None = None
     models_error: str | None = None
     media_answering: bool | None = None  # None: MEDIA_SERVER=false
+    supervisor: dict[str, Any] | None = None  # supervisor.status(): None without a supervisor record
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``status_service.py --json`` (its keys are an interface: keep them)."""
@@ -236,7 +237,7 @@ class Status:
         for key in ("gpu_note", "stale_state", "pid", "tag", "started_at", "uptime_s", "detached"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
-        for key in ("models_error", "media_answering"):
+        for key in ("models_error", "media_answering", "supervisor"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.running:
@@ -289,6 +290,7 @@ def collect(cfg: ServiceConfig, *, sample: float = 1.0, http_timeout: float = 3.
         media_answering=(
             _port_open(probe_host(target.media_host), target.media_port) if cfg.media_server else None
         ),
+        supervisor=supervisor.status(cfg.run_dir),
     )
     if live is not None:
         status = replace(
@@ -445,6 +447,7 @@ def render(status: Status) -> list[str]:
     lines.append(f"  model        {status.model} (served as {status.served_model_name})")
     if status.running:
         lines += _render_running(status)
+    lines += _supervisor_lines(status.supervisor)
     if status.urls.media:
         answering = "answering" if status.media_answering else "not answering"
         lines.append(f"  media        {status.urls.media} {answering}")
@@ -456,6 +459,19 @@ def render(status: Status) -> list[str]:
     elif status.gpu_note:
         lines.append(f"  GPUs         not shown: {status.gpu_note}")
     lines.append(f"  log          {status.log_file}")
+    return lines
+
+
+def _supervisor_lines(sup: dict[str, Any] | None) -> list[str]:
+    """The supervisor's state and its restarts, with the last cause (RESTART=on-failure)."""
+    if not sup:
+        return []
+    n, since = sup.get("restarts") or 0, sup.get("started_at")
+    lines = [f"  supervisor   pid {sup.get('pid')}, {sup.get('state')}; {n} restart(s) since {since}"]
+    if sup.get("gave_up"):
+        lines.append(f"  gave up      {sup['gave_up']}")
+    elif sup.get("last_cause"):
+        lines.append(f"  last restart {sup.get('last_restart_at')}: {sup['last_cause']}")
     return lines
 
 

@@ -1,10 +1,13 @@
 """stop_service.py: stop the service of this checkout, completely, and touch nothing else.
 
 Order:
+0. The supervisor (RESTART=on-failure), by the pid it recorded: SIGTERM,
+   so that it restarts nothing from now on; it ends once vLLM is down.
 1. The API server recorded in the run state gets SIGTERM and up to
    ``--timeout`` seconds (default SHUTDOWN_TIMEOUT + 30) to let in-flight
    requests finish (vLLM's ``--shutdown-timeout``) and take its engine down;
-   then SIGKILL.
+   then SIGKILL. Once ``/load`` says nothing is in flight, its engine gets
+   SIGKILL as vLLM's own default shutdown does (drain.py: why).
 2. Whatever is left of its tree, and every process that carries our run
    directory or tag in its environment, gets SIGTERM, a few seconds, then
    SIGKILL: the ``VLLM::EngineCore`` and ``VLLM::Worker_TP*`` processes that
@@ -33,7 +36,7 @@ from pathlib import Path
 import psutil
 
 from . import config as config_mod
-from . import processes, runstate
+from . import drain, processes, runstate, supervisor
 from .cli import ArgumentParser, run
 from .errors import EXIT_FAILED, EXIT_OK
 from .readiness import format_elapsed
@@ -121,6 +124,8 @@ class _Run:
     echo: Callable[[str], None]
     media_pids: set[int]
     tmpdirs: set[str] = field(default_factory=set)
+    load_url: str = ""  # vLLM's /load (drain.py)
+    supervisor: psutil.Process | None = None
 
     def not_media(self, p: psutil.Process) -> bool:
         return p.pid not in self.media_pids and not processes.is_media_server(p)
@@ -150,9 +155,13 @@ def stop_service(
     if state is not None:
         host, port = state.host, state.port
     report.port = (host, port)
+    # 0. The supervisor first: from now on nothing is restarted (never ourselves, when it calls us).
+    sup = supervisor.request_stop(run_dir)
+    if sup is not None:
+        echo(f"stopping the supervisor (pid {sup.pid}): no restart from now on")
     media = processes.media_server(run_dir)
     media_pids = {media.pid, *(c.pid for c in _children(media))} if media else set()
-    run = _Run(current, report, grace, echo, media_pids)
+    run = _Run(current, report, grace, echo, media_pids, load_url=drain.load_url(host, port), supervisor=sup)
     if state is not None and state.private_tmp:
         run.tmpdirs.add(state.private_tmp)
 
@@ -178,7 +187,7 @@ def _stop_api_server(run: _Run, timeout: float) -> list[psutil.Process]:
         f"waiting up to {timeout:g} s for in-flight requests and the engine"
     )
     member_infos = [processes.info(p) for p in members]
-    run.report.main = processes.terminate([main], timeout, kill_timeout=run.grace)
+    run.report.main = drain.stop_api_server(main, run.load_url, timeout, kill_timeout=run.grace)
     run.report.followed = [
         i for p, i in zip(members, member_infos, strict=False) if not processes.is_alive(p)
     ]
@@ -189,7 +198,8 @@ def _stop_the_rest(run: _Run, members: list[psutil.Process]) -> None:
     """Step 2: the rest of its tree, and every process carrying our run dir or tag (orphans)."""
     report, grace = run.report, run.grace
     found = run.current.ours()
-    rest = [p for p in dict.fromkeys([*members, *found]) if run.not_media(p) and processes.is_alive(p)]
+    sup = [run.supervisor] if run.supervisor else []
+    rest = [p for p in dict.fromkeys([*members, *found, *sup]) if run.not_media(p) and processes.is_alive(p)]
     # Helpers that ignore SIGTERM on purpose and end at EOF: let them drain last.
     drainers = [p for p in rest if processes.is_drainer(p)]
     others = [p for p in rest if p not in drainers]

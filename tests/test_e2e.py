@@ -99,6 +99,8 @@ class Service:
             "RUN_DIR": str(self.run_dir),
             "LOG_DIR": str(self.log_dir),
             "PYTHONUNBUFFERED": "1",
+            # vLLM alone (the foreground start execs it); the supervisor has tests/test_faults.py.
+            "RESTART": "no",
         }
         self.base = f"http://127.0.0.1:{self.port}"
         self.media = f"http://127.0.0.1:{self.media_port}"

@@ -1,0 +1,310 @@
+"""Faults against the real vLLM CPU server under the supervisor (RESTART=on-failure), and a load test.
+
+One supervised service for the module, started as a user would
+(``start_service.py --config config.demo.env --detach``), its log folder on a
+small tmpfs (mounted here as root; elsewhere the full-disk test skips, never
+under CI=true). In order:
+
+1. load: 16 clients send image chats (images fetched from the media server)
+   for LOAD_SECONDS (30 by default; ``-m load`` with LOAD_SECONDS=300 for the
+   5-minute run): every request succeeds; requests and p50/p99 printed.
+2. ``kill -9`` of our VLLM::EngineCore (found by pid through the service
+   tag) during that load: every request in flight ends, with an error, within
+   IN_FLIGHT_BOUND_S of the kill (none hangs); the supervisor restarts vLLM,
+   which answers again; status shows the restart and its cause.
+3. ``kill -9`` of the media server: back, serving, restart recorded.
+4. the log's file system full: requests keep succeeding.
+5. stop_service.py: the supervisor ends with everything else, and a stop is
+   never undone by a restart.
+Then, a service of its own: a setting that makes vLLM fail at start gives up
+after MAX_RESTARTS+1 tries with the cause and exit 1 (the batch job's path:
+the foreground start execs the supervisor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from skips import vllm_missing
+from test_e2e import Service, _have_vllm, alive, ours, port_free
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+TAG_ENV = "QWEN3_VL_SERVICE_TAG"
+LOAD_SECONDS = float(os.environ.get("LOAD_SECONDS", "30"))
+# A request in flight when the EngineCore dies must end (with an error) within this many seconds.
+IN_FLIGHT_BOUND_S = 15.0
+# The restart: cleanup, backoff (RESTART_BACKOFF=1) and a new vLLM start (30 s on two idle cores).
+RECOVERY_S = 900
+TMPFS_MB = 16
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _bench_load():
+    spec = importlib.util.spec_from_file_location("bench_load", REPO / "bench" / "bench_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_load"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _mount_tmpfs(path: Path) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MB}m", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        if _in_ci():
+            pytest.fail(f"cannot mount a tmpfs as root: {r.stderr.strip()}")
+        return False
+    return True
+
+
+def _wait(predicate, timeout: float, step: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if predicate():
+                return True
+        time.sleep(step)
+    return False
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return requests.get(f"{base}/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+class Supervised(Service):
+    def __init__(self, root: Path, **settings: str) -> None:
+        super().__init__(root)
+        self.log_dir = root / "logs"
+        self.tmpfs = False
+        self.env.update(
+            {
+                "RESTART": "on-failure",
+                "MAX_RESTARTS": "3",
+                "RESTART_WINDOW": "900",
+                "RESTART_BACKOFF": "1",
+                "HEALTH_FAIL_AFTER": "30",
+                **settings,
+            }
+        )
+
+    def status(self) -> dict:
+        proc = self.script("status_service.py", "--json", "--sample", "0")
+        return json.loads(proc.stdout)
+
+    def supervisor_pid(self) -> int:
+        return json.loads((self.run_dir / "supervisor.json").read_text())["pid"]
+
+    def engine_core(self) -> psutil.Process:
+        """Our VLLM::EngineCore: the process titled so that carries this run's tag."""
+        tag = self.state()["tag"]
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if p.environ().get(TAG_ENV) == tag and " ".join(p.cmdline()).startswith("VLLM::EngineCore"):
+                    return p
+        raise AssertionError(f"no VLLM::EngineCore carries tag {tag}")
+
+
+def _prepare(root: Path, s: Service) -> None:
+    from qwen3_vl_service import sample_media, tiny_model
+
+    tiny_model.generate(s.model)
+    s.media_root.mkdir()
+    sample_media.write_samples(s.media_root)
+
+
+def _stop_all(s: Service) -> None:
+    s.script("stop_service.py", "--all")
+    for p in ours(s.run_dir):
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+@pytest.fixture(scope="module")
+def sup(tmp_path_factory):
+    if not _have_vllm():
+        vllm_missing("vLLM is not installed here: run scripts/setup_env.sh (scripts/test.sh does)")
+    root = tmp_path_factory.mktemp("faults")
+    s = Supervised(root)
+    s.tmpfs = _mount_tmpfs(s.log_dir)
+    _prepare(root, s)
+    proc = s.script("start_service.py", "--detach", "--quiet", timeout=1200)
+    if proc.returncode != 0:
+        logs = "\n".join(p.read_text(errors="replace")[-4000:] for p in s.log_dir.glob("*.log"))
+        _stop_all(s)
+        pytest.fail(
+            f"start failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{logs}"
+        )
+    yield s
+    _stop_all(s)
+    if s.tmpfs:
+        subprocess.run(["umount", "-l", str(s.log_dir)], check=False)
+
+
+@pytest.mark.load
+def test_load_16_clients_image_chats_through_the_media_server(sup):
+    load = _bench_load().run_load(sup.base, sup.media, clients=16, seconds=LOAD_SECONDS)
+    print(f"\nload ({LOAD_SECONDS:g} s): {load.summary()}")
+    assert load.outcomes, "no request finished"
+    failed = [o for o in load.outcomes if not o.ok]
+    assert failed == [], load.summary()
+
+
+def test_kill_9_of_the_engine_core_during_load_restarts_vllm(sup):
+    bench = _bench_load()
+    old_pid = sup.state()["pid"]
+    engine = sup.engine_core()
+    stop = threading.Event()
+    result = {}
+    runner = threading.Thread(
+        target=lambda: result.setdefault(
+            "load", bench.run_load(sup.base, sup.media, clients=16, seconds=RECOVERY_S, stop=stop)
+        ),
+        daemon=True,
+    )
+    runner.start()
+    try:
+        time.sleep(5)  # requests in flight
+        killed_at = time.monotonic()
+        engine.send_signal(signal.SIGKILL)
+        assert _wait(lambda: sup.state()["pid"] != old_pid, 120), "the supervisor did not start a new vLLM"
+        assert _wait(lambda: _healthy(sup.base), RECOVERY_S), "vLLM did not answer again"
+        recovered_at = time.monotonic()
+        time.sleep(5)  # a few requests on the new vLLM
+    finally:
+        stop.set()
+        runner.join(600)
+    load = result["load"]
+    print(f"\nunder kill -9 of the EngineCore: {load.summary()}; back after {recovered_at - killed_at:.0f} s")
+    in_flight = [o for o in load.outcomes if o.started < killed_at < o.ended]
+    assert in_flight, "no request was in flight at the kill"
+    late = max(o.ended for o in in_flight) - killed_at
+    print(f"{len(in_flight)} request(s) in flight at the kill ended within {late:.1f} s of it")
+    assert late <= IN_FLIGHT_BOUND_S, f"an in-flight request hung {late:.1f} s after the kill"
+    assert any(o.ok and o.started > recovered_at for o in load.outcomes), (
+        "no request succeeded after the restart"
+    )
+
+    status = sup.status()
+    assert status["running"] and status["healthy"], status
+    rec = status["supervisor"]
+    assert rec["running"] and rec["restarts"] >= 1, rec
+    assert "EngineCore" in rec["last_cause"] and str(engine.pid) in rec["last_cause"], rec
+    human = sup.script("status_service.py", "--sample", "0").stdout
+    assert "restart(s)" in human and "EngineCore" in human, human
+    assert "EngineCore" in (sup.log_dir / "service.log").read_text(errors="replace")
+
+
+def test_kill_9_of_the_media_server_brings_it_back(sup):
+    from qwen3_vl_service.processes import read_pid_file
+
+    old = read_pid_file(sup.run_dir / "media_server.pid")
+    assert old and alive(old)
+    before = sup.status()["supervisor"]["restarts"]
+    os.kill(old, signal.SIGKILL)
+
+    def back() -> bool:
+        r = requests.get(f"{sup.media}/health", timeout=5)
+        return r.status_code == 200 and r.json().get("pid") not in (None, old)
+
+    assert _wait(back, 120), "the media server did not come back"
+    r = requests.get(f"{sup.media}/sample.jpg", timeout=30)
+    assert r.status_code == 200 and r.content == (sup.media_root / "sample.jpg").read_bytes()
+    load = _bench_load().run_load(sup.base, sup.media, clients=2, seconds=3)
+    assert load.outcomes and all(o.ok for o in load.outcomes), load.summary()
+    rec = sup.status()["supervisor"]
+    assert rec["restarts"] == before + 1 and "media server" in rec["last_cause"], rec
+
+
+def test_requests_keep_succeeding_while_the_log_file_system_is_full(sup):
+    if not sup.tmpfs:
+        if _in_ci():
+            pytest.fail("CI=true: the log folder should be on a tmpfs (root mounts one)")
+        pytest.skip("mounting a tmpfs needs root")
+    filler = sup.log_dir / "filler"
+    log = sup.log_dir / "service.log"
+    with open(filler, "wb") as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * (1 << 20))
+            fh.flush()
+    try:
+        assert os.statvfs(sup.log_dir).f_bavail == 0
+        load = _bench_load().run_load(sup.base, sup.media, clients=4, seconds=10)
+        print(f"\nwith the log's disk full: {load.summary()}")
+        assert load.outcomes and all(o.ok for o in load.outcomes), load.summary()
+        assert _healthy(sup.base)
+        full_size = log.stat().st_size
+    finally:
+        filler.unlink()
+    # Once there is room again, the log goes on (vLLM logs each request).
+    load = _bench_load().run_load(sup.base, sup.media, clients=1, seconds=2)
+    assert all(o.ok for o in load.outcomes)
+    assert _wait(lambda: log.stat().st_size > full_size, 10), "the log did not resume"
+
+
+def test_stop_ends_the_supervisor_and_nothing_is_restarted(sup):
+    sup_pid = sup.supervisor_pid()
+    assert alive(sup_pid)
+    t0 = time.monotonic()
+    proc = sup.script("stop_service.py")
+    print(f"\nstop_service.py (supervised, idle): {time.monotonic() - t0:.1f} s\n{proc.stdout}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "stopping the supervisor" in proc.stdout
+    assert not alive(sup_pid)
+    time.sleep(5)  # a restart would have begun by now (RESTART_BACKOFF=1)
+    assert [p for p in ours(sup.run_dir) if "media" not in " ".join(p.cmdline())] == []
+    assert port_free(sup.port)
+    rec = json.loads((sup.run_dir / "supervisor.json").read_text())
+    assert rec["state"] == "stopped", rec
+
+
+def test_a_crash_loop_gives_up_after_the_set_tries_with_the_cause(tmp_path):
+    if not _have_vllm():
+        vllm_missing("vLLM is not installed here")
+    s = Supervised(
+        tmp_path,
+        MAX_RESTARTS="1",
+        RESTART_BACKOFF="1",
+        MEDIA_SERVER="false",
+        EXTRA_VLLM_ARGS="--skip-mm-profiling --no-such-vllm-option",
+    )
+    _prepare(tmp_path, s)
+    try:
+        # The foreground start execs the supervisor: what slurm/serve.sbatch waits for.
+        proc = s.script("start_service.py", "--quiet", timeout=900)
+    finally:
+        _stop_all(s)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert out.count("started vLLM: pid") == 2, out[-3000:]  # MAX_RESTARTS=1: two tries
+    assert "gave up" in out and "failed 2 times" in out and "MAX_RESTARTS=1" in out, out[-3000:]
+    assert "exited with status 2" in out, out[-3000:]
+    rec = json.loads((s.run_dir / "supervisor.json").read_text())
+    assert rec["state"] == "gave up" and "exited with status 2" in rec["gave_up"], rec
+    status = s.status()
+    assert not status["running"] and "gave up" in json.dumps(status["supervisor"])
+    assert [p for p in ours(s.run_dir) if alive(p.pid)] == []

@@ -1,0 +1,221 @@
+"""supervisor: the restart policy, the loop (with units made of plain code), the record, the command."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from lifecycle_helpers import REPO, clean_env, kill_pids, wait_until
+
+from qwen3_vl_service import supervisor
+from qwen3_vl_service.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from qwen3_vl_service.supervisor import Failures, Policy, Record, Supervisor
+
+
+@pytest.fixture(autouse=True)
+def _fast(monkeypatch):
+    monkeypatch.setattr(supervisor, "CHECK_S", 0.01)
+
+
+# -- the policy ---------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_backoff_doubles_and_the_failure_after_max_restarts_gives_up():
+    f = Failures(Policy(max_restarts=3, window=60, backoff=2))
+    assert [f.add(t) for t in (0, 1, 2)] == [2, 4, 8]
+    assert f.add(3) is None
+
+
+@pytest.mark.unit
+def test_failures_older_than_the_window_are_forgotten():
+    f = Failures(Policy(max_restarts=1, window=10, backoff=1))
+    assert f.add(0) == 1
+    assert f.add(11) == 1  # the first one left the window
+    assert f.add(12) is None
+
+
+@pytest.mark.unit
+def test_no_restarts_allowed_gives_up_at_the_first_failure():
+    assert Failures(Policy(max_restarts=0, window=10, backoff=1)).add(0) is None
+
+
+@pytest.mark.unit
+def test_backoff_is_capped():
+    f = Failures(Policy(max_restarts=100, window=1e9, backoff=60))
+    delays = [f.add(t) for t in range(10)]
+    assert max(delays) == supervisor.BACKOFF_CAP_S
+
+
+# -- the loop -----------------------------------------------------------------------------
+
+
+class Unit:
+    """A unit whose failures the test scripts: check() returns the next scripted cause."""
+
+    def __init__(self, name: str, causes=(), after=None) -> None:
+        self.name = name
+        self.causes = list(causes)
+        self.after = after  # called when the causes run out (e.g. to stop the supervisor)
+        self.log: list[str] = []
+
+    def start(self) -> None:
+        self.log.append("start")
+
+    def check(self, now: float):
+        if self.causes:
+            return self.causes.pop(0)
+        if self.after:
+            self.after()
+            self.after = None
+        return None
+
+    def cleanup(self) -> None:
+        self.log.append("cleanup")
+
+    def stop(self) -> None:
+        self.log.append("stop")
+
+
+def _run(units, tmp_path: Path, policy=None, **kw):
+    policy = policy or Policy(max_restarts=2, window=60, backoff=0)
+    record = Record(tmp_path / "supervisor.json", tag="q3vl-test", policy=policy)
+    lines: list[str] = []
+    sup = Supervisor(units, policy, record, echo=lines.append)
+    return sup, lines
+
+
+def _stop_soon(sup: Supervisor, sig=signal.SIGTERM):
+    return lambda: sup._on_signal(sig, None)
+
+
+@pytest.mark.unit
+def test_a_failed_unit_is_cleaned_up_restarted_and_recorded(tmp_path):
+    u = Unit("vLLM", causes=[None, "VLLM::EngineCore (pid 42) is gone"])
+    sup, lines = _run([u], tmp_path)
+    u.after = _stop_soon(sup)
+    assert sup.run() == EXIT_OK
+    assert u.log == ["start", "cleanup", "start", "stop"]
+    rec = json.loads((tmp_path / "supervisor.json").read_text())
+    assert rec["restarts"] == 1 and rec["state"] == "stopped"
+    assert rec["last_cause"] == "vLLM: VLLM::EngineCore (pid 42) is gone"
+    assert rec["history"][0]["cause"] == "VLLM::EngineCore (pid 42) is gone"
+    assert any("restarting vLLM in 0 s (restart 1 of at most 2" in line for line in lines)
+
+
+@pytest.mark.unit
+def test_a_crash_loop_gives_up_with_the_cause_and_exit_1(tmp_path, capsys):
+    u = Unit("vLLM", causes=["exited with status 1"] * 5)
+    media = Unit("media server")
+    sup, _ = _run([media, u], tmp_path)
+    assert sup.run() == EXIT_FAILED
+    assert u.log == ["start", "cleanup", "start", "cleanup", "start", "cleanup"]  # 3 tries, then cleaned up
+    assert media.log == ["start", "cleanup"]
+    rec = json.loads((tmp_path / "supervisor.json").read_text())
+    assert rec["state"] == "gave up" and rec["restarts"] == 2
+    assert (
+        "vLLM failed 3 times within 60 s (MAX_RESTARTS=2); last cause: exited with status 1" in rec["gave_up"]
+    )
+    assert "gave up" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_a_stop_during_the_backoff_restarts_nothing(tmp_path):
+    u = Unit("vLLM", causes=["exited with status -9"])
+    policy = Policy(max_restarts=3, window=60, backoff=30)
+    sup, _ = _run([u], tmp_path, policy=policy)
+    threading.Timer(0.3, _stop_soon(sup, signal.SIGINT)).start()
+    t0 = time.monotonic()
+    assert sup.run() == EXIT_INTERRUPTED
+    assert time.monotonic() - t0 < 20, "the backoff was not interrupted"
+    assert u.log == ["start", "cleanup", "stop"]
+
+
+@pytest.mark.unit
+def test_units_stop_in_reverse_order(tmp_path):
+    order: list[str] = []
+
+    class Named(Unit):
+        def stop(self) -> None:
+            order.append(self.name)
+
+    a, b = Named("media server"), Named("vLLM")
+    sup, _ = _run([a, b], tmp_path)
+    b.after = _stop_soon(sup)
+    sup.run()
+    assert order == ["vLLM", "media server"]
+
+
+# -- the record, seen from stop and status -------------------------------------------------
+
+
+@pytest.mark.integration
+def test_status_and_request_stop_find_the_recorded_supervisor_by_its_tag(tmp_path):
+    from qwen3_vl_service.vllm_args import TAG_ENV
+
+    code = (
+        "import sys, time, signal\n"
+        "from pathlib import Path\n"
+        "from qwen3_vl_service.supervisor import Policy, Record\n"
+        "r = Record(Path(sys.argv[1]), tag='q3vl-t1', policy=Policy(1, 60, 1))\n"
+        "r.update(state='running')\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+        "time.sleep(60)\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "supervisor.json")],
+        env=clean_env(**{TAG_ENV: "q3vl-t1", "PYTHONPATH": str(REPO)}),
+    )
+    try:
+        assert wait_until(lambda: (tmp_path / "supervisor.json").exists(), 20)
+        st = supervisor.status(tmp_path)
+        assert st["running"] and st["state"] == "running" and st["pid"] == p.pid
+        assert supervisor.request_stop(tmp_path).pid == p.pid
+        assert p.wait(10) == 0
+        assert supervisor.status(tmp_path)["state"] == "gone (killed?)"
+        assert supervisor.request_stop(tmp_path) is None
+    finally:
+        kill_pids([p.pid])
+
+
+@pytest.mark.integration
+def test_a_reused_pid_is_not_the_supervisor(tmp_path, procs):
+    other = procs()  # a process of ours without the tag
+    (tmp_path / "supervisor.json").write_text(
+        json.dumps({"pid": other.pid, "tag": "q3vl-x", "state": "running"})
+    )
+    assert supervisor.live(tmp_path) is None
+    assert supervisor.request_stop(tmp_path) is None
+    assert other.poll() is None
+
+
+@pytest.mark.integration
+def test_the_command_refuses_to_run_without_the_tag(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "qwen3_vl_service.supervisor", "--expert-parallel", "off"],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "QWEN3_VL_SERVICE_TAG is not set" in r.stderr and "start_service.py" in r.stderr
+
+
+@pytest.mark.unit
+def test_settings_are_validated_in_config(tmp_path):
+    from qwen3_vl_service.config import load
+    from qwen3_vl_service.errors import ConfigError
+
+    cfg = load(None, environ={"RESTART": "no", "MAX_RESTARTS": "5", "HEALTH_FAIL_AFTER": "30"})
+    assert (cfg.restart, cfg.max_restarts, cfg.health_fail_after) == ("no", 5, 30)
+    for key, bad in (("RESTART", "always"), ("MAX_RESTARTS", "-1"), ("HEALTH_FAIL_AFTER", "1")):
+        with pytest.raises(ConfigError, match=key):
+            load(None, environ={key: bad})

@@ -39,9 +39,9 @@ _LOAD_TIMEOUT_S = 1.0
 
 
 def load_url(host: str, port: int) -> str:
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{port}/load"
+    from .hosts import local_url
+
+    return f"{local_url(host, port)}/load"
 
 
 def in_flight(session, url: str) -> int | None:

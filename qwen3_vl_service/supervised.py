@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import processes, readiness, runstate, vllm_args
+import psutil
+
+from . import hosts, processes, readiness, runstate, vllm_args
 from .config import ServiceConfig
 from .errors import ServiceError
 from .supervisor import HEALTH_EVERY_S, HEALTH_TIMEOUT_S
@@ -99,12 +101,11 @@ class VllmUnit:
         self.echo, self.log_file = echo, log_file
         self.proc: subprocess.Popen | None = None
         self.start_error: str | None = None
-        self.engine: list = []  # the VLLM::* processes seen at the first healthy answer
+        self.engine: list = []  # (process, title) of the VLLM::* processes seen at the first healthy answer
         self.health = _HealthClock()
         self.started = 0.0
         self.log_offset = 0
-        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
-        self.health_url = f"http://{host}:{cfg.port}/health"
+        self.health_url = f"{hosts.local_url(cfg.host, cfg.port)}/health"
 
     def start(self) -> None:
         from .launcher import _state
@@ -145,9 +146,9 @@ class VllmUnit:
         rc = self.proc.poll()
         if rc is not None:
             return f"vLLM's API server (pid {self.proc.pid}) exited with {describe_exit(rc)}{self._likely()}"
-        for p in self.engine:
+        for p, label in self.engine:
             if not processes.is_alive(p):
-                return f"{processes.info(p).label or 'a vLLM process'} (pid {p.pid}) is gone{self._likely()}"
+                return f"{label} (pid {p.pid}) is gone: killed or crashed{self._likely()}"
         if not self.health.due(now):
             return None
         error = _health_error(self.health_url)
@@ -168,10 +169,14 @@ class VllmUnit:
         return None
 
     def _engine_processes(self) -> list:
+        """(process, title) of the EngineCore and workers: losing one is vLLM's end, even if its API lives."""
         assert self.proc is not None
-        return [
-            p for p in processes.tree(self.proc.pid)[1:] if processes.cmdline_text(p).startswith("VLLM::")
-        ]
+        from .drain import engine_processes
+
+        try:
+            return [(p, processes.info(p).label) for p in engine_processes(psutil.Process(self.proc.pid))]
+        except psutil.Error:
+            return []  # it just exited: the next check says so
 
     def _likely(self) -> str:
         """'; likely: ...' from this start's part of the log, when readiness recognises the cause."""
@@ -199,7 +204,8 @@ class VllmUnit:
             echo=self.echo,
         )
         for line in stop.render(report, include_media=False):
-            self.echo(line)
+            if not line.startswith("note:"):  # other users' vLLM processes: not the supervisor's business
+                self.echo(line)
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(1)  # reap our child
@@ -249,10 +255,15 @@ class MediaUnit:
             return f"the media server (pid {self.proc.pid if self.proc else '?'}) is gone"
         if not self.health.due(now):
             return None
-        host = "127.0.0.1" if self.cfg.media_host in ("0.0.0.0", "::", "") else self.cfg.media_host
-        error = _health_error(f"http://{host}:{self.cfg.media_port}/health")
+        from .media import PID_FILE_NAME, client
+
+        cfg = self.cfg
+        ok = client.is_ours_healthy(
+            cfg.media_host, cfg.media_port, HEALTH_TIMEOUT_S, pid_file=cfg.run_dir / PID_FILE_NAME
+        )
+        error = None if ok else "no answer from our media server"
         failing = self.health.failed_for(now, error)
-        if error is not None and failing >= self.cfg.health_fail_after:
+        if error is not None and failing >= cfg.health_fail_after:
             return f"the media server's /health failing for {failing:.0f} s: {error}"
         return None
 

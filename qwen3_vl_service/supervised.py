@@ -192,15 +192,18 @@ class VllmUnit:
         return f"; likely: {cause}" if cause else ""
 
     def cleanup(self) -> None:
-        """The orphan-safe stop of stop_service.py: the tree, orphans by tag, IPC folder, state."""
+        """After a failure: stop_service.py's orphan-safe stop (tree, orphans by tag, IPC folder, state)."""
+        self._stop(CLEANUP_TIMEOUT_S)
+
+    def _stop(self, timeout: float) -> None:
         from . import stop
 
         report = stop.stop_service(
             self.cfg.run_dir,
             host=self.cfg.host,
             port=self.cfg.port,
-            timeout=CLEANUP_TIMEOUT_S,
-            grace=CLEANUP_TIMEOUT_S,
+            timeout=timeout,
+            grace=min(timeout, stop.ORPHAN_GRACE_S),
             echo=self.echo,
         )
         for line in stop.render(report, include_media=False):
@@ -211,16 +214,10 @@ class VllmUnit:
                 self.proc.wait(1)  # reap our child
 
     def stop(self) -> None:
-        """SIGTERM (in-flight requests finish within SHUTDOWN_TIMEOUT), then the orphan-safe stop."""
+        """stop_service.py's stop: in-flight requests finish within SHUTDOWN_TIMEOUT, then nothing is left."""
         from . import stop
 
-        if self.proc is not None and self.proc.poll() is None:
-            self.echo(f"stopping vLLM (pid {self.proc.pid}): SIGTERM")
-            with contextlib.suppress(OSError):
-                self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(self.cfg.shutdown_timeout + stop.SHUTDOWN_GRACE_S)
-        self.cleanup()
+        self._stop(self.cfg.shutdown_timeout + stop.SHUTDOWN_GRACE_S)
 
 
 class MediaUnit:

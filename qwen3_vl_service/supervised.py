@@ -22,7 +22,7 @@ import psutil
 from . import hosts, processes, readiness, runstate, vllm_args
 from .config import ServiceConfig
 from .errors import ServiceError
-from .supervisor import HEALTH_EVERY_S, HEALTH_TIMEOUT_S
+from .supervisor import HEALTH_EVERY_S, HEALTH_TIMEOUT_S, Finished
 
 # After a failure, what is left of vLLM gets this long after SIGTERM: its requests are lost anyway.
 CLEANUP_TIMEOUT_S = 10.0
@@ -144,6 +144,10 @@ class VllmUnit:
             return self.start_error
         assert self.proc is not None
         rc = self.proc.poll()
+        if rc == 0 and self.health.ok_once:
+            # A clean exit of a vLLM that served: someone stopped it (kill PID, SIGTERM). After an
+            # engine crash it exits too, but its VLLM:: processes are found gone first (below).
+            raise Finished(f"vLLM (pid {self.proc.pid}) exited by itself with status 0")
         if rc is not None:
             return f"vLLM's API server (pid {self.proc.pid}) exited with {describe_exit(rc)}{self._likely()}"
         for p, label in self.engine:

@@ -81,6 +81,11 @@ class Failures:
         return min(BACKOFF_CAP_S, self.policy.backoff * 2 ** (n - 1))
 
 
+class Finished(Exception):
+    """Raised by a unit's check() when it ended cleanly by itself: nothing to restart (systemd's
+    on-failure: a clean exit is no failure). The supervisor stops the rest and exits 0."""
+
+
 class Unit(Protocol):
     name: str
 
@@ -88,7 +93,7 @@ class Unit(Protocol):
         """Start it; a failure to start is returned by the next check(), never raised."""
 
     def check(self, now: float) -> str | None:
-        """None while it serves; else the cause of its failure, one line."""
+        """None while it serves; else the cause of its failure, one line. May raise Finished."""
 
     def cleanup(self) -> None:
         """After a failure: stop what is left of it (orphans included)."""
@@ -267,7 +272,11 @@ class Supervisor:
         self.record.update(state="running")
         while not self._wait(CHECK_S):
             for unit in self.units:
-                cause = unit.check(time.monotonic())
+                try:
+                    cause = unit.check(time.monotonic())
+                except Finished as done:
+                    self.echo(f"{unit.name}: {done}; not restarted")
+                    return self._stop(signal.SIGTERM)
                 if cause is None:
                     continue
                 if not self._restart(unit, cause):
@@ -308,9 +317,10 @@ class Supervisor:
         print(f"error: the supervisor gave up: {why}", file=sys.stderr, flush=True)
         return EXIT_FAILED
 
-    def _stop(self) -> int:
-        sig = self.signals[0] if self.signals else signal.SIGTERM
-        self.echo(f"{signal.Signals(sig).name}: stopping, no restart from now on")
+    def _stop(self, sig: int | None = None) -> int:
+        if sig is None:
+            sig = self.signals[0] if self.signals else signal.SIGTERM
+            self.echo(f"{signal.Signals(sig).name}: stopping, no restart from now on")
         self.record.update(state="stopping")
         for unit in reversed(self.units):
             unit.stop()
@@ -381,6 +391,7 @@ if __name__ == "__main__":
 __all__ = [
     "RECORD_FILE",
     "Failures",
+    "Finished",
     "Policy",
     "Record",
     "Supervisor",

@@ -39,6 +39,8 @@ def _config(tmp_path: Path, **settings: object) -> Path:
         "PORT": free_port(),
         "MEDIA_SERVER": "false",
         "API_KEY": SECRET,
+        # vLLM exec'd by the launcher; the supervisor (RESTART=on-failure) has tests/test_supervisor.py.
+        "RESTART": "no",
     }
     return realmodel.write_config_env(tmp_path / "config.env", model, **{**base, **settings})
 

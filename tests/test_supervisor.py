@@ -138,6 +138,20 @@ def test_a_stop_during_the_backoff_restarts_nothing(tmp_path):
 
 
 @pytest.mark.unit
+def test_a_clean_exit_is_no_failure_the_supervisor_ends_with_0(tmp_path):
+    class Stopped(Unit):
+        def check(self, now: float):
+            raise supervisor.Finished("vLLM (pid 7) exited by itself with status 0")
+
+    media, u = Unit("media server"), Stopped("vLLM")
+    sup, lines = _run([media, u], tmp_path)
+    assert sup.run() == EXIT_OK
+    assert u.log == ["start", "stop"] and media.log == ["start", "stop"]
+    assert any("exited by itself with status 0; not restarted" in line for line in lines)
+    assert json.loads((tmp_path / "supervisor.json").read_text())["restarts"] == 0
+
+
+@pytest.mark.unit
 def test_units_stop_in_reverse_order(tmp_path):
     order: list[str] = []
 

@@ -20,6 +20,7 @@ from urllib.parse import quote
 from . import cli
 from .config import ServiceConfig, load
 from .errors import CheckFailed, UsageError
+from .hosts import local_url
 
 
 def _parser() -> cli.ArgumentParser:
@@ -60,8 +61,7 @@ def media_url(cfg: ServiceConfig, ref: str, *, via_file: bool = False) -> str:
         raise UsageError(f"{path} does not exist", fix="check the path")
     if via_file or not cfg.media_server:
         return path.as_uri()
-    host = "127.0.0.1" if cfg.media_host in ("0.0.0.0", "::") else cfg.media_host
-    return f"http://{host}:{cfg.media_port}/{quote(rel.as_posix())}"
+    return f"{local_url(cfg.media_host, cfg.media_port)}/{quote(rel.as_posix())}"
 
 
 def build_request(cfg: ServiceConfig, args) -> dict:
@@ -87,8 +87,7 @@ def _main(argv: list[str] | None) -> int:
 
     args = _parser().parse_args(argv)
     cfg = load(args.config)
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    url = f"http://{host}:{cfg.port}/v1/chat/completions"
+    url = f"{local_url(cfg.host, cfg.port)}/v1/chat/completions"
     body = build_request(cfg, args)
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     t0 = time.monotonic()

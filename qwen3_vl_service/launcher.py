@@ -26,6 +26,7 @@ import psutil
 from . import cli, logtee, preflight, readiness, runstate, stop, vllm_args
 from .config import SETTINGS, ServiceConfig, load
 from .errors import CheckFailed, UsageError
+from .hosts import local_url
 from .interconnect import report as interconnect
 from .media import LOG_FILE_NAME, PID_FILE_NAME, client
 from .vllm_args import RUN_DIR_ENV, TAG_ENV, VllmCommand
@@ -305,7 +306,7 @@ def _start_detached(
         runstate.write(
             cfg.run_dir, _state(cfg, pid=proc.pid, tag=tag, private_tmp=private_tmp, detached=True)
         )
-    url = f"http://{_client_host(cfg.host)}:{cfg.port}"
+    url = local_url(cfg.host, cfg.port)
     what = "the supervisor, which runs vLLM," if supervisor else "vLLM"
     print(f"started {what} in the background: pid {proc.pid}, log {cfg.log_dir / SERVICE_LOG}")
     timeout = args.timeout or cfg.startup_timeout
@@ -358,10 +359,6 @@ def _short(path) -> str:
         return str(Path(path).relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-def _client_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 # ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 from . import gpus as gpus_mod
 from . import model as model_mod
 from . import plan as plan_mod
+from . import processes
 from . import slurm as slurm_mod
 from .config import ServiceConfig
 from .errors import CheckFailed
@@ -32,7 +33,8 @@ from .media import PID_FILE_NAME as MEDIA_PID_FILE
 from .media import client as media_client
 from .model import ModelInfo
 from .plan import Plan
-from .slurm import Allocation, format_duration
+from .slurm import Allocation
+from .units import format_bytes, format_duration, format_ranges
 
 GiB = 1024**3
 CHECK_WIDTH = 9  # "Parallel", "Capacity": the check names' column
@@ -72,25 +74,6 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.1f}"
 
 
-def _size(n: float) -> str:
-    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 1024**2:.1f} MiB"
-
-
-def _index_ranges(indices: list[int]) -> str:
-    if not indices:
-        return ""
-    parts: list[str] = []
-    start = prev = indices[0]
-    for i in [*indices[1:], None]:
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if i is not None:
-            start = prev = i
-    return ",".join(parts)
-
-
 def _gpu_findings(cfg: ServiceConfig, inv: Inventory) -> list[Finding]:
     out: list[Finding] = []
     if not inv.gpus:
@@ -103,7 +86,7 @@ def _gpu_findings(cfg: ServiceConfig, inv: Inventory) -> list[Finding]:
     if inv.source == "nvml":
         lo, hi = _gib(min(frees)), _gib(max(frees))
         text += f" ({lo} GiB free)" if lo == hi else f" ({lo}-{hi} GiB free)"
-        text = f"{text}; GPU {_index_ranges([g.index for g in inv.gpus])}"
+        text = f"{text}; GPU {format_ranges(g.index for g in inv.gpus)}"
     if ccs:
         text += "; compute " + ", ".join(f"{a}.{b}" for a, b in ccs)
     if inv.driver_version:
@@ -300,7 +283,7 @@ def _model_findings(info: ModelInfo) -> list[Finding]:
         quant += f" blocks {block}" if block else ""
     moe = f", {info.num_experts} experts top-{info.num_experts_per_tok}" if info.num_experts else ""
     size = info.weights_bytes
-    files = f"{len(info.shards)} shard(s)" + (f", {_size(size)}" if size else "") + " complete"
+    files = f"{len(info.shards)} shard(s)" + (f", {format_bytes(size)}" if size else "") + " complete"
     if info.manifest:
         files += " (checked against the download manifest)"
     extras = "tokenizer, processor and chat template present"
@@ -328,60 +311,13 @@ def _bind_error(host: str, port: int) -> OSError | None:
         sock.close()
 
 
-@dataclass(frozen=True)
-class _Holder:
-    pid: int | None
-    cmdline: str = ""
-    user: str = ""
-
-    def describe(self) -> str:
-        if self.pid is None:
-            return "a process this user cannot see (another user's?)"
-        cmd = " ".join(self.cmdline.split())  # one line, even for `python -c "...\n..."`
-        cmd = cmd if len(cmd) <= 100 else cmd[:97] + "..."
-        who = f", user {self.user}" if self.user else ""
-        return f"pid {self.pid} ({cmd or '?'}{who})"
-
-
-def port_holders(port: int) -> list[_Holder]:
-    """The processes listening on PORT, as far as this user may see (psutil)."""
-    try:
-        import psutil
-    except ImportError:
-        return [_Holder(None)]
-    try:
-        conns = psutil.net_connections(kind="inet")
-    except (psutil.Error, OSError):
-        return [_Holder(None)]
-    pids: list[int | None] = []
-    for c in conns:
-        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid not in pids:
-            pids.append(c.pid)
-    holders = []
-    for pid in pids:
-        if pid is None:
-            holders.append(_Holder(None))
-            continue
-        try:
-            proc = psutil.Process(pid)
-            holders.append(_Holder(pid, " ".join(proc.cmdline()), proc.username()))
-        except (psutil.Error, OSError):
-            holders.append(_Holder(pid))
-    return holders or [_Holder(None)]
-
-
 def _looks_like_media(cmdline: str) -> bool:
-    from .processes import MEDIA_MARKERS
-
-    return any(m in cmdline for m in MEDIA_MARKERS)
+    return any(m in cmdline for m in processes.MEDIA_MARKERS)
 
 
-def _media_ours(cfg: ServiceConfig, holders: list[_Holder]) -> tuple[bool | None, str]:
+def _media_ours(cfg: ServiceConfig, holders: list[processes.PortHolder]) -> tuple[bool | None, str]:
     """(True: ours and fit for reuse / False: ours but not usable / None: not ours, detail)."""
-    pid_file = cfg.run_dir / MEDIA_PID_FILE
-    from .processes import read_pid_file
-
-    recorded = read_pid_file(pid_file)
+    recorded = processes.read_pid_file(cfg.run_dir / MEDIA_PID_FILE)
     if media_client.is_ours_healthy(cfg.media_host, cfg.media_port, 1.0):
         if not media_client.is_ours_healthy(cfg.media_host, cfg.media_port, 1.0, root=cfg.media_root):
             return False, f"it serves another folder than MEDIA_ROOT={cfg.media_root}"
@@ -436,7 +372,7 @@ def _port_findings(cfg: ServiceConfig) -> list[Finding]:
                 Finding("error", "Ports", f"cannot listen on {host}:{port}: {exc.strerror}", f"change {key}")
             )
             continue
-        holders = port_holders(port)
+        holders = processes.port_holders(host, port) or [processes.PortHolder(None)]
         who = "; ".join(h.describe() for h in holders)
         pids = " ".join(str(h.pid) for h in holders if h.pid is not None)
         if key == "MEDIA_PORT":
@@ -572,4 +508,4 @@ def render(report: Report, color: bool = False) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Finding", "Level", "Report", "port_holders", "render", "run"]
+__all__ = ["Finding", "Level", "Report", "render", "run"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 
 from .gpus import NvmlUnavailable, nvml_processes, nvml_session
+from .hosts import WILDCARDS
 from .media import PID_FILE_NAME as MEDIA_PID_FILE
 from .vllm_args import RUN_DIR_ENV, TAG_ENV
 
@@ -452,51 +453,78 @@ def terminate(
 
 
 def _host_matches(bound_ip: str, host: str) -> bool:
-    wildcard = ("0.0.0.0", "::", "")
-    return host in wildcard or bound_ip in wildcard or bound_ip == host or host == "localhost"
+    return host in WILDCARDS or bound_ip in WILDCARDS or bound_ip == host or host == "localhost"
 
 
-def port_holder(host: str, port: int) -> tuple[int | None, str] | None:
-    """Who listens on HOST:PORT: (pid, command line), pid None when the kernel does not say.
+@dataclass(frozen=True)
+class PortHolder:
+    """A process listening on a port, as far as this user may see."""
 
-    None when nothing listens. Connections in TIME_WAIT do not count (vLLM
-    binds with SO_REUSEADDR). A socket that is bound but does not listen yet
-    (vLLM binds its port long before it listens) is invisible in the kernel's
-    connection tables and is not reported.
+    pid: int | None  # None: the kernel does not say (another user's process)
+    cmdline: str = ""
+    user: str = ""
+    label: str = ""  # short: "python -m http.server"
+
+    def describe(self) -> str:
+        """'pid 123 (python3 -m http.server 8080, user ana)', on one line."""
+        if self.pid is None:
+            return "a process this user cannot see (another user's?)"
+        cmd = " ".join(self.cmdline.split())  # one line, even for `python -c "...\n..."`
+        cmd = cmd if len(cmd) <= 100 else cmd[:97] + "..."
+        who = f", user {self.user}" if self.user else ""
+        return f"pid {self.pid} ({cmd or '?'}{who})"
+
+
+def port_holders(host: str, port: int) -> list[PortHolder]:
+    """Who listens on HOST:PORT (a wildcard HOST: any address), one entry per process; [] if nobody.
+
+    Connections in TIME_WAIT do not count (vLLM binds with SO_REUSEADDR). A
+    socket that is bound but does not listen yet (vLLM binds its port long
+    before it listens) is invisible in the kernel's connection tables and is
+    not reported. Without a connection table (no permission), a bind attempt
+    tells whether someone holds the port, not who.
     """
     try:
         conns = psutil.net_connections(kind="inet")
-    except (psutil.AccessDenied, OSError):
-        conns = None
-    if conns is not None:
-        for c in conns:
-            if not c.laddr or c.laddr.port != port or c.raddr:
-                continue
-            if c.status != psutil.CONN_LISTEN:
-                continue
-            if not _host_matches(c.laddr.ip, host):
-                continue
-            if c.pid is None:
-                return None, "a process of another user"
-            try:
-                return c.pid, describe(psutil.Process(c.pid))
-            except psutil.Error:
-                return c.pid, ""
+    except (psutil.Error, OSError):
+        return [] if _bind_free(host, port) else [PortHolder(None)]
+    pids: list[int | None] = []
+    for c in conns:
+        if c.status != psutil.CONN_LISTEN or not c.laddr or c.laddr.port != port or c.raddr:
+            continue
+        if _host_matches(c.laddr.ip, host) and c.pid not in pids:
+            pids.append(c.pid)
+    return [_port_holder(pid) for pid in pids]
+
+
+def _port_holder(pid: int | None) -> PortHolder:
+    if pid is None:
+        return PortHolder(None)
+    try:
+        proc = psutil.Process(pid)
+        return PortHolder(pid, cmdline_text(proc), proc.username(), info(proc).label)
+    except psutil.Error:
+        return PortHolder(pid)
+
+
+def port_holder(host: str, port: int) -> tuple[int | None, str] | None:
+    """The first of port_holders() as (pid, short label), or None when nothing listens."""
+    holders = port_holders(host, port)
+    if not holders:
         return None
-    # No connection table: try to bind the port ourselves.
-    return _bind_probe(host, port)
+    first = holders[0]
+    return first.pid, first.label if first.pid is not None else "a process of another user"
 
 
-def _bind_probe(host: str, port: int) -> tuple[int | None, str] | None:
-    probe_host = "" if host in ("0.0.0.0", "::") else host
+def _bind_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((probe_host, port))
+            s.bind(("" if host in WILDCARDS else host, port))
     except OSError:
-        return None, "an unknown process"
-    return None
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -561,6 +589,7 @@ __all__ = [
     "GpuHolder",
     "GpuMemory",
     "NvmlUnavailable",
+    "PortHolder",
     "ProcInfo",
     "StopResult",
     "describe",
@@ -575,6 +604,7 @@ __all__ = [
     "is_recorded",
     "media_server",
     "port_holder",
+    "port_holders",
     "terminate",
     "tree",
     "unidentified_vllm",

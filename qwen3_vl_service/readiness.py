@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckFailed
+from .units import format_duration
 
 TAIL_LINES = 25
 
@@ -311,17 +312,6 @@ def log_size(path: str | os.PathLike[str]) -> int:
         return 0
 
 
-def format_elapsed(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    if h:
-        return f"{h}h{m:02d}m{s:02d}s"
-    if m:
-        return f"{m}m{s:02d}s"
-    return f"{s}s"
-
-
 class StartupFailed(CheckFailed):
     """vLLM exited or did not become healthy; carries the log tail and the likely cause."""
 
@@ -383,7 +373,7 @@ def wait_healthy(
             follower.poll()
             if _health_ok(session, url, timeout=max(1.0, min(5.0, poll * 3))):
                 follower.poll()
-                on_progress(f"ready ({format_elapsed(time.monotonic() - start)})")
+                on_progress(f"ready ({format_duration(time.monotonic() - start)})")
                 return
             if not is_alive():
                 time.sleep(min(1.0, poll))  # let the tee write vLLM's last lines
@@ -395,12 +385,12 @@ def wait_healthy(
                 follower.flush_partial()
                 raise _failure(
                     follower,
-                    f"vLLM did not answer {url} within {format_elapsed(timeout)} "
+                    f"vLLM did not answer {url} within {format_duration(timeout)} "
                     f"(last phase: {follower.tracker.phase})",
                     log_file,
                     timed_out=True,
                 )
-            on_progress(f"{follower.tracker.phase} ({format_elapsed(now - start)})")
+            on_progress(f"{follower.tracker.phase} ({format_duration(now - start)})")
             time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
     finally:
         session.close()
@@ -423,7 +413,6 @@ __all__ = [
     "PhaseTracker",
     "StartupFailed",
     "diagnose",
-    "format_elapsed",
     "log_size",
     "phase",
     "wait_healthy",

@@ -175,14 +175,4 @@ def with_end_time(alloc: Allocation, end_time: float, now: float | None = None) 
     )
 
 
-def format_duration(seconds: float) -> str:
-    """3725 -> '1 h 02 min'; 90 -> '1 min 30 s'."""
-    s = max(0, int(seconds))
-    if s >= 3600:
-        return f"{s // 3600} h {(s % 3600) // 60:02d} min"
-    if s >= 60:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s} s"
-
-
-__all__ = ["Allocation", "allocation", "format_duration", "squeue_end_time", "with_end_time"]
+__all__ = ["Allocation", "allocation", "squeue_end_time", "with_end_time"]

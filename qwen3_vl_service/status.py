@@ -30,8 +30,10 @@ from . import processes, runstate, supervisor
 from .cli import ArgumentParser, run
 from .config import ServiceConfig
 from .errors import EXIT_FAILED, EXIT_OK
-from .readiness import LogFollower, format_elapsed
+from .hosts import connect_host, display_host, local_url, url_host
+from .readiness import LogFollower
 from .stop import _log_path
+from .units import format_duration
 
 GiB = 1024**3
 # vLLM metric families (a counter's family name drops the "_total" of its sample).
@@ -41,26 +43,6 @@ M_KV = "vllm:kv_cache_usage_perc"  # a fraction: 1 means 100 percent
 M_GEN = "vllm:generation_tokens"
 M_PROMPT = "vllm:prompt_tokens"
 _WANTED = (M_RUNNING, M_WAITING, M_KV, M_GEN, M_PROMPT)
-
-
-def probe_host(host: str) -> str:
-    """Where to connect to a server bound to HOST (a wildcard means loopback)."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    return host
-
-
-def display_host(host: str) -> str:
-    """How others reach a server bound to HOST."""
-    if host in ("0.0.0.0", "::", ""):
-        return socket.gethostname()
-    return host
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -288,7 +270,7 @@ def collect(cfg: ServiceConfig, *, sample: float = 1.0, http_timeout: float = 3.
             tuple(Leftover(p.pid, processes.describe(p, 60)) for p in leftovers) if proc is None else ()
         ),
         media_answering=(
-            _port_open(probe_host(target.media_host), target.media_port) if cfg.media_server else None
+            _port_open(connect_host(target.media_host), target.media_port) if cfg.media_server else None
         ),
         supervisor=supervisor.status(cfg.run_dir),
     )
@@ -314,13 +296,13 @@ def _target(cfg: ServiceConfig, live: runstate.RunState | None) -> _Target:
         port=port,
         media_host=live.media_host if live else cfg.media_host,
         media_port=live.media_port if live else cfg.media_port,
-        base=f"http://{_url_host(probe_host(host))}:{port}",
+        base=local_url(host, port),
     )
 
 
 def _urls(cfg: ServiceConfig, target: _Target) -> Urls:
-    shown = f"http://{_url_host(display_host(target.host))}:{target.port}"
-    media = f"http://{_url_host(display_host(target.media_host))}:{target.media_port}/"
+    shown = f"http://{url_host(display_host(target.host))}:{target.port}"
+    media = f"http://{url_host(display_host(target.media_host))}:{target.media_port}/"
     return Urls(
         api=f"{shown}/v1",
         health=f"{shown}/health",
@@ -493,7 +475,7 @@ def _render_head(status: Status) -> list[str]:
             lines.append("               stop them with python stop_service.py")
         return lines
     verdict = "healthy" if status.healthy else "NOT healthy"
-    up = format_elapsed(status.uptime_s or 0.0)
+    up = format_duration(status.uptime_s or 0.0)
     return [
         f"Qwen3-VL service: running, {verdict}",
         f"  pid          {status.pid} (up {up}, since {status.started_at}, {status.processes} processes)",

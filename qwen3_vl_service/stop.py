@@ -39,7 +39,7 @@ from . import config as config_mod
 from . import drain, processes, runstate, supervisor
 from .cli import ArgumentParser, run
 from .errors import EXIT_FAILED, EXIT_OK
-from .readiness import format_elapsed
+from .units import format_duration
 
 # Beyond SHUTDOWN_TIMEOUT: vLLM's engine teardown after the requests drained.
 SHUTDOWN_GRACE_S = 30
@@ -95,7 +95,7 @@ class StopReport:
 
 def _uptime(proc: psutil.Process) -> str:
     try:
-        return format_elapsed(time.time() - proc.create_time())
+        return format_duration(time.time() - proc.create_time())
     except psutil.Error:
         return "?"
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .config import ServiceConfig, mask
+from .hosts import WILDCARDS
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # Environment variable that every process of the service inherits, so that
@@ -73,7 +74,7 @@ def _pair_flags(argv: tuple[str, ...]) -> list[str]:
 
 def _media_domains(cfg: ServiceConfig) -> list[str]:
     host = cfg.media_host
-    if host in ("0.0.0.0", "::"):
+    if host in WILDCARDS:
         # The media server listens everywhere; vLLM still reaches it on loopback.
         return ["127.0.0.1", "localhost"]
     try:

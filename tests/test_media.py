@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import psutil
 import pytest
 
@@ -868,7 +869,6 @@ def test_ensure_running_reports_a_bad_root(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_load_many_connections_zero_errors(server: Server) -> None:
-    aiohttp = pytest.importorskip("aiohttp")
     seconds = float(os.environ.get("MEDIA_LOAD_SECONDS", "10"))
     connections = int(os.environ.get("MEDIA_LOAD_CONNECTIONS", "200"))
     assert 0 < seconds <= 120 and 0 < connections <= 1000  # bounded, whatever the environment says

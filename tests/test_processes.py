@@ -166,6 +166,9 @@ def test_port_holder_listening_bound_and_free() -> None:
         pid, cmd = processes.port_holder("0.0.0.0", port)
         assert pid == os.getpid()
         assert "python" in cmd or "pytest" in cmd
+        (holder,) = processes.port_holders("127.0.0.1", port)
+        assert holder.pid == os.getpid() and holder.describe().startswith(f"pid {os.getpid()} (")
+        assert processes.port_holders("127.0.0.2", port) == []  # another address: not this listener
     assert processes.port_holder("127.0.0.1", port) is None
 
 

@@ -160,13 +160,6 @@ def test_log_follower_handles_rotation(tmp_path: Path) -> None:
     assert "old run line" not in f.lines
 
 
-@pytest.mark.unit
-def test_format_elapsed() -> None:
-    assert readiness.format_elapsed(5) == "5s"
-    assert readiness.format_elapsed(125) == "2m05s"
-    assert readiness.format_elapsed(3725) == "1h02m05s"
-
-
 # ---------------------------------------------------------------------------
 # wait_healthy against a real process and a real port
 

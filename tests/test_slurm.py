@@ -81,11 +81,6 @@ def test_time_left_can_be_negative_when_the_job_is_over():
     assert a.time_left_s == -10
 
 
-@pytest.mark.parametrize(("s", "text"), [(3725, "1 h 02 min"), (90, "1 min 30 s"), (5, "5 s"), (-3, "0 s")])
-def test_format_duration(s, text):
-    assert slurm.format_duration(s) == text
-
-
 # -- squeue_end_time: where SLURM exports no SLURM_JOB_END_TIME (22.05 does not) ---------
 # A stand-in squeue (a real executable on PATH): SLURM itself is the edge here.
 

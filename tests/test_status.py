@@ -166,12 +166,3 @@ def test_parse_metrics_sums_engines_and_skips_created() -> None:
         "vllm:generation_tokens": 10.0,
         "vllm:kv_cache_usage_perc": 0.5,
     }
-
-
-@pytest.mark.unit
-def test_hosts() -> None:
-    assert status.probe_host("0.0.0.0") == "127.0.0.1"
-    assert status.probe_host("::") == "::1"
-    assert status.probe_host("10.0.0.5") == "10.0.0.5"
-    assert status.display_host("10.0.0.5") == "10.0.0.5"
-    assert status.display_host("0.0.0.0")  # the node's name

@@ -286,12 +286,9 @@ def plan_download(
 def _endpoint(endpoint: str | None) -> str:
     if endpoint:
         return endpoint.rstrip("/")
-    try:
-        from huggingface_hub import constants
+    from huggingface_hub import constants  # lazily, as everywhere here: --verify never needs the Hub
 
-        return constants.ENDPOINT
-    except ImportError:  # pragma: no cover
-        return "https://huggingface.co"
+    return constants.ENDPOINT
 
 
 def _run_direct(fn: Callable[[], T]) -> T:
@@ -319,24 +316,13 @@ def download(
     that Ctrl+C and SIGTERM act at once). Raises ServiceError subclasses with
     one-line messages.
     """
-    from huggingface_hub import snapshot_download
-
     local_dir = Path(local_dir).expanduser().absolute()
     plan = plan or plan_download(
         repo, revision, local_dir, endpoint=endpoint, token=token, disk_usage=disk_usage
     )
     ctx = _Context(repo, revision, _endpoint(endpoint), local_dir, plan.needed, disk_usage)
     say(plan.describe())
-    if not plan.fits:
-        size = format_decimal_bytes
-        free = plan.free + plan.reclaimable
-        raise DownloadFailed(
-            f"not enough space for {repo} in {local_dir}: {size(plan.needed)} still to fetch "
-            f"(+{size(plan.margin)} margin), but only {size(free)} free on {plan.measured_at} "
-            f"({size(plan.total - plan.needed)} of {size(plan.total)} already there)",
-            fix=f"free {size(plan.needed + plan.margin - free)} there, "
-            "or set MODEL_PATH (or --local-dir) to a larger file system",
-        )
+    _check_fits(plan)
     _ensure_writable(local_dir)
     with _exclusive(local_dir):
         for path, _ in _stale_partials(local_dir, time.time()):
@@ -347,37 +333,9 @@ def download(
             # The directory is about to change under the old manifest.
             manifest_path(local_dir).unlink(missing_ok=True)
         started = time.monotonic()
-        try:
-            runner(
-                lambda: snapshot_download(
-                    repo,
-                    revision=plan.commit,
-                    local_dir=str(local_dir),
-                    endpoint=endpoint,
-                    token=token,
-                    max_workers=workers,
-                )
-            )
-        except ServiceError:
-            raise
-        except Exception as exc:
-            translated = _translate(exc, ctx)
-            if translated is None:
-                raise
-            raise translated from exc
+        _fetch(plan, ctx, endpoint, token, workers, runner)
         seconds = time.monotonic() - started
-        problems = verify(local_dir, manifest=_manifest_for(plan))
-        if problems:
-            raise DownloadFailed(
-                f"the download ended with {len(problems)} file(s) missing or incomplete "
-                f"(first: {problems[0].split(';')[0]}); the Hub may have become unreachable",
-                fix=_rerun_hint(),
-            )
-        try:
-            written = write_manifest(local_dir, _manifest_for(plan))
-        except OSError as exc:
-            translated = _translate(exc, ctx)
-            raise (translated or DownloadFailed(f"cannot write the manifest: {exc}")) from exc
+        written = _check_and_record(plan, ctx)
     fetched = [f for f in plan.files if f.name not in plan.present]
     return Result(
         plan=plan,
@@ -389,13 +347,72 @@ def download(
     )
 
 
-def _manifest_for(plan: Plan) -> Manifest:
-    try:
-        import huggingface_hub
+def _check_fits(plan: Plan) -> None:
+    """DownloadFailed, naming every size, unless the files still to fetch fit with the margin."""
+    if plan.fits:
+        return
+    size = format_decimal_bytes
+    free = plan.free + plan.reclaimable
+    raise DownloadFailed(
+        f"not enough space for {plan.repo} in {plan.local_dir}: {size(plan.needed)} still to fetch "
+        f"(+{size(plan.margin)} margin), but only {size(free)} free on {plan.measured_at} "
+        f"({size(plan.total - plan.needed)} of {size(plan.total)} already there)",
+        fix=f"free {size(plan.needed + plan.margin - free)} there, "
+        "or set MODEL_PATH (or --local-dir) to a larger file system",
+    )
 
-        hub = f", huggingface_hub {huggingface_hub.__version__}"
-    except ImportError:  # pragma: no cover
-        hub = ""
+
+def _fetch(
+    plan: Plan,
+    ctx: _Context,
+    endpoint: str | None,
+    token: str | bool | None,
+    workers: int,
+    runner: Callable[[Callable[[], Any]], Any],
+) -> None:
+    """snapshot_download of the planned commit through RUNNER; its errors as one line with the fix."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        runner(
+            lambda: snapshot_download(
+                plan.repo,
+                revision=plan.commit,
+                local_dir=str(ctx.local_dir),
+                endpoint=endpoint,
+                token=token,
+                max_workers=workers,
+            )
+        )
+    except ServiceError:
+        raise
+    except Exception as exc:
+        translated = _translate(exc, ctx)
+        if translated is None:
+            raise
+        raise translated from exc
+
+
+def _check_and_record(plan: Plan, ctx: _Context) -> Path:
+    """Check the downloaded files against the plan (sizes), then write the manifest; its path."""
+    problems = verify(ctx.local_dir, manifest=_manifest_for(plan))
+    if problems:
+        raise DownloadFailed(
+            f"the download ended with {len(problems)} file(s) missing or incomplete "
+            f"(first: {problems[0].split(';')[0]}); the Hub may have become unreachable",
+            fix=_rerun_hint(),
+        )
+    try:
+        return write_manifest(ctx.local_dir, _manifest_for(plan))
+    except OSError as exc:
+        translated = _translate(exc, ctx)
+        raise (translated or DownloadFailed(f"cannot write the manifest: {exc}")) from exc
+
+
+def _manifest_for(plan: Plan) -> Manifest:
+    import huggingface_hub
+
+    hub = f", huggingface_hub {huggingface_hub.__version__}"
     return Manifest(
         repo=plan.repo,
         revision=plan.revision,

@@ -98,75 +98,12 @@ def _not_writable(path: Path, exc: OSError) -> DownloadFailed:
 
 def _translate(exc: BaseException, ctx: _Context) -> ServiceError | None:
     """A one-line ServiceError for EXC, or None when it is not one we know."""
-    try:
-        from huggingface_hub import errors as hf_errors
-    except ImportError:  # pragma: no cover - the download path imported it already
-        hf_errors = None  # type: ignore[assignment]
-    repo, endpoint = ctx.repo, ctx.endpoint
-    token = _token_source()
-    if hf_errors is not None:
-        if isinstance(exc, hf_errors.GatedRepoError):
-            status = _status(exc)
-            if token is None:
-                why = "no Hugging Face token was found"
-            elif status == 403:
-                why = f"the token from {token} has not been granted access"
-            else:
-                why = f"the token from {token} was not accepted"
-            return DownloadFailed(
-                f"{repo} is a gated repo and {why} (HTTP {status or '401/403'})",
-                fix=f"accept its conditions at {endpoint}/{repo} while logged in, then export HF_TOKEN "
-                f"(a read token from {_TOKEN_HELP}) or run 'hf auth login', and rerun",
-            )
-        if isinstance(exc, hf_errors.RevisionNotFoundError):
-            return ConfigError(
-                f"revision {ctx.revision!r} not found in {repo}",
-                fix="set MODEL_REVISION (or --revision) to a branch, tag or commit of the repo, e.g. main",
-            )
-        if isinstance(exc, hf_errors.RepositoryNotFoundError):
-            hint = (
-                "set HF_TOKEN if it is private"
-                if token is None
-                else f"check that the token from {token} can read it"
-            )
-            return ConfigError(
-                f"repo {repo} not found on {endpoint} (or it is private)",
-                fix=f"check MODEL_REPO (or --repo), e.g. {SETTINGS_BY_KEY['MODEL_REPO'].default}; {hint}",
-            )
-        if isinstance(exc, getattr(hf_errors, "DisabledRepoError", ())):
-            return DownloadFailed(f"{repo} is disabled on {endpoint}", fix="choose another MODEL_REPO")
-        if isinstance(exc, hf_errors.OfflineModeIsEnabled):
-            return DownloadFailed(
-                "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so the Hub cannot be reached",
-                fix="unset it for the download (keep it for the service on compute nodes)",
-            )
-        if isinstance(exc, hf_errors.HfHubHTTPError):
-            status = _status(exc)
-            if status == 401:
-                who = f"the token from {token}" if token else "the request"
-                return DownloadFailed(
-                    f"the Hub rejected {who} (HTTP 401: expired, revoked or mistyped)",
-                    fix=f"create a read token at {_TOKEN_HELP}, export HF_TOKEN "
-                    "or run 'hf auth login', and rerun",
-                )
-            if status == 403:
-                return DownloadFailed(
-                    f"the Hub refused access to {repo} (HTTP 403)",
-                    fix=f"give the token read access to {repo} at {_TOKEN_HELP} "
-                    "(fine-grained tokens need it)",
-                )
-            if status == 429:
-                return DownloadFailed(
-                    f"the Hub is rate-limiting this client (HTTP 429) while fetching {repo}",
-                    fix="wait a few minutes (a token raises the limit), then " + _rerun_hint(),
-                )
-            return DownloadFailed(
-                f"the Hub answered HTTP {status or '?'} while fetching {repo} from {endpoint}",
-                fix="wait and " + _rerun_hint(),
-            )
-        if isinstance(exc, hf_errors.LocalEntryNotFoundError):
-            # snapshot_download's word for "the Hub could not be reached".
-            return DownloadFailed(f"the Hub at {endpoint} could not be reached", fix=_network_fix())
+    from huggingface_hub import errors as hf_errors  # lazily: --verify never needs the Hub
+
+    found = _hub_error(exc, ctx, hf_errors)
+    if found is not None:
+        return found
+    endpoint = ctx.endpoint
     if isinstance(exc, _network_error_types()):
         detail = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         return DownloadFailed(f"network failure talking to {endpoint} ({detail})", fix=_network_fix())
@@ -177,6 +114,74 @@ def _translate(exc: BaseException, ctx: _Context) -> ServiceError | None:
             return _not_writable(Path(exc.filename) if exc.filename else ctx.local_dir, exc)
         if "Consistency check failed" in str(exc):  # a body shorter than announced
             return DownloadFailed(f"a file from {endpoint} arrived truncated", fix=_network_fix())
+    return None
+
+
+def _hub_error(exc: BaseException, ctx: _Context, hf_errors: Any) -> ServiceError | None:
+    """The huggingface_hub errors: gated, missing, disabled, offline, HTTP status."""
+    repo, endpoint = ctx.repo, ctx.endpoint
+    token = _token_source()
+    if isinstance(exc, hf_errors.GatedRepoError):
+        status = _status(exc)
+        if token is None:
+            why = "no Hugging Face token was found"
+        elif status == 403:
+            why = f"the token from {token} has not been granted access"
+        else:
+            why = f"the token from {token} was not accepted"
+        return DownloadFailed(
+            f"{repo} is a gated repo and {why} (HTTP {status or '401/403'})",
+            fix=f"accept its conditions at {endpoint}/{repo} while logged in, then export HF_TOKEN "
+            f"(a read token from {_TOKEN_HELP}) or run 'hf auth login', and rerun",
+        )
+    if isinstance(exc, hf_errors.RevisionNotFoundError):
+        return ConfigError(
+            f"revision {ctx.revision!r} not found in {repo}",
+            fix="set MODEL_REVISION (or --revision) to a branch, tag or commit of the repo, e.g. main",
+        )
+    if isinstance(exc, hf_errors.RepositoryNotFoundError):
+        hint = (
+            "set HF_TOKEN if it is private"
+            if token is None
+            else f"check that the token from {token} can read it"
+        )
+        return ConfigError(
+            f"repo {repo} not found on {endpoint} (or it is private)",
+            fix=f"check MODEL_REPO (or --repo), e.g. {SETTINGS_BY_KEY['MODEL_REPO'].default}; {hint}",
+        )
+    if isinstance(exc, getattr(hf_errors, "DisabledRepoError", ())):
+        return DownloadFailed(f"{repo} is disabled on {endpoint}", fix="choose another MODEL_REPO")
+    if isinstance(exc, hf_errors.OfflineModeIsEnabled):
+        return DownloadFailed(
+            "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so the Hub cannot be reached",
+            fix="unset it for the download (keep it for the service on compute nodes)",
+        )
+    if isinstance(exc, hf_errors.HfHubHTTPError):
+        status = _status(exc)
+        if status == 401:
+            who = f"the token from {token}" if token else "the request"
+            return DownloadFailed(
+                f"the Hub rejected {who} (HTTP 401: expired, revoked or mistyped)",
+                fix=f"create a read token at {_TOKEN_HELP}, export HF_TOKEN "
+                "or run 'hf auth login', and rerun",
+            )
+        if status == 403:
+            return DownloadFailed(
+                f"the Hub refused access to {repo} (HTTP 403)",
+                fix=f"give the token read access to {repo} at {_TOKEN_HELP} (fine-grained tokens need it)",
+            )
+        if status == 429:
+            return DownloadFailed(
+                f"the Hub is rate-limiting this client (HTTP 429) while fetching {repo}",
+                fix="wait a few minutes (a token raises the limit), then " + _rerun_hint(),
+            )
+        return DownloadFailed(
+            f"the Hub answered HTTP {status or '?'} while fetching {repo} from {endpoint}",
+            fix="wait and " + _rerun_hint(),
+        )
+    if isinstance(exc, hf_errors.LocalEntryNotFoundError):
+        # snapshot_download's word for "the Hub could not be reached".
+        return DownloadFailed(f"the Hub at {endpoint} could not be reached", fix=_network_fix())
     return None
 
 

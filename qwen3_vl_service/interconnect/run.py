@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..childproc import with_package_path
 from ..errors import UsageError
 from ..units import format_bytes, format_ranges
 from .worker import MARK
@@ -132,14 +133,10 @@ def worker_env(
     base: Mapping[str, str], extra: Mapping[str, str] = (), backend: str = "nccl"
 ) -> dict[str, str]:
     """The environment every worker shares: BASE, then EXTRA (the config file's NCCL_* and friends)."""
-    env = dict(base)
-    env.update(extra or {})
+    env = with_package_path({**base, **(extra or {})})
     # NVLink multicast (NVLS) must stay off on the lent machines; harmless elsewhere. The user's choice wins.
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env["PYTHONUNBUFFERED"] = "1"
-    # The worker is run with -m from whatever python has vLLM: make this package importable there.
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     if backend == "gloo":
         env.setdefault("OMP_NUM_THREADS", "1")
         if sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo"):

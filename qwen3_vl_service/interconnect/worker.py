@@ -21,8 +21,11 @@ import argparse
 import datetime as _dt
 import json
 import os
+import signal
 import sys
 import time
+
+from ..childproc import die_with_parent
 
 MARK = "@@qwen3-interconnect "
 EXIT_SKIP = 3
@@ -33,27 +36,6 @@ def emit(event: str, **fields) -> None:
 
 
 _RANK = int(os.environ.get("RANK", "0") or 0)
-
-
-def die_with_parent() -> None:
-    """Linux: have the kernel KILL this rank when the parent dies (even by SIGKILL).
-
-    Each rank runs in its own session so that the parent can end its whole group;
-    that also means nothing else would end a rank stuck in NCCL if the parent were
-    killed before its own clean-up ran.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before prctl: nobody waits for us
-        os._exit(1)
 
 
 def auto_iters(backend: str, nbytes: int) -> int:
@@ -80,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Exit(Exception):
+    """Leave main() with this exit code (after the reason was announced)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ["RANK"])
@@ -87,45 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     t_start = time.perf_counter()
-    die_with_parent()
+    # Each rank runs in its own session so that the parent can end its whole group; that also
+    # means nothing else would end a rank stuck in NCCL if the parent were killed before its
+    # own clean-up ran: the kernel KILLs it then.
+    die_with_parent(signal.SIGKILL, exit_code=1)
     emit("start", pid=os.getpid(), world_size=world)
-
     try:
-        import torch
-        import torch.distributed as dist
-    except ImportError as exc:
-        emit("skip", reason=f"torch is not installed for {sys.executable} ({exc})")
-        return EXIT_SKIP
-
-    nccl_version = None
-    device_name = "cpu"
-    if args.backend == "nccl":
-        if not torch.cuda.is_available():
-            emit("skip", reason=f"torch {torch.__version__} in {sys.executable} sees no CUDA GPU")
-            return EXIT_SKIP
-        if not dist.is_nccl_available():
-            emit("skip", reason=f"torch {torch.__version__} in {sys.executable} is built without NCCL")
-            return EXIT_SKIP
-        count = torch.cuda.device_count()
-        if local_rank >= count:
-            emit("fail", reason=f"LOCAL_RANK {local_rank} but only {count} CUDA device(s) are visible")
-            return 1
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        device_name = torch.cuda.get_device_name(device)
-        try:
-            v = torch.cuda.nccl.version()
-            # A tuple (2, 21, 5) in recent torch, an int 22105 or 2708 in old ones.
-            nccl_version = ".".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
-        except Exception:  # noqa: BLE001 - the version is informative only
-            nccl_version = None
-    else:
-        device = torch.device("cpu")
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+        torch, dist = _import_torch()
+        device, device_name, nccl_version = _device(torch, dist, args.backend, local_rank)
+    except _Exit as stop:
+        return stop.code
     emit(
         "imported",
         torch=torch.__version__,
@@ -133,7 +94,80 @@ def main(argv: list[str] | None = None) -> int:
         device=device_name,
         s=time.perf_counter() - t_start,
     )
+    _join(dist, args, rank, world, device)
+    if args.simulate_hang_rank is not None and args.simulate_hang_rank == rank:
+        emit("hang")
+        while True:  # the parent's timeout is what ends this
+            time.sleep(3600)
+    t0 = time.perf_counter()
+    warm = torch.ones(1024, dtype=torch.float32, device=device)
+    dist.all_reduce(warm)
+    _sync(torch, device)
+    emit("warmup", s=time.perf_counter() - t0)
+    init_to_warm = time.perf_counter() - t_start
+    results = []
+    for index, nbytes in enumerate(sizes):
+        results.append(_measure(torch, dist, args, rank, world, device, nbytes))
+        emit("size", index=index, bytes=results[-1]["bytes"])
+    if rank == 0:
+        emit(
+            "result",
+            backend=args.backend,
+            world_size=world,
+            torch=torch.__version__,
+            nccl=nccl_version,
+            device=device_name,
+            expected=world * (world + 1) / 2,
+            startup_s=init_to_warm,
+            sizes=results,
+        )
+    dist.destroy_process_group()
+    emit("exit")
+    return 0
 
+
+def _import_torch():
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as exc:
+        emit("skip", reason=f"torch is not installed for {sys.executable} ({exc})")
+        raise _Exit(EXIT_SKIP) from None
+    return torch, dist
+
+
+def _device(torch, dist, backend: str, local_rank: int):
+    """(device, its name, NCCL version or None); _Exit where this machine cannot run BACKEND."""
+    if backend != "nccl":
+        return torch.device("cpu"), "cpu", None
+    if not torch.cuda.is_available():
+        emit("skip", reason=f"torch {torch.__version__} in {sys.executable} sees no CUDA GPU")
+        raise _Exit(EXIT_SKIP)
+    if not dist.is_nccl_available():
+        emit("skip", reason=f"torch {torch.__version__} in {sys.executable} is built without NCCL")
+        raise _Exit(EXIT_SKIP)
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        emit("fail", reason=f"LOCAL_RANK {local_rank} but only {count} CUDA device(s) are visible")
+        raise _Exit(1)
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    try:
+        v = torch.cuda.nccl.version()
+        # A tuple (2, 21, 5) in recent torch, an int 22105 or 2708 in old ones.
+        nccl_version = ".".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
+    except Exception:  # noqa: BLE001 - the version is informative only
+        nccl_version = None
+    return device, torch.cuda.get_device_name(device), nccl_version
+
+
+def _sync(torch, device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _join(dist, args: argparse.Namespace, rank: int, world: int, device) -> None:
+    """init_process_group, announced when done."""
     t0 = time.perf_counter()
     kwargs = {}
     if args.backend == "nccl":
@@ -146,66 +180,38 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(args.backend, rank=rank, world_size=world, timeout=timeout)
     emit("init", s=time.perf_counter() - t0)
 
-    if args.simulate_hang_rank is not None and args.simulate_hang_rank == rank:
-        emit("hang")
-        while True:  # the parent's timeout is what ends this
-            time.sleep(3600)
 
-    t0 = time.perf_counter()
-    warm = torch.ones(1024, dtype=torch.float32, device=device)
-    dist.all_reduce(warm)
-    sync()
-    emit("warmup", s=time.perf_counter() - t0)
-    init_to_warm = time.perf_counter() - t_start
-
-    expected = world * (world + 1) / 2
-    results = []
-    for index, nbytes in enumerate(sizes):
-        numel = max(1, nbytes // 4)
-        buf = torch.empty(numel, dtype=torch.float32, device=device)
-        # Correctness: each rank contributes rank+1; every element must be n(n+1)/2 on every rank.
-        buf.fill_(float(rank + 1))
+def _measure(torch, dist, args: argparse.Namespace, rank: int, world: int, device, nbytes: int) -> dict:
+    """One message size: the sums checked on every rank, then the all-reduce timed (slowest rank)."""
+    numel = max(1, nbytes // 4)
+    buf = torch.empty(numel, dtype=torch.float32, device=device)
+    # Correctness: each rank contributes rank+1; every element must be n(n+1)/2 on every rank.
+    buf.fill_(float(rank + 1))
+    dist.all_reduce(buf)
+    _sync(torch, device)
+    bad = int((buf != world * (world + 1) / 2).sum().item())
+    flags = torch.zeros(world, dtype=torch.int64, device=device)
+    flags[rank] = bad
+    dist.all_reduce(flags)
+    bad_ranks = [r for r, v in enumerate(flags.tolist()) if v]
+    # Timing: zeros so that repeated in-place sums stay finite.
+    buf.zero_()
+    iters = args.iters if args.iters > 0 else auto_iters(args.backend, numel * 4)
+    for _ in range(2):
         dist.all_reduce(buf)
-        sync()
-        bad = int((buf != expected).sum().item())
-        flags = torch.zeros(world, dtype=torch.int64, device=device)
-        flags[rank] = bad
-        dist.all_reduce(flags)
-        bad_ranks = [r for r, v in enumerate(flags.tolist()) if v]
-
-        # Timing: zeros so that repeated in-place sums stay finite.
-        buf.zero_()
-        iters = args.iters if args.iters > 0 else auto_iters(args.backend, numel * 4)
-        for _ in range(2):
-            dist.all_reduce(buf)
-        sync()
-        start = time.perf_counter()
-        for _ in range(iters):
-            dist.all_reduce(buf)
-        sync()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
-        # The slowest rank's time is the collective's time.
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        per_iter = float(elapsed.item()) / iters
-        results.append({"bytes": numel * 4, "iters": iters, "time_s": per_iter, "bad_ranks": bad_ranks})
-        emit("size", index=index, bytes=numel * 4)
-        del buf
-
-    if rank == 0:
-        emit(
-            "result",
-            backend=args.backend,
-            world_size=world,
-            torch=torch.__version__,
-            nccl=nccl_version,
-            device=device_name,
-            expected=expected,
-            startup_s=init_to_warm,
-            sizes=results,
-        )
-    dist.destroy_process_group()
-    emit("exit")
-    return 0
+    _sync(torch, device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        dist.all_reduce(buf)
+    _sync(torch, device)
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank's time is the collective's
+    return {
+        "bytes": numel * 4,
+        "iters": iters,
+        "time_s": float(elapsed.item()) / iters,
+        "bad_ranks": bad_ranks,
+    }
 
 
 if __name__ == "__main__":

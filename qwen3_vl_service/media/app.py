@@ -255,7 +255,7 @@ async def serve_socket(
         loop.add_signal_handler(signum, on_signal, signum)
     if supervisor:
 
-        def watch_supervisor() -> None:  # where PR_SET_PDEATHSIG is missing (workers.die_with)
+        def watch_supervisor() -> None:  # where PR_SET_PDEATHSIG is missing (childproc.die_with_parent)
             if os.getppid() != supervisor:
                 on_signal(signal.SIGTERM)
             else:

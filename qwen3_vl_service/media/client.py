@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..childproc import with_package_path
 from ..errors import CheckFailed
 from ..hosts import connect_host
 from ..processes import is_media_pid, read_pid_file
@@ -146,9 +147,7 @@ def _start_detached(cmd: list[str], log_file: Path, timeout: float) -> None:
 
     Its startup output goes to LOG_FILE; a failure raises CheckFailed with its last line.
     """
-    env = dict(os.environ)
-    pkg_parent = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
+    env = with_package_path(os.environ)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     try:
         proc = subprocess.Popen(

@@ -85,7 +85,7 @@ class RelayHandler(logging.Handler):
             while data:
                 data = data[os.write(self._fd, data) :]
         except OSError:
-            pass  # the supervisor is gone; this worker follows it (workers.die_with)
+            pass  # the supervisor is gone; this worker follows it (childproc.die_with_parent)
         except Exception:  # noqa: BLE001 - a bad log call, as logging reports it
             self.handleError(record)
 

@@ -43,7 +43,7 @@ from .. import config
 from ..cli import ArgumentParser, run
 from ..errors import CheckFailed, ConfigError, UsageError
 from ..fileio import write_atomic
-from ..processes import is_media_pid, port_holder, read_pid_file
+from ..processes import is_media_pid, port_holders, read_pid_file
 from . import LOG_FILE_NAME, PID_FILE_NAME, SERVICE_ID
 from .app import LISTEN_BACKLOG, MediaSettings, run_serving, serve_socket
 from .logs import lean_log_records, setup_logging
@@ -67,11 +67,9 @@ def remove_pid_file(pid_file: Path, pid: int) -> None:
             pid_file.unlink()
 
 
-def _holder_text(host: str, port: int) -> str:
-    found = port_holder(host, port)
-    if found is None or found[0] is None:
-        return "another process (its owner is not visible to this user)"
-    return f"pid {found[0]} ({found[1][:120] or '?'})"
+def _holders_text(host: str, port: int) -> str:
+    holders = port_holders(host, port)
+    return "; ".join(h.describe() for h in holders) or "another process (not visible to this user)"
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -91,7 +89,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise CheckFailed(
-                f"port {port} on {host} is in use by {_holder_text(host, port)}",
+                f"port {port} on {host} is in use by {_holders_text(host, port)}",
                 fix="stop that process or set MEDIA_PORT (--port) to a free port",
             ) from None
         if exc.errno == errno.EACCES:

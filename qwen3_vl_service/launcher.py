@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from . import cli, logtee, preflight, readiness, runstate, stop, vllm_args
+from . import cli, cluster, logtee, preflight, readiness, replicas, runstate, stop, vllm_args
 from .config import SETTINGS, ServiceConfig, load
 from .errors import CheckFailed, UsageError
 from .hosts import local_url
@@ -64,6 +64,17 @@ def _parser() -> cli.ArgumentParser:
         "--check-interconnect",
         action="store_true",
         help="run the NCCL all-reduce check across the GPUs before starting (see also CHECK_INTERCONNECT)",
+    )
+    p.add_argument(
+        "--nodes",
+        metavar="HOSTS",
+        help="plan for these nodes, head first (default: the SLURM job's nodes), e.g. --nodes gpu01,gpu02",
+    )
+    p.add_argument(
+        "--node-rank",
+        type=int,
+        metavar="K",
+        help="which of the nodes this is (default SLURM_NODEID, or 0)",
     )
     p.add_argument("--quiet", action="store_true", help="print only warnings, errors and the outcome")
     return p
@@ -195,13 +206,21 @@ class Launch:
 
 
 def prepare_launch(
-    cfg: ServiceConfig, *, expert_parallel: bool, environ: Mapping[str, str] | None = None
+    cfg: ServiceConfig,
+    *,
+    expert_parallel: bool,
+    environ: Mapping[str, str] | None = None,
+    build: Callable[[str, str], VllmCommand] | None = None,
 ) -> Launch:
+    """BUILD(tag, private_tmp): another command than the single service's (a data-parallel rank)."""
     tag = runstate.new_tag()
     # Short and node-local: vLLM's IPC sockets go here (VLLM_RPC_BASE_PATH), and a Unix
     # socket path must stay under 108 bytes; removed whole by stop_service.py.
     private_tmp = runstate.private_tmp_path(tag)
-    cmd = vllm_args.build(cfg, expert_parallel=expert_parallel, tag=tag, private_tmp=private_tmp)
+    if build is not None:
+        cmd = build(tag, private_tmp)
+    else:
+        cmd = vllm_args.build(cfg, expert_parallel=expert_parallel, tag=tag, private_tmp=private_tmp)
     env = vllm_args.with_inherited(cmd.env, os.environ if environ is None else environ)
     return Launch(tag=tag, private_tmp=private_tmp, cmd=cmd, env=env)
 
@@ -377,6 +396,9 @@ def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
         runstate.check_not_running(cfg.run_dir)
 
     report = _preflight(cfg, args)
+    lay, node_rank = _layout(cfg, args, report)
+    if lay.grouped:
+        return _grouped(cfg, lay, node_rank, report, args)
     launch = prepare_launch(cfg, expert_parallel=report.expert_parallel)
     parts = []
     if not args.quiet:
@@ -394,6 +416,62 @@ def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
         n = sum(1 for f in report.findings if f.level == "error")
         raise CheckFailed(f"preflight found {n} error(s); nothing was started", fix="fix them and run again")
     return _start(cfg, text, launch, args)
+
+
+def _layout(cfg: ServiceConfig, args: argparse.Namespace, report: preflight.Report):
+    """Where the replicas run (README, "Scaling out"), and which node this is."""
+    if args.nodes:
+        nodes, here = cluster.parse_nodes(args.nodes), 0
+        addresses = nodes
+    else:
+        nodes, here = cluster.job_nodes()
+        addresses = cluster.node_addresses(nodes) if len(nodes) > 1 else nodes
+    node_rank = here if args.node_rank is None else args.node_rank
+    if not 0 <= node_rank < len(nodes):
+        raise UsageError(
+            f"--node-rank {node_rank} is not one of the {len(nodes)} node(s)",
+            fix=f"give 0..{len(nodes) - 1}",
+        )
+    gpus_on_node = report.inventory.count if report.inventory is not None else None
+    return cluster.layout(cfg, nodes, addresses=addresses, gpus_on_node=gpus_on_node), node_rank
+
+
+def _grouped(cfg: ServiceConfig, lay: cluster.Layout, node_rank: int, report, args) -> int:
+    """Several replicas (or a data-parallel rank group) on this node: report, commands, start."""
+    # "TP uses N of the M GPUs" is the single service's view; the Replicas lines say who gets which.
+    tp_note = f"TENSOR_PARALLEL_SIZE={cfg.tensor_parallel_size} uses "
+    report.findings[:] = [f for f in report.findings if not f.message.startswith(tp_note)]
+    report.findings.extend(replicas.findings(cfg, lay, report, node_rank, probe_ports=True))
+    ep = report.expert_parallel
+    launch = None
+    if lay.mode == "data-parallel":
+        replica = lay.on_node(node_rank)[0]
+        launch = prepare_launch(
+            cfg,
+            expert_parallel=ep,
+            build=lambda tag, tmp: replicas.node_command(
+                cfg, lay, replica, expert_parallel=ep, tag=tag, private_tmp=tmp
+            ),
+        )
+    parts = []
+    if not args.quiet:
+        parts.append(render_settings(cfg))
+    parts.append("Preflight\n" + preflight.render(report, color=sys.stdout.isatty()))
+    only = None if args.dry_run else node_rank
+    parts.append("Commands per node\n" + replicas.commands_text(cfg, lay, expert_parallel=ep, only_node=only))
+    verdict = "would start: yes" if report.ok else "would start: no (fix the errors above)"
+    text = "\n\n".join(parts)
+    if args.dry_run:
+        print(text + "\n\n" + verdict)
+        return 0 if report.ok else 1
+    if not report.ok:
+        print(text)
+        n = sum(1 for f in report.findings if f.level == "error")
+        raise CheckFailed(f"preflight found {n} error(s); nothing was started", fix="fix them and run again")
+    if launch is not None:
+        return _start(cfg, text, launch, args)
+    print(text, flush=True)
+    return replicas.start_node(cfg, lay, node_rank, expert_parallel=ep, header=text, detach=args.detach)
 
 
 def _preflight(cfg: ServiceConfig, args: argparse.Namespace) -> preflight.Report:

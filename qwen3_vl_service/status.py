@@ -42,7 +42,8 @@ M_WAITING = "vllm:num_requests_waiting"
 M_KV = "vllm:kv_cache_usage_perc"  # a fraction: 1 means 100 percent
 M_GEN = "vllm:generation_tokens"
 M_PROMPT = "vllm:prompt_tokens"
-_WANTED = (M_RUNNING, M_WAITING, M_KV, M_GEN, M_PROMPT)
+M_DONE = "vllm:request_success"  # finished requests, by finish reason (summed)
+_WANTED = (M_RUNNING, M_WAITING, M_KV, M_GEN, M_PROMPT, M_DONE)
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -123,6 +124,7 @@ class Metrics:
     kv_cache_usage: float | None = None  # a fraction: 1 means 100 percent
     generation_tokens_total: float | None = None
     prompt_tokens_total: float | None = None
+    requests_total: float | None = None  # finished since start (what a replica behind the router served)
     generation_tokens_per_s: float | None = None
     prompt_tokens_per_s: float | None = None
     sample_s: float | None = None
@@ -141,6 +143,7 @@ _METRICS_ALWAYS = (
     "kv_cache_usage",
     "generation_tokens_total",
     "prompt_tokens_total",
+    "requests_total",
 )
 _METRICS_SAMPLED = ("generation_tokens_per_s", "prompt_tokens_per_s", "sample_s")
 
@@ -382,6 +385,7 @@ def _metrics(session: requests.Session, base: str, timeout: float, sample: float
         kv_cache_usage=first.get(M_KV),
         generation_tokens_total=first.get(M_GEN),
         prompt_tokens_total=first.get(M_PROMPT),
+        requests_total=first.get(M_DONE),
     )
     if sample <= 0:
         return out
@@ -405,6 +409,7 @@ def _metrics(session: requests.Session, base: str, timeout: float, sample: float
             ("requests_running", M_RUNNING),
             ("requests_waiting", M_WAITING),
             ("kv_cache_usage", M_KV),
+            ("requests_total", M_DONE),
         )
         if name in second
     }
@@ -540,6 +545,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.sample < 0 or args.http_timeout <= 0:
             parser.error("--sample must be >= 0 and --http-timeout > 0")
         cfg = config_mod.load(args.config)
+        from . import replicas
+
+        if replicas.scopes(cfg):
+            # Replicas behind the router: each replica's state and the router's.
+            group = replicas.status(cfg, sample=args.sample, http_timeout=args.http_timeout)
+            if args.json:
+                print(json.dumps(group, indent=2, sort_keys=True))
+            else:
+                print("\n".join(replicas.render_status(group)))
+            return EXIT_OK if replicas.healthy(group) else EXIT_FAILED
         status = collect(cfg, sample=args.sample, http_timeout=args.http_timeout)
         if args.json:
             print(json.dumps(status.to_dict(), indent=2, sort_keys=True))

@@ -368,6 +368,17 @@ def main(argv: list[str] | None = None) -> int:
         if timeout < 0:
             parser.error("--timeout must be >= 0")
         grace = min(ORPHAN_GRACE_S, max(timeout, 1.0))
+        from . import replicas
+
+        # The router first (no new requests), then every replica (each in its own RUN_DIR/replica-<i>).
+        group = replicas.stop_node(
+            cfg, timeout=timeout, grace=grace, echo=lambda line: print(line, flush=True)
+        )
+        for name, part in group:
+            print(f"{name}:", flush=True)
+            for line in render(part, include_media=False):
+                stream = sys.stderr if line.startswith(("error:", "warning:")) else sys.stdout
+                print(f"  {line}", file=stream, flush=True)
         report = stop_service(
             cfg.run_dir,
             host=cfg.host,
@@ -378,9 +389,11 @@ def main(argv: list[str] | None = None) -> int:
             echo=lambda line: print(line, flush=True),
         )
         for line in render(report, include_media=args.all):
+            if group and line.startswith("nothing to stop"):
+                continue  # the replicas were the service
             stream = sys.stderr if line.startswith(("error:", "warning:")) else sys.stdout
             print(line, file=stream, flush=True)
-        return EXIT_OK if report.ok else EXIT_FAILED
+        return EXIT_OK if report.ok and all(part.ok for _, part in group) else EXIT_FAILED
 
     return run(body, _log_path(argv, "stop.log"))
 

@@ -83,8 +83,8 @@ REMOVED_PINS="$("$PY" -m pip freeze --disable-pip-version-check | grep -E '^(tor
 say "making torchvision pure-Python"
 "$PY" "$REPO/scripts/cpu_venv_fixes.py"
 
-say "installing this project (editable, with [test])"
-"${PIP[@]}" "${CONSTRAINT[@]}" -e "$REPO[test]"
+say "installing this project (editable, with [test,router])"
+"${PIP[@]}" "${CONSTRAINT[@]}" -e "$REPO[test,router]"
 
 say "checking imports (vllm, Qwen3-VL processors)"
 "$PY" - <<'EOF'

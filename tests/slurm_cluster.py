@@ -51,10 +51,16 @@ def _free_port() -> int:
 
 
 class Cluster:
-    def __init__(self) -> None:
+    def __init__(self, nodes: int = 1) -> None:
+        """NODES > 1: that many node entries on this one machine (node0, node1, ...), one slurmd
+        each (``slurmd -N name``) on its own port, all reached at 127.0.0.1. Debian's 22.05
+        accepts several NodeName lines with one NodeHostname without a multiple-slurmd build."""
         # Short: the munge socket path must fit a Unix socket address (108 bytes).
         self.dir = Path(tempfile.mkdtemp(prefix="slurm-"))
-        self.node = socket.gethostname().split(".")[0]
+        self.nodes = (
+            [socket.gethostname().split(".")[0]] if nodes == 1 else [f"node{i}" for i in range(nodes)]
+        )
+        self.node = self.nodes[0]
         self.conf = self.dir / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.procs: list[subprocess.Popen] = []
@@ -101,7 +107,7 @@ class Cluster:
                     "ClusterName=qwen3test",
                     f"SlurmctldHost={self.node}(127.0.0.1)",
                     f"SlurmctldPort={_free_port()}",
-                    f"SlurmdPort={_free_port()}",
+                    *([f"SlurmdPort={_free_port()}"] if len(self.nodes) == 1 else []),
                     f"SlurmUser={user}",
                     f"SlurmdUser={user}",
                     "AuthType=auth/munge",
@@ -118,36 +124,50 @@ class Cluster:
                     "KillWait=30",
                     f"PlugStackConfig={d / 'plugstack.conf'}",
                     f"StateSaveLocation={d / 'state'}",
-                    f"SlurmdSpoolDir={d / 'spool'}",
+                    f"SlurmdSpoolDir={d / 'spool'}{'' if len(self.nodes) == 1 else '-%n'}",
                     f"SlurmctldPidFile={d / 'slurmctld.pid'}",
-                    f"SlurmdPidFile={d / 'slurmd.pid'}",
+                    f"SlurmdPidFile={d / 'slurmd'}{'' if len(self.nodes) == 1 else '-%n'}.pid",
                     f"SlurmctldLogFile={d / 'slurmctld.log'}",
-                    f"SlurmdLogFile={d / 'slurmd.log'}",
-                    f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mib * 8 // 10} "
-                    "State=UNKNOWN",
-                    f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+                    f"SlurmdLogFile={d / 'slurmd'}{'' if len(self.nodes) == 1 else '-%n'}.log",
+                    *self._node_lines(cpus, mem_mib),
+                    f"PartitionName=test Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
                     "",
                 ]
             )
         )
         (d / "plugstack.conf").write_text("")
         self._spawn([_exe("slurmctld"), "-D", "-i", "-f", str(self.conf)], "slurmctld")
-        self._spawn([_exe("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)], "slurmd")
+        for node in self.nodes:
+            if len(self.nodes) > 1:
+                (d / f"spool-{node}").mkdir()
+            self._spawn([_exe("slurmd"), "-D", "-N", node, "-f", str(self.conf)], f"slurmd-{node}")
         self._wait(
-            lambda: self.cli("sinfo", "-h", "-o", "%T").stdout.strip() == "idle",
+            lambda: self.cli("sinfo", "-h", "-N", "-o", "%T").stdout.split() == ["idle"] * len(self.nodes),
             timeout,
-            "the node did not come up idle",
+            "the node(s) did not come up idle",
         )
+
+    def _node_lines(self, cpus: int, mem_mib: int) -> list[str]:
+        if len(self.nodes) == 1:
+            mem = mem_mib * 8 // 10
+            return [f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem} State=UNKNOWN"]
+        host = socket.gethostname().split(".")[0]
+        share = mem_mib * 8 // 10 // len(self.nodes)
+        return [
+            f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={cpus} "
+            f"RealMemory={share} State=UNKNOWN"
+            for n in self.nodes
+        ]
 
     def stop(self) -> None:
         """Cancel the jobs and wait until SLURM has ended them (KillWait=30), then stop the daemons."""
-        if len(self.procs) == 3 and all(p.poll() is None for p in self.procs):
+        if len(self.procs) == 2 + len(self.nodes) and all(p.poll() is None for p in self.procs):
             with contextlib.suppress(Exception):
                 self.cli("scancel", "--full", "--user", _user(), timeout=10)
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline and self.cli("squeue", "-h", timeout=10).stdout.strip():
                     time.sleep(1)
-        for proc in reversed(self.procs):  # slurmd, slurmctld, munged
+        for proc in reversed(self.procs):  # the slurmd(s), slurmctld, munged
             if proc.poll() is None:
                 proc.terminate()
                 try:

@@ -76,6 +76,7 @@ def test_status_running_and_healthy(tmp_path: Path, standins) -> None:
         "kv_cache_usage",
         "generation_tokens_total",
         "prompt_tokens_total",
+        "requests_total",
         "generation_tokens_per_s",
         "prompt_tokens_per_s",
         "sample_s",

@@ -1,0 +1,274 @@
+"""cluster.layout() and the per-node commands: replicas behind the router, vLLM's data parallelism."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from skips import vllm_missing
+
+from qwen3_vl_service import cluster, config, replicas, router
+from qwen3_vl_service.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load(**env: str):
+    return config.load(REPO / "config.env", environ=env)
+
+
+def flag(argv, name):
+    return argv[list(argv).index(name) + 1]
+
+
+@pytest.mark.unit
+def test_replica_settings_are_validated_with_the_value_and_the_fix():
+    assert load(REPLICAS="per-node").replicas == 0
+    assert load(REPLICAS="per-node").display_value("REPLICAS") == "per-node"
+    assert load(REPLICAS="3").replicas == 3
+    with pytest.raises(ConfigError, match=r"REPLICAS='two'.*allowed: a number of replicas 1..256, or per"):
+        load(REPLICAS="two")
+    with pytest.raises(ConfigError, match=r"ROUTER_POLICY='fastest'.*round_robin, cache_aware, power_of_two"):
+        load(ROUTER_POLICY="fastest")
+    with pytest.raises(ConfigError, match="kv_aware needs vLLM's KV cache events"):
+        load(ROUTER_POLICY="kv_aware")
+    with pytest.raises(ConfigError, match="REPLICA_MODE='dp'"):
+        load(REPLICA_MODE="dp")
+    with pytest.raises(ConfigError, match="ROUTER_PORT=8080 equals MEDIA_PORT=8080"):
+        load(REPLICAS="2", ROUTER_PORT="8080")
+    # The CPU build cannot run vLLM's data parallelism on this MoE model.
+    with pytest.raises(ConfigError, match="all_gatherv"):
+        load(REPLICAS="2", REPLICA_MODE="data-parallel", DEVICE="cpu", TENSOR_PARALLEL_SIZE="1")
+
+
+@pytest.mark.unit
+def test_one_replica_on_one_node_is_the_plain_service():
+    lay = cluster.layout(load(), ("",), gpus_on_node=8, environ={})
+    assert lay.mode == "single" and not lay.grouped
+
+
+@pytest.mark.unit
+def test_two_tp4_replicas_share_one_8_gpu_node_each_on_its_gpus_and_port():
+    cfg = load(REPLICAS="2", TENSOR_PARALLEL_SIZE="4")
+    lay = cluster.layout(cfg, ("",), gpus_on_node=8, environ={})
+    assert lay.mode == "router" and lay.per_node == 2
+    r0, r1 = lay.replicas
+    assert (r0.gpus, r0.port) == (("0", "1", "2", "3"), 8010)
+    assert (r1.gpus, r1.port) == (("4", "5", "6", "7"), 8011)
+    # SLURM's CUDA_VISIBLE_DEVICES is honoured: replica k gets the k-th TP-sized slice of it.
+    lay = cluster.layout(cfg, ("",), gpus_on_node=8, environ={"CUDA_VISIBLE_DEVICES": "7,6,5,4,3,2,1,0"})
+    assert lay.replicas[1].gpus == ("3", "2", "1", "0")
+    cmd = replicas.node_command(cfg, lay, lay.replicas[1], expert_parallel=False)
+    assert cmd.env["CUDA_VISIBLE_DEVICES"] == "3,2,1,0"
+    assert flag(cmd.argv, "--port") == "8011" and flag(cmd.argv, "--tensor-parallel-size") == "4"
+    rcfg = cluster.replica_config(cfg, lay.replicas[1], lay)
+    assert rcfg.run_dir == cfg.run_dir / "replica-1" and rcfg.log_dir == cfg.log_dir / "replica-1"
+
+
+@pytest.mark.unit
+def test_layout_refuses_what_cannot_work_naming_every_setting():
+    with pytest.raises(ConfigError, match=r"2 x TENSOR_PARALLEL_SIZE=8 = 16 GPUs on each node, which has 8"):
+        cluster.layout(load(REPLICAS="2"), ("",), gpus_on_node=8, environ={})
+    with pytest.raises(ConfigError, match="REPLICAS=3 cannot be spread evenly over the job's 2 nodes"):
+        cluster.layout(load(REPLICAS="3", HOST="0.0.0.0"), ("a", "b"), gpus_on_node=8, environ={})
+    with pytest.raises(ConfigError, match=r"HOST=127\.0\.0\.1 with 2 nodes"):
+        cluster.layout(load(REPLICAS="per-node"), ("a", "b"), gpus_on_node=8, environ={})
+    with pytest.raises(ConfigError, match=r"ROUTER_PORT=8011 is one of the replicas' ports PORT=8010..8011"):
+        cfg = load(REPLICAS="2", TENSOR_PARALLEL_SIZE="4", ROUTER_PORT="8011")
+        cluster.layout(cfg, ("",), gpus_on_node=8, environ={})
+
+
+@pytest.mark.unit
+def test_per_node_replicas_are_reached_by_node_name_through_the_router():
+    cfg = load(REPLICAS="per-node", HOST="0.0.0.0", ROUTER_POLICY="cache_aware")
+    lay = cluster.layout(cfg, ("gpu01", "gpu02"), gpus_on_node=8, environ={})
+    assert [(r.node, r.node_rank, r.port) for r in lay.replicas] == [("gpu01", 0, 8010), ("gpu02", 1, 8011)]
+    urls = [cluster.worker_url(cfg, r, lay) for r in lay.replicas]
+    assert urls == ["http://gpu01:8010", "http://gpu02:8011"]
+    cmd = router.build(cfg, urls)
+    argv = list(cmd.argv)
+    assert argv[1:3] == ["-m", "vllm_router.launch_router"]
+    i = argv.index("--worker-urls")
+    assert argv[i + 1 : i + 3] == urls
+    assert flag(argv, "--policy") == "cache_aware" and flag(argv, "--port") == "8040"
+    assert flag(argv, "--host") == "0.0.0.0"
+    assert flag(argv, "--worker-startup-timeout-secs") == str(cfg.startup_timeout)
+    text = replicas.commands_text(cfg, lay, expert_parallel=True, only_node=None)
+    assert "node 0 (gpu01) - head" in text and "node 1 (gpu02)" in text
+    assert text.count("router:") == 1  # on the head only
+
+
+def _dp_layout(**env):
+    cfg = load(REPLICAS="4", REPLICA_MODE="data-parallel", HOST="0.0.0.0", **env)
+    return cfg, cluster.layout(cfg, ("gpu01", "gpu02"), gpus_on_node=16, environ={})
+
+
+@pytest.mark.unit
+def test_data_parallel_head_and_headless_commands():
+    cfg, lay = _dp_layout()
+    assert lay.mode == "data-parallel" and lay.per_node == 2 and lay.total == 4
+    head = replicas.node_command(cfg, lay, lay.replicas[0], expert_parallel=True).argv
+    rest = replicas.node_command(cfg, lay, lay.replicas[1], expert_parallel=True).argv
+    assert head[1:4] == ("-m", "vllm.entrypoints.cli.main", "serve")
+    for argv in (head, rest):
+        assert flag(argv, "--data-parallel-size") == "4"
+        assert flag(argv, "--data-parallel-size-local") == "2"
+        assert flag(argv, "--data-parallel-address") == "gpu01"
+        assert flag(argv, "--data-parallel-rpc-port") == "13345"
+        assert "--enable-expert-parallel" in argv
+    assert "--headless" not in head and "--data-parallel-start-rank" not in head
+    assert "--headless" in rest and flag(rest, "--data-parallel-start-rank") == "2"
+
+
+def _vllm_parse(argv: list[str]) -> dict:
+    """ARGV (after `vllm serve`) through the pinned vLLM's own serve parser and its checks."""
+    probe = (
+        "import json, sys\n"
+        "from vllm.entrypoints.cli.serve import ServeSubcommand\n"
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+        "parser = FlexibleArgumentParser()\n"
+        "sub = parser.add_subparsers(dest='subparser')\n"
+        "ServeSubcommand().subparser_init(sub)\n"
+        "ns = parser.parse_args(['serve', *sys.argv[1:]])\n"
+        "ServeSubcommand().validate(ns)\n"
+        "keys = ['headless','data_parallel_size','data_parallel_size_local','data_parallel_address',"
+        "'data_parallel_rpc_port','data_parallel_start_rank','tensor_parallel_size','enable_expert_parallel',"
+        "'port','host','model_tag']\n"
+        "print(json.dumps({k: getattr(ns, k) for k in keys}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.integration
+def test_pinned_vllm_serve_parser_accepts_every_nodes_data_parallel_command():
+    code = "import importlib.util,sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    if subprocess.run([sys.executable, "-c", code], check=False).returncode != 0:
+        vllm_missing("vLLM is not installed in this environment (run scripts/setup_env.sh)")
+    cfg, lay = _dp_layout(TENSOR_PARALLEL_SIZE="8")
+    head = replicas.node_command(cfg, lay, lay.replicas[0], expert_parallel=True).argv
+    rest = replicas.node_command(cfg, lay, lay.replicas[1], expert_parallel=True).argv
+    h, r = _vllm_parse(list(head[4:])), _vllm_parse(list(rest[4:]))
+    assert h["headless"] is False and r["headless"] is True
+    assert h["data_parallel_size"] == r["data_parallel_size"] == 4
+    assert h["data_parallel_size_local"] == r["data_parallel_size_local"] == 2
+    assert h["data_parallel_address"] == r["data_parallel_address"] == "gpu01"
+    assert h["data_parallel_rpc_port"] == r["data_parallel_rpc_port"] == 13345
+    assert h["data_parallel_start_rank"] is None and r["data_parallel_start_rank"] == 2
+    assert h["tensor_parallel_size"] == 8 and h["enable_expert_parallel"] is True
+    assert h["port"] == 8010 and h["model_tag"] == str(cfg.model_path)
+    assert head[4] == str(cfg.model_path) and "--model" not in head  # positional, not the deprecated flag
+
+
+@pytest.mark.integration
+def test_pinned_vllm_router_parser_accepts_the_router_command():
+    code = "import importlib.util,sys; sys.exit(importlib.util.find_spec('vllm_router') is None)"
+    if subprocess.run([sys.executable, "-c", code], check=False).returncode != 0:
+        vllm_missing("vllm-router is not installed (pip install -e '.[router]')")
+    cfg = load(REPLICAS="per-node", HOST="0.0.0.0", ROUTER_POLICY="power_of_two")
+    argv = list(router.build(cfg, ["http://gpu01:8010", "http://gpu02:8010"]).argv)[3:]
+    probe = (
+        "import json, sys\n"
+        "from vllm_router.launch_router import parse_router_args\n"
+        "a = parse_router_args(sys.argv[1:])\n"
+        "print(json.dumps({'urls': a.worker_urls, 'policy': a.policy, 'port': a.port, 'host': a.host,"
+        " 'prom': a.prometheus_port, 'hc': a.health_check_interval_secs}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {
+        "urls": ["http://gpu01:8010", "http://gpu02:8010"],
+        "policy": "power_of_two",
+        "port": 8040,
+        "host": "0.0.0.0",
+        "prom": 8041,
+        "hc": router.HEALTH_CHECK_INTERVAL_S,
+    }
+
+
+@pytest.mark.unit
+def test_job_nodes_from_slurm_variables():
+    assert cluster.job_nodes({}) == (("",), 0)
+    env = {"SLURM_JOB_NODELIST": "gpu01,gpu02", "SLURM_NODEID": "1"}
+    assert cluster.job_nodes(env) == (("gpu01", "gpu02"), 1)
+    with pytest.raises(ConfigError, match="'gpu 1' is not a host name"):
+        cluster.parse_nodes("gpu 1,gpu2")
+
+
+@pytest.mark.unit
+def test_nodes_sharing_loopback_addresses_may_keep_host_on_loopback():
+    """Two SLURM node entries on one machine (the test cluster): NodeAddr 127.0.0.1 for both."""
+    cfg = load(REPLICAS="per-node")
+    lay = cluster.layout(cfg, ("node0", "node1"), addresses=("127.0.0.1", "127.0.0.1"), environ={})
+    urls = [cluster.worker_url(cfg, r, lay) for r in lay.replicas]
+    assert urls == ["http://127.0.0.1:8010", "http://127.0.0.1:8011"]
+    with pytest.raises(ConfigError, match="cannot be reached on loopback"):
+        cluster.layout(cfg, ("node0", "node1"), addresses=("10.0.0.1", "10.0.0.2"), environ={})
+
+
+@pytest.mark.unit
+def test_cpu_replicas_of_a_node_get_their_own_cores():
+    """vLLM's automatic OpenMP binding would put every CPU replica on the same core."""
+    cfg = config.load(REPO / "config.demo.env", environ={"REPLICAS": "2"})
+    lay = cluster.layout(cfg, ("",), cpus=(0, 1, 2, 3), environ={})
+    assert [r.cpus for r in lay.replicas] == [(0, 1), (2, 3)]
+    assert cluster.replica_env(lay.replicas[1]) == {"VLLM_CPU_OMP_THREADS_BIND": "2,3"}
+    # Fewer cores than replicas: they share, one core each.
+    lay = cluster.layout(cfg.replace(replicas=3), ("",), cpus=(5, 7), environ={})
+    assert [r.cpus for r in lay.replicas] == [(5,), (7,), (5,)]
+    single = cluster.layout(cfg.replace(replicas=1), ("",), cpus=(0, 1), environ={})
+    assert single.replicas[0].cpus == ()  # the plain service keeps vLLM's own binding
+
+
+@pytest.fixture(scope="module")
+def real_model(tmp_path_factory):
+    import realmodel
+
+    return realmodel.build(tmp_path_factory.mktemp("model") / "m")
+
+
+@pytest.mark.unit
+def test_dry_run_shows_every_nodes_command_and_capacity_per_replica_and_in_total(
+    real_model, tmp_path, capsys, monkeypatch
+):
+    import realmodel
+
+    from qwen3_vl_service import launcher
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cfg = realmodel.write_config_env(
+        tmp_path / "config.env", real_model, REPLICAS=4, TENSOR_PARALLEL_SIZE=4, HOST="0.0.0.0"
+    )
+    rc = launcher.main(
+        ["--config", str(cfg), "--dry-run", "--quiet", "--gpus", "8xH100-80GB", "--nodes", "g1,g2"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert (
+        "4 replicas behind vllm-router (round_robin) on port 8040 of g1: 2 node(s) x 2 replica(s) x TP 4"
+        in out
+    )
+    assert "replica-3 on g2: GPUs 4,5,6,7, port 8013" in out
+    assert "per replica: 243,824 KV tokens, 7 full-length sequences" in out
+    assert "in total (4): 975,296 KV tokens, 28 full-length sequences, 96 requests decoded at once" in out
+    assert "node 0 (g1) - head" in out and "node 1 (g2)" in out
+    assert "--worker-urls http://g1:8010 http://g1:8011 http://g2:8012 http://g2:8013" in out
+    assert "uses 4 of the 8 GPUs" not in out
+
+    cfg = realmodel.write_config_env(
+        tmp_path / "dp.env", real_model, REPLICAS=2, REPLICA_MODE="data-parallel", HOST="0.0.0.0"
+    )
+    rc = launcher.main(
+        ["--config", str(cfg), "--dry-run", "--quiet", "--gpus", "8xH100-80GB", "--nodes", "g1,g2"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "data parallel: 2 ranks over 2 node(s) (1 per node x TP 8, 16 GPUs); head g1" in out
+    node1 = out.split("node 1 (g2)")[1]
+    assert "--headless" in node1 and "--data-parallel-start-rank 1" in node1
+    assert "--headless" not in out.split("node 1 (g2)")[0]

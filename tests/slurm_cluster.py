@@ -105,7 +105,7 @@ class Cluster:
             "\n".join(
                 [
                     "ClusterName=qwen3test",
-                    f"SlurmctldHost={self.node}(127.0.0.1)",
+                    f"SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)",
                     f"SlurmctldPort={_free_port()}",
                     *([f"SlurmdPort={_free_port()}"] if len(self.nodes) == 1 else []),
                     f"SlurmUser={user}",

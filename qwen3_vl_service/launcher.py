@@ -469,7 +469,9 @@ def _grouped(cfg: ServiceConfig, lay: cluster.Layout, node_rank: int, report, ar
         n = sum(1 for f in report.findings if f.level == "error")
         raise CheckFailed(f"preflight found {n} error(s); nothing was started", fix="fix them and run again")
     if launch is not None:
-        return _start(cfg, text, launch, args)
+        # No supervisor for a data-parallel rank: the supervisor rebuilds the single service's
+        # command, and the ranks share fate (one restarted alone cannot rejoin the others).
+        return _start(cfg.replace(restart="no"), text, launch, args)
     print(text, flush=True)
     return replicas.start_node(cfg, lay, node_rank, expert_parallel=ep, header=text, detach=args.detach)
 

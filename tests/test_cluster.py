@@ -272,3 +272,31 @@ def test_dry_run_shows_every_nodes_command_and_capacity_per_replica_and_in_total
     node1 = out.split("node 1 (g2)")[1]
     assert "--headless" in node1 and "--data-parallel-start-rank 1" in node1
     assert "--headless" not in out.split("node 1 (g2)")[0]
+
+
+@pytest.mark.unit
+def test_a_data_parallel_rank_runs_without_the_supervisor(monkeypatch, tmp_path, real_model):
+    """The supervisor would rebuild the single service's command and drop the data-parallel flags."""
+    import argparse
+
+    import realmodel
+
+    from qwen3_vl_service import launcher
+
+    seen = {}
+    monkeypatch.setattr(
+        launcher, "_start", lambda cfg, text, launch, args: seen.update(cfg=cfg, launch=launch) or 0
+    )
+    cfg_path = realmodel.write_config_env(
+        tmp_path / "dp.env", real_model, REPLICAS=2, REPLICA_MODE="data-parallel", HOST="0.0.0.0"
+    )
+    cfg = config.load(cfg_path, environ={})
+    assert cfg.restart == "on-failure"
+    lay = cluster.layout(cfg, ("g1", "g2"), gpus_on_node=8, environ={})
+    report = launcher.preflight.run(cfg, gpu_spec="8xH100-80GB")
+    args = argparse.Namespace(dry_run=False, quiet=True, detach=False)
+    monkeypatch.setattr(launcher.preflight.Report, "ok", property(lambda self: True))
+    assert launcher._grouped(cfg, lay, 1, report, args) == 0
+    assert seen["cfg"].restart == "no"
+    argv = seen["launch"].cmd.argv
+    assert "--headless" in argv and flag(argv, "--data-parallel-start-rank") == "1"

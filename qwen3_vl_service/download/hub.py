@@ -31,9 +31,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import __version__
-from ..errors import CheckFailed, ServiceError
+from ..errors import CheckFailed
 from ..units import format_decimal_bytes, format_duration
-from .hub_errors import DownloadFailed, _Context, _not_writable, _rerun_hint, _translate, nearest_existing_dir
+from .hub_errors import (
+    DownloadFailed,
+    _Context,
+    _not_writable,
+    _rerun_hint,
+    _translate,
+    nearest_existing_dir,
+    one_line_errors,
+)
 from .manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -260,17 +268,10 @@ def plan_download(
             f"{local_dir} exists and is not a directory", fix="set MODEL_PATH (or --local-dir) to a directory"
         )
     ctx = _Context(repo, revision, _endpoint(endpoint), local_dir, disk_usage=disk_usage)
-    try:
+    with one_line_errors(ctx):
         api = HfApi(endpoint=endpoint, token=token)
         commit, files = _list_remote(api, repo, revision)
         _check_access(repo, commit, files, endpoint, token)
-    except ServiceError:
-        raise
-    except Exception as exc:
-        translated = _translate(exc, ctx)
-        if translated is None:
-            raise
-        raise translated from exc
     present = _complete_on_disk(local_dir, files) if local_dir.is_dir() else frozenset()
     where = nearest_existing_dir(local_dir)
     try:
@@ -373,7 +374,7 @@ def _fetch(
     """snapshot_download of the planned commit through RUNNER; its errors as one line with the fix."""
     from huggingface_hub import snapshot_download
 
-    try:
+    with one_line_errors(ctx):
         runner(
             lambda: snapshot_download(
                 plan.repo,
@@ -384,13 +385,6 @@ def _fetch(
                 max_workers=workers,
             )
         )
-    except ServiceError:
-        raise
-    except Exception as exc:
-        translated = _translate(exc, ctx)
-        if translated is None:
-            raise
-        raise translated from exc
 
 
 def _check_and_record(plan: Plan, ctx: _Context) -> Path:

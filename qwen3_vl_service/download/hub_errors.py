@@ -7,7 +7,7 @@ import dataclasses
 import errno
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,20 @@ def _not_writable(path: Path, exc: OSError) -> DownloadFailed:
         f"cannot write the model to {path}: {reason}",
         fix="choose a directory you can write (MODEL_PATH in config.env or --local-dir)",
     )
+
+
+@contextlib.contextmanager
+def one_line_errors(ctx: _Context) -> Iterator[None]:
+    """Errors in the block that _translate() knows leave it as one-line ServiceErrors; others as they are."""
+    try:
+        yield
+    except ServiceError:
+        raise
+    except Exception as exc:
+        translated = _translate(exc, ctx)
+        if translated is None:
+            raise
+        raise translated from exc
 
 
 def _translate(exc: BaseException, ctx: _Context) -> ServiceError | None:

@@ -6,7 +6,7 @@ import os
 import sys
 
 from ..config import ServiceConfig
-from ..findings import Finding
+from ..findings import Finding, Level
 from ..gpus import NvmlUnavailable
 from ..units import format_bytes, format_ranges, format_short_time
 from .run import DEFAULT_SIZES, DEFAULT_TIMEOUT, CheckResult, run_check, torch_missing, worker_env
@@ -118,7 +118,8 @@ def result_findings(result: CheckResult, topo: Topology | None = None) -> list[F
     found: list[Finding] = []
     sizes = ", ".join(format_bytes(s.nbytes) for s in result.sizes)
     text = f"{subject} correct at {sizes} ({version}; {result.elapsed_s:.1f} s)"
-    level, fix = "ok", ""
+    level: Level = "ok"
+    fix = ""
     largest = max(result.sizes, key=lambda s: s.nbytes) if result.sizes else None
     nominal = topo.nominal() if topo is not None else None
     if largest is not None and result.world_size > 1:

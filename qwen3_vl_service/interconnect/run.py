@@ -130,7 +130,7 @@ class CheckResult:
 
 
 def worker_env(
-    base: Mapping[str, str], extra: Mapping[str, str] = (), backend: str = "nccl"
+    base: Mapping[str, str], extra: Mapping[str, str] | None = None, backend: str = "nccl"
 ) -> dict[str, str]:
     """The environment every worker shares: BASE, then EXTRA (the config file's NCCL_* and friends)."""
     env = with_package_path({**base, **(extra or {})})
@@ -170,7 +170,7 @@ def torch_missing(python: str) -> str | None:
 
 
 def _events(path: Path) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -273,7 +273,7 @@ def run_check(
     python = python or sys.executable
     env = dict(worker_env(os.environ, backend=backend) if env is None else env)
     own_dir = log_dir is None
-    folder = Path(tempfile.mkdtemp(prefix="qwen3vl-interconnect-")) if own_dir else Path(log_dir)
+    folder = Path(tempfile.mkdtemp(prefix="qwen3vl-interconnect-") if log_dir is None else log_dir)
     folder.mkdir(parents=True, exist_ok=True)
     result = CheckResult(
         status="failed", backend=backend, world_size=world_size, timeout_s=timeout, python=python

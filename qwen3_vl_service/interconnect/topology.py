@@ -75,11 +75,15 @@ class Topology:
                 min(cc[0] for cc in ccs) if ccs else 0, "NVLink"
             )
             return links * per_link, f"{gen}: {links} links x {per_link:g} GB/s"
-        gens = [(g.pcie_gen, g.pcie_width) for g in self.gpus]
-        if any(gen is None or width is None or gen not in _PCIE_LANE_GBPS for gen, width in gens):
+        pcie = [
+            (g.pcie_gen, g.pcie_width)
+            for g in self.gpus
+            if g.pcie_gen in _PCIE_LANE_GBPS and g.pcie_width is not None
+        ]
+        if len(pcie) < len(self.gpus):
             return None
-        gen, width = min(gens, key=lambda gw: _PCIE_LANE_GBPS[gw[0]] * gw[1])
-        return _PCIE_LANE_GBPS[gen] * width, f"PCIe Gen{gen} x{width}"
+        pcie_gen, lanes = min(pcie, key=lambda gw: _PCIE_LANE_GBPS[gw[0]] * gw[1])
+        return _PCIE_LANE_GBPS[pcie_gen] * lanes, f"PCIe Gen{pcie_gen} x{lanes}"
 
     def as_dict(self) -> dict[str, Any]:
         nominal = self.nominal()

@@ -78,7 +78,8 @@ def make_app(settings: MediaSettings, health_pid: int | None = None) -> web.Appl
     """GET/HEAD of the files under settings.root that the policy allows, and GET /health."""
     root = str(settings.root)
     allowed = frozenset(settings.allowed_types)
-    ctypes = {ext: content_type_for(ext) for ext in allowed}
+    # Every allowed type has one (config's MEDIA_ALLOWED_TYPES rule).
+    ctypes = {ext: content_type_for(ext) or "application/octet-stream" for ext in allowed}
     health_body = json.dumps(
         {
             "service": SERVICE_ID,
@@ -96,7 +97,9 @@ def make_app(settings: MediaSettings, health_pid: int | None = None) -> web.Appl
 
     async def serve_file(request: web.Request) -> web.StreamResponse:
         segments = clean_segments(request.rel_url.raw_path)
-        found = None if segments is None else resolve_file(root, segments, allowed)  # inline: InlineExecutor
+        if segments is None:
+            return not_found()
+        found = resolve_file(root, segments, allowed)  # inline: see InlineExecutor
         if found is None:
             return not_found()
         real, st = found
@@ -167,8 +170,12 @@ class InlineExecutor(concurrent.futures.ThreadPoolExecutor):
         self._loop = loop
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-        direct = self._loop is not None and _running_loop() is self._loop
-        future: Any = self._loop.create_future() if direct else concurrent.futures.Future()
+        loop = self._loop
+        future: Any = (
+            loop.create_future()
+            if loop is not None and _running_loop() is loop
+            else concurrent.futures.Future()
+        )
         try:
             future.set_result(fn(*args, **kwargs))
         except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine

@@ -65,7 +65,7 @@ def lean_log_records() -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging.logAsyncioTasks = False  # Python 3.12+
+    logging.logAsyncioTasks = False  # type: ignore[attr-defined]  # Python 3.12+
 
 
 class RelayHandler(logging.Handler):

@@ -38,6 +38,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import config
 from ..cli import ArgumentParser, run
@@ -234,17 +235,21 @@ def settings_from_args(argv: Sequence[str] | None) -> tuple[MediaSettings, bool]
     # Explicit arguments need no config file at all (the launcher gives them all).
     cfg = config.load(args.config) if args.config is not None or not complete else None
 
-    def value(key: str):
-        return given[key] if key in given else getattr(cfg, key.lower())
+    def from_config(attr: str) -> Any:
+        assert cfg is not None, "loaded whenever a flag is missing"
+        return getattr(cfg, attr)
+
+    def value(key: str) -> Any:  # the setting's own type
+        return given[key] if key in given else from_config(key.lower())
 
     workers = value("MEDIA_WORKERS")
     settings = MediaSettings(
         host=value("MEDIA_HOST"),
-        port=args.port if args.port is not None else cfg.media_port,
+        port=args.port if args.port is not None else from_config("media_port"),
         root=check_root(value("MEDIA_ROOT"), "--root/MEDIA_ROOT"),
         allowed_types=value("MEDIA_ALLOWED_TYPES"),
-        log_file=Path(args.log_file or cfg.log_dir / LOG_FILE_NAME).resolve(),
-        pid_file=Path(args.pid_file or cfg.run_dir / PID_FILE_NAME).resolve(),
+        log_file=Path(args.log_file or from_config("log_dir") / LOG_FILE_NAME).resolve(),
+        pid_file=Path(args.pid_file or from_config("run_dir") / PID_FILE_NAME).resolve(),
         workers=auto_workers() if workers is None else workers,
         log_max_bytes=value("LOG_MAX_MB") * 1024 * 1024,
         log_backups=value("LOG_BACKUPS"),

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .config import ServiceConfig
 from .errors import ConfigError
+from .gpus import parse_visible_devices
 
 REPLICA_PREFIX = "replica-"
 ROUTER_NAME = "router"
@@ -98,16 +99,8 @@ class Layout:
 
 
 def _visible(environ: Mapping[str, str], gpus_on_node: int) -> list[str]:
-    raw = environ.get("CUDA_VISIBLE_DEVICES")
-    if raw is not None:
-        entries = []
-        for part in raw.split(","):
-            part = part.strip()
-            if not part or part.startswith("-"):
-                break
-            entries.append(part)
-        return entries
-    return [str(i) for i in range(gpus_on_node)]
+    entries = parse_visible_devices(environ.get("CUDA_VISIBLE_DEVICES"))
+    return [str(i) for i in range(gpus_on_node)] if entries is None else entries
 
 
 def layout(

@@ -10,18 +10,19 @@ router's port, round_robin over the two replicas). The same load runs
 against each: REQUESTS chat requests (text, and an image from the media
 server in every fourth), CONCURRENCY at a time, after a warm-up of one
 request per replica. Each setup is stopped with `stop_service.py --all`
-before the next. Prints requests/s of each, the ratio, and the CPU cores
-each replica's processes could run on (their affinity) and the machine's
-count: replicas that share the same cores cannot be faster together than one
-alone, so on a 2-core machine the ratio is expected near 1; on a GPU node
-each replica has its own GPUs.
+before the next. Prints requests/s of each, the ratio, the machine's core
+count and the cores each engine computed on (from its log): one replica
+binds its OpenMP threads to one core and keeps the other for its scheduler;
+two replicas get a core each (VLLM_CPU_OMP_THREADS_BIND) and share both
+for their schedulers. On a 2-core machine the ratio is expected near 1; on a
+GPU node each replica has its own GPUs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,7 +31,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,19 +63,19 @@ def run(root: Path, env: dict, script: str, *args: str, timeout: float = 900) ->
     )
 
 
-def cores(run_dir: Path) -> list[str]:
-    """Each replica: its API server's CPU affinity (its engine inherits it)."""
+def cores(log_dir: Path) -> list[str]:
+    """Each replica: the cores vLLM bound its OpenMP threads to, as its engine logged them
+    (vllm/utils/ompmultiprocessing.py: "core ids=[...]", "reserved_cpus=[...]")."""
     out = []
-    for state_file in sorted(run_dir.glob("**/service.json")):
-        if state_file.parent.name == "router":
-            continue
-        pid = json.loads(state_file.read_text())["pid"]
-        try:
-            aff = psutil.Process(pid).cpu_affinity()
-        except psutil.Error:
-            aff = []
-        name = state_file.parent.name if state_file.parent != run_dir else "service"
-        out.append(f"{name} pid {pid}: cores {','.join(map(str, aff))}")
+    for log in sorted(log_dir.glob("**/service.log")):
+        text = log.read_text(errors="replace")
+        bound = re.findall(r"local_rank=\d+, core ids=(\[[^\]]*\])", text)
+        reserved = re.findall(r"reserved_cpus=(\[[^\]]*\])", text)
+        name = log.parent.name if log.parent != log_dir else "service"
+        out.append(
+            f"{name}: OpenMP threads on cores {bound[-1] if bound else '?'}, "
+            f"reserved for its scheduler {reserved[-1] if reserved else '?'}"
+        )
     return out
 
 
@@ -126,7 +126,7 @@ def measure(root: Path, replicas: int, args) -> tuple[float, int, list[str]]:
         media = f"http://127.0.0.1:{media_port}"
         load(url, media, replicas, replicas, args.max_tokens)  # warm-up: one request per replica
         seconds, errors = load(url, media, args.requests, args.concurrency, args.max_tokens)
-        return seconds, errors, cores(root / f"run{replicas}")
+        return seconds, errors, cores(root / f"logs{replicas}")
     finally:
         stopped = run(root, env, "stop_service.py", "--all")
         if stopped.returncode != 0:

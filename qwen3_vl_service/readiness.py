@@ -195,6 +195,13 @@ _CAUSES: tuple[_Cause, ...] = (
         "that program (python status_service.py shows whether it is ours)",
     ),
     _c(
+        # vLLM's CUDA sampler imports the optional flashinfer package unless told not to.
+        r"No module named ['\"]?flashinfer",
+        "vLLM's sampler needs the optional flashinfer package, which this vLLM environment lacks; "
+        "set VLLM_USE_FLASHINFER_SAMPLER=0 (the launcher sets it when its probe finds flashinfer "
+        "missing) or install flashinfer",
+    ),
+    _c(
         r"No module named ['\"]?vllm|Error while finding module specification for ['\"]?vllm"
         r"|ImportError: cannot import name .* from ['\"]?vllm",
         "the Python that runs vLLM cannot import it; install vLLM into it, or set VLLM_PYTHON to the "
@@ -228,30 +235,59 @@ _CAUSES: tuple[_Cause, ...] = (
         "the node ran out of host memory (RAM); ask SLURM for more memory (--mem) or lower "
         "the load concurrency",
     ),
-    _c(
-        r"Engine core initialization failed",
-        "the engine failed while starting; the root cause is in the lines above it in the log",
-    ),
+)
+
+# The wrapper the API server raises when an engine process died: never the cause itself.
+_GENERIC = _c(
+    r"Engine core initialization failed",
+    "the engine failed while starting; the root cause is in the lines above it in the log",
 )
 
 
-_EXCEPTION_LINE = re.compile(r"^\W*(?:\(\w+ pid=\d+\)\s*)?([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+# "SomeError: message", after the prefixes vLLM puts on every line of a child
+# process: "(EngineCore_DP0 pid=7) " and a logged traceback's "ERROR 12-01 20:41:07 [core.py:1330] ".
+_LINE_PREFIX = re.compile(
+    r"^\W*(?:\([\w.-]+ pid=\d+\)\s*)?(?:(?:ERROR|CRITICAL)\s+\d\d-\d\d\s+[\d:.]+\s+\[[^\]]*\]\s*)?"
+)
+_EXCEPTION_LINE = re.compile(r"^\|?\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.+)$")
+# Exceptions that only report that another process failed.
+_WRAPPERS = re.compile(
+    r"Engine core initialization failed|EngineCore failed to start|EngineDeadError|"
+    r"Engine process failed to start|Worker proc .* died|Call to .* method failed"
+)
 
 
-def _last_exception(lines) -> str | None:
-    """The last 'SomeError: message' line of a traceback: the cause when no known pattern matched."""
+def _root_exception(lines) -> str | None:
+    """The last 'SomeError: message' line of any process's traceback that is not a wrapper.
+
+    vLLM's API server re-raises an engine failure as "RuntimeError: Engine core
+    initialization failed. See root cause above."; the cause is the exception of
+    the EngineCore or Worker process printed before it (its lines prefixed with
+    "(EngineCore_DP0 pid=N)").
+    """
     for line in reversed(list(lines)):
-        m = _EXCEPTION_LINE.match(line.strip())
-        if m:
+        m = _EXCEPTION_LINE.match(_LINE_PREFIX.sub("", line.strip()).strip())
+        if m and not _WRAPPERS.search(line):
             return f"vLLM raised {m.group(1)}: {m.group(2).strip()[:300]} (the traceback is in the log)"
     return None
 
 
-def diagnose(text: str) -> str | None:
-    """The likely cause of a failed start, with the fix, from the log text; None if not recognised."""
+def diagnose(text: str, *, exceptions: bool = True) -> str | None:
+    """The likely cause of a failed start, with the fix, from the log text; None if not recognised.
+
+    Known patterns first (most specific first); then, with exceptions, the root
+    exception of whichever process raised it; last, the API server's generic
+    "Engine core initialization failed".
+    """
     for cause in _CAUSES:
         if cause.pattern.search(text):
             return cause.text
+    if exceptions:
+        root = _root_exception(text.splitlines())
+        if root is not None:
+            return root
+    if _GENERIC.pattern.search(text):
+        return _GENERIC.text
     return None
 
 
@@ -397,9 +433,8 @@ def wait_healthy(
 
 
 def _failure(follower: LogFollower, what: str, log_file, *, timed_out: bool = False) -> StartupFailed:
-    cause = diagnose("\n".join(follower.lines))
-    if cause is None and not timed_out:
-        cause = _last_exception(follower.lines)
+    # After a timeout, an exception in the log may be harmless: only the known patterns.
+    cause = diagnose("\n".join(follower.lines), exceptions=not timed_out)
     if cause is None and timed_out:
         cause = (
             "startup is slower than STARTUP_TIMEOUT allows (weights from a network file system?); "

@@ -92,8 +92,13 @@ def build(
     tag: str = "",
     python: str | None = None,
     private_tmp: str = "",
+    extra_env: Mapping[str, str] | None = None,
 ) -> VllmCommand:
-    """The argv and environment for vLLM's OpenAI-compatible server."""
+    """The argv and environment for vLLM's OpenAI-compatible server.
+
+    extra_env: what the probe of the installed vLLM found it needs
+    (vllm_versions.assess), below the user's own VLLM_* settings.
+    """
     py = python or cfg.vllm_python or sys.executable
     argv: list[str] = [
         py,
@@ -178,6 +183,7 @@ def build(
         # Lines reach service.log (and the --detach progress watcher) as they are printed.
         "PYTHONUNBUFFERED": "1",
     }
+    env.update(extra_env or {})
     env.update(cfg.vllm_env)
     # The default 600 s is too short for 236 GB from a network file system.
     env.setdefault("VLLM_ENGINE_READY_TIMEOUT_S", str(cfg.startup_timeout))

@@ -297,6 +297,6 @@ def test_an_unrecognised_failure_names_the_last_exception() -> None:
         "  | OSError: Repo id must be in the form 'repo_name' or 'namespace/repo_name': '/nonexistent/tok'.",
         "(APIServer pid=1) ERROR something else without an exception name",
     ]
-    cause = readiness._last_exception(lines)
+    cause = readiness._root_exception(lines)
     assert cause is not None and cause.startswith("vLLM raised OSError: Repo id must be in the form")
-    assert readiness._last_exception(["all fine", "INFO done"]) is None
+    assert readiness._root_exception(["all fine", "INFO done"]) is None

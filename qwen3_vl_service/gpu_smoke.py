@@ -1,0 +1,358 @@
+"""The smoke test a user runs on a new node before downloading 236 GB (scripts/gpu_smoke.sh).
+
+    python -m qwen3_vl_service.gpu_smoke --out DIR [--layers 4] [--tp N] [--device gpu|cpu] [--bench]
+
+On a GPU node (DEVICE=gpu, the CUDA build of vLLM): generates a checkpoint with
+the published block-FP8 layout at the real widths, cut to --layers text
+layers (tiny_model --fp8 --real-shapes); writes DIR/config.env with the
+production settings (TP = the GPU count or --tp, EXPERT_PARALLEL=auto so the
+plan decides, MM_ENCODER_TP_MODE=data, async scheduling, the reasoning parser,
+the media server); starts the service with ``start_service.py --detach``; sends
+every request kind and prints status and latency for each; prints vLLM's
+block-FP8 kernel choice and its KV cache size next to the plan's prediction;
+prints ``status_service.py``; stops with ``stop_service.py --all``; checks with
+NVML that no process of ours holds a GPU. Exit 0 only if all of that worked.
+
+With --device cpu it runs the same steps against the tiny bfloat16 model on
+vLLM's CPU build (how CI tests this script).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cli
+from .errors import CheckFailed, UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+# vLLM's log lines that show the block-FP8 path (0.26: linear kernel choice, MoE backend).
+FP8_LINE = re.compile(r"Selected \w+ for \w*Fp8\w*|Fp8 MoE backend|Block FP8 kernel|BlockScaled\w*Kernel")
+KV_LINE = re.compile(r"(\w+) KV cache size: ([\d,]+) tokens")
+PLAN_KV = re.compile(r"KV tokens\s.*=\s*([\d,]+)")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
+        prog="gpu_smoke", description="Serve a real-shaped block-FP8 checkpoint and try every request kind."
+    )
+    p.add_argument("--out", type=Path, required=True, help="work folder: model, media, config, logs")
+    p.add_argument(
+        "--layers", type=int, default=4, help="text layers of the real-shape checkpoint (default 4)"
+    )
+    p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: the GPU count)")
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
+    p.add_argument("--model", type=Path, default=None, help="an existing model folder (no generation)")
+    p.add_argument("--port", type=int, default=8010)
+    p.add_argument("--media-port", type=int, default=8080)
+    p.add_argument("--python", default=sys.executable, help="the Python with vLLM (VLLM_PYTHON)")
+    p.add_argument("--bench", action="store_true", help="run bench/bench_gpu.py before stopping")
+    p.add_argument("--bench-args", default="", help="extra arguments for bench_gpu.py (one string)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    return p
+
+
+def _run(argv: list[str], *, timeout: float, env=None) -> tuple[int, str, float]:
+    start = time.monotonic()
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired as exc:
+        text = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return 124, text + f"\n(timed out after {timeout:.0f} s)", time.monotonic() - start
+    return out.returncode, out.stdout + out.stderr, time.monotonic() - start
+
+
+def gpu_count() -> int:
+    from .processes import NvmlUnavailable, gpu_memory
+
+    try:
+        return len(gpu_memory())
+    except NvmlUnavailable as exc:
+        raise CheckFailed(
+            f"no GPU visible through NVML: {exc}", fix="run on a GPU node, or --device cpu"
+        ) from None
+
+
+def write_config(args, model: Path, media: Path, tp: int) -> Path:
+    """DIR/config.env: the production flags that apply (GPU), or the CPU demo's."""
+    lines = [
+        f"MODEL_PATH={model}",
+        f"DEVICE={args.device}",
+        "HOST=127.0.0.1",
+        f"PORT={args.port}",
+        f"TENSOR_PARALLEL_SIZE={tp}",
+        "REASONING_PARSER=deepseek_r1",
+        "MEDIA_SERVER=true",
+        "MEDIA_HOST=127.0.0.1",
+        f"MEDIA_PORT={args.media_port}",
+        f"MEDIA_ROOT={media}",
+        f"LOG_DIR={args.out / 'logs'}",
+        f"RUN_DIR={args.out / 'run'}",
+        f"MAX_TOKENS={max(args.max_tokens, 256)}",
+        f"VLLM_PYTHON={args.python}",
+        "SHUTDOWN_TIMEOUT=5",
+    ]
+    if args.device == "gpu":
+        lines += [
+            "EXPERT_PARALLEL=auto",  # the plan decides (the FP8 block rule)
+            "MM_ENCODER_TP_MODE=data",  # used by vLLM when TP > 1
+            "ASYNC_SCHEDULING=true",
+            "MAX_MODEL_LEN=32768",
+            "MAX_NUM_SEQS=64",
+            "STARTUP_TIMEOUT=1500",
+        ]
+    else:
+        lines += [
+            "EXPERT_PARALLEL=off",
+            "MAX_MODEL_LEN=4096",
+            "MAX_NUM_SEQS=8",
+            "DTYPE=bfloat16",
+            "EXTRA_VLLM_ARGS=--skip-mm-profiling",
+            "STARTUP_TIMEOUT=900",
+            "VLLM_CPU_KVCACHE_SPACE=1",
+            "OMP_NUM_THREADS=2",
+        ]
+    path = args.out / "config.env"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def prepare(args) -> tuple[Path, Path]:
+    """The model (generated unless given) and the sample media, under DIR."""
+    media = args.out / "media"
+    code, out, took = _run([args.python, "-m", "qwen3_vl_service.sample_media", str(media)], timeout=300)
+    if code != 0:
+        raise CheckFailed(f"sample media failed: {out.strip()[-300:]}")
+    if args.model is not None:
+        return args.model.resolve(), media
+    model = args.out / "model"
+    gen = [args.python, "-m", "qwen3_vl_service.tiny_model", str(model)]
+    if args.device == "gpu":
+        gen += ["--fp8", "--real-shapes", "--layers", str(args.layers)]
+    code, out, took = _run(gen, timeout=3600)
+    last = out.strip().splitlines()[-1:] or [""]
+    print(f"checkpoint  {' '.join(shlex.quote(a) for a in gen[1:])}\n            {last[0]} ({took:.0f} s)")
+    if code != 0:
+        raise CheckFailed(f"generating the checkpoint failed: {out.strip()[-500:]}")
+    return model, media
+
+
+# -- the requests ---------------------------------------------------------------
+
+
+def _chat(content, max_tokens: int, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **extra}
+
+
+def request_kinds(
+    base: str, media: str, model_name: str, image_b64: str, n: int
+) -> list[tuple[str, str, dict]]:
+    """(kind, path, body) of every request kind the service must answer; body {} means GET."""
+    img = {"type": "image_url", "image_url": {"url": f"{media}/sample.jpg"}}
+    data = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image_b64}"}}
+    video = {"type": "video_url", "video_url": {"url": f"{media}/sample.mp4"}}
+    turns = [
+        {"role": "user", "content": [img, {"type": "text", "text": "What is in this picture?"}]},
+        {"role": "assistant", "content": "A field with a red square and the sun."},
+        {"role": "user", "content": "What colour is the square?"},
+    ]
+    chat = "/v1/chat/completions"
+    return [
+        ("health", "/health", {}),
+        ("models", "/v1/models", {}),
+        ("text", chat, _chat("Why is the sky blue?", n)),
+        ("image (media URL)", chat, _chat([img, {"type": "text", "text": "Describe this image."}], n)),
+        ("image (base64)", chat, _chat([data, {"type": "text", "text": "Describe this image."}], n)),
+        ("video (media URL)", chat, _chat([video, {"type": "text", "text": "What happens?"}], n)),
+        ("multi-turn", chat, {"messages": turns, "max_tokens": n}),
+        ("streaming", chat, _chat("Count to five.", n, stream=True)),
+        ("completions", "/v1/completions", {"prompt": "The capital of France is", "max_tokens": n}),
+    ]
+
+
+def send(session, base: str, model_name: str, kind: str, path: str, body: dict) -> Check:
+    start = time.monotonic()
+    try:
+        if not body:
+            r = session.get(base + path, timeout=60)
+            ok, note = r.status_code == 200, ""
+        else:
+            r = session.post(
+                base + path, json={"model": model_name, **body}, timeout=900, stream=bool(body.get("stream"))
+            )
+            if body.get("stream"):
+                chunks = [ln for ln in r.iter_lines(decode_unicode=True) if ln and ln.startswith("data: ")]
+                ok = r.status_code == 200 and bool(chunks) and chunks[-1] == "data: [DONE]"
+                note = f"{len(chunks)} events"
+            else:
+                ok = r.status_code == 200
+                usage = r.json().get("usage", {}) if ok else {}
+                note = f"{usage.get('completion_tokens', '?')} tokens" if ok else r.text[:200]
+        took = time.monotonic() - start
+        return Check(kind, ok, f"{r.status_code}  {took * 1000:8.0f} ms  {note}")
+    except Exception as exc:  # noqa: BLE001 - any failure of one request is that request's result
+        return Check(kind, False, f"---  {time.monotonic() - start:8.1f} s  {type(exc).__name__}: {exc}")
+
+
+def run_requests(cfg_port: int, media_port: int, media_dir: Path, max_tokens: int) -> list[Check]:
+    import requests
+
+    base = f"http://127.0.0.1:{cfg_port}"
+    media = f"http://127.0.0.1:{media_port}"
+    session = requests.Session()
+    session.trust_env = False  # loopback only, never through a proxy
+    model_name = session.get(base + "/v1/models", timeout=60).json()["data"][0]["id"]
+    image_b64 = base64.b64encode((media_dir / "sample.png").read_bytes()).decode()
+    checks = []
+    for kind, path, body in request_kinds(base, media, model_name, image_b64, max_tokens):
+        c = send(session, base, model_name, kind, path, body)
+        print(f"  {'ok  ' if c.ok else 'FAIL'} {kind:<18} {c.detail}", flush=True)
+        checks.append(c)
+    return checks
+
+
+# -- what vLLM reported ------------------------------------------------------------
+
+
+def log_facts(log_text: str, plan_kv: int | None) -> list[str]:
+    """The block-FP8 kernel lines and the KV cache size, beside the plan's KV tokens."""
+    lines = []
+    fp8 = [ln.strip() for ln in log_text.splitlines() if FP8_LINE.search(ln)]
+    lines += [f"  fp8 kernel  {ln[-200:]}" for ln in dict.fromkeys(fp8)] or [
+        "  fp8 kernel  (no block-FP8 line)"
+    ]
+    kv = KV_LINE.findall(log_text)
+    if kv:
+        where, tokens = kv[-1]
+        got = int(tokens.replace(",", ""))
+        ratio = f", plan/vLLM = {plan_kv / got:.3f}" if plan_kv else ""
+        plan = f"{plan_kv:,}" if plan_kv else "n/a (no capacity plan for this device)"
+        lines.append(f"  KV cache    vLLM {where} {got:,} tokens; plan {plan}{ratio}")
+    else:
+        lines.append("  KV cache    (no 'KV cache size' line in the log)")
+    return lines
+
+
+def plan_kv_tokens(python: str, config: Path) -> int | None:
+    _code, out, _ = _run(
+        [python, str(REPO / "start_service.py"), "--config", str(config), "--dry-run"], timeout=120
+    )
+    m = PLAN_KV.search(out)
+    return int(m.group(1).replace(",", "")) if m else None
+
+
+def no_gpu_process_left(run_dir: Path, tag: str | None) -> Check:
+    """NVML: no GPU process carries our tag (the stop command checks too; this is the independent look)."""
+    import psutil
+
+    from .processes import NvmlUnavailable, gpu_memory, is_recorded
+
+    try:
+        mems = gpu_memory()
+    except NvmlUnavailable as exc:
+        return Check("no GPU process left", True, f"skipped: {exc}")
+    held = []
+    from .processes import _gpu_processes, _nvml_session  # one NVML owner: processes.py
+
+    with _nvml_session() as pynvml:
+        for i in range(len(mems)):
+            for p in _gpu_processes(pynvml, pynvml.nvmlDeviceGetHandleByIndex(i)):
+                try:
+                    proc = psutil.Process(p.pid)
+                    if tag and is_recorded(proc, tag, 0.0):
+                        held.append(f"GPU {i}: pid {p.pid} {proc.name()}")
+                except psutil.Error:
+                    continue
+    detail = "; ".join(held) if held else f"{len(mems)} GPU(s) checked, none holds a process of ours"
+    return Check("no GPU process left", not held, detail)
+
+
+def _step(name: str, fn: Callable[[], tuple[bool, str]]) -> Check:
+    ok, detail = fn()
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    return Check(name, ok, detail)
+
+
+def smoke(args) -> int:
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    tp = args.tp or (gpu_count() if args.device == "gpu" else 1)
+    model, media = prepare(args)
+    config = write_config(args, model, media, tp)
+    py = sys.executable
+    cfgargs = ["--config", str(config)]
+    print(f"config      {config} (DEVICE={args.device}, TP={tp})")
+    plan_kv = plan_kv_tokens(py, config)
+    checks: list[Check] = []
+    code, out, took = _run([py, str(REPO / "start_service.py"), *cfgargs, "--detach"], timeout=1800)
+    print(out.rstrip())
+    checks.append(_step("start", lambda: (code == 0, f"exit {code} after {took:.0f} s")))
+    tag = None
+    try:
+        if code == 0:
+            checks += run_requests(args.port, args.media_port, media, args.max_tokens)
+            log = (args.out / "logs" / "service.log").read_text(errors="replace")
+            print("\n".join(log_facts(log, plan_kv)))
+            state = args.out / "run"
+            tag = _tag(state)
+            scode, sout, _ = _run([py, str(REPO / "status_service.py"), *cfgargs], timeout=120)
+            print("status_service.py:\n" + sout.rstrip())
+            checks.append(Check("status", scode == 0, f"exit {scode}"))
+            if args.bench:
+                bench = [py, str(REPO / "bench" / "bench_gpu.py"), *cfgargs, *shlex.split(args.bench_args)]
+                bcode, bout, btook = _run(bench, timeout=3600)
+                print(bout.rstrip())
+                checks.append(_step("bench", lambda: (bcode == 0, f"exit {bcode} after {btook:.0f} s")))
+    finally:
+        stop_code, stop_out, stook = _run([py, str(REPO / "stop_service.py"), *cfgargs, "--all"], timeout=600)
+        print(stop_out.rstrip())
+        checks.append(_step("stop", lambda: (stop_code == 0, f"exit {stop_code} after {stook:.0f} s")))
+    if args.device == "gpu":
+        checks.append(no_gpu_process_left(args.out / "run", tag))
+        print(f"{'ok  ' if checks[-1].ok else 'FAIL'} {checks[-1].name}: {checks[-1].detail}")
+    failed = [c.name for c in checks if not c.ok]
+    print(
+        f"\ngpu_smoke: {len(checks) - len(failed)}/{len(checks)} ok"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
+    return 1 if failed else 0
+
+
+def _tag(run_dir: Path) -> str | None:
+    from . import runstate
+
+    try:
+        state = runstate.read(run_dir)
+    except Exception:  # noqa: BLE001 - no state is "no tag"; the check then finds nothing to match
+        return None
+    return getattr(state, "tag", None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        args = _parser().parse_args(argv)
+        if args.layers < 1 or (args.tp is not None and args.tp < 1):
+            raise UsageError(
+                f"--layers {args.layers} / --tp {args.tp} must be at least 1", fix="e.g. --layers 4"
+            )
+        return smoke(args)
+
+    return cli.run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

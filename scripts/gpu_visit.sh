@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issue 12's whole H200 visit in one command: a real-shape block-FP8 checkpoint cut to LAYERS
+# text layers, scripts/gpu_smoke.sh on it (every request kind, FP8 kernel and KV lines, status,
+# stop, no GPU process left) with bench/bench_gpu.py run against the live service before the
+# stop, the capacity plan of the dry run, and the logs copied into $OUT (at most 8 files).
+#
+# For the integrator, with the gpu-kit built (../shared/gpu-kit/README.md, step 1):
+#   1. run(command="bash .gpu-kit/transfer1/stage1.sh", carry=[".gpu-kit/transfer1"])
+#   2. within 30 s of the first call's return:
+#      run(command='v=$(bash .gpu-kit/transfer2/stage2.sh) && eval "$v" && bash scripts/gpu_visit.sh',
+#          carry=[".gpu-kit/transfer2"], timeout_s=600)
+#   While the machine stays warm, a rerun needs no transfer:
+#      run(command='test -d /tmp/site/vllm || exit 3; . ../shared/gpu-kit/env.sh 2>/dev/null ||
+#          export PYTHONPATH=/tmp/site VLLM_USE_DEEP_GEMM=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+#          NVSHMEM_DISABLE_NVLS=1; bash scripts/gpu_visit.sh', timeout_s=600)
+#
+# LAYERS=8 (default): about 22 GB of checkpoint (8 x 2.4 GB of FP8 experts + 2.5 GB of BF16
+# embeddings and lm_head), generated on the GPU in well under a minute; load, compile and CUDA
+# graphs about 2-3 minutes; requests, the benchmark (concurrency 1, 8, 32 and the image TTFT)
+# and the stop about 2 more: inside the 10-minute limit of one call.
+# Exit code: gpu_smoke's (0 only if every step worked).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LAYERS=${LAYERS:-8}
+WORK=${WORK:-/tmp/qwen3-vl-visit}
+OUT=${OUT:-$WORK/out}
+mkdir -p "$WORK" "$OUT"
+export PYTHON=${PYTHON:-python3}
+# env.sh sets VLLM_USE_FLASHINFER_SAMPLER=0; unset it so that the launcher's own probe finds
+# flashinfer missing and sets it (the preflight line says so): that is what users get.
+unset VLLM_USE_FLASHINFER_SAMPLER
+REPORT="$OUT/gpu_visit.txt"
+{
+  echo "== $(date -u +%FT%TZ) $(hostname) LAYERS=$LAYERS"
+  nvidia-smi --query-gpu=index,name,memory.total,memory.used,driver_version --format=csv
+  "$PYTHON" -c 'import importlib.metadata as m, torch; print("vllm", m.version("vllm"), "torch", torch.__version__)'
+} > "$REPORT" 2>&1
+cat "$REPORT"
+
+bash scripts/gpu_smoke.sh "$WORK" "$LAYERS" --bench --bench-args "--concurrency 1,8,32" 2>&1 | tee -a "$REPORT"
+rc=${PIPESTATUS[0]}
+
+{
+  echo "== the capacity plan (start_service.py --dry-run) for the KV comparison"
+  "$PYTHON" start_service.py --config "$WORK/config.env" --dry-run --quiet 2>&1 | sed -n '/Preflight/,/vLLM command/p'
+  echo "== checkpoint: $(du -sh "$WORK/model" | cut -f1), $(ls "$WORK"/model/*.safetensors | wc -l) shards"
+  echo "== exit $rc"
+} 2>&1 | tee -a "$REPORT"
+
+cp "$WORK/logs/service.log" "$OUT/service.log" 2>/dev/null
+cp "$WORK/logs/media_server.log" "$OUT/media_server.log" 2>/dev/null
+cp "$WORK/logs/launcher.log" "$OUT/launcher.log" 2>/dev/null
+cp "$WORK/config.env" "$OUT/config.env" 2>/dev/null
+cp "$WORK/model/config.json" "$OUT/model_config.json" 2>/dev/null
+exit "$rc"

@@ -1,0 +1,98 @@
+"""gpu_smoke: its config, its reading of vLLM's log, and the whole script on the CPU demo (e2e)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+from skips import vllm_missing
+
+from qwen3_vl_service import config, gpu_smoke
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Lines as vLLM 0.26.0 prints them (formats from its kernels/linear/__init__.py,
+# fused_moe/oracle/fp8.py and v1/core/kv_cache_utils.py), with the process prefix.
+_CORE = "(EngineCore_DP0 pid=4242) INFO 12-01 20:41:07"
+LOG_026 = f"""\
+{_CORE} [__init__.py:604] Selected CutlassFp8BlockScaledMMKernel for Fp8LinearMethod
+{_CORE} [fp8.py:325] Using TRITON Fp8 MoE backend out of potential backends: ['TRITON', 'DEEPGEMM'].
+(EngineCore_DP0 pid=4242) INFO 12-01 20:42:10 [kv_cache_utils.py:2177] GPU KV cache size: 1,234,560 tokens
+(APIServer pid=4200) INFO 12-01 20:42:30 [api_server.py:1] Starting vLLM API server 0 on http://127.0.0.1:8010
+"""
+
+
+def _args(tmp_path: Path, device: str) -> Namespace:
+    return Namespace(
+        out=tmp_path, device=device, port=8123, media_port=8124, max_tokens=32, python=sys.executable
+    )
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_the_written_config_is_valid_and_has_the_production_flags(tmp_path, device):
+    tp = 2 if device == "gpu" else 1
+    path = gpu_smoke.write_config(_args(tmp_path, device), tmp_path / "model", tmp_path / "media", tp=tp)
+    cfg = config.load(path, environ={})
+    assert (cfg.device, cfg.tensor_parallel_size, cfg.port, cfg.media_port) == (device, tp, 8123, 8124)
+    assert cfg.media_server and cfg.reasoning_parser == "deepseek_r1"
+    if device == "gpu":
+        assert cfg.expert_parallel == "auto" and cfg.mm_encoder_tp_mode == "data" and cfg.async_scheduling
+
+
+@pytest.mark.unit
+def test_log_facts_show_the_fp8_kernels_and_kv_beside_the_plan():
+    lines = gpu_smoke.log_facts(LOG_026, plan_kv=1_200_000)
+    text = "\n".join(lines)
+    assert "CutlassFp8BlockScaledMMKernel" in text and "TRITON Fp8 MoE backend" in text
+    assert "vLLM GPU 1,234,560 tokens; plan 1,200,000, plan/vLLM = 0.972" in text
+    assert "no block-FP8 line" in "\n".join(gpu_smoke.log_facts("INFO nothing", None))
+
+
+@pytest.mark.unit
+def test_every_request_kind_is_sent():
+    kinds = [k for k, _p, _b in gpu_smoke.request_kinds("http://h", "http://m", "x", "QUJD", 8)]
+    assert kinds == [
+        "health", "models", "text", "image (media URL)", "image (base64)", "video (media URL)",
+        "multi-turn", "streaming", "completions",
+    ]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.e2e
+def test_gpu_smoke_script_runs_on_the_cpu_demo(tmp_path):
+    """scripts/gpu_smoke.sh itself, with DEVICE=cpu and the tiny BF16 model, bench included."""
+    probe = subprocess.run([sys.executable, "-c", "import vllm.benchmarks.serve"], capture_output=True)
+    if probe.returncode != 0:
+        vllm_missing("vLLM is not installed in this environment")
+    port, media_port = _free_port(), _free_port()
+    bench = "--concurrency 1,2 --input-len 32 --output-len 8 --image-prompts 1 --image-size 512"
+    cmd = [
+        "bash", str(REPO / "scripts" / "gpu_smoke.sh"), str(tmp_path / "smoke"), "2",
+        "--device", "cpu", "--port", str(port), "--media-port", str(media_port),
+        "--bench", "--bench-args", bench,
+    ]  # fmt: skip
+    env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=1500, env={**__import__("os").environ, **env}
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for kind in ("health", "models", "text", "image (media URL)", "image (base64)", "video (media URL)",
+                 "multi-turn", "streaming", "completions"):  # fmt: skip
+        assert f"ok   {kind}" in out, kind
+    assert "KV cache    vLLM CPU" in out and "status_service.py:" in out
+    assert "concurrency | out tok/s" in out and "TTFT" in out
+    assert "gpu_smoke: " in out and "failed" not in out.splitlines()[-1]
+    for p in (port, media_port):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))  # both ports free again: nothing of ours is left

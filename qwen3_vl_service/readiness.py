@@ -210,7 +210,8 @@ _CAUSES: tuple[_Cause, ...] = (
     _c(
         r"Invalid repository ID or local directory|Cannot find any model weights"
         r"|does not appear to have a file named|is not a local folder and is not a valid model identifier"
-        r"|No such file or directory: .*(?:config\.json|\.safetensors|index\.json)",
+        r"|No such file or directory: .*(?:config\.json|\.safetensors|index\.json)"
+        r"|SafetensorError: Error while deserializing",
         "model files are missing or incomplete under MODEL_PATH; download them with "
         "python download_model.py (or fix MODEL_PATH)",
     ),
@@ -247,13 +248,14 @@ _GENERIC = _c(
 # "SomeError: message", after the prefixes vLLM puts on every line of a child
 # process: "(EngineCore_DP0 pid=7) " and a logged traceback's "ERROR 12-01 20:41:07 [core.py:1330] ".
 _LINE_PREFIX = re.compile(
-    r"^\W*(?:\([\w.-]+ pid=\d+\)\s*)?(?:(?:ERROR|CRITICAL)\s+\d\d-\d\d\s+[\d:.]+\s+\[[^\]]*\]\s*)?"
+    r"^\s*(?:\([\w.-]+ pid=\d+\)\s*)?(?:(?:ERROR|CRITICAL)\s+\d\d-\d\d\s+[\d:.]+\s+\[[^\]]*\]\s*)?"
 )
-_EXCEPTION_LINE = re.compile(r"^\|?\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.+)$")
+_EXCEPTION_LINE = re.compile(r"^[|\s]*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.+)$")
 # Exceptions that only report that another process failed.
 _WRAPPERS = re.compile(
     r"Engine core initialization failed|EngineCore failed to start|EngineDeadError|"
-    r"Engine process failed to start|Worker proc .* died|Call to .* method failed"
+    r"Engine process failed to start|Worker proc .* died|Call to .* method failed|"
+    r"See root cause above|See stack trace for root cause|failed due to an exception in a background process"
 )
 
 

@@ -300,3 +300,41 @@ def test_an_unrecognised_failure_names_the_last_exception() -> None:
     cause = readiness._root_exception(lines)
     assert cause is not None and cause.startswith("vLLM raised OSError: Repo id must be in the form")
     assert readiness._root_exception(["all fine", "INFO done"]) is None
+
+
+DATA = Path(__file__).with_name("data")
+
+
+@pytest.mark.unit
+def test_the_root_cause_of_a_worker_process_is_named_from_a_real_log() -> None:
+    """vLLM 0.32 (CPU) with a truncated shard: the Worker raises SafetensorError, the EngineCore and the
+    API server re-raise wrappers ("See stack trace for root cause", "See root cause above")."""
+    lines = (DATA / "engine-failure-vllm-0.32-cpu.log").read_text().splitlines()
+    root = readiness._root_exception(lines)
+    assert root is not None
+    assert root.startswith(
+        "vLLM raised safetensors._safetensors_rust.SafetensorError: Error while deserializing"
+    )
+    assert "download_model.py" in readiness.diagnose("\n".join(lines))
+
+
+@pytest.mark.unit
+def test_an_engine_core_module_error_is_the_cause_not_the_api_servers_wrapper() -> None:
+    """The issue's H200 failure, in vLLM 0.26's format (core.py: "EngineCore failed to start.";
+    engine/utils.py: "Engine core initialization failed. See root cause above.")."""
+    core = "(EngineCore_DP0 pid=913) ERROR 11-30 18:02:11 [core.py:1330]"
+    log = [
+        f"{core} EngineCore failed to start.",
+        f"{core} Traceback (most recent call last):",
+        f'{core}   File "/tmp/site/vllm/v1/sample/ops/topk_topp_sampler.py", line 44, in flashinfer_sampler_supported',
+        f"{core}     from vllm.v1.attention.backends.flashinfer import FlashInferBackend",
+        f"{core} ModuleNotFoundError: No module named 'flashinfer'",
+        "(APIServer pid=880) Traceback (most recent call last):",
+        "(APIServer pid=880) RuntimeError: Engine core initialization failed. See root cause above. "
+        "Failed core proc(s): {}",
+    ]
+    assert "VLLM_USE_FLASHINFER_SAMPLER=0" in readiness.diagnose("\n".join(log))
+    unknown = [line.replace("No module named 'flashinfer'", "No module named 'somelib'") for line in log]
+    cause = readiness.diagnose("\n".join(unknown))
+    assert cause == "vLLM raised ModuleNotFoundError: No module named 'somelib' (the traceback is in the log)"
+    assert "root cause is in the lines above" in readiness.diagnose(log[-1])

@@ -255,29 +255,26 @@ def plan_kv_tokens(python: str, config: Path) -> int | None:
     return int(m.group(1).replace(",", "")) if m else None
 
 
-def no_gpu_process_left(run_dir: Path, tag: str | None) -> Check:
-    """NVML: no GPU process carries our tag (the stop command checks too; this is the independent look)."""
-    import psutil
+def our_pids(tag: str | None) -> set[int]:
+    from .processes import find_tagged
 
-    from .processes import NvmlUnavailable, gpu_memory, is_recorded
+    return {p.pid for p in find_tagged(tag)} if tag else set()
+
+
+def no_gpu_process_left(tag: str | None, run_pids: set[int]) -> Check:
+    """NVML, after the stop: no GPU process is one of the service's (recorded while it ran, or
+    still carrying its tag). stop_service.py checks too; this is the independent look."""
+    from .processes import NvmlUnavailable, gpu_pids
 
     try:
-        mems = gpu_memory()
+        on_gpu = gpu_pids()
     except NvmlUnavailable as exc:
-        return Check("no GPU process left", True, f"skipped: {exc}")
-    held = []
-    from .processes import _gpu_processes, _nvml_session  # one NVML owner: processes.py
-
-    with _nvml_session() as pynvml:
-        for i in range(len(mems)):
-            for p in _gpu_processes(pynvml, pynvml.nvmlDeviceGetHandleByIndex(i)):
-                try:
-                    proc = psutil.Process(p.pid)
-                    if tag and is_recorded(proc, tag, 0.0):
-                        held.append(f"GPU {i}: pid {p.pid} {proc.name()}")
-                except psutil.Error:
-                    continue
-    detail = "; ".join(held) if held else f"{len(mems)} GPU(s) checked, none holds a process of ours"
+        return Check("no GPU process left", False, f"NVML unavailable: {exc}")
+    ours = run_pids | our_pids(tag)
+    held = [f"GPU {i}: pid {pid}" for i, pid in on_gpu if pid in ours]
+    detail = "; ".join(held) or (
+        f"{len(on_gpu)} GPU process(es) on the node, none of the {len(run_pids)} that the service ran"
+    )
     return Check("no GPU process left", not held, detail)
 
 
@@ -301,14 +298,14 @@ def smoke(args) -> int:
     code, out, took = _run([py, str(REPO / "start_service.py"), *cfgargs, "--detach"], timeout=1800)
     print(out.rstrip())
     checks.append(_step("start", lambda: (code == 0, f"exit {code} after {took:.0f} s")))
-    tag = None
+    tag, run_pids = None, set()
     try:
         if code == 0:
             checks += run_requests(args.port, args.media_port, media, args.max_tokens)
             log = (args.out / "logs" / "service.log").read_text(errors="replace")
             print("\n".join(log_facts(log, plan_kv)))
-            state = args.out / "run"
-            tag = _tag(state)
+            tag = _tag(args.out / "run")
+            run_pids = our_pids(tag)  # vLLM's API server, EngineCore and workers, while they run
             scode, sout, _ = _run([py, str(REPO / "status_service.py"), *cfgargs], timeout=120)
             print("status_service.py:\n" + sout.rstrip())
             checks.append(Check("status", scode == 0, f"exit {scode}"))
@@ -322,7 +319,7 @@ def smoke(args) -> int:
         print(stop_out.rstrip())
         checks.append(_step("stop", lambda: (stop_code == 0, f"exit {stop_code} after {stook:.0f} s")))
     if args.device == "gpu":
-        checks.append(no_gpu_process_left(args.out / "run", tag))
+        checks.append(no_gpu_process_left(tag, run_pids))
         print(f"{'ok  ' if checks[-1].ok else 'FAIL'} {checks[-1].name}: {checks[-1].detail}")
     failed = [c.name for c in checks if not c.ok]
     print(

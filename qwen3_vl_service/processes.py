@@ -560,6 +560,16 @@ def gpu_holders(pids: Iterable[int]) -> list[GpuHolder]:
         return holders
 
 
+def gpu_pids() -> list[tuple[int, int]]:
+    """(GPU index, pid) of every process NVML reports on any GPU. Raises NvmlUnavailable."""
+    with _nvml_session() as pynvml:
+        return [
+            (i, p.pid)
+            for i in range(pynvml.nvmlDeviceGetCount())
+            for p in _gpu_processes(pynvml, pynvml.nvmlDeviceGetHandleByIndex(i))
+        ]
+
+
 def gpu_memory(pids: Iterable[int] = ()) -> list[GpuMemory]:
     """Used and total memory of every GPU, and how much of it PIDS hold. Raises NvmlUnavailable."""
     wanted = set(pids)
@@ -597,6 +607,7 @@ __all__ = [
     "find_tagged",
     "gpu_holders",
     "gpu_memory",
+    "gpu_pids",
     "is_alive",
     "is_drainer",
     "is_logtee",

@@ -256,3 +256,42 @@ def test_tiny_model_refuses_a_zero_layer_count(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "must be at least 1, got 0" in proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.integration
+def test_real_shapes_path_writes_qwens_vocabulary_and_ids(tmp_path, monkeypatch):
+    """The --real-shapes path end to end, narrowed (hidden 256, 4 experts) to stay small in CI:
+    vocabulary 151,936, Qwen's token ids in config and tokenizer, the depth cut, shards + index."""
+    from transformers import AutoTokenizer
+
+    narrow = {**tiny_model.TEXT_FP8, "num_experts": 4, "num_experts_per_tok": 2}
+    monkeypatch.setattr(tiny_model, "TEXT_REAL", narrow)
+    monkeypatch.setattr(
+        tiny_model, "VISION_REAL", {**tiny_model.VISION, "depth": 27, "deepstack_visual_indexes": [8, 16, 24]}
+    )
+    monkeypatch.setattr(tiny_model, "REAL_SHARD_BYTES", 64 << 20)
+    out = tiny_model.generate(tmp_path / "m", fp8=True, real_shapes=True, layers=2)
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["vocab_size"] == 151936 and config["text_config"]["num_hidden_layers"] == 2
+    assert config["vision_config"]["depth"] == 3 and config["vision_config"]["deepstack_visual_indexes"] == [
+        0,
+        1,
+        2,
+    ]
+    ids = {
+        k: config[k]
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    }
+    assert ids == {
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+    }
+    assert config["text_config"]["eos_token_id"] == 151645
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids("<|image_pad|>") == 151655 and tok.eos_token_id == 151645
+    headers = _headers(out)
+    assert headers["model.language_model.embed_tokens.weight"]["shape"] == [151936, 256]
+    assert headers["lm_head.weight"]["shape"] == [151936, 256]
+    assert "model.language_model.layers.1.mlp.experts.3.down_proj.weight_scale_inv" in headers

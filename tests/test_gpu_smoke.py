@@ -96,3 +96,20 @@ def test_gpu_smoke_script_runs_on_the_cpu_demo(tmp_path):
     for p in (port, media_port):
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))  # both ports free again: nothing of ours is left
+
+
+@pytest.mark.unit
+def test_a_gpu_process_of_the_service_left_after_the_stop_fails_the_run(monkeypatch):
+    from qwen3_vl_service import processes
+
+    monkeypatch.setattr(processes, "gpu_pids", lambda: [(0, 4321), (1, 999)])  # NVML: the hardware edge
+    bad = gpu_smoke.no_gpu_process_left(None, {4321, 4322})
+    assert not bad.ok and "GPU 0: pid 4321" in bad.detail
+    good = gpu_smoke.no_gpu_process_left(None, {4322})
+    assert good.ok and "none of the 1 that the service ran" in good.detail
+
+    def no_nvml():
+        raise processes.NvmlUnavailable("NVML did not start")
+
+    monkeypatch.setattr(processes, "gpu_pids", no_nvml)
+    assert not gpu_smoke.no_gpu_process_left(None, set()).ok

@@ -247,12 +247,14 @@ def log_facts(log_text: str, plan_kv: int | None) -> list[str]:
     return lines
 
 
-def plan_kv_tokens(python: str, config: Path) -> int | None:
+def dry_run(python: str, config: Path) -> tuple[int | None, str]:
+    """The plan's KV tokens and the preflight section, from start_service.py --dry-run."""
     _code, out, _ = _run(
-        [python, str(REPO / "start_service.py"), "--config", str(config), "--dry-run"], timeout=120
+        [python, str(REPO / "start_service.py"), "--config", str(config), "--dry-run", "--quiet"], timeout=120
     )
     m = PLAN_KV.search(out)
-    return int(m.group(1).replace(",", "")) if m else None
+    section = out.split("vLLM command")[0].strip()
+    return (int(m.group(1).replace(",", "")) if m else None), section
 
 
 def our_pids(tag: str | None) -> set[int]:
@@ -293,7 +295,8 @@ def smoke(args) -> int:
     py = sys.executable
     cfgargs = ["--config", str(config)]
     print(f"config      {config} (DEVICE={args.device}, TP={tp})")
-    plan_kv = plan_kv_tokens(py, config)
+    plan_kv, preflight = dry_run(py, config)
+    print(preflight)
     checks: list[Check] = []
     code, out, took = _run([py, str(REPO / "start_service.py"), *cfgargs, "--detach"], timeout=1800)
     print(out.rstrip())

@@ -91,7 +91,7 @@ def test_gpu_smoke_script_runs_on_the_cpu_demo(tmp_path):
                  "multi-turn", "streaming", "completions"):  # fmt: skip
         assert f"ok   {kind}" in out, kind
     assert "KV cache    vLLM CPU" in out and "status_service.py:" in out
-    assert "concurrency | out tok/s" in out and "TTFT" in out
+    assert "concurrency |  out tok/s" in out and "TTFT" in out and "ok   bench" in out
     assert "gpu_smoke: " in out and "failed" not in out.splitlines()[-1]
     for p in (port, media_port):
         with socket.socket() as s:

@@ -20,8 +20,10 @@ vLLM's CPU build (how CI tests this script).
 from __future__ import annotations
 
 import base64
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -288,6 +290,8 @@ def _step(name: str, fn: Callable[[], tuple[bool, str]]) -> Check:
 
 def smoke(args) -> int:
     args.out = args.out.resolve()
+    # VLLM_PYTHON must be absolute; abspath, not resolve: a venv's python is a symlink to the base one
+    args.python = os.path.abspath(shutil.which(args.python) or args.python)
     args.out.mkdir(parents=True, exist_ok=True)
     tp = args.tp or (gpu_count() if args.device == "gpu" else 1)
     model, media = prepare(args)

@@ -218,7 +218,7 @@ def test_vllm_weight_mapping_accepts_every_generated_name(fp8_dir):
     import subprocess
     import sys
 
-    from tests.skips import vllm_missing
+    from skips import vllm_missing
 
     probe = [sys.executable, "-c", "import vllm.model_executor.models.qwen3_vl_moe"]
     if subprocess.run(probe, capture_output=True, timeout=300).returncode != 0:

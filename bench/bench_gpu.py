@@ -106,27 +106,25 @@ def active_params(cfg: dict, layers: int) -> float:
 
 def bandwidth() -> tuple[float | None, str]:
     """Memory bandwidth of one GPU (bytes/s) and where the number comes from."""
-    try:
-        import pynvml
+    from qwen3_vl_service.errors import ServiceError
+    from qwen3_vl_service.gpus import nvml_session
 
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            name = pynvml.nvmlDeviceGetName(handle)
+    try:
+        with nvml_session() as nv:
+            handle = nv.nvmlDeviceGetHandleByIndex(0)
+            name = nv.nvmlDeviceGetName(handle)
             name = name.decode() if isinstance(name, bytes) else str(name)
             try:
-                clock = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)  # MHz
-                width = pynvml.nvmlDeviceGetMemoryBusWidth(handle)  # bits
+                clock = nv.nvmlDeviceGetMaxClockInfo(handle, nv.NVML_CLOCK_MEM)  # MHz
+                width = nv.nvmlDeviceGetMemoryBusWidth(handle)  # bits
                 return 2 * clock * 1e6 * width / 8, f"NVML {name}: 2 x {clock} MHz x {width} bit"
-            except pynvml.NVMLError:
+            except nv.NVMLError:
                 for key, value in BANDWIDTH.items():
                     if key in name:
                         return value, f"datasheet {key} ({name})"
                 return None, f"unknown bandwidth for {name}"
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception as exc:  # noqa: BLE001 - no NVML: CPU machines
-        return None, f"no NVML ({type(exc).__name__})"
+    except ServiceError as exc:  # no NVML: CPU machines
+        return None, f"no NVML ({exc.message})"
 
 
 # -- the run --------------------------------------------------------------------

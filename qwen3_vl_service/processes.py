@@ -562,11 +562,11 @@ def gpu_holders(pids: Iterable[int]) -> list[GpuHolder]:
 
 def gpu_pids() -> list[tuple[int, int]]:
     """(GPU index, pid) of every process NVML reports on any GPU. Raises NvmlUnavailable."""
-    with _nvml_session() as pynvml:
+    with nvml_session() as nv:
         return [
-            (i, p.pid)
-            for i in range(pynvml.nvmlDeviceGetCount())
-            for p in _gpu_processes(pynvml, pynvml.nvmlDeviceGetHandleByIndex(i))
+            (i, pid)
+            for i in range(nv.nvmlDeviceGetCount())
+            for pid, _used in nvml_processes(nv, nv.nvmlDeviceGetHandleByIndex(i))
         ]
 
 

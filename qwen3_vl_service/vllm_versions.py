@@ -77,12 +77,14 @@ def probe(python: str) -> Probe:
         return Probe("error", f"cannot run {python}: {exc}")
     if out.returncode == 3:
         return Probe("warn", f"vLLM is not installed for {python}")
+    if out.returncode != 0:
+        return Probe("error", f"{python} failed: {out.stderr.strip().splitlines()[-1:] or out.returncode}")
     try:
-        facts = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+        facts = json.loads(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         facts = None
-    if not isinstance(facts, dict):
-        return Probe("error", f"{python} failed: {out.stderr.strip().splitlines()[-1:] or out.returncode}")
+    if not isinstance(facts, dict):  # a wrapper that answers in its own words: vLLM, version unknown
+        return Probe("ok", f"{out.stdout.strip() or 'vllm'} ({python})")
     dist, version = facts.get("dist"), facts.get("version")
     label = f"{dist} {version}" if dist else "vllm (no distribution metadata)"
     return Probe("ok", f"{label} ({python})", dist, version, bool(facts.get("flashinfer", True)))

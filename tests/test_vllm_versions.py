@@ -121,3 +121,17 @@ def test_every_flag_exists_in_vllm_0_26(what, cmd):
         choices = flags[name]
         if choices is not None and i + 1 < len(argv):
             assert argv[i + 1] in choices, f"{what}: {name} {argv[i + 1]} not in 0.26.0's {choices}"
+
+
+@pytest.mark.unit
+def test_probe_of_a_wrapper_that_answers_in_its_own_words(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "vllm 0.0.0-fake"\n')
+    fake.chmod(0o755)
+    found = vllm_versions.probe(str(fake))
+    assert found.level == "ok" and found.version is None and "vllm 0.0.0-fake" in found.message
+    assert vllm_versions.assess(found, device="gpu", user_env={}).findings == []
+    failing = tmp_path / "failing"
+    failing.write_text("#!/bin/sh\necho boom >&2\nexit 1\n")
+    failing.chmod(0o755)
+    assert vllm_versions.probe(str(failing)).level == "error"

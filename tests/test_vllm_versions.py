@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -135,3 +136,20 @@ def test_probe_of_a_wrapper_that_answers_in_its_own_words(tmp_path):
     failing.write_text("#!/bin/sh\necho boom >&2\nexit 1\n")
     failing.chmod(0o755)
     assert vllm_versions.probe(str(failing)).level == "error"
+
+
+@pytest.mark.integration
+def test_dry_run_shows_the_flashinfer_workaround_in_the_report_and_the_command(tmp_path):
+    """A CUDA vLLM 0.26.0 without flashinfer (the interpreter stands in for the GPU machine's python)."""
+    fake = tmp_path / "python"
+    facts = '{"dist": "vllm", "version": "0.26.0", "flashinfer": false}'
+    fake.write_text(f"#!/bin/sh\necho '{facts}'\n")
+    fake.chmod(0o755)
+    cfg = tmp_path / "config.env"
+    cfg.write_text(f"VLLM_PYTHON={fake}\nMODEL_PATH={tmp_path / 'model'}\nTENSOR_PARALLEL_SIZE=1\n")
+    cmd = [sys.executable, str(REPO / "start_service.py"), "--config", str(cfg), "--dry-run", "--quiet"]
+    out = subprocess.run([*cmd, "--gpus", "1xH200-141GB"], capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    assert "vllm 0.26.0" in text
+    assert "flashinfer is not installed: VLLM_USE_FLASHINFER_SAMPLER=0 set for vLLM" in text
+    assert "VLLM_USE_FLASHINFER_SAMPLER=0 \\" in text.split("vLLM command")[1]

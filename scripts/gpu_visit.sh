@@ -9,10 +9,13 @@
 #   2. within 30 s of the first call's return:
 #      run(command='v=$(bash .gpu-kit/transfer2/stage2.sh) && eval "$v" && bash scripts/gpu_visit.sh',
 #          carry=[".gpu-kit/transfer2"], timeout_s=600)
-#   While the machine stays warm, a rerun needs no transfer:
-#      run(command='test -d /tmp/site/vllm || exit 3; . ../shared/gpu-kit/env.sh 2>/dev/null ||
-#          export PYTHONPATH=/tmp/site VLLM_USE_DEEP_GEMM=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-#          NVSHMEM_DISABLE_NVLS=1; bash scripts/gpu_visit.sh', timeout_s=600)
+#   While the machine stays warm, a rerun needs no transfer (env.sh's line, as stage2.sh prints it):
+#      run(command='test -d /tmp/site/vllm || exit 3; export PYTHONPATH=/tmp/site VLLM_USE_DEEP_GEMM=0
+#          NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1;
+#          bash scripts/gpu_visit.sh', timeout_s=600)
+#   LAYERS=N (default 8) and WORK (default /tmp/qwen3-vl-visit) may be set in front of the script.
+#   The files come back from $OUT: gpu_visit.txt (everything printed), service.log, media_server.log,
+#   launcher.log, config.env, model_config.json.
 #
 # LAYERS=8 (default): about 22 GB of checkpoint (8 x 2.4 GB of FP8 experts + 2.5 GB of BF16
 # embeddings and lm_head), generated on the GPU in well under a minute; load, compile and CUDA

@@ -140,6 +140,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-prompts", type=int, default=4, help="requests of the image TTFT run")
     p.add_argument("--image-size", type=int, default=1024)
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth per device, GB/s")
+    p.add_argument(
+        "--no-warmup", dest="warmup", action="store_false", help="measure without an unmeasured wave first"
+    )
     return p.parse_args(argv)
 
 
@@ -158,12 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for c in levels:
         n = max(4, c * args.prompts_per_slot)
-        r = vllm_bench(
-            python, base, cfg.served_model_name, str(cfg.model_path),
-            ["--dataset-name", "random", "--random-input-len", str(args.input_len),
-             "--random-output-len", str(args.output_len), "--num-prompts", str(n),
-             "--max-concurrency", str(c)],
-        )  # fmt: skip
+
+        def run(prompts: int, c: int = c) -> dict:
+            return vllm_bench(
+                python, base, cfg.served_model_name, str(cfg.model_path),
+                ["--dataset-name", "random", "--random-input-len", str(args.input_len),
+                 "--random-output-len", str(args.output_len), "--num-prompts", str(prompts),
+                 "--max-concurrency", str(c)],
+            )  # fmt: skip
+
+        # One unmeasured wave first: Triton JIT-compiles kernels (fused_moe, top-k/top-p) the
+        # first time a batch shape appears, a seconds-long spike that an H200 run showed as
+        # 184 tok/s at concurrency 8 against 389 at 1 (vLLM's jit_monitor warned of it).
+        if args.warmup:
+            run(c)
+        r = run(n)
         scale = active_bytes(model_cfg, REAL_LAYERS, c) / active_bytes(model_cfg, layers, c)
         tpot94 = r["mean_tpot_ms"] * scale
         floor_ms = active_bytes(model_cfg, REAL_LAYERS, c) / (bw * tp) * 1000 if bw else None
@@ -172,14 +184,20 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     size = args.image_size
-    img = vllm_bench(
-        python, base, cfg.served_model_name, str(cfg.model_path),
-        ["--dataset-name", "random-mm", "--random-input-len", "16", "--random-output-len", "4",
-         "--num-prompts", str(args.image_prompts), "--max-concurrency", "1",
-         "--random-mm-base-items-per-request", "1", "--random-mm-num-mm-items-range-ratio", "0",
-         "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
-         "--random-mm-bucket-config", f"{{({size}, {size}, 1): 1.0}}"],
-    )  # fmt: skip
+
+    def image_run(prompts: int) -> dict:
+        return vllm_bench(
+            python, base, cfg.served_model_name, str(cfg.model_path),
+            ["--dataset-name", "random-mm", "--random-input-len", "16", "--random-output-len", "4",
+             "--num-prompts", str(prompts), "--max-concurrency", "1",
+             "--random-mm-base-items-per-request", "1", "--random-mm-num-mm-items-range-ratio", "0",
+             "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
+             "--random-mm-bucket-config", f"{{({size}, {size}, 1): 1.0}}"],
+        )  # fmt: skip
+
+    if args.warmup:
+        image_run(1)  # the vision encoder's kernels, compiled on first use
+    img = image_run(args.image_prompts)
     ttft94 = img["mean_ttft_ms"] * active_params(model_cfg, REAL_LAYERS) / active_params(model_cfg, layers)
 
     print(f"\nbench_gpu: {cfg.model_path.name}, {layers} of {REAL_LAYERS} layers, TP {tp}, {base}")

@@ -311,8 +311,10 @@ class Supervisor:
             f"(MAX_RESTARTS={self.policy.max_restarts}); last cause: {cause}"
         )
         self.echo(f"giving up: {why}")
-        for u in self.units:
-            u.cleanup()
+        unit.cleanup()
+        for u in reversed(self.units):
+            if u is not unit:
+                u.stop()  # as on a stop request: a shared media server stays
         self.record.update(state="gave up", gave_up=why, last_cause=f"{unit.name}: {cause}")
         print(f"error: the supervisor gave up: {why}", file=sys.stderr, flush=True)
         return EXIT_FAILED

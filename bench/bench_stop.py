@@ -141,16 +141,21 @@ def bare(s: Setup, busy: int, *, abort: bool) -> float:
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(tree, timeout=120)
+        proc.wait(120)  # reap the API server: a zombie holds nothing
+        # Timed: the API server, the EngineCore and the workers; a helper that outlives them
+        # (multiprocessing's resource tracker) is named after 5 s, not waited for.
+        core = [p for p in tree[1:] if " ".join(p.cmdline()).startswith("VLLM::")]
+        _, alive = psutil.wait_procs(core, timeout=max(0.0, 120 - (time.monotonic() - t0)))
         took = time.monotonic() - t0
-        if alive:
-            raise SystemExit(f"bare vLLM left {alive} after 120 s")
+        _, alive = psutil.wait_procs([p for p in tree[1:] if p not in core], timeout=5)
+        left = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        note = f", left running after {took:.0f} s: {[p.pid for p in left]}" if left else ""
         name = "bare-abort (no --shutdown-timeout)" if abort else "bare (same argv, SIGTERM)"
-        print(f"  {name:<32}{took:6.2f} s{_finish(threads, codes, busy)}", flush=True)
+        print(f"  {name:<32}{took:6.2f} s{_finish(threads, codes, busy)}{note}", flush=True)
         return took
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole session: what the tree left behind too
         proc.wait()
         log.close()
 

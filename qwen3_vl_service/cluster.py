@@ -225,12 +225,8 @@ def replica_config(cfg: ServiceConfig, replica: Replica, lay: Layout) -> Service
         return cfg
     if lay.mode == "data-parallel":
         return cfg.replace(port=replica.port or cfg.port)
-    return cfg.replace(
-        port=replica.port,
-        run_dir=cfg.run_dir / replica.name,
-        log_dir=cfg.log_dir / replica.name,
-        replicas=1,
-    )
+    # Its own folders RUN_DIR/replica-<i>, LOG_DIR/replica-<i> by its service name (scope.paths).
+    return cfg.replace(port=replica.port, service_name=replica.name, replicas=1)
 
 
 def replica_env(replica: Replica) -> dict[str, str]:

@@ -137,6 +137,19 @@ def _served_name(raw: str) -> str:
     return value
 
 
+def _service_name(raw: str) -> str:
+    # "" stands for auto: scope.service_name() derives port-<PORT>.
+    value = raw.strip()
+    if value.lower() in ("", "auto"):
+        return ""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value) or value.startswith("media-"):
+        raise ValueError(
+            "allowed: auto, or a folder name of letters, digits and . _ - "
+            "(at most 64, not starting with media-)"
+        )
+    return value
+
+
 def _repo_id(raw: str) -> str:
     value = raw.strip()
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value):
@@ -299,6 +312,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MODEL_REPO", _repo_id, "Qwen/Qwen3-VL-235B-A22B-Thinking-FP8"),
     Setting("MODEL_REVISION", _nonempty, "main"),
     Setting("SERVED_MODEL_NAME", _served_name, "qwen3-vl-fp8"),
+    Setting("SERVICE_NAME", _service_name, "auto"),
     Setting("DEVICE", _choice("gpu", "cpu"), "gpu"),
     Setting("HOST", _host, "127.0.0.1"),
     Setting("PORT", _int(1, 65535), "8010"),
@@ -360,6 +374,7 @@ class ServiceConfig:
     model_repo: str
     model_revision: str
     served_model_name: str
+    service_name: str  # "": auto (port-<PORT>, see scope.py)
     device: str
     host: str
     port: int
@@ -424,7 +439,7 @@ class ServiceConfig:
             return "true" if value else "false"
         if isinstance(value, tuple):
             return ",".join(value) if key != "EXTRA_VLLM_ARGS" else shlex.join(value)
-        if key in ("GPUS", "MEDIA_WORKERS") and not value:  # "" and None: auto
+        if key in ("GPUS", "MEDIA_WORKERS", "SERVICE_NAME") and not value:  # "" and None: auto
             return "auto"
         if key == "REPLICAS" and not value:
             return "per-node"

@@ -23,12 +23,24 @@ from pathlib import Path
 
 import psutil
 
-from . import cli, cluster, logtee, preflight, readiness, replicas, runstate, stop, vllm_args, vllm_versions
+from . import (
+    cli,
+    cluster,
+    logtee,
+    preflight,
+    readiness,
+    replicas,
+    runstate,
+    scope,
+    stop,
+    vllm_args,
+    vllm_versions,
+)
 from .config import SETTINGS, ServiceConfig, load
 from .errors import CheckFailed, UsageError
 from .hosts import local_url
 from .interconnect import report as interconnect
-from .media import LOG_FILE_NAME, PID_FILE_NAME, client
+from .media import client
 from .vllm_args import RUN_DIR_ENV, TAG_ENV, VllmCommand
 
 SERVICE_LOG = "service.log"
@@ -108,10 +120,13 @@ def _spawn_detached_logtee(cfg: ServiceConfig) -> subprocess.Popen:
     start_service.py --detach`) must see EOF when the launcher exits.
     Untagged, like the foreground tee: stop_service.py lets it drain, then exit at EOF.
     """
-    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    scope.paths(cfg).log_dir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in (TAG_ENV, RUN_DIR_ENV)}
     argv = logtee.command(
-        cfg.log_dir / SERVICE_LOG, max_bytes=cfg.log_max_mb * 1024 * 1024, backups=cfg.log_backups, quiet=True
+        scope.paths(cfg).service_log,
+        max_bytes=cfg.log_max_mb * 1024 * 1024,
+        backups=cfg.log_backups,
+        quiet=True,
     )
     return subprocess.Popen(
         argv,
@@ -136,9 +151,10 @@ def _state(cfg: ServiceConfig, *, pid: int, tag: str, private_tmp: str, detached
         served_model_name=cfg.served_model_name,
         started_at=runstate.now_iso(),
         config_path=str(cfg.config_path) if cfg.config_path else "",
-        log_file=str(cfg.log_dir / SERVICE_LOG),
+        log_file=str(scope.paths(cfg).service_log),
         private_tmp=private_tmp,
         detached=detached,
+        media_server=cfg.media_server,
     )
 
 
@@ -153,8 +169,8 @@ def _ensure_media(cfg: ServiceConfig, say: Callable[[str], None]) -> None:
         cfg.media_port,
         cfg.media_root,
         cfg.media_allowed_types,
-        cfg.log_dir / LOG_FILE_NAME,
-        cfg.run_dir / PID_FILE_NAME,
+        scope.paths(cfg).media_log,
+        scope.paths(cfg).media_pid_file,
         python=sys.executable,
         workers=cfg.media_workers,
         log_max_mb=cfg.log_max_mb,
@@ -176,6 +192,7 @@ class Launch:
     private_tmp: str
     cmd: VllmCommand
     env: dict[str, str]  # the whole environment vLLM gets
+    plan: Plan | None = None  # its decisions (MAX_NUM_SEQS=auto, YaRN) go to the supervisor too
 
     def display(self) -> str:
         return self.cmd.display(self.env)
@@ -202,12 +219,12 @@ def prepare_launch(
             cfg, expert_parallel=expert_parallel, tag=tag, private_tmp=private_tmp, extra_env=extra_env
         )
     env = vllm_args.with_inherited(cmd.env, os.environ if environ is None else environ)
-    return Launch(tag=tag, private_tmp=private_tmp, cmd=cmd, env=env)
+    return Launch(tag=tag, private_tmp=private_tmp, cmd=cmd, env=env, plan=plan)
 
 
 def _start(cfg: ServiceConfig, report_text: str, launch: Launch, args: argparse.Namespace) -> int:
     _ensure_media(cfg, print)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    scope.paths(cfg).run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.restart == "on-failure":
         return _start_supervised(cfg, report_text, launch, args)
     runstate.make_private_tmp(launch.tag)
@@ -218,21 +235,23 @@ def _start(cfg: ServiceConfig, report_text: str, launch: Launch, args: argparse.
     # reach vLLM directly. From here on our stdout and stderr go through a tee
     # process into service.log (rotated by size) and on to the terminal.
     tag, private_tmp, argv = launch.tag, launch.private_tmp, launch.cmd.argv
-    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    scope.paths(cfg).log_dir.mkdir(parents=True, exist_ok=True)
     logtee.start_tee(
-        cfg.log_dir / SERVICE_LOG, max_bytes=cfg.log_max_mb * 1024 * 1024, backups=cfg.log_backups
+        scope.paths(cfg).service_log, max_bytes=cfg.log_max_mb * 1024 * 1024, backups=cfg.log_backups
     )
     print(report_text, flush=True)
     print(
-        f"[launcher] exec vLLM (pid {os.getpid()}, tag {tag}); log: {cfg.log_dir / SERVICE_LOG}", flush=True
+        f"[launcher] exec vLLM (pid {os.getpid()}, tag {tag}); log: {scope.paths(cfg).service_log}",
+        flush=True,
     )
     runstate.write(
-        cfg.run_dir, _state(cfg, pid=os.getpid(), tag=tag, private_tmp=private_tmp, detached=False)
+        scope.paths(cfg).run_dir,
+        _state(cfg, pid=os.getpid(), tag=tag, private_tmp=private_tmp, detached=False),
     )
     try:
         os.execve(argv[0], list(argv), launch.env)
     except OSError as exc:
-        runstate.clear(cfg.run_dir, tag)
+        runstate.clear(scope.paths(cfg).run_dir, tag)
         shutil.rmtree(private_tmp, ignore_errors=True)
         raise CheckFailed(
             f"cannot execute {argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
@@ -249,17 +268,18 @@ def _start_supervised(cfg: ServiceConfig, report_text: str, launch: Launch, args
     """
     argv = [sys.executable, "-m", "qwen3_vl_service.supervisor"]
     argv += ["--expert-parallel", "on" if "--enable-expert-parallel" in launch.cmd.argv else "off"]
+    argv += ["--plan", vllm_args.plan_decisions(launch.plan)]
     if cfg.config_path:
         argv += ["--config", str(cfg.config_path)]
-    env = {**os.environ, TAG_ENV: launch.tag, RUN_DIR_ENV: str(cfg.run_dir)}
+    env = {**os.environ, TAG_ENV: launch.tag, RUN_DIR_ENV: str(scope.paths(cfg).run_dir)}
     # `python -m` from wherever the user started us.
     pkg_parent = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
     if args.detach:
         return _start_detached(cfg, launch, report_text, args, supervisor=([*argv, "--detached"], env))
-    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    scope.paths(cfg).log_dir.mkdir(parents=True, exist_ok=True)
     logtee.start_tee(
-        cfg.log_dir / SERVICE_LOG, max_bytes=cfg.log_max_mb * 1024 * 1024, backups=cfg.log_backups
+        scope.paths(cfg).service_log, max_bytes=cfg.log_max_mb * 1024 * 1024, backups=cfg.log_backups
     )
     print(report_text, flush=True)
     print(
@@ -279,7 +299,7 @@ def _start_detached(
     """vLLM in the background, or with SUPERVISOR (argv, env) the supervisor that runs it."""
     tag, private_tmp, cmd = launch.tag, launch.private_tmp, launch.cmd
     argv, env = supervisor or (list(cmd.argv), launch.env)
-    log_offset = readiness.log_size(cfg.log_dir / SERVICE_LOG)
+    log_offset = readiness.log_size(scope.paths(cfg).service_log)
     tee = _spawn_detached_logtee(cfg)
     assert tee.stdin is not None
     tee.stdin.write((report_text + "\n").encode())
@@ -303,11 +323,12 @@ def _start_detached(
     tee.stdin.close()
     if supervisor is None:
         runstate.write(
-            cfg.run_dir, _state(cfg, pid=proc.pid, tag=tag, private_tmp=private_tmp, detached=True)
+            scope.paths(cfg).run_dir,
+            _state(cfg, pid=proc.pid, tag=tag, private_tmp=private_tmp, detached=True),
         )
     url = local_url(cfg.host, cfg.port)
     what = "the supervisor, which runs vLLM," if supervisor else "vLLM"
-    print(f"started {what} in the background: pid {proc.pid}, log {cfg.log_dir / SERVICE_LOG}")
+    print(f"started {what} in the background: pid {proc.pid}, log {scope.paths(cfg).service_log}")
     timeout = args.timeout or cfg.startup_timeout
     tty = sys.stdout.isatty()
     last = [""]
@@ -323,7 +344,7 @@ def _start_detached(
         readiness.wait_healthy(
             f"{url}/health",
             is_alive=lambda: proc.poll() is None,
-            log_file=cfg.log_dir / SERVICE_LOG,
+            log_file=scope.paths(cfg).service_log,
             timeout=timeout,
             on_progress=progress,
             log_offset=log_offset,
@@ -336,7 +357,7 @@ def _start_detached(
         # The same path as stop_service.py: the tree, stragglers that ignore SIGTERM,
         # the tee, the IPC socket folder and the state file. The media server stays (shared).
         stop.stop_service(
-            cfg.run_dir,
+            scope.paths(cfg).run_dir,
             host=cfg.host,
             port=cfg.port,
             timeout=cfg.shutdown_timeout + 5,
@@ -346,7 +367,7 @@ def _start_detached(
     if tty:
         print()
     print(f"ready: {url}/v1 (model {cfg.served_model_name}); health {url}/health")
-    print(f"logs: tail -f {cfg.log_dir / SERVICE_LOG}")
+    print(f"logs: tail -f {scope.paths(cfg).service_log}")
     config = f" --config {shlex.quote(_short(cfg.config_path))}" if cfg.config_path else ""
     print(f"stop: {shlex.quote(_short(sys.executable))} stop_service.py{config}")
     return 0
@@ -370,10 +391,10 @@ def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
             f"--timeout {args.timeout} must be positive", fix="give seconds, e.g. --timeout 1800"
         )
     cfg = load(args.config)
-    log_holder[0] = cfg.log_dir / LAUNCHER_LOG
+    log_holder[0] = scope.paths(cfg).launcher_log
 
     if not args.dry_run:
-        runstate.check_not_running(cfg.run_dir)
+        runstate.check_not_running(scope.paths(cfg).run_dir)
 
     report, probe_env = _preflight(cfg, args)
     if not args.dry_run:

@@ -23,13 +23,12 @@ from typing import Any
 from . import gpus as gpus_mod
 from . import model as model_mod
 from . import plan as plan_mod
-from . import processes
+from . import processes, scope
 from . import slurm as slurm_mod
 from .config import ServiceConfig
 from .errors import CheckFailed
 from .findings import Finding, Level
 from .gpus import Inventory
-from .media import PID_FILE_NAME as MEDIA_PID_FILE
 from .media import client as media_client
 from .model import ModelInfo
 from .plan import Plan
@@ -317,7 +316,7 @@ def _looks_like_media(cmdline: str) -> bool:
 
 def _media_ours(cfg: ServiceConfig, holders: list[processes.PortHolder]) -> tuple[bool | None, str]:
     """(True: ours and fit for reuse / False: ours but not usable / None: not ours, detail)."""
-    recorded = processes.read_pid_file(cfg.run_dir / MEDIA_PID_FILE)
+    recorded = processes.read_pid_file(scope.paths(cfg).media_pid_file)
     if media_client.is_ours_healthy(cfg.media_host, cfg.media_port, 1.0):
         if not media_client.is_ours_healthy(cfg.media_host, cfg.media_port, 1.0, root=cfg.media_root):
             return False, f"it serves another folder than MEDIA_ROOT={cfg.media_root}"

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cluster
+from . import cluster, scope
 from .cluster import Layout, Replica
 from .config import ServiceConfig
 from .errors import CheckFailed
@@ -57,12 +57,12 @@ def _spawn(cfg: ServiceConfig, lay: Layout, replica: Replica, expert_parallel: b
     from . import launcher, runstate, vllm_args
 
     rcfg = cluster.replica_config(cfg, replica, lay)
-    runstate.check_not_running(rcfg.run_dir)
+    runstate.check_not_running(scope.paths(rcfg).run_dir)
     tag = runstate.new_tag()
     private_tmp = runstate.make_private_tmp(tag)
     cmd = node_command(cfg, lay, replica, expert_parallel=expert_parallel, tag=tag, private_tmp=private_tmp)
     env = vllm_args.with_inherited(cmd.env, os.environ)
-    rcfg.run_dir.mkdir(parents=True, exist_ok=True)
+    scope.paths(rcfg).run_dir.mkdir(parents=True, exist_ok=True)
     tee = launcher._spawn_detached_logtee(rcfg)
     assert tee.stdin is not None
     where = f"{_where(replica)}, port {replica.port}"
@@ -85,7 +85,8 @@ def _spawn(cfg: ServiceConfig, lay: Layout, replica: Replica, expert_parallel: b
         ) from None
     tee.stdin.close()
     runstate.write(
-        rcfg.run_dir, launcher._state(rcfg, pid=proc.pid, tag=tag, private_tmp=private_tmp, detached=True)
+        scope.paths(rcfg).run_dir,
+        launcher._state(rcfg, pid=proc.pid, tag=tag, private_tmp=private_tmp, detached=True),
     )
     return Started(replica, rcfg, proc)
 
@@ -118,14 +119,14 @@ def start_node(
             s = started[-1]
             say(
                 f"{replica.name}: vLLM pid {s.proc.pid} on port {replica.port}, {_where(replica)}; "
-                f"log {s.cfg.log_dir / SERVICE_LOG}"
+                f"log {scope.paths(s.cfg).service_log}"
             )
         for s in started:
             host = "127.0.0.1" if s.cfg.host in ("0.0.0.0", "::", "") else s.cfg.host
             readiness.wait_healthy(
                 f"http://{host}:{s.replica.port}/health",
                 is_alive=lambda p=s.proc: p.poll() is None,
-                log_file=s.cfg.log_dir / SERVICE_LOG,
+                log_file=scope.paths(s.cfg).service_log,
                 timeout=cfg.startup_timeout,
                 on_progress=lambda _t: None,
                 poll=0.25,
@@ -273,8 +274,8 @@ def status(cfg: ServiceConfig, *, sample: float, http_timeout: float) -> dict:
     from . import status as status_mod
 
     out: dict = {"replicas": []}
-    for name, run_dir, port in scopes(cfg):
-        scoped = cfg.replace(run_dir=run_dir, port=port, log_dir=cfg.log_dir / name, media_server=False)
+    for name, _run_dir, port in scopes(cfg):
+        scoped = cfg.replace(service_name=name, port=port, media_server=False)  # RUN_DIR/<name> (scope.paths)
         if name == cluster.ROUTER_NAME:
             info = status_mod.collect(scoped, sample=0, http_timeout=http_timeout).to_dict()
             info.pop("metrics", None)  # vLLM's metric names: the router has its own (ROUTER_PORT + 1)

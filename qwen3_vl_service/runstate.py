@@ -58,6 +58,8 @@ class RunState:
     # and a pid means nothing on another node.
     node: str = ""
     slurm_job_id: str = ""
+    # Whether this service uses the media server on media_host:media_port (scope.media_users).
+    media_server: bool = True
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -67,8 +69,15 @@ class RunState:
         """Build from parsed JSON; raises ValueError/TypeError/KeyError when malformed."""
         if not isinstance(data, dict):
             raise TypeError("state is not a JSON object")
-        kinds = {"pid": int, "port": int, "media_port": int, "create_time": float, "detached": bool}
-        optional = {"node": "", "slurm_job_id": ""}
+        kinds = {
+            "pid": int,
+            "port": int,
+            "media_port": int,
+            "create_time": float,
+            "detached": bool,
+            "media_server": bool,
+        }
+        optional = {"node": "", "slurm_job_id": "", "media_server": True}
         values = {}
         for f in fields(cls):
             value = data.get(f.name, optional[f.name]) if f.name in optional else data[f.name]

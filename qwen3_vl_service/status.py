@@ -26,7 +26,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import config as config_mod
-from . import processes, runstate, supervisor
+from . import processes, runstate, scope, supervisor
 from .cli import ArgumentParser, run
 from .config import ServiceConfig
 from .errors import EXIT_FAILED, EXIT_OK
@@ -164,6 +164,7 @@ class Status:
 
     running: bool
     healthy: bool
+    service: str  # the service's name (scope.py): SERVICE_NAME, or port-<PORT>
     run_dir: str
     state_file: str
     urls: Urls
@@ -196,6 +197,7 @@ class Status:
         out: dict[str, Any] = {
             "running": self.running,
             "healthy": self.healthy,
+            "service": self.service,
             "run_dir": self.run_dir,
             "state_file": self.state_file,
             "urls": asdict(self.urls),
@@ -243,7 +245,8 @@ class _Target:
 
 def collect(cfg: ServiceConfig, *, sample: float = 1.0, http_timeout: float = 3.0) -> Status:
     """Everything status shows, as a Status."""
-    current = runstate.assess(cfg.run_dir)
+    where = scope.paths(cfg)
+    current = runstate.assess(where.run_dir)
     state, proc = current.state, current.process
     live = state if proc is not None else None
     target = _target(cfg, live)
@@ -254,12 +257,13 @@ def collect(cfg: ServiceConfig, *, sample: float = 1.0, http_timeout: float = 3.
     status = Status(
         running=proc is not None,
         healthy=False,
-        run_dir=str(cfg.run_dir),
-        state_file=str(runstate.state_path(cfg.run_dir)),
+        service=where.name,
+        run_dir=str(where.run_dir),
+        state_file=str(where.state_file),
         urls=_urls(cfg, target),
         model=live.model if live else str(cfg.model_path),
         served_model_name=live.served_model_name if live else cfg.served_model_name,
-        log_file=live.log_file if live else str(Path(cfg.log_dir) / "service.log"),
+        log_file=live.log_file if live else str(where.service_log),
         processes=len(ours) + len(leftovers),
         gpus=gpus,
         gpu_note=gpu_note,
@@ -275,7 +279,7 @@ def collect(cfg: ServiceConfig, *, sample: float = 1.0, http_timeout: float = 3.
         media_answering=(
             _port_open(connect_host(target.media_host), target.media_port) if cfg.media_server else None
         ),
-        supervisor=supervisor.status(cfg.run_dir),
+        supervisor=supervisor.status(where.run_dir),
     )
     if live is not None:
         status = replace(
@@ -471,7 +475,7 @@ def _render_head(status: Status) -> list[str]:
             f"  run status_service.py on {e.node}: this node cannot see its processes",
         ]
     if not status.running:
-        lines = ["Qwen3-VL service: not running"]
+        lines = [f"Qwen3-VL service {status.service}: not running"]
         if status.stale_state:
             lines.append(f"  state        stale ({status.stale_state}); the next start replaces it")
         if status.leftovers:
@@ -482,7 +486,7 @@ def _render_head(status: Status) -> list[str]:
     verdict = "healthy" if status.healthy else "NOT healthy"
     up = format_duration(status.uptime_s or 0.0)
     return [
-        f"Qwen3-VL service: running, {verdict}",
+        f"Qwen3-VL service {status.service}: running, {verdict}",
         f"  pid          {status.pid} (up {up}, since {status.started_at}, {status.processes} processes)",
     ]
 

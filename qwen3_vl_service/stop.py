@@ -36,7 +36,7 @@ from pathlib import Path
 import psutil
 
 from . import config as config_mod
-from . import drain, processes, runstate, supervisor
+from . import drain, processes, runstate, scope, supervisor
 from .cli import ArgumentParser, run
 from .errors import EXIT_FAILED, EXIT_OK
 from .units import format_duration
@@ -123,6 +123,7 @@ class _Run:
     grace: float
     echo: Callable[[str], None]
     media_pids: set[int]
+    media_dir: Path
     tmpdirs: set[str] = field(default_factory=set)
     load_url: str = ""  # vLLM's /load (drain.py)
     supervisor: psutil.Process | None = None
@@ -138,13 +139,16 @@ def stop_service(
     port: int,
     timeout: float,
     include_media: bool = False,
+    media_dir: str | os.PathLike[str] | None = None,
     grace: float = ORPHAN_GRACE_S,
     echo: Callable[[str], None] = print,
 ) -> StopReport:
     """Stop the service of RUN_DIR (see the module doc); the launcher calls it after a failed --detach start.
 
-    HOST and PORT are used for the port check when no state file names them.
-    ECHO gets a line before each step that may take time.
+    RUN_DIR is the service's own folder (scope.paths(cfg).run_dir); MEDIA_DIR
+    holds the media server's pid file (scope.paths(cfg).media_dir; default
+    RUN_DIR). HOST and PORT are used for the port check when no state file
+    names them. ECHO gets a line before each step that may take time.
     """
     start = time.monotonic()
     current = runstate.assess(run_dir)
@@ -159,9 +163,19 @@ def stop_service(
     sup = supervisor.request_stop(run_dir)
     if sup is not None:
         echo(f"stopping the supervisor (pid {sup.pid}): no restart from now on")
-    media = processes.media_server(run_dir)
+    media_dir = Path(media_dir if media_dir is not None else run_dir)
+    media = processes.media_server(media_dir)
     media_pids = {media.pid, *(c.pid for c in _children(media))} if media else set()
-    run = _Run(current, report, grace, echo, media_pids, load_url=drain.load_url(host, port), supervisor=sup)
+    run = _Run(
+        current,
+        report,
+        grace,
+        echo,
+        media_pids,
+        media_dir,
+        load_url=drain.load_url(host, port),
+        supervisor=sup,
+    )
     if state is not None and state.private_tmp:
         run.tmpdirs.add(state.private_tmp)
 
@@ -224,7 +238,7 @@ def _stop_media(run: _Run, media: psutil.Process | None) -> None:
         return
     run.echo(f"stopping the media server (pid {media.pid})")
     run.report.media = processes.terminate([media, *_children(media)], run.grace, kill_timeout=run.grace)
-    _remove_stale_media_pidfile(run.current.run_dir, media.pid)
+    _remove_stale_media_pidfile(run.media_dir, media.pid)
 
 
 def _remove_run_files(run: _Run) -> None:
@@ -379,15 +393,24 @@ def main(argv: list[str] | None = None) -> int:
             for line in render(part, include_media=False):
                 stream = sys.stderr if line.startswith(("error:", "warning:")) else sys.stdout
                 print(f"  {line}", file=stream, flush=True)
+        where = scope.paths(cfg)
+        # The media server is shared by every service of this RUN_DIR on the same MEDIA_PORT:
+        # --all leaves it up while another of them still runs.
+        users = scope.media_users(cfg) if args.all else []
         report = stop_service(
-            cfg.run_dir,
+            where.run_dir,
             host=cfg.host,
             port=cfg.port,
             timeout=timeout,
-            include_media=args.all,
+            include_media=args.all and not users,
+            media_dir=where.media_dir,
             grace=grace,
             echo=lambda line: print(line, flush=True),
         )
+        if users:
+            names = ", ".join(f"{name} (port {state.port}, pid {state.pid})" for name, state in users)
+            report.media_note = f"the media server stays: still used by {names}"
+        print(f"service {where.name} ({where.run_dir})", flush=True)
         for line in render(report, include_media=args.all):
             if group and line.startswith("nothing to stop"):
                 continue  # the replicas were the service
@@ -407,7 +430,7 @@ def _log_path(argv: list[str], name: str) -> Path | None:
                 cfg_path = argv[i + 1]
             elif a.startswith("--config="):
                 cfg_path = a.split("=", 1)[1]
-        return config_mod.load(cfg_path).log_dir / name
+        return scope.paths(config_mod.load(cfg_path)).log(name)
     except Exception:  # noqa: BLE001 - the real error is reported by the command itself
         return None
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from . import hosts, processes, readiness, runstate, vllm_args
+from . import hosts, processes, readiness, runstate, scope, vllm_args
 from .config import ServiceConfig
 from .errors import ServiceError
 from .supervisor import HEALTH_EVERY_S, HEALTH_TIMEOUT_S, Finished
@@ -96,8 +96,11 @@ class VllmUnit:
         detached: bool,
         echo: Callable[[str], None],
         log_file: Path,
+        plan_decisions: str = "{}",
     ) -> None:
         self.cfg, self.tag, self.expert_parallel, self.detached = cfg, tag, expert_parallel, detached
+        # The launcher's MAX_NUM_SEQS=auto and YaRN decisions: every restart runs its command.
+        self.plan = vllm_args.plan_from_decisions(cfg, plan_decisions)
         self.echo, self.log_file = echo, log_file
         self.proc: subprocess.Popen | None = None
         self.start_error: str | None = None
@@ -122,7 +125,11 @@ class VllmUnit:
             runstate.remove_private_tmp(private_tmp)
             runstate.make_private_tmp(self.tag)
             cmd = vllm_args.build(
-                self.cfg, expert_parallel=self.expert_parallel, tag=self.tag, private_tmp=private_tmp
+                self.cfg,
+                expert_parallel=self.expert_parallel,
+                tag=self.tag,
+                private_tmp=private_tmp,
+                plan=self.plan,
             )
             env = vllm_args.with_inherited(cmd.env, os.environ)
             # Its own process group, as a detached start always had: stop's group fallback finds
@@ -133,7 +140,7 @@ class VllmUnit:
             state = _state(
                 self.cfg, pid=self.proc.pid, tag=self.tag, private_tmp=private_tmp, detached=self.detached
             )
-            runstate.write(self.cfg.run_dir, state)
+            runstate.write(scope.paths(self.cfg).run_dir, state)
         except (OSError, ServiceError) as exc:
             self.start_error = f"cannot start vLLM: {exc}"
             return
@@ -203,7 +210,7 @@ class VllmUnit:
         from . import stop
 
         report = stop.stop_service(
-            self.cfg.run_dir,
+            scope.paths(self.cfg).run_dir,
             host=self.cfg.host,
             port=self.cfg.port,
             timeout=timeout,
@@ -245,7 +252,7 @@ class MediaUnit:
         except ServiceError as exc:
             self.start_error = f"cannot start the media server: {exc.one_line()}"
             return
-        self.proc = processes.media_server(self.cfg.run_dir)
+        self.proc = processes.media_server(scope.paths(self.cfg).media_dir)
         if self.proc is None:
             self.start_error = "the media server started but its pid file names no media server"
 
@@ -256,11 +263,11 @@ class MediaUnit:
             return f"the media server (pid {self.proc.pid if self.proc else '?'}) is gone"
         if not self.health.due(now):
             return None
-        from .media import PID_FILE_NAME, client
+        from .media import client
 
         cfg = self.cfg
         ok = client.is_ours_healthy(
-            cfg.media_host, cfg.media_port, HEALTH_TIMEOUT_S, pid_file=cfg.run_dir / PID_FILE_NAME
+            cfg.media_host, cfg.media_port, HEALTH_TIMEOUT_S, pid_file=scope.paths(cfg).media_pid_file
         )
         error = None if ok else "no answer from our media server"
         failing = self.health.failed_for(now, error)

@@ -341,7 +341,7 @@ def _echo(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import cli
+    from . import cli, scope
     from .config import load
     from .errors import UsageError
     from .vllm_args import RUN_DIR_ENV, TAG_ENV
@@ -356,12 +356,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_config()
         parser.add_argument("--expert-parallel", choices=("on", "off"), required=True)
         parser.add_argument("--detached", action="store_true", help="started by start_service.py --detach")
+        parser.add_argument(
+            "--plan", default="{}", help="the launcher's plan decisions (vllm_args.plan_decisions)"
+        )
         args = parser.parse_args(argv)
         tag = os.environ.get(TAG_ENV, "")
         if not tag:
             raise UsageError(f"{TAG_ENV} is not set", fix="start the service with start_service.py")
         cfg = load(args.config)
-        log_holder[0] = cfg.log_dir / "launcher.log"
+        log_holder[0] = scope.paths(cfg).launcher_log
         # The tag stays in /proc/<pid>/environ (what stop_service.py reads, set at exec) but
         # leaves os.environ: the media server we may start is not a process of this run.
         os.environ.pop(TAG_ENV, None)
@@ -369,16 +372,17 @@ def main(argv: list[str] | None = None) -> int:
         from .supervised import MediaUnit, VllmUnit
 
         policy = Policy.of(cfg)
-        record = Record(record_path(cfg.run_dir), tag=tag, policy=policy, restart=cfg.restart)
+        record = Record(record_path(scope.paths(cfg).run_dir), tag=tag, policy=policy, restart=cfg.restart)
         units: list[Unit] = [MediaUnit(cfg, echo=_echo)] if cfg.media_server else []
         units.append(
             VllmUnit(
                 cfg,
                 tag=tag,
                 expert_parallel=args.expert_parallel == "on",
+                plan_decisions=args.plan,
                 detached=args.detached,
                 echo=_echo,
-                log_file=cfg.log_dir / "service.log",
+                log_file=scope.paths(cfg).service_log,
             )
         )
         return Supervisor(units, policy, record, echo=_echo).run()

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from . import scope
 from .config import ServiceConfig, mask
 from .hosts import WILDCARDS
 
@@ -195,7 +196,8 @@ def build(
         env["VLLM_API_KEY"] = cfg.api_key  # never in argv: visible to every user in `ps`
     if tag:
         env[TAG_ENV] = tag
-        env[RUN_DIR_ENV] = str(cfg.run_dir)
+        # The service's own run folder: stop_service.py of another service never matches it.
+        env[RUN_DIR_ENV] = str(scope.paths(cfg).run_dir)
     if private_tmp:
         # vLLM's ZMQ IPC sockets (one file per channel, left behind even after a clean
         # shutdown) go to a private folder that stop_service.py removes whole. Only the
@@ -203,6 +205,35 @@ def build(
         # caches there (precompiled headers: about 6 s per start on the CPU build).
         env["VLLM_RPC_BASE_PATH"] = private_tmp
     return VllmCommand(argv=tuple(argv), env=env)
+
+
+def plan_decisions(plan: Plan | None) -> str:
+    """What build() takes from a plan, as JSON: the supervisor rebuilds the same command from it."""
+    if plan is None:
+        return "{}"
+    return json.dumps(
+        {
+            "max_num_seqs": plan.max_num_seqs,
+            "hf_overrides": plan.hf_overrides,
+            "allow_long_max_model_len": plan.allow_long_max_model_len,
+        }
+    )
+
+
+def plan_from_decisions(cfg: ServiceConfig, text: str) -> Plan | None:
+    """The inverse of plan_decisions (enough of a Plan for build())."""
+    from .plan import Plan
+
+    data = json.loads(text or "{}")
+    if not data:
+        return None
+    return Plan(
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        expert_parallel=False,
+        max_num_seqs=int(data.get("max_num_seqs") or 0),
+        hf_overrides=data.get("hf_overrides"),
+        allow_long_max_model_len=bool(data.get("allow_long_max_model_len")),
+    )
 
 
 def _no_proxy(cfg: ServiceConfig) -> str:

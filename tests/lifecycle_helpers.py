@@ -26,7 +26,20 @@ REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "tests" / "standin_server.py"
 PY = sys.executable
 # Settings a developer may have exported that would override the test config.
-_CONFIG_KEYS = ("RUN_DIR", "LOG_DIR", "PORT", "HOST", "MEDIA_PORT", "MEDIA_HOST", "MEDIA_SERVER", "API_KEY")
+_CONFIG_KEYS = (
+    "RUN_DIR",
+    "LOG_DIR",
+    "PORT",
+    "HOST",
+    "MEDIA_PORT",
+    "MEDIA_HOST",
+    "MEDIA_SERVER",
+    "API_KEY",
+    "SERVICE_NAME",
+    "PROFILE",
+)
+# The service name write_config gives (its folders: run/<name>/, logs/<name>/; scope.py).
+SERVICE = "svc"
 
 
 def free_port() -> int:
@@ -47,6 +60,7 @@ def write_config(tmp: Path, *, port: int, media_port: int | None = None, **setti
     lines = {
         "RUN_DIR": str(tmp / "run"),
         "LOG_DIR": str(tmp / "logs"),
+        "SERVICE_NAME": SERVICE,
         "MODEL_PATH": str(tmp / "model"),
         "HOST": "127.0.0.1",
         "PORT": str(port),
@@ -88,7 +102,13 @@ def make_state(
 
 
 def run_dir_of(tmp: Path) -> Path:
-    return (tmp / "run").resolve()
+    """The run folder of write_config(TMP)'s service (scope.paths)."""
+    return (tmp / "run" / SERVICE).resolve()
+
+
+def media_dir_of(tmp: Path, media_port: int) -> Path:
+    """Where write_config(TMP)'s media server keeps its pid file (scope.paths)."""
+    return (tmp / "run" / f"media-{media_port}").resolve()
 
 
 def gone(pid: int) -> bool:

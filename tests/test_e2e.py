@@ -87,8 +87,12 @@ class Service:
         while self.media_port == self.port:
             self.media_port = free_port()
         self.media_root = root / "media"
-        self.run_dir = root / "run"
-        self.log_dir = root / "logs"
+        self.run_root = root / "run"
+        self.log_root = root / "logs"
+        # The service's own folders (scope.py: SERVICE_NAME auto is port-<PORT>).
+        self.run_dir = self.run_root / f"port-{self.port}"
+        self.log_dir = self.log_root / f"port-{self.port}"
+        self.media_pid_file = self.run_root / f"media-{self.media_port}" / "media_server.pid"
         self.model = root / "model"
         self.env = {
             **os.environ,
@@ -96,8 +100,8 @@ class Service:
             "MEDIA_PORT": str(self.media_port),
             "MEDIA_ROOT": str(self.media_root),
             "MODEL_PATH": str(self.model),
-            "RUN_DIR": str(self.run_dir),
-            "LOG_DIR": str(self.log_dir),
+            "RUN_DIR": str(self.run_root),
+            "LOG_DIR": str(self.log_root),
             "PYTHONUNBUFFERED": "1",
             # vLLM alone (the foreground start execs it); the supervisor has tests/test_faults.py.
             "RESTART": "no",
@@ -444,7 +448,7 @@ def test_kill_9_of_the_api_server_then_stop_leaves_nothing(svc):
 
 
 def test_stop_all_stops_the_media_server_and_frees_both_ports(svc):
-    media_pid = int((svc.run_dir / "media_server.pid").read_text().split()[0])
+    media_pid = int(svc.media_pid_file.read_text().split()[0])
     assert alive(media_pid)
     proc = svc.script("stop_service.py", "--all")
     assert proc.returncode == 0, proc.stdout + proc.stderr

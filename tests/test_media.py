@@ -686,9 +686,11 @@ def test_stop_service_all_stops_the_supervisor_and_its_workers(tmp_path: Path) -
     }
     cfg = tmp_path / "config.env"
     cfg.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
-    pid_file = run_dir / PID_FILE_NAME
+    # Where the launcher keeps this config's media server (scope.paths).
+    pid_file = run_dir / f"media-{media_port}" / PID_FILE_NAME
+    media_log = log_dir / f"media-{media_port}" / "media_server.log"
     pid, started = client.ensure_running(
-        "127.0.0.1", media_port, root, ("png",), log_dir / "media_server.log", pid_file, workers=2
+        "127.0.0.1", media_port, root, ("png",), media_log, pid_file, workers=2
     )
     try:
         assert started and read_pid_file(pid_file) == pid
@@ -708,7 +710,7 @@ def test_stop_service_all_stops_the_supervisor_and_its_workers(tmp_path: Path) -
             assert f"pid {p} " in result.stdout
             assert _gone(p, 1)
         assert not pid_file.exists()
-        assert "stopped" in (log_dir / "media_server.log").read_text()
+        assert "stopped" in media_log.read_text()
     finally:
         _stop_pid(pid)
 
@@ -772,12 +774,14 @@ def test_settings_from_config_file(tmp_path: Path) -> None:
     )
     proc, port, _ = start_server_from_config(tmp_path)
     try:
-        srv = Server(proc, port, tmp_path / "m", tmp_path / "lg" / "media_server.log", tmp_path / "rn")
+        # The config's files for this port (scope.paths: one media server per port; --port 0 here).
+        log = tmp_path / "lg" / "media-0" / "media_server.log"
+        srv = Server(proc, port, tmp_path / "m", log, tmp_path / "rn")
         info = json.loads(srv.get("/health")[2])
         assert info["root"] == str((tmp_path / "m").resolve()) and info["allowed_types"] == ["webp"]
         assert srv.get("/a.webp")[0] == 200 and srv.get("/b.jpg")[0] == 404
-        assert read_pid_file(tmp_path / "rn" / "media_server.pid") == proc.pid
-        assert (tmp_path / "lg" / "media_server.log").exists()
+        assert read_pid_file(tmp_path / "rn" / "media-0" / "media_server.pid") == proc.pid
+        assert log.exists()
     finally:
         _stop_pid(proc.pid)
         proc.communicate(timeout=10)

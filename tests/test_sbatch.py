@@ -25,6 +25,7 @@ from lifecycle_helpers import (
     free_port,
     gone,
     kill_pids,
+    run_dir_of,
     wait_until,
     write_config,
 )
@@ -39,20 +40,21 @@ FAKE_LAUNCHER = textwrap.dedent(
     # Does what start_service.py does after its checks: state, then exec "vLLM".
     import os, sys
     import psutil
-    from qwen3_vl_service import config, runstate
+    from qwen3_vl_service import config, runstate, scope
     from qwen3_vl_service.processes import TITLE_ENV
     from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV
 
     cfg = config.load(sys.argv[sys.argv.index("--config") + 1])
-    runstate.check_not_running(cfg.run_dir)
+    run_dir = scope.paths(cfg).run_dir
+    runstate.check_not_running(run_dir)
     tag = runstate.new_tag()
     me = psutil.Process()
-    runstate.write(cfg.run_dir, runstate.RunState(
+    runstate.write(run_dir, runstate.RunState(
         pid=me.pid, create_time=me.create_time(), tag=tag, host=cfg.host, port=cfg.port,
         media_host=cfg.media_host, media_port=cfg.media_port, model=str(cfg.model_path),
         served_model_name=cfg.served_model_name, started_at=runstate.now_iso(),
         config_path=str(cfg.config_path), log_file="", private_tmp="", detached=False))
-    env = dict(os.environ, **TITLE_ENV, **{TAG_ENV: tag, RUN_DIR_ENV: str(cfg.run_dir)})
+    env = dict(os.environ, **TITLE_ENV, **{TAG_ENV: tag, RUN_DIR_ENV: str(run_dir)})
     argv = [sys.executable, STANDIN, "--port", str(cfg.port), "--pids-file", PIDS]
     os.execve(sys.executable, argv, env)
     """
@@ -101,7 +103,7 @@ def test_term_stops_the_service(tmp_path: Path, who: str) -> None:
         import json
 
         pids = json.loads(pids_file.read_text())
-        assert runstate.read(tmp_path / "run").slurm_job_id == "4242"
+        assert runstate.read(run_dir_of(tmp_path)).slurm_job_id == "4242"
 
         if who == "batch shell":
             job.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 does
@@ -114,14 +116,14 @@ def test_term_stops_the_service(tmp_path: Path, who: str) -> None:
         for pid in [pids["api"], pids["engine"], *pids["workers"]]:
             assert wait_until(lambda pid=pid: gone(pid), 5), text
         assert processes.port_holder("127.0.0.1", port) is None
-        assert not runstate.exists(tmp_path / "run")
+        assert not runstate.exists(run_dir_of(tmp_path))
         assert text.count("stopping the service") == 1  # the EXIT trap did not stop it twice
     finally:
         kill_pids(
             [job.pid, *[p for p in (pids.get("api"), pids.get("engine"), *pids.get("workers", [])) if p]]
         )
         job.wait(5)
-        for p in processes.find_ours(tmp_path / "run"):
+        for p in processes.find_ours(run_dir_of(tmp_path)):
             kill_pids([p.pid])
 
 

@@ -61,7 +61,7 @@ def test_sbatch_serves_and_the_time_limit_signal_stops_everything(cluster, tmp_p
     tiny_model.generate(tmp_path / "model")
     sample_media.write_samples(tmp_path / "media")
     port, media_port = free_port(), free_port()
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "run" / f"port-{port}"  # the service's own folder (scope.py)
     out = tmp_path / "job.out"
     env = {
         **cluster.env,
@@ -71,7 +71,7 @@ def test_sbatch_serves_and_the_time_limit_signal_stops_everything(cluster, tmp_p
         "MEDIA_PORT": str(media_port),
         "MODEL_PATH": str(tmp_path / "model"),
         "MEDIA_ROOT": str(tmp_path / "media"),
-        "RUN_DIR": str(run_dir),
+        "RUN_DIR": str(run_dir.parent),
         "LOG_DIR": str(tmp_path / "logs"),
     }
     try:

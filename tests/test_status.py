@@ -17,6 +17,7 @@ from qwen3_vl_service import runstate, status
 BASE_KEYS = {
     "running",
     "healthy",
+    "service",
     "run_dir",
     "state_file",
     "urls",

@@ -19,6 +19,7 @@ from lifecycle_helpers import (
     has_setproctitle,
     kill_pids,
     make_state,
+    media_dir_of,
     run_dir_of,
     run_tool,
     start_decoy,
@@ -165,8 +166,9 @@ def test_stop_wiped_environ_by_group(tmp_path: Path, cleanup) -> None:
 
 
 def test_stop_all_stops_media_server_only_when_asked(tmp_path: Path, cleanup) -> None:
-    cfg = write_config(tmp_path, port=free_port())
-    run_dir = run_dir_of(tmp_path)
+    media_port = free_port()
+    cfg = write_config(tmp_path, port=free_port(), media_port=media_port)
+    run_dir = media_dir_of(tmp_path, media_port)
     run_dir.mkdir(parents=True)
     code = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(120)"
     media = subprocess.Popen([PY, "-c", code, "-m", "qwen3_vl_service.media"], env=clean_env())
@@ -185,8 +187,9 @@ def test_stop_all_stops_media_server_only_when_asked(tmp_path: Path, cleanup) ->
 
 
 def test_stop_all_refuses_pid_file_of_another_program(tmp_path: Path, cleanup) -> None:
-    cfg = write_config(tmp_path, port=free_port())
-    run_dir = run_dir_of(tmp_path)
+    media_port = free_port()
+    cfg = write_config(tmp_path, port=free_port(), media_port=media_port)
+    run_dir = media_dir_of(tmp_path, media_port)
     run_dir.mkdir(parents=True)
     other = subprocess.Popen([PY, "-c", "import time; time.sleep(120)"], env=clean_env())
     cleanup.append(other)

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import config
+from .. import config, scope
 from ..cli import ArgumentParser, run
 from ..errors import CheckFailed, ConfigError, UsageError
 from ..fileio import write_atomic
@@ -207,10 +207,10 @@ def _parser() -> ArgumentParser:
     p.add_argument("--port", type=int, help="port (MEDIA_PORT, default 8080; 0 picks a free one)")
     p.add_argument("--root", help="folder to serve (MEDIA_ROOT)")
     p.add_argument("--allowed-types", metavar="EXTS", help="e.g. jpg,png,mp4 (MEDIA_ALLOWED_TYPES)")
-    p.add_argument("--log-file", help=f"log file (default LOG_DIR/{LOG_FILE_NAME})")
+    p.add_argument("--log-file", help=f"log file (default LOG_DIR/media-PORT/{LOG_FILE_NAME})")
     p.add_argument("--log-max-mb", metavar="MB", help="rotate the log at this size (LOG_MAX_MB)")
     p.add_argument("--log-backups", metavar="N", help="rotated logs to keep (LOG_BACKUPS)")
-    p.add_argument("--pid-file", help=f"pid file (default RUN_DIR/{PID_FILE_NAME})")
+    p.add_argument("--pid-file", help=f"pid file (default RUN_DIR/media-PORT/{PID_FILE_NAME})")
     p.add_argument(
         "--workers",
         metavar="N",
@@ -243,13 +243,16 @@ def settings_from_args(argv: Sequence[str] | None) -> tuple[MediaSettings, bool]
         return given[key] if key in given else from_config(key.lower())
 
     workers = value("MEDIA_WORKERS")
+    port = args.port if args.port is not None else cfg.media_port
+    # The same files as the launcher's media server: one server per MEDIA_PORT (scope.paths).
+    own = scope.paths(cfg.replace(media_port=port)) if cfg is not None else None
     settings = MediaSettings(
         host=value("MEDIA_HOST"),
-        port=args.port if args.port is not None else from_config("media_port"),
+        port=port,
         root=check_root(value("MEDIA_ROOT"), "--root/MEDIA_ROOT"),
         allowed_types=value("MEDIA_ALLOWED_TYPES"),
-        log_file=Path(args.log_file or from_config("log_dir") / LOG_FILE_NAME).resolve(),
-        pid_file=Path(args.pid_file or from_config("run_dir") / PID_FILE_NAME).resolve(),
+        log_file=Path(args.log_file or own.media_log).resolve(),
+        pid_file=Path(args.pid_file or own.media_pid_file).resolve(),
         workers=auto_workers() if workers is None else workers,
         log_max_bytes=value("LOG_MAX_MB") * 1024 * 1024,
         log_backups=value("LOG_BACKUPS"),

@@ -1,0 +1,117 @@
+"""Which files belong to which service: a config -> its run-state folder and its logs.
+
+Several services can run from one checkout on one node (the FP8 model on
+8010 beside the BF16 one on 7001, each with its own config file). Each gets
+its own folders under the RUN_DIR and LOG_DIR that all of them share, named
+after the service: ``SERVICE_NAME``, or ``port-<PORT>`` when it is left at
+auto (two services on one node never share a port), so a second config that
+differs only in model and ports needs no new folders::
+
+    RUN_DIR/port-8010/service.json        the run state (runstate.py)
+    LOG_DIR/port-8010/service.log         vLLM's output; launcher.log, stop.log, status.log
+    RUN_DIR/media-8080/media_server.pid   the media server, one per MEDIA_PORT,
+    LOG_DIR/media-8080/media_server.log   shared by the services that name that port
+
+Every process of a service carries its own run folder in its environment
+(vllm_args.RUN_DIR_ENV), so stopping one never touches another's.
+``media_users`` names the running services that use a media server, so that
+``stop_service.py --all`` of one leaves it up while another still needs it.
+
+Pure path arithmetic, apart from ``services`` and ``media_users``, which read
+state files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .media import LOG_FILE_NAME as MEDIA_LOG
+from .media import PID_FILE_NAME as MEDIA_PID_FILE
+
+if TYPE_CHECKING:
+    from .config import ServiceConfig
+    from .runstate import RunState
+
+SERVICE_LOG = "service.log"
+LAUNCHER_LOG = "launcher.log"
+MEDIA_PREFIX = "media-"
+
+
+@dataclass(frozen=True)
+class ServicePaths:
+    name: str
+    run_dir: Path  # the service's run state and nothing else
+    log_dir: Path  # the service's logs
+    service_log: Path
+    launcher_log: Path
+    media_dir: Path  # the media server's pid file (shared by every service on that MEDIA_PORT)
+    media_pid_file: Path
+    media_log: Path
+
+    @property
+    def state_file(self) -> Path:
+        from .runstate import state_path
+
+        return state_path(self.run_dir)
+
+    def log(self, name: str) -> Path:
+        """Another log of this service (stop.log, status.log, ...)."""
+        return self.log_dir / name
+
+
+def service_name(cfg: ServiceConfig) -> str:
+    """SERVICE_NAME, or port-<PORT> (one port, one service on a node)."""
+    return cfg.service_name or f"port-{cfg.port}"
+
+
+def paths(cfg: ServiceConfig) -> ServicePaths:
+    """Every file of the service that CFG describes (see the module doc)."""
+    name = service_name(cfg)
+    run_dir = cfg.run_dir / name
+    log_dir = cfg.log_dir / name
+    media = f"{MEDIA_PREFIX}{cfg.media_port}"
+    return ServicePaths(
+        name=name,
+        run_dir=run_dir,
+        log_dir=log_dir,
+        service_log=log_dir / SERVICE_LOG,
+        launcher_log=log_dir / LAUNCHER_LOG,
+        media_dir=cfg.run_dir / media,
+        media_pid_file=cfg.run_dir / media / MEDIA_PID_FILE,
+        media_log=cfg.log_dir / media / MEDIA_LOG,
+    )
+
+
+def services(run_root: Path) -> list[tuple[str, Path]]:
+    """(name, run folder) of every service that has a state file under RUN_ROOT (the shared RUN_DIR)."""
+    from .runstate import STATE_FILE
+
+    try:
+        entries = sorted(run_root.iterdir())
+    except OSError:
+        return []
+    return [(d.name, d) for d in entries if d.is_dir() and (d / STATE_FILE).is_file()]
+
+
+def media_users(cfg: ServiceConfig) -> list[tuple[str, RunState]]:
+    """The other running services under the same RUN_DIR that use CFG's media server (same host and port)."""
+    from . import runstate
+
+    own = paths(cfg).run_dir
+    users: list[tuple[str, RunState]] = []
+    for name, run_dir in services(cfg.run_dir):
+        if run_dir == own:
+            continue
+        state = runstate.read(run_dir)
+        if state is None or not state.media_server:
+            continue
+        if (state.media_host, state.media_port) != (cfg.media_host, cfg.media_port):
+            continue
+        if runstate.live_process(state) is not None:
+            users.append((name, state))
+    return users
+
+
+__all__ = ["ServicePaths", "media_users", "paths", "service_name", "services"]

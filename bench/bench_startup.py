@@ -77,7 +77,12 @@ def main() -> int:
         # vLLM's IPC sockets in this run's folder, as the launcher has them (else they
         # pile up in /tmp: vLLM leaves them behind at shutdown).
         (root / "ipc").mkdir()
-        cmd = vllm_args.build(cfg, expert_parallel=False, private_tmp=str(root / "ipc"))
+        from qwen3_vl_service import model as model_mod
+        from qwen3_vl_service import plan as plan_mod
+
+        # The plan fills in MAX_NUM_SEQS=auto exactly as the launcher's does.
+        plan = plan_mod.make(cfg, None, model_mod.inspect(cfg.model_path))
+        cmd = vllm_args.build(cfg, expert_parallel=False, private_tmp=str(root / "ipc"), plan=plan)
         bare_env = vllm_args.with_inherited(cmd.env, os.environ)
         demo = ["--config", str(REPO / "config.demo.env")]
         times: dict[str, list[float]] = {"bare vLLM": [], "start_service.py --detach": []}

@@ -137,6 +137,38 @@ def _served_name(raw: str) -> str:
     return value
 
 
+def _max_num_seqs(raw: str) -> int:
+    # 0 stands for auto: the capacity plan's full-length sequences (plan.resolve_max_num_seqs).
+    value = raw.strip().lower()
+    if value == "auto":
+        return 0
+    return _int(1, 4096)(value)
+
+
+def _profile(raw: str) -> str:
+    from . import profiles
+
+    return profiles.parse(raw)
+
+
+def _rope_factor(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("not a number; allowed: 2 or 3") from None
+    if value == 4:
+        # The model card: Qwen3-VL's interleaved MRoPE position ids grow more slowly than
+        # plain RoPE's, so factor 2 or 3 (not the textbook 4) reaches 1M tokens.
+        raise ValueError(
+            "4 is refused: the model card advises 2 or 3 for Qwen3-VL (its interleaved MRoPE "
+            "positions grow more slowly than plain RoPE; 3 already gives 786,432 positions, "
+            "enough for 1M tokens of text and media)"
+        )
+    if value not in (2, 3):
+        raise ValueError("allowed: 2 or 3 (the model card's YaRN factors on 262,144 positions)")
+    return value
+
+
 def _service_name(raw: str) -> str:
     # "" stands for auto: scope.service_name() derives port-<PORT>.
     value = raw.strip()
@@ -313,6 +345,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MODEL_REVISION", _nonempty, "main"),
     Setting("SERVED_MODEL_NAME", _served_name, "qwen3-vl-fp8"),
     Setting("SERVICE_NAME", _service_name, "auto"),
+    Setting("PROFILE", _profile, "balanced"),
     Setting("DEVICE", _choice("gpu", "cpu"), "gpu"),
     Setting("HOST", _host, "127.0.0.1"),
     Setting("PORT", _int(1, 65535), "8010"),
@@ -321,9 +354,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("EXPERT_PARALLEL", _choice("auto", "on", "off"), "auto"),
     Setting("MAX_MODEL_LEN", _int(128, 10_000_000), "32768"),
     Setting("GPU_MEMORY_UTIL", _float(0.0, 1.0, lo_open=True), "0.90"),
-    Setting("MAX_NUM_SEQS", _int(1, 4096), "24"),
+    Setting("MAX_NUM_SEQS", _max_num_seqs, "auto"),
     Setting("DTYPE", _choice("auto", "bfloat16", "float16", "float32"), "auto"),
     Setting("KV_CACHE_DTYPE", _choice("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"), "auto"),
+    Setting("ROPE_SCALING", _choice("none", "yarn"), "none"),
+    Setting("ROPE_FACTOR", _rope_factor, "2"),
     Setting("TEMPERATURE", _float(0.0, 2.0), "0.7"),
     Setting("TOP_P", _float(0.0, 1.0, lo_open=True), "0.95"),
     Setting("TOP_K", _int(1, None, extra=(-1,)), "20"),
@@ -375,6 +410,7 @@ class ServiceConfig:
     model_revision: str
     served_model_name: str
     service_name: str  # "": auto (port-<PORT>, see scope.py)
+    profile: str
     device: str
     host: str
     port: int
@@ -383,9 +419,11 @@ class ServiceConfig:
     expert_parallel: str
     max_model_len: int
     gpu_memory_util: float
-    max_num_seqs: int
+    max_num_seqs: int  # 0: auto (the capacity plan decides)
     dtype: str
     kv_cache_dtype: str
+    rope_scaling: str
+    rope_factor: float
     temperature: float
     top_p: float
     top_k: int
@@ -443,6 +481,10 @@ class ServiceConfig:
             return "auto"
         if key == "REPLICAS" and not value:
             return "per-node"
+        if key == "MAX_NUM_SEQS" and not value:
+            return "auto"
+        if key == "ROPE_FACTOR":
+            return f"{value:g}"
         if key == "REASONING_PARSER" and not value:
             return "none"
         return str(value)
@@ -540,6 +582,15 @@ def load(config_path: str | Path | None = None, environ: Mapping[str, str] | Non
     for key in SETTINGS_BY_KEY:
         if key in env:
             raw[key], sources[key] = env[key], "environment"
+    # A profile fills in what neither the file nor the environment set (profiles.py).
+    from . import profiles
+
+    if "PROFILE" in raw:
+        profile = parse_value("PROFILE", raw["PROFILE"], source=sources["PROFILE"])
+    else:
+        profile = raw["PROFILE"] = profiles.DEFAULT_PROFILE
+        sources["PROFILE"] = "default"
+    profiles.apply(profile, raw, sources)
     for setting in SETTINGS:
         if setting.key not in raw:
             raw[setting.key], sources[setting.key] = setting.default, "default"

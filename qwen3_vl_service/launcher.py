@@ -41,6 +41,7 @@ from .errors import CheckFailed, UsageError
 from .hosts import local_url
 from .interconnect import report as interconnect
 from .media import client
+from .plan import Plan
 from .vllm_args import RUN_DIR_ENV, TAG_ENV, VllmCommand
 
 SERVICE_LOG = "service.log"
@@ -205,6 +206,7 @@ def prepare_launch(
     environ: Mapping[str, str] | None = None,
     build: Callable[[str, str], VllmCommand] | None = None,
     extra_env: Mapping[str, str] | None = None,
+    plan: Plan | None = None,
 ) -> Launch:
     """BUILD(tag, private_tmp): another command than the single service's (a data-parallel rank).
     EXTRA_ENV: what the probe of the installed vLLM found it needs (vllm_versions.assess)."""
@@ -215,8 +217,14 @@ def prepare_launch(
     if build is not None:
         cmd = build(tag, private_tmp)
     else:
+        # PLAN: MAX_NUM_SEQS=auto and YaRN's --hf-overrides (vllm_args.build).
         cmd = vllm_args.build(
-            cfg, expert_parallel=expert_parallel, tag=tag, private_tmp=private_tmp, extra_env=extra_env
+            cfg,
+            expert_parallel=expert_parallel,
+            tag=tag,
+            private_tmp=private_tmp,
+            extra_env=extra_env,
+            plan=plan,
         )
     env = vllm_args.with_inherited(cmd.env, os.environ if environ is None else environ)
     return Launch(tag=tag, private_tmp=private_tmp, cmd=cmd, env=env, plan=plan)
@@ -403,7 +411,9 @@ def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
     lay, node_rank = _layout(cfg, args, report)
     if lay.grouped:
         return _grouped(cfg, lay, node_rank, report, args)
-    launch = prepare_launch(cfg, expert_parallel=report.expert_parallel, extra_env=probe_env)
+    launch = prepare_launch(
+        cfg, expert_parallel=report.expert_parallel, extra_env=probe_env, plan=report.plan
+    )
     parts = []
     if not args.quiet:
         parts.append(render_settings(cfg))

@@ -70,6 +70,9 @@ class ModelInfo:
     vocab_size: int | None = None
     max_position_embeddings: int | None = None
     rope_scaling_factor: float = 1.0
+    # Multimodal RoPE of the text model (rope_scaling / rope_parameters), kept in a YaRN override.
+    mrope_section: tuple[int, ...] | None = None
+    mrope_interleaved: bool = False
     dtype: str = ""  # the checkpoint's dtype for unquantized parts ("bfloat16")
     vision: Mapping[str, Any] = field(default_factory=dict)
     # quantization_config
@@ -344,6 +347,12 @@ def _config_facts(config: dict[str, Any], facts: dict[str, Any], issues: list[Fi
         head_dim = facts["hidden_size"] // facts["num_attention_heads"]
     facts["head_dim"] = head_dim
     facts["rope_scaling_factor"] = _rope_factor(text)
+    rope = text.get("rope_scaling") or text.get("rope_parameters")
+    if isinstance(rope, Mapping):
+        section = rope.get("mrope_section")
+        if isinstance(section, list) and section and all(_pos_int(x) for x in section):
+            facts["mrope_section"] = tuple(section)
+        facts["mrope_interleaved"] = rope.get("mrope_interleaved") is True
     dtype = text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype")
     facts["dtype"] = str(dtype or "")
 

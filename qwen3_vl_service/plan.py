@@ -64,6 +64,9 @@ VLLM_FP8_BLOCK_ERROR = (
     "weight quantization block_n = {block}."
 )
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
+# MAX_NUM_SEQS=auto never asks for more than vLLM's own default for the device (vllm/engine/
+# arg_utils.py, _get_default_max_num_seqs: 1024 for the API server on H100/H200-class GPUs, 128 on CPU).
+AUTO_MAX_NUM_SEQS = {"gpu": 1024, "cpu": 128}
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,11 @@ class Plan:
     rank_map: tuple[RankSlot, ...] = ()
     host_memory_bytes: int | None = None
     expected_load_s: float | None = None
+    # YaRN (ROPE_SCALING=yarn, yarn.py): vLLM's --hf-overrides, the positions it covers, and whether
+    # vLLM must be told that MAX_MODEL_LEN may pass the config's length (VLLM_ALLOW_LONG_MAX_MODEL_LEN).
+    hf_overrides: dict | None = None
+    rope_positions: int | None = None
+    allow_long_max_model_len: bool = False
 
     @property
     def reserve_bytes(self) -> int:
@@ -248,7 +256,12 @@ def make(cfg: ServiceConfig, inventory: Inventory | None, model: ModelInfo) -> P
         _gpu_count(cfg, inventory, model, out)
     if model.config_ok:
         _parallel(cfg, model, plan)
-        _max_len(cfg, model, out)
+        if cfg.rope_scaling == "yarn":
+            from .yarn import plan_yarn
+
+            plan_yarn(cfg, model, plan)
+        else:
+            _max_len(cfg, model, out)
     else:
         out.append(
             Finding(
@@ -270,6 +283,7 @@ def make(cfg: ServiceConfig, inventory: Inventory | None, model: ModelInfo) -> P
         # The load-time and host-memory figures below are the GPU service's
         # (CUDA graphs, one CUDA worker per GPU); the CPU backend has neither,
         # and the SLURM checks that use them would refuse the demo for nothing.
+        _cpu_capacity(cfg, model, plan)
         return plan
     if weights:
         plan.expected_load_s = weights / LOAD_RATE + LOAD_FIXED_S
@@ -634,6 +648,8 @@ def _capacity(cfg: ServiceConfig, inventory: Inventory, model: ModelInfo, plan: 
     plan.kv_bytes_per_gpu = smallest.kv_bytes
     plan.kv_tokens = smallest.kv_tokens
     plan.max_concurrency = plan.kv_tokens // cfg.max_model_len
+    if not cfg.max_num_seqs:
+        plan.max_num_seqs = resolve_max_num_seqs(plan.max_concurrency, cfg.device)
     if smallest.kv_bytes <= 0:
         plan.findings.append(_does_not_fit(cfg, model, smallest))
     elif plan.kv_tokens < cfg.max_model_len:
@@ -725,6 +741,9 @@ def _one_sequence_does_not_fit(
     more = _more_gpus(model, cfg.tensor_parallel_size)
     if more and (inventory.count >= more or inventory.source.startswith("spec")):
         fixes.append(f"use {more} GPUs")
+    bigger = _bigger_gpu(need_one, weights + reserve, cfg.gpu_memory_util, smallest.total_bytes)
+    if bigger:
+        fixes.append(f"use {cfg.tensor_parallel_size} x {bigger}")
     return Finding(
         "error",
         "Capacity",
@@ -743,6 +762,8 @@ def _concurrency(cfg: ServiceConfig, plan: Plan, smallest: RankSlot) -> Finding:
         f"KV cache {_gib(smallest.kv_bytes)} GiB per GPU = {smallest.kv_tokens:,} tokens: "
         f"{concurrency} sequences of MAX_MODEL_LEN={cfg.max_model_len:,} at once"
     )
+    if not cfg.max_num_seqs:
+        return Finding("ok", "Capacity", f"{summary} (MAX_NUM_SEQS=auto: {plan.max_num_seqs})")
     if concurrency >= cfg.max_num_seqs:
         return Finding("ok", "Capacity", f"{summary} (MAX_NUM_SEQS={cfg.max_num_seqs})")
     return Finding(
@@ -755,4 +776,74 @@ def _concurrency(cfg: ServiceConfig, plan: Plan, smallest: RankSlot) -> Finding:
     )
 
 
-__all__ = ["Finding", "Level", "Plan", "RankSlot", "make", "vision_params"]
+def resolve_max_num_seqs(full_length: int, device: str) -> int:
+    """MAX_NUM_SEQS=auto: the full-length sequences that fit, at least 1, at most vLLM's default."""
+    return max(1, min(full_length, AUTO_MAX_NUM_SEQS.get(device, AUTO_MAX_NUM_SEQS["gpu"])))
+
+
+# Larger GPUs to name in a capacity fix: (name, bytes as NVML reports them; gpus.py's table).
+_BIGGER = (("H200-141GB", 143_771 * MiB), ("B200-180GB", 183_359 * MiB))
+
+
+def _bigger_gpu(need_kv: int, fixed: int, util: float, total: int) -> str:
+    """The first larger GPU on which one sequence fits (same weights and reserve per GPU), or ""."""
+    for name, size in _BIGGER:
+        if size > total and math.floor(size * util) - fixed >= need_kv:
+            return name
+    return ""
+
+
+def _cpu_capacity(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> None:
+    """DEVICE=cpu: the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (vLLM's CPU backend), not a GPU's share."""
+    space = cfg.vllm_env.get("VLLM_CPU_KVCACHE_SPACE", "")
+    try:
+        gib = float(space)
+    except ValueError:
+        gib = 0.0
+    _, kv_bytes = _kv_dtype(cfg, model)
+    per_token = (model.num_hidden_layers or 0) * (model.num_key_value_heads or 1) * (model.head_dim or 0)
+    per_token *= 2 * kv_bytes
+    if gib <= 0 or not per_token:
+        if not cfg.max_num_seqs:
+            plan.findings.append(
+                Finding(
+                    "warn",
+                    "Capacity",
+                    "MAX_NUM_SEQS=auto on the CPU backend without VLLM_CPU_KVCACHE_SPACE: "
+                    "vLLM's default applies",
+                    "set VLLM_CPU_KVCACHE_SPACE (GiB) in the config file",
+                )
+            )
+        return
+    tokens = int(gib * GiB) // per_token // KV_BLOCK * KV_BLOCK
+    full = tokens // cfg.max_model_len
+    if full < 1:
+        plan.findings.append(
+            Finding(
+                "error",
+                "Capacity",
+                f"VLLM_CPU_KVCACHE_SPACE={space} GiB holds {tokens:,} tokens, less than one sequence of "
+                f"MAX_MODEL_LEN={cfg.max_model_len:,}",
+                f"raise VLLM_CPU_KVCACHE_SPACE or lower MAX_MODEL_LEN to {tokens} or less",
+            )
+        )
+        return
+    plan.max_concurrency = full
+    if not cfg.max_num_seqs:
+        plan.max_num_seqs = resolve_max_num_seqs(full, "cpu")
+    plan.findings.append(
+        Finding(
+            "ok",
+            "Capacity",
+            f"CPU KV cache VLLM_CPU_KVCACHE_SPACE={space} GiB = {tokens:,} tokens: {full} sequences of "
+            f"MAX_MODEL_LEN={cfg.max_model_len:,} at once (MAX_NUM_SEQS="
+            + (
+                f"auto: {plan.max_num_seqs}, vLLM's CPU default caps it)"
+                if not cfg.max_num_seqs
+                else f"{cfg.max_num_seqs})"
+            ),
+        )
+    )
+
+
+__all__ = ["Finding", "Level", "Plan", "RankSlot", "make", "resolve_max_num_seqs", "vision_params"]

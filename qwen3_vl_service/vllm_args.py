@@ -20,10 +20,14 @@ import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import scope
 from .config import ServiceConfig, mask
 from .hosts import WILDCARDS
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # Environment variable that every process of the service inherits, so that
@@ -94,13 +98,18 @@ def build(
     python: str | None = None,
     private_tmp: str = "",
     extra_env: Mapping[str, str] | None = None,
+    plan: Plan | None = None,
 ) -> VllmCommand:
     """The argv and environment for vLLM's OpenAI-compatible server.
 
     extra_env: what the probe of the installed vLLM found it needs
     (vllm_versions.assess), below the user's own VLLM_* settings.
+    PLAN (the capacity plan) supplies what the settings leave to it: the number
+    for MAX_NUM_SEQS=auto (without a plan, or when it could not tell, vLLM's
+    own default applies) and, for ROPE_SCALING=yarn, the --hf-overrides.
     """
     py = python or cfg.vllm_python or sys.executable
+    max_num_seqs = cfg.max_num_seqs or (plan.max_num_seqs if plan is not None else 0)
     argv: list[str] = [
         py,
         "-m",
@@ -117,11 +126,14 @@ def build(
         str(cfg.tensor_parallel_size),
         "--max-model-len",
         str(cfg.max_model_len),
-        "--max-num-seqs",
-        str(cfg.max_num_seqs),
-        "--dtype",
-        cfg.dtype,
     ]
+    if max_num_seqs:
+        argv += ["--max-num-seqs", str(max_num_seqs)]
+    argv += ["--dtype", cfg.dtype]
+    if plan is not None and plan.hf_overrides:
+        # YaRN: --rope-scaling was removed from vLLM (PR #28006); the text config's rope
+        # parameters are overridden instead (plan._yarn says how vLLM applies them).
+        argv += ["--hf-overrides", json.dumps(plan.hf_overrides, separators=(",", ":"))]
     if cfg.device == "gpu":
         argv += ["--gpu-memory-utilization", f"{cfg.gpu_memory_util:g}"]
     if cfg.kv_cache_dtype != "auto":
@@ -186,6 +198,9 @@ def build(
     }
     env.update(extra_env or {})
     env.update(cfg.vllm_env)
+    if plan is not None and plan.allow_long_max_model_len:
+        # vLLM 0.26-0.32 keep the config's length limit under YaRN; the plan checked the real one.
+        env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
     # The default 600 s is too short for 236 GB from a network file system.
     env.setdefault("VLLM_ENGINE_READY_TIMEOUT_S", str(cfg.startup_timeout))
     if cfg.media_server:

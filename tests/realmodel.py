@@ -114,6 +114,7 @@ def build(
     config: dict | None = None,
     missing: tuple[int, ...] = (),
     truncated: tuple[int, ...] = (),
+    text_dtype: str = "F8_E4M3",
 ) -> Path:
     """Write the model directory at ROOT; MISSING / TRUNCATED are 1-based shard numbers to break."""
     root = Path(root)
@@ -140,7 +141,7 @@ def build(
     for i in range(1, shards + 1):
         name = shard_name(i, shards)
         nbytes = per if i < shards else text_bytes - per * (shards - 1)
-        tensors = {f"model.language_model.layers.{i}.mlp.experts.packed": ("F8_E4M3", nbytes)}
+        tensors = {f"model.language_model.layers.{i}.mlp.experts.packed": (text_dtype, nbytes)}
         if i == shards:
             tensors["model.visual.blocks.packed"] = ("BF16", VISION_BYTES)
         weight_map.update(dict.fromkeys(tensors, name))
@@ -154,6 +155,18 @@ def build(
         {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
     )
     return root
+
+
+# Qwen/Qwen3-VL-235B-A22B-Thinking (BF16): the same architecture without quantization_config,
+# about 472 GB (235B parameters x 2 bytes); its shard count is not confirmed here either.
+BF16_TOTAL_SIZE = 472_000_000_000
+BF16_SHARDS = 96
+BF16_CONFIG = {k: v for k, v in REAL_CONFIG.items() if k != "quantization_config"}
+
+
+def build_bf16(root: str | Path) -> Path:
+    """A model directory shaped like the BF16 checkpoint (config.bf16.env's model)."""
+    return build(root, shards=BF16_SHARDS, total_size=BF16_TOTAL_SIZE, config=BF16_CONFIG, text_dtype="BF16")
 
 
 def write_config_env(path: Path, model_dir: Path, **settings: object) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,18 +28,22 @@ def test_shipped_config_env_loads_with_sane_defaults():
     assert cfg.port == 8010 and cfg.media_port == 8080
     assert cfg.tensor_parallel_size == 8
     assert cfg.dtype == "auto", "float16 risks overflow on a bfloat16 model"
-    assert cfg.max_num_seqs > 4
+    assert cfg.max_num_seqs == 0, "auto: the capacity plan decides (the seed's 4 leaves the GPUs idle)"
     assert cfg.served_model_name == "qwen3-vl-fp8"
     assert cfg.model_path == (REPO / "models/Qwen3-VL-235B-A22B-Thinking-FP8").resolve()
-    assert all(src.startswith("file") for src in cfg.sources.values())
+    # Every setting is written in the file, except those the profile gives (commented out there).
+    from qwen3_vl_service import profiles
+
+    for key, src in cfg.sources.items():
+        assert src == ("profile balanced" if key in profiles.PROFILE_KEYS else "file config.env"), key
 
 
 def test_every_setting_is_documented_in_config_env():
     text = (REPO / "config.env").read_text()
     keys = {
-        line.split("=", 1)[0]
+        line.lstrip("#").split("=", 1)[0]
         for line in text.splitlines()
-        if line and not line.startswith("#") and "=" in line
+        if line and "=" in line and re.fullmatch(r"#?[A-Z_]+=\S*", line)
     }
     assert keys == {s.key for s in config.SETTINGS}
 
@@ -48,7 +53,8 @@ def test_environment_overrides_file_and_records_source(tmp_path):
     cfg = config.load(path, environ={"PORT": "9100"})
     assert cfg.port == 9100 and cfg.sources["PORT"] == "environment"
     assert cfg.temperature == 0.3 and cfg.sources["TEMPERATURE"] == "file config.env"
-    assert cfg.sources["TOP_K"] == "default"
+    assert cfg.sources["TOP_K"] == "profile balanced"
+    assert cfg.sources["DTYPE"] == "default"
 
 
 def test_file_is_not_loaded_into_os_environ(tmp_path):

@@ -182,7 +182,7 @@ def expected_numbers(total_gpu: int, tp: int, util: float = 0.90, kv_bytes: int 
 
 def test_capacity_8xh100_defaults(tmp_path):
     c = cfg(tmp_path)
-    assert (c.gpu_memory_util, c.max_model_len, c.max_num_seqs) == (0.90, 32768, 24)
+    assert (c.gpu_memory_util, c.max_model_len, c.max_num_seqs) == (0.90, 32768, 0)  # 0: auto
     p = plan.make(c, parse_spec("8xH100-80GB"), real_info())
     weights, budget, kv, per_token, tokens = expected_numbers(H100, 8)
     assert p.kv_bytes_per_token_per_gpu == per_token == 48_128
@@ -195,8 +195,9 @@ def test_capacity_8xh100_defaults(tmp_path):
     assert f"{weights / GiB:.2f}" == "28.41"
     assert f"{kv / GiB:.2f}" == "38.27"
     assert tokens == 853_792
-    # The default 24 full-length sequences fit.
-    assert levels(p, "Capacity") == ["ok"]
+    # MAX_NUM_SEQS=auto: the 26 full-length sequences that fit.
+    assert levels(p, "Capacity") == ["ok"] and p.max_num_seqs == 26
+    assert "(MAX_NUM_SEQS=auto: 26)" in text(p, "ok")
     # 64 do not: a warning that names the number that does.
     p64 = plan.make(cfg(tmp_path, MAX_NUM_SEQS=64), parse_spec("8xH100-80GB"), real_info())
     assert levels(p64, "Capacity") == ["warn"]
@@ -229,7 +230,10 @@ def test_4xh100_at_262144_fits_once_with_fp8_kv_cache(tmp_path):
     p = plan.make(c, parse_spec("4xH100-80GB"), real_info())
     assert p.kv_dtype_bytes == 1 and p.kv_bytes_per_token_per_gpu == 24_064
     assert "error" not in levels(p)
-    assert p.max_concurrency == 1 and levels(p, "Capacity") == ["warn"]
+    assert p.max_concurrency == 1 and levels(p, "Capacity") == ["ok"] and p.max_num_seqs == 1
+    c2 = cfg(tmp_path, TENSOR_PARALLEL_SIZE=4, MAX_MODEL_LEN=262144, KV_CACHE_DTYPE="fp8", MAX_NUM_SEQS=2)
+    explicit = plan.make(c2, parse_spec("4xH100-80GB"), real_info())
+    assert levels(explicit, "Capacity") == ["warn"] and "MAX_NUM_SEQS=1" in text(explicit, "warn")
 
 
 def test_8xh200_holds_full_length_sequences(tmp_path):

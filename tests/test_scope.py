@@ -7,9 +7,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import realmodel
 from lifecycle_helpers import clean_env, free_port, make_state, run_tool, write_config
 
-from qwen3_vl_service import config, runstate, scope
+from qwen3_vl_service import config, plan, runstate, scope
 from qwen3_vl_service.errors import ConfigError
 from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV, build
 
@@ -118,3 +119,32 @@ def test_stop_all_leaves_the_media_server_while_another_service_uses_it(tmp_path
         if fake.poll() is None:
             fake.kill()
         fake.wait(5)
+
+
+@pytest.mark.unit
+def test_bf16_config_fits_on_8_h100_with_fewer_sequences(tmp_path: Path) -> None:
+    """config.bf16.env's dry-run numbers (README): 472 GB of BF16 weights on 8 x H100 80GB."""
+    from qwen3_vl_service.gpus import parse_spec
+    from qwen3_vl_service.model import inspect
+
+    model = realmodel.build_bf16(tmp_path / "bf16")
+    cfg = config.load(REPO / "config.bf16.env", environ={"MODEL_PATH": str(model)})
+    assert (cfg.port, cfg.served_model_name, cfg.model_repo) == (
+        7001,
+        "qwen3-vl-bf16",
+        "Qwen/Qwen3-VL-235B-A22B-Thinking",
+    )
+    p = plan.make(cfg, parse_spec("8xH100-80GB"), inspect(model))
+    assert not p.expert_parallel, "no FP8 blocks: nothing for expert parallelism to keep whole"
+    assert f"{p.weights_per_gpu_bytes / 1024**3:.2f}" == "55.89"
+    assert f"{p.kv_bytes_per_gpu / 1024**3:.2f}" == "10.80"
+    assert p.kv_tokens == 240_832 and p.max_num_seqs == 7
+    assert [f.level for f in p.findings if f.check == "Capacity"] == ["ok"]
+    # At the FP8 service's GPU_MEMORY_UTIL and length both would not fit one set of GPUs.
+    fp8 = realmodel.build(tmp_path / "fp8")
+    f = plan.make(
+        config.load(REPO / "config.env", environ={"MODEL_PATH": str(fp8)}),
+        parse_spec("8xH100-80GB"),
+        inspect(fp8),
+    )
+    assert p.weights_per_gpu_bytes + f.weights_per_gpu_bytes > p.budget_per_gpu_bytes

@@ -38,7 +38,7 @@ def test_default_command_has_every_flag_the_issue_names(tmp_path):
     assert flag(argv, "--tensor-parallel-size") == "8"
     assert flag(argv, "--max-model-len") == "32768"
     assert flag(argv, "--gpu-memory-utilization") == "0.9"
-    assert flag(argv, "--max-num-seqs") == str(cfg.max_num_seqs)
+    assert "--max-num-seqs" not in argv, "MAX_NUM_SEQS=auto without a plan: vLLM's own default"
     assert flag(argv, "--dtype") == "auto"
     assert json.loads(flag(argv, "--limit-mm-per-prompt")) == {"image": 4, "video": 1}
     assert flag(argv, "--allowed-local-media-path") == str(cfg.media_root)

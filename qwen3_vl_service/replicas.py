@@ -369,14 +369,16 @@ def findings(cfg: ServiceConfig, lay: Layout, report, node_rank: int, *, probe_p
     plan = report.plan if report is not None else None
     if plan is not None and plan.has_capacity:
         per = plan.max_concurrency or 0
+        seqs = plan.max_num_seqs or cfg.max_num_seqs  # MAX_NUM_SEQS=auto: the plan's number
+        shown = f"auto: {seqs}" if not cfg.max_num_seqs else str(seqs)
         out.append(
             Finding(
                 "ok",
                 "Capacity",
                 f"per {'replica' if lay.mode == 'router' else 'rank'}: {plan.kv_tokens:,} KV tokens, {per} "
-                f"full-length sequences, MAX_NUM_SEQS={cfg.max_num_seqs}; in total ({lay.total}): "
+                f"full-length sequences, MAX_NUM_SEQS={shown}; in total ({lay.total}): "
                 f"{plan.kv_tokens * lay.total:,} KV tokens, {per * lay.total} full-length sequences, "
-                f"{cfg.max_num_seqs * lay.total} requests decoded at once",
+                f"{seqs * lay.total} requests decoded at once",
             )
         )
     if probe_ports:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from skips import vllm_missing
 
-from qwen3_vl_service import cluster, config, replicas, router
+from qwen3_vl_service import cluster, config, replicas, router, scope
 from qwen3_vl_service.errors import ConfigError
+from qwen3_vl_service.vllm_args import RUN_DIR_ENV, build
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,9 @@ def test_two_tp4_replicas_share_one_8_gpu_node_each_on_its_gpus_and_port():
     assert cmd.env["CUDA_VISIBLE_DEVICES"] == "3,2,1,0"
     assert flag(cmd.argv, "--port") == "8011" and flag(cmd.argv, "--tensor-parallel-size") == "4"
     rcfg = cluster.replica_config(cfg, lay.replicas[1], lay)
-    assert rcfg.run_dir == cfg.run_dir / "replica-1" and rcfg.log_dir == cfg.log_dir / "replica-1"
+    where = scope.paths(rcfg)  # the replica's own folders, by its service name
+    assert where.run_dir == cfg.run_dir / "replica-1" and where.log_dir == cfg.log_dir / "replica-1"
+    assert build(rcfg, expert_parallel=False, tag="t").env[RUN_DIR_ENV] == str(where.run_dir)
 
 
 @pytest.mark.unit
@@ -255,7 +258,8 @@ def test_dry_run_shows_every_nodes_command_and_capacity_per_replica_and_in_total
     )
     assert "replica-3 on g2: GPUs 4,5,6,7, port 8013" in out
     assert "per replica: 243,824 KV tokens, 7 full-length sequences" in out
-    assert "in total (4): 975,296 KV tokens, 28 full-length sequences, 96 requests decoded at once" in out
+    # MAX_NUM_SEQS=auto: the 7 that fit per replica, 28 in all.
+    assert "in total (4): 975,296 KV tokens, 28 full-length sequences, 28 requests decoded at once" in out
     assert "node 0 (g1) - head" in out and "node 1 (g2)" in out
     assert "--worker-urls http://g1:8010 http://g1:8011 http://g2:8012 http://g2:8013" in out
     assert "uses 4 of the 8 GPUs" not in out

@@ -31,7 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cli
+from . import cli, scope
+from . import config as service_config
 from .errors import CheckFailed, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,9 +310,10 @@ def smoke(args) -> int:
     try:
         if code == 0:
             checks += run_requests(args.port, args.media_port, media, args.max_tokens)
-            log = (args.out / "logs" / "service.log").read_text(errors="replace")
+            where = scope.paths(service_config.load(config))  # the service's own folders
+            log = where.service_log.read_text(errors="replace")
             print("\n".join(log_facts(log, plan_kv)))
-            tag = _tag(args.out / "run")
+            tag = _tag(where.run_dir)
             run_pids = our_pids(tag)  # vLLM's API server, EngineCore and workers, while they run
             scode, sout, _ = _run([py, str(REPO / "status_service.py"), *cfgargs], timeout=120)
             print("status_service.py:\n" + sout.rstrip())

@@ -50,9 +50,10 @@ rc=${PIPESTATUS[0]}
   echo "== exit $rc"
 } 2>&1 | tee -a "$REPORT"
 
-cp "$WORK/logs/service.log" "$OUT/service.log" 2>/dev/null
-cp "$WORK/logs/media_server.log" "$OUT/media_server.log" 2>/dev/null
-cp "$WORK/logs/launcher.log" "$OUT/launcher.log" 2>/dev/null
+# The service logs under its own folder (scope.py: LOG_DIR/<service>/), the media server under media-<port>/.
+cp "$WORK"/logs/port-*/service.log "$OUT/service.log" 2>/dev/null
+cp "$WORK"/logs/media-*/media_server.log "$OUT/media_server.log" 2>/dev/null
+cp "$WORK"/logs/port-*/launcher.log "$OUT/launcher.log" 2>/dev/null
 cp "$WORK/config.env" "$OUT/config.env" 2>/dev/null
 cp "$WORK/model/config.json" "$OUT/model_config.json" 2>/dev/null
 exit "$rc"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
-import json
 import math
 import os
 import re
@@ -674,15 +673,4 @@ def _check_replicas(cfg: ServiceConfig) -> None:
             )
 
 
-def as_json(cfg: ServiceConfig) -> str:
-    """The resolved settings as JSON (secrets masked), for --dry-run --json."""
-    return json.dumps(
-        {
-            s.key: {"value": cfg.display_value(s.key), "source": cfg.sources.get(s.key, "default")}
-            for s in SETTINGS
-        },
-        indent=2,
-    )
-
-
-__all__ = ["SETTINGS", "ServiceConfig", "as_json", "load", "mask", "parse_value"]
+__all__ = ["SETTINGS", "ServiceConfig", "load", "mask", "parse_value"]

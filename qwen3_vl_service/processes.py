@@ -95,8 +95,9 @@ def label_of(argv: list[str], name: str = "") -> str:
 
 
 def describe(proc: psutil.Process, width: int = 80) -> str:
-    """A short human description: the process title, or a short command line."""
-    return info(proc).label
+    """A short human description, at most WIDTH characters: the process title, or a short command line."""
+    label = info(proc).label
+    return label if len(label) <= width else label[: width - 1] + "…"
 
 
 def info(proc: psutil.Process) -> ProcInfo:
@@ -310,9 +311,9 @@ def tree(pid: int) -> list[psutil.Process]:
 def media_server(run_dir: str | os.PathLike[str]) -> psutil.Process | None:
     """The media server recorded in ``<RUN_DIR>/media_server.pid``, if it is one.
 
-    The pid file may hold a bare pid or JSON with a "pid" key. The process
-    must be ours (same user) and look like the media server by its command
-    line: a pid reused by another program is never returned.
+    The pid file holds the bare pid (read_pid_file). The process must be ours
+    (same user) and look like the media server by its command line: a pid
+    reused by another program is never returned.
     """
     pid = read_pid_file(Path(run_dir) / MEDIA_PID_FILE)
     if pid is None:
@@ -331,18 +332,10 @@ def read_pid_file(path: Path) -> int | None:
         text = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None
-    if text.startswith("{"):
-        import json
-
-        try:
-            value = json.loads(text).get("pid")
-        except (ValueError, AttributeError):
-            return None
-    else:
-        value = text.split()[0] if text else None
+    # One format, what media.server.write_pid_file writes: the pid and a newline.
     try:
-        pid = int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        pid = int(text, 10)
+    except ValueError:
         return None
     return pid if pid > 0 else None
 

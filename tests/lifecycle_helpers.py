@@ -247,14 +247,6 @@ def run_tool(
     )
 
 
-def has_setproctitle() -> bool:
-    try:
-        import setproctitle  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def environ_of(pid: int) -> dict:
     """PID's environment, or {} when it is gone or unreadable."""
     try:

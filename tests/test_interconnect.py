@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import psutil
 import pynvml
 import pytest
+from skips import needs
 
 from qwen3_vl_service import gpus
 from qwen3_vl_service.config import load
@@ -26,7 +27,6 @@ from qwen3_vl_service.gpus import NvmlUnavailable
 from qwen3_vl_service.interconnect import command, report, run, topology
 
 ROOT = Path(__file__).resolve().parent.parent
-HAS_TORCH = run.torch_missing(sys.executable) is None
 
 
 # ---------------------------------------------------------------------------
@@ -403,7 +403,7 @@ def test_failing_rank_ends_the_others_quickly(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not HAS_TORCH, reason="needs torch (CPU) in this python")
+@needs("torch")
 def test_gloo_all_reduce_is_checked_and_timed():
     r = run.run_check(2, backend="gloo", sizes=(64 << 10, 1 << 20), iters=3, timeout=60)
     assert r.status == "ok", r.message
@@ -416,7 +416,7 @@ def test_gloo_all_reduce_is_checked_and_timed():
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not HAS_TORCH, reason="needs torch (CPU) in this python")
+@needs("torch")
 def test_hung_peer_becomes_a_timeout_error_and_no_worker_is_left(tmp_path):
     # Long enough for both ranks to import torch on a loaded 2-core machine (8 s was not).
     timeout = 20.0
@@ -437,7 +437,7 @@ def test_hung_peer_becomes_a_timeout_error_and_no_worker_is_left(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not HAS_TORCH, reason="needs torch (CPU) in this python")
+@needs("torch")
 def test_cli_gloo_prints_the_table():
     cmd = [sys.executable, "-m", "qwen3_vl_service.interconnect", "--backend", "gloo", "--world-size", "2"]
     out = subprocess.run([*cmd, "--sizes", "64K,1M"], capture_output=True, text=True, cwd=ROOT, timeout=90)
@@ -480,7 +480,7 @@ def test_workers_die_with_a_killed_parent(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not HAS_TORCH, reason="needs torch (CPU) in this python")
+@needs("torch")
 def test_nccl_without_cuda_is_skipped_not_failed():
     r = run.run_check(1, backend="nccl", sizes=(1 << 20,), timeout=60)
     if r.status != "skipped":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -170,31 +169,40 @@ def test_more_gpus_wanted_than_present(tmp_path):
 # -- capacity --------------------------------------------------------------------
 
 
-def expected_numbers(total_gpu: int, tp: int, util: float = 0.90, kv_bytes: int = 2, reserve: int = 5 * GiB):
-    vision = realmodel.VISION_BYTES
-    weights = int((realmodel.TOTAL_SIZE - vision) / tp + vision)
-    budget = math.ceil(total_gpu * util)
-    kv = budget - weights - reserve
-    per_token = 94 * max(1, 4 // tp) * 128 * 2 * kv_bytes
-    tokens = kv // per_token // 16 * 16
-    return weights, budget, kv, per_token, tokens
+# The capacity numbers, worked out by hand from the inputs, not from plan.py's constants:
+#   an H100 80GB reports 81,559 MiB = 85,520,809,984 B; GPU_MEMORY_UTIL 0.90 of it, rounded up:
+#   budget 76,968,728,986 B. The checkpoint is 236,000,000,000 B, of which the vision tower
+#   (kept whole on every GPU, MM_ENCODER_TP_MODE=data) is 1,152,790,496 B:
+#     TP=8: (236,000,000,000 - 1,152,790,496) / 8 + 1,152,790,496 = 30,508,691,684 B weights
+#     TP=4: (236,000,000,000 - 1,152,790,496) / 4 + 1,152,790,496 = 59,864,592,872 B weights
+#   reserve 4 GiB activations + 1 GiB CUDA graphs = 5,368,709,120 B
+#     TP=8: KV cache 76,968,728,986 - 30,508,691,684 - 5,368,709,120 = 41,091,328,182 B
+#     TP=4: KV cache 76,968,728,986 - 59,864,592,872 - 5,368,709,120 = 11,735,426,994 B
+#   KV per token: 94 layers x 1 KV head per GPU (4 heads, TP >= 4) x 128 x 2 (K, V) x 2 B = 48,128 B
+#     TP=8: 41,091,328,182 / 48,128 = 853,792.56 -> 853,792 tokens (a multiple of 16)
+#     TP=4: 11,735,426,994 / 48,128 = 243,837.83 -> 243,824 tokens (blocks of 16)
+BUDGET_H100 = 76_968_728_986
+WEIGHTS_TP8 = 30_508_691_684
+WEIGHTS_TP4 = 59_864_592_872
+KV_TP8 = 41_091_328_182
+TOKENS_TP8 = 853_792
+TOKENS_TP4 = 243_824
 
 
 def test_capacity_8xh100_defaults(tmp_path):
     c = cfg(tmp_path)
     assert (c.gpu_memory_util, c.max_model_len, c.max_num_seqs) == (0.90, 32768, 0)  # 0: auto
     p = plan.make(c, parse_spec("8xH100-80GB"), real_info())
-    weights, budget, kv, per_token, tokens = expected_numbers(H100, 8)
-    assert p.kv_bytes_per_token_per_gpu == per_token == 48_128
-    assert p.weights_per_gpu_bytes == weights
-    assert p.budget_per_gpu_bytes == budget
-    assert p.kv_bytes_per_gpu == kv
-    assert p.kv_tokens == tokens
-    assert p.max_concurrency == tokens // 32768 == 26
+    tokens = TOKENS_TP8
+    assert p.kv_bytes_per_token_per_gpu == 48_128
+    assert p.weights_per_gpu_bytes == WEIGHTS_TP8
+    assert p.budget_per_gpu_bytes == BUDGET_H100
+    assert p.kv_bytes_per_gpu == KV_TP8
+    assert p.kv_tokens == TOKENS_TP8
+    assert p.max_concurrency == 26  # 853,792 // 32,768
     # The numbers the README quotes.
-    assert f"{weights / GiB:.2f}" == "28.41"
-    assert f"{kv / GiB:.2f}" == "38.27"
-    assert tokens == 853_792
+    assert f"{p.weights_per_gpu_bytes / GiB:.2f}" == "28.41"
+    assert f"{p.kv_bytes_per_gpu / GiB:.2f}" == "38.27"
     # MAX_NUM_SEQS=auto: the 26 full-length sequences that fit.
     assert levels(p, "Capacity") == ["ok"] and p.max_num_seqs == 26
     assert "(MAX_NUM_SEQS=auto: 26)" in text(p, "ok")
@@ -216,9 +224,7 @@ def test_max_num_seqs_that_fits_is_ok(tmp_path):
 def test_4xh100_at_262144_is_refused(tmp_path):
     c = cfg(tmp_path, TENSOR_PARALLEL_SIZE=4, MAX_MODEL_LEN=262144)
     p = plan.make(c, parse_spec("4xH100-80GB"), real_info())
-    weights, _, _, _, tokens = expected_numbers(H100, 4)
-    assert p.weights_per_gpu_bytes == weights and p.kv_tokens == tokens == 243_824
-    assert tokens < 262144
+    assert p.weights_per_gpu_bytes == WEIGHTS_TP4 and p.kv_tokens == TOKENS_TP4
     err = text(p, "error")
     assert "one sequence of MAX_MODEL_LEN=262,144 needs 11.75 GiB of KV cache per GPU" in err
     assert "only 10.93 GiB" in err

@@ -21,17 +21,18 @@ from lifecycle_helpers import (
     clean_env,
     free_port,
     gone,
-    has_setproctitle,
     kill_pids,
     run_dir_of,
     start_decoy,
     wait_until,
 )
+from skips import needs
 
 from qwen3_vl_service import processes, runstate
+from qwen3_vl_service.media.server import write_pid_file
 from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV
 
-needs_titles = pytest.mark.skipif(not has_setproctitle(), reason="setproctitle is not installed")
+needs_titles = needs("setproctitle")
 
 IGNORE_TERM = (
     "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -180,13 +181,34 @@ def test_media_server_needs_pidfile_and_cmdline(tmp_path: Path, procs) -> None:
     code = "import sys, time; sys.argv[0]='media_server.py'; time.sleep(120)"
     media = subprocess.Popen([PY, "-c", code, "qwen3_vl_service.media"], env=clean_env())
     try:
-        (tmp_path / processes.MEDIA_PID_FILE).write_text(f'{{"pid": {media.pid}, "port": 8080}}')
+        write_pid_file(tmp_path / processes.MEDIA_PID_FILE, media.pid)  # as the media server writes it
         assert processes.media_server(tmp_path).pid == media.pid
         (tmp_path / processes.MEDIA_PID_FILE).write_text("garbage")
         assert processes.media_server(tmp_path) is None
     finally:
         kill_pids([media.pid])
         media.wait(5)
+
+
+@pytest.mark.integration
+def test_describe_keeps_to_its_width(procs) -> None:
+    p = psutil.Process(procs("import time; time.sleep(120)  # " + "x" * 200).pid)
+    full = processes.describe(p)
+    assert full.startswith(f"{Path(PY).name} -c import time") and 30 < len(full) <= 80
+    for width in (30, 12):
+        text = processes.describe(p, width)
+        assert len(text) == width and text.endswith("…"), text
+
+
+@pytest.mark.unit
+def test_pid_file_has_one_format(tmp_path: Path) -> None:
+    """What the media server writes (a bare pid) is what is read; anything else names no process."""
+    path = tmp_path / "media_server.pid"
+    write_pid_file(path, 4321)
+    assert processes.read_pid_file(path) == 4321
+    for text in ('{"pid": 4321}', "", "0", "-5", "garbage", "12abc"):
+        path.write_text(text)
+        assert processes.read_pid_file(path) is None, text
 
 
 # ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 from lifecycle_helpers import PY, clean_env, environ_of, kill_pids, make_state
+from skips import require
 
 from qwen3_vl_service import runstate
 from qwen3_vl_service.errors import CheckFailed
@@ -134,7 +135,7 @@ def test_live_process_checks_pid_time_and_tag(tmp_path: Path, procs) -> None:
 @pytest.mark.integration
 def test_live_process_wiped_environ_uses_start_time() -> None:
     """setproctitle without SPT_NOENV wipes /proc/<pid>/environ: then the start time decides."""
-    pytest.importorskip("setproctitle")
+    require("setproctitle")
     code = (
         "import setproctitle, time; setproctitle.setproctitle('VLLM::APIServer'); "
         "print('ok', flush=True); time.sleep(120)"

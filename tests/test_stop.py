@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,6 @@ from lifecycle_helpers import (
     clean_env,
     free_port,
     gone,
-    has_setproctitle,
     kill_pids,
     make_state,
     media_dir_of,
@@ -26,12 +24,14 @@ from lifecycle_helpers import (
     wait_until,
     write_config,
 )
+from skips import needs
 
 from qwen3_vl_service import processes, runstate
+from qwen3_vl_service.media.server import write_pid_file
 from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV
 
 pytestmark = pytest.mark.integration
-needs_titles = pytest.mark.skipif(not has_setproctitle(), reason="setproctitle is not installed")
+needs_titles = needs("setproctitle")
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_stop_all_stops_media_server_only_when_asked(tmp_path: Path, cleanup) ->
     code = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(120)"
     media = subprocess.Popen([PY, "-c", code, "-m", "qwen3_vl_service.media"], env=clean_env())
     cleanup.append(media)
-    (run_dir / processes.MEDIA_PID_FILE).write_text(json.dumps({"pid": media.pid}))
+    write_pid_file(run_dir / processes.MEDIA_PID_FILE, media.pid)  # as the media server writes it
     assert wait_until(lambda: processes.media_server(run_dir) is not None)
 
     result = run_tool("stop_service.py", "--config", str(cfg))

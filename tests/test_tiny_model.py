@@ -7,13 +7,16 @@ import struct
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+from skips import require
 
 from qwen3_vl_service import tiny_model
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _torch_and_transformers() -> None:
+    require("torch", "transformers")
 
 
 @pytest.fixture(scope="module")

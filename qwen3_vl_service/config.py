@@ -555,7 +555,7 @@ def load(config_path: str | Path | None = None, environ: Mapping[str, str] | Non
     """
     env = os.environ if environ is None else environ
     explicit = config_path is not None
-    path = Path(config_path if explicit else DEFAULT_CONFIG).expanduser()
+    path = Path(DEFAULT_CONFIG if config_path is None else config_path).expanduser()
     path = path if path.is_absolute() else Path.cwd() / path
     if explicit or path.exists():
         file_values = _read_file(path)

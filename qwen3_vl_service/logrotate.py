@@ -40,7 +40,7 @@ class SizeRotatingHandler(logging.handlers.RotatingFileHandler):
             return
         if self.stream:
             self.stream.close()
-            self.stream = None  # type: ignore[assignment]
+            self.stream = None
         with open(self.baseFilename, "w", encoding=self.encoding):
             pass
         if not self.delay:

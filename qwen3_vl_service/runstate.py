@@ -22,6 +22,7 @@ import tempfile
 import uuid
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -78,7 +79,7 @@ class RunState:
             "media_server": bool,
         }
         optional = {"node": "", "slurm_job_id": "", "media_server": True}
-        values = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
             value = data.get(f.name, optional[f.name]) if f.name in optional else data[f.name]
             # Tolerated spellings: a Unix time for started_at, null for an optional path.

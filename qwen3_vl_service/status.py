@@ -402,12 +402,12 @@ def _metrics(session: requests.Session, base: str, timeout: float, sample: float
     except ValueError:
         second = {}
     dt = time.monotonic() - t0
-    rates = {
+    rates: dict[str, Any] = {
         key: round(max(0.0, second[name] - first[name]) / dt, 1)
         for key, name in (("generation_tokens_per_s", M_GEN), ("prompt_tokens_per_s", M_PROMPT))
         if name in first and name in second and dt > 0
     }
-    latest = {
+    latest: dict[str, Any] = {
         key: second[name]
         for key, name in (
             ("requests_running", M_RUNNING),

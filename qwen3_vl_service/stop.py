@@ -304,37 +304,54 @@ def _port_holder_settled(host: str, port: int, wait: float = 2.0) -> tuple[int |
 
 def render(report: StopReport, *, include_media: bool) -> list[str]:
     lines: list[str] = []
-    stopped = report.stopped
-    if not stopped and not report.survivors:
+    if not report.stopped and not report.survivors:
         lines.append("nothing to stop: the service is not running")
-    for result in (report.main, report.rest, report.media):
-        if not result:
-            continue
-        for p in result.terminated:
-            lines.append(f"  stopped  pid {p.pid:<7} {p.label}  (SIGTERM)")
-        for p in result.killed:
-            lines.append(f"  killed   pid {p.pid:<7} {p.label}  (SIGKILL: still running after SIGTERM)")
-        if result is report.main:
-            for p in report.followed:
-                lines.append(f"  stopped  pid {p.pid:<7} {p.label}  (exited with the API server)")
-    for p in report.drained:
-        lines.append(f"  stopped  pid {p.pid:<7} {p.label}  (ended by itself once the others were gone)")
+    lines += _render_stopped(report)
     if report.stale_state:
         lines.append(f"removed a stale state file ({report.stale_state})")
     if include_media and report.media_note:
         lines.append(report.media_note)
-    for tmp in report.removed_tmp:
-        lines.append(f"removed the run's IPC socket folder {tmp}")
-    for p in report.survivors:
-        lines.append(
-            f"error: pid {p.pid} ({p.label}) survived SIGKILL (stuck in the kernel?); "
-            f"check `ps -o stat {p.pid}`"
-        )
-    for p in report.unidentified:
-        lines.append(
-            f"note: pid {p.pid} ({p.label}) looks like vLLM but cannot be identified as ours "
-            f"(setproctitle wiped its environment); not touched. If it is a leftover of yours: kill {p.pid}"
-        )
+    lines += [f"removed the run's IPC socket folder {tmp}" for tmp in report.removed_tmp]
+    lines += [
+        f"error: pid {p.pid} ({p.label}) survived SIGKILL (stuck in the kernel?); check `ps -o stat {p.pid}`"
+        for p in report.survivors
+    ]
+    lines += [
+        f"note: pid {p.pid} ({p.label}) looks like vLLM but cannot be identified as ours "
+        f"(setproctitle wiped its environment); not touched. If it is a leftover of yours: kill {p.pid}"
+        for p in report.unidentified
+    ]
+    lines += _render_checks(report)
+    if report.stopped:
+        lines.append(f"stopped {len(report.stopped)} process(es) in {report.elapsed:.1f} s")
+    return lines
+
+
+def _render_stopped(report: StopReport) -> list[str]:
+    """One line per process stopped, and how it ended."""
+    lines: list[str] = []
+    for result in (report.main, report.rest, report.media):
+        if not result:
+            continue
+        lines += [f"  stopped  pid {p.pid:<7} {p.label}  (SIGTERM)" for p in result.terminated]
+        lines += [
+            f"  killed   pid {p.pid:<7} {p.label}  (SIGKILL: still running after SIGTERM)"
+            for p in result.killed
+        ]
+        if result is report.main:
+            lines += [
+                f"  stopped  pid {p.pid:<7} {p.label}  (exited with the API server)" for p in report.followed
+            ]
+    lines += [
+        f"  stopped  pid {p.pid:<7} {p.label}  (ended by itself once the others were gone)"
+        for p in report.drained
+    ]
+    return lines
+
+
+def _render_checks(report: StopReport) -> list[str]:
+    """The verification: the port, and GPU memory still held by a process of ours."""
+    lines: list[str] = []
     if report.port is not None:
         host, port = report.port
         if report.port_holder is None:
@@ -347,14 +364,13 @@ def render(report: StopReport, *, include_media: bool) -> list[str]:
                 "the next start needs another PORT"
             )
     if report.gpu_holders:
-        for h in report.gpu_holders:
-            lines.append(f"error: pid {h.pid} of ours still holds memory on GPU {h.gpu_index}")
+        lines += [
+            f"error: pid {h.pid} of ours still holds memory on GPU {h.gpu_index}" for h in report.gpu_holders
+        ]
     elif report.gpu_note:
         lines.append(report.gpu_note)
-    elif stopped:
+    elif report.stopped:
         lines.append("no process of ours holds a GPU")
-    if stopped:
-        lines.append(f"stopped {len(stopped)} process(es) in {report.elapsed:.1f} s")
     return lines
 
 

@@ -72,7 +72,7 @@ ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 )
 
 BPE_VOCAB_TARGET = 4000  # learned entries (256 byte symbols + merges), before the added tokens
-TEXT = {
+TEXT: dict[str, Any] = {
     # Real: hidden 4096, 94 layers, 64/4 heads, head_dim 128, 128 experts top-8,
     # moe_intermediate 1536. moe_intermediate is chosen so that the fused expert
     # tensors are not square: a missing transpose then fails loudly in vLLM.
@@ -92,7 +92,7 @@ TEXT = {
 # 128 block where vLLM requires it (q and k/v of the fused qkv, gate and up of
 # the fused w13), not square, so the scale grid [ceil(out/128), ceil(in/128)]
 # differs from its transpose.
-TEXT_FP8 = {
+TEXT_FP8: dict[str, Any] = {
     **TEXT,
     "hidden_size": 256,
     "intermediate_size": 768,
@@ -101,7 +101,7 @@ TEXT_FP8 = {
     "mrope_section": [12, 10, 10],
 }
 # The published model's text shapes (model-facts.md); the depth comes from --layers.
-TEXT_REAL = {
+TEXT_REAL: dict[str, Any] = {
     "hidden_size": 4096,
     "intermediate_size": 12288,
     "moe_intermediate_size": 1536,
@@ -113,7 +113,7 @@ TEXT_REAL = {
     "num_experts_per_tok": 8,
     "mrope_section": [24, 20, 20],
 }
-VISION = {
+VISION: dict[str, Any] = {
     # Real: depth 27, hidden 1152, 16 heads, intermediate 4304, deepstack [8, 16, 24].
     "depth": 2,
     "hidden_size": 64,
@@ -121,7 +121,7 @@ VISION = {
     "intermediate_size": 128,
     "deepstack_visual_indexes": [0, 1],
 }
-VISION_REAL = {
+VISION_REAL: dict[str, Any] = {
     "depth": 27,
     "hidden_size": 1152,
     "num_heads": 16,

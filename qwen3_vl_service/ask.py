@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+import requests
+
 from . import cli
 from .config import ServiceConfig, load
 from .errors import CheckFailed, UsageError
@@ -83,8 +85,6 @@ def build_request(cfg: ServiceConfig, args) -> dict:
 
 
 def _main(argv: list[str] | None) -> int:
-    import requests
-
     args = _parser().parse_args(argv)
     cfg = load(args.config)
     url = f"{local_url(cfg.host, cfg.port)}/v1/chat/completions"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import ipaddress
 import math
 import os
@@ -27,7 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dotenv import dotenv_values
+from dotenv.parser import parse_stream
+
 from .errors import ConfigError, ServiceError
+from .gpus import parse_spec
 from .media.policy import content_type_for
 
 DEFAULT_CONFIG = "config.env"
@@ -321,8 +326,6 @@ def _gpus(raw: str) -> str:
     if value.lower() in ("", "auto"):
         return ""
     # The spec is parsed (and checked) by gpus.parse_spec; keep the grammar in one place.
-    from .gpus import parse_spec
-
     parse_spec(value)
     return value
 
@@ -505,9 +508,6 @@ def mask(secret: str) -> str:
 
 def _read_file(path: Path) -> dict[str, str]:
     """Parse a dotenv file, refusing malformed lines (dotenv only warns about them)."""
-    from dotenv import dotenv_values
-    from dotenv.parser import parse_stream
-
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -524,8 +524,6 @@ def _read_file(path: Path) -> dict[str, str]:
         raise ConfigError(
             f"cannot read config file {path}: {exc.strerror}", fix="check its permissions"
         ) from None
-
-    import io
 
     for binding in parse_stream(io.StringIO(text)):
         if binding.error:

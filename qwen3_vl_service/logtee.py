@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .logrotate import rotating_handler
+from .vllm_args import RUN_DIR_ENV, TAG_ENV
 
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _SPLIT = re.compile(rb"[\r\n]")
@@ -247,8 +248,6 @@ def start_tee(
     is not given the service tag (ENV defaults to ours without it), so that
     ``stop`` waits for it to drain instead of signalling it.
     """
-    from .vllm_args import RUN_DIR_ENV, TAG_ENV
-
     if env is None:
         env = {k: v for k, v in os.environ.items() if k not in (TAG_ENV, RUN_DIR_ENV)}
     read_fd, write_fd = os.pipe()

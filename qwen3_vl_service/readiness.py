@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import requests
+
 from .errors import CheckFailed
 from .units import format_duration
 
@@ -371,8 +373,6 @@ class StartupFailed(CheckFailed):
 
 
 def _health_ok(session, url: str, timeout: float) -> bool:
-    import requests
-
     try:
         return session.get(url, timeout=timeout).status_code == 200
     except requests.RequestException:
@@ -399,8 +399,6 @@ def wait_healthy(
     ends when this is called, so that the errors of earlier runs (the log is
     appended to) are neither shown nor diagnosed.
     """
-    import requests
-
     follower = LogFollower(log_file, offset=log_size(log_file) if log_offset is None else log_offset)
     start = time.monotonic()
     deadline = start + timeout

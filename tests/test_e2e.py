@@ -493,7 +493,8 @@ def test_foreground_start_execs_vllm_and_ctrl_c_stops_it(svc):
         TIMINGS.append(("start_service.py in the foreground (to /health 200)", 0, time.monotonic() - t0))
         # exec: the pid we started is vLLM's API server now.
         assert "vllm.entrypoints.openai.api_server" in " ".join(psutil.Process(proc.pid).cmdline())
-        assert svc.state()["pid"] == proc.pid
+        state = svc.state()
+        assert state["pid"] == proc.pid
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
         out = proc.stdout.read().decode(errors="replace")
@@ -507,4 +508,7 @@ def test_foreground_start_execs_vllm_and_ctrl_c_stops_it(svc):
     # The launcher's report, then vLLM's own lines, in the terminal and in the log alike.
     for where in (out, text):
         assert "Preflight" in where and "exec vLLM" in where
+        # The command shown is the one that ran: its tag and IPC socket folder (issue 16, defect 4).
+        assert f"QWEN3_VL_SERVICE_TAG={state['tag']}" in where
+        assert f"VLLM_RPC_BASE_PATH={state['private_tmp']}" in where
         assert "Application startup complete" in where

@@ -95,7 +95,8 @@ class _FileSink:
         stream = getattr(self.handler, "stream", None)
         if stream is None:
             return
-        self.handler.stream = None  # type: ignore[attr-defined] - FileHandler opens it again
+        # FileHandler opens it again at the next record.
+        self.handler.stream = None  # type: ignore[attr-defined]
         with contextlib.suppress(Exception):
             stream.close()
 

@@ -238,7 +238,7 @@ class MediaUnit:
 
     def __init__(self, cfg: ServiceConfig, *, echo: Callable[[str], None]) -> None:
         self.cfg, self.echo = cfg, echo
-        self.proc = None
+        self.proc: psutil.Process | None = None
         self.start_error: str | None = None
         self.health = _HealthClock()
 

@@ -155,7 +155,7 @@ def layout(
     if cfg.replica_mode == "data-parallel":
         return _data_parallel(cfg, nodes, addresses, per_node, total, visible[:need])
     _check_ports(cfg, total)
-    replicas = []
+    replicas: list[Replica] = []
     cores = _split_cores(cfg, per_node, cpus)
     for rank, node in enumerate(nodes):
         for k in range(per_node):

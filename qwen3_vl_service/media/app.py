@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,8 +232,17 @@ class SendfileFirstLoop(asyncio.SelectorEventLoop):
 
 def run_serving(coro: Any) -> int:
     """Run CORO (serve_socket) to its end on a SendfileFirstLoop; its exit code."""
-    with asyncio.Runner(loop_factory=SendfileFirstLoop) as runner:
-        return runner.run(coro)
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=SendfileFirstLoop) as runner:
+            return runner.run(coro)
+    # Python 3.10 (requires-python): no asyncio.Runner yet; the same loop by hand.
+    loop = SendfileFirstLoop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 async def serve_socket(

@@ -38,8 +38,6 @@ fi
 echo "== lint"
 "$PY" -m ruff check --force-exclude qwen3_vl_service tests bench scripts *.py
 "$PY" -m ruff format --check --force-exclude qwen3_vl_service tests bench scripts *.py
-# Types: the package, as configured in pyproject.toml ([tool.mypy]).
-"$PY" -m mypy
 
 echo "== tests"
 set +e

@@ -38,6 +38,7 @@ from . import (
 )
 from .config import SETTINGS, ServiceConfig, load
 from .errors import CheckFailed, UsageError
+from .findings import Level
 from .hosts import local_url
 from .interconnect import report as interconnect
 from .media import client
@@ -496,7 +497,7 @@ def _preflight(cfg: ServiceConfig, args: argparse.Namespace) -> tuple[preflight.
     report = preflight.run(cfg, gpu_spec=args.gpus)
     python = cfg.vllm_python or sys.executable
     found = vllm_versions.probe(python)  # in a child: vLLM is never imported here
-    level = "error" if found.level == "warn" and not args.dry_run else found.level
+    level: Level = "error" if found.level == "warn" and not args.dry_run else found.level
     report.findings.append(
         preflight.Finding(
             level, "vLLM", found.message, "" if level == "ok" else "install vLLM there, or set VLLM_PYTHON"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Collection
@@ -39,7 +40,10 @@ SERVICE_LOG = "service.log"
 class Started:
     replica: Replica
     cfg: ServiceConfig
-    proc: object  # subprocess.Popen
+    proc: subprocess.Popen[bytes]
+
+    def proc_alive(self) -> bool:
+        return self.proc.poll() is None
 
 
 def router_dir(cfg: ServiceConfig) -> Path:
@@ -125,7 +129,7 @@ def start_node(
             host = "127.0.0.1" if s.cfg.host in ("0.0.0.0", "::", "") else s.cfg.host
             readiness.wait_healthy(
                 f"http://{host}:{s.replica.port}/health",
-                is_alive=lambda p=s.proc: p.poll() is None,
+                is_alive=s.proc_alive,
                 log_file=scope.paths(s.cfg).service_log,
                 timeout=cfg.startup_timeout,
                 on_progress=lambda _t: None,

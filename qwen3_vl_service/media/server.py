@@ -239,11 +239,15 @@ def settings_from_args(argv: Sequence[str] | None) -> tuple[MediaSettings, bool]
         assert cfg is not None, "loaded whenever a flag is missing"
         return getattr(cfg, attr)
 
+    def from_own(own: scope.ServicePaths | None, attr: str) -> Path:
+        assert own is not None, "the config is loaded whenever --log-file or --pid-file is missing"
+        return Path(getattr(own, attr))
+
     def value(key: str) -> Any:  # the setting's own type
         return given[key] if key in given else from_config(key.lower())
 
     workers = value("MEDIA_WORKERS")
-    port = args.port if args.port is not None else cfg.media_port
+    port = args.port if args.port is not None else from_config("media_port")
     # The same files as the launcher's media server: one server per MEDIA_PORT (scope.paths).
     own = scope.paths(cfg.replace(media_port=port)) if cfg is not None else None
     settings = MediaSettings(
@@ -251,8 +255,8 @@ def settings_from_args(argv: Sequence[str] | None) -> tuple[MediaSettings, bool]
         port=port,
         root=check_root(value("MEDIA_ROOT"), "--root/MEDIA_ROOT"),
         allowed_types=value("MEDIA_ALLOWED_TYPES"),
-        log_file=Path(args.log_file or own.media_log).resolve(),
-        pid_file=Path(args.pid_file or own.media_pid_file).resolve(),
+        log_file=Path(args.log_file or from_own(own, "media_log")).resolve(),
+        pid_file=Path(args.pid_file or from_own(own, "media_pid_file")).resolve(),
         workers=auto_workers() if workers is None else workers,
         log_max_bytes=value("LOG_MAX_MB") * 1024 * 1024,
         log_backups=value("LOG_BACKUPS"),

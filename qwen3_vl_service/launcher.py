@@ -2,7 +2,7 @@
 
 Order: config -> already running? -> preflight (GPUs, SLURM, model, ports,
 compatibility, capacity) -> report -> media server -> run state -> exec vLLM
-with its output teed to logs/service.log. With --dry-run it stops after the
+with its output teed to logs/<service>/service.log (scope.py). With --dry-run it stops after the
 report; with --detach it starts vLLM in the background and waits for /health.
 
 This module imports neither torch, nor vllm, nor transformers: a dry run

@@ -1,4 +1,4 @@
-"""Copy stdin to stdout and to a size-rotated log file: the tee between vLLM and logs/service.log.
+"""Copy stdin to stdout and to a size-rotated log file: the tee between vLLM and logs/<service>/service.log.
 
     python -m qwen3_vl_service.logtee LOGFILE --max-bytes N --backups K [--quiet]
 

@@ -225,8 +225,13 @@ def replica_config(cfg: ServiceConfig, replica: Replica, lay: Layout) -> Service
         return cfg
     if lay.mode == "data-parallel":
         return cfg.replace(port=replica.port or cfg.port)
-    # Its own folders RUN_DIR/replica-<i>, LOG_DIR/replica-<i> by its service name (scope.paths).
-    return cfg.replace(port=replica.port, service_name=replica.name, replicas=1)
+    return router_replica_config(cfg, replica.index, replica.port)
+
+
+def router_replica_config(cfg: ServiceConfig, index: int, port: int) -> ServiceConfig:
+    """Replica INDEX behind the router (also the supervisor's view): its port, and its own
+    folders RUN_DIR/replica-<i>, LOG_DIR/replica-<i> by its service name (scope.paths)."""
+    return cfg.replace(port=port, service_name=f"{REPLICA_PREFIX}{index}", replicas=1)
 
 
 def replica_env(replica: Replica) -> dict[str, str]:
@@ -387,6 +392,7 @@ __all__ = [
     "replica_config",
     "replica_dirs",
     "replica_env",
+    "router_replica_config",
     "serve_argv",
     "worker_url",
 ]

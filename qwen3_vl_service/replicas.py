@@ -13,6 +13,11 @@ Start order: media server, every replica of this node (all at once), wait
 until each answers /health, then on the head node the router, which waits
 for every replica of the job (the other nodes' too) before it opens its port.
 A failed start stops whatever it started.
+
+With RESTART=on-failure each replica's vLLM runs under its own supervisor
+(supervisor.py --replica: the same loop and VllmUnit as the single service,
+scoped to the replica's run folder, port and GPUs); stop_node stops every
+supervisor first, so nothing is restarted after a stop.
 """
 
 from __future__ import annotations
@@ -63,9 +68,18 @@ def _spawn(cfg: ServiceConfig, lay: Layout, replica: Replica, expert_parallel: b
     rcfg = cluster.replica_config(cfg, replica, lay)
     runstate.check_not_running(scope.paths(rcfg).run_dir)
     tag = runstate.new_tag()
-    private_tmp = runstate.make_private_tmp(tag)
-    cmd = node_command(cfg, lay, replica, expert_parallel=expert_parallel, tag=tag, private_tmp=private_tmp)
-    env = vllm_args.with_inherited(cmd.env, os.environ)
+    supervised = cfg.restart == "on-failure" and lay.mode == "router"
+    if supervised:
+        # RESTART=on-failure: the supervisor (supervisor.py, --replica) runs this replica's vLLM,
+        # restarts it on the same port and GPUs, and writes its run state each start.
+        private_tmp = ""
+        argv, env = supervisor_command(cfg, replica, expert_parallel=expert_parallel, tag=tag)
+    else:
+        private_tmp = runstate.make_private_tmp(tag)
+        cmd = node_command(
+            cfg, lay, replica, expert_parallel=expert_parallel, tag=tag, private_tmp=private_tmp
+        )
+        argv, env = list(cmd.argv), vllm_args.with_inherited(cmd.env, os.environ)
     scope.paths(rcfg).run_dir.mkdir(parents=True, exist_ok=True)
     tee = launcher._spawn_detached_logtee(rcfg)
     assert tee.stdin is not None
@@ -74,7 +88,7 @@ def _spawn(cfg: ServiceConfig, lay: Layout, replica: Replica, expert_parallel: b
     tee.stdin.flush()
     try:
         proc = subprocess.Popen(
-            list(cmd.argv),
+            argv,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=tee.stdin,
@@ -83,16 +97,42 @@ def _spawn(cfg: ServiceConfig, lay: Layout, replica: Replica, expert_parallel: b
         )
     except OSError as exc:
         tee.stdin.close()
-        runstate.remove_private_tmp(private_tmp)
+        if private_tmp:
+            runstate.remove_private_tmp(private_tmp)
         raise CheckFailed(
-            f"cannot execute {cmd.argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
+            f"cannot execute {argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
         ) from None
     tee.stdin.close()
-    runstate.write(
-        scope.paths(rcfg).run_dir,
-        launcher._state(rcfg, pid=proc.pid, tag=tag, private_tmp=private_tmp, detached=True),
-    )
+    if not supervised:
+        runstate.write(
+            scope.paths(rcfg).run_dir,
+            launcher._state(rcfg, pid=proc.pid, tag=tag, private_tmp=private_tmp, detached=True),
+        )
     return Started(replica, rcfg, proc)
+
+
+def supervisor_command(
+    cfg: ServiceConfig, replica: Replica, *, expert_parallel: bool, tag: str
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of the supervisor that keeps REPLICA up: it carries the replica's tag and run
+    folder (stop_service.py finds it by them) and its GPUs or cores, which its vLLM inherits."""
+    from .vllm_args import RUN_DIR_ENV, TAG_ENV
+
+    rcfg = cluster.router_replica_config(cfg, replica.index, replica.port)
+    argv = [sys.executable, "-m", "qwen3_vl_service.supervisor", "--detached"]
+    argv += ["--expert-parallel", "on" if expert_parallel else "off"]
+    argv += ["--replica", str(replica.index), "--replica-port", str(replica.port)]
+    if cfg.config_path:
+        argv += ["--config", str(cfg.config_path)]
+    env = {
+        **os.environ,
+        **cluster.replica_env(replica),
+        TAG_ENV: tag,
+        RUN_DIR_ENV: str(scope.paths(rcfg).run_dir),
+    }
+    pkg_parent = str(Path(__file__).resolve().parent.parent)  # `python -m` from wherever we were started
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
+    return argv, env
 
 
 def start_node(
@@ -198,7 +238,7 @@ def scopes(cfg: ServiceConfig, *, recorded: bool = True) -> list[tuple[str, Path
     also looks for orphans whose state file is gone). A state written on another node
     of a running job is that node's to handle (RUN_DIR on a shared file system).
     """
-    from . import runstate
+    from . import runstate, supervisor
 
     out: list[tuple[str, Path, int]] = []
     rdir = router_dir(cfg)
@@ -212,7 +252,9 @@ def scopes(cfg: ServiceConfig, *, recorded: bool = True) -> list[tuple[str, Path
         state = runstate.read(run_dir)
         if state is not None and runstate.other_node(state) is not None and runstate.elsewhere(state):
             continue
-        if recorded and state is None:
+        # A replica between two starts of its supervisor (or whose supervisor gave up) has no
+        # state file, but its supervisor's record says what happened: status shows it.
+        if recorded and state is None and supervisor.read_record(run_dir) is None:
             continue
         kept.append((name, run_dir, state.port if state else port))
     return kept
@@ -230,9 +272,14 @@ def stop_node(
 
     NAMES: only these (what one start_node started); default every scope of this node.
     """
-    from . import stop
+    from . import stop, supervisor
 
     found = [s for s in scopes(cfg, recorded=False) if names is None or s[0] in names]
+    # Every replica's supervisor first: nothing is restarted while the router and the others stop.
+    for name, run_dir, _ in found:
+        sup = supervisor.request_stop(run_dir)
+        if sup is not None:
+            echo(f"{name}: stopping the supervisor (pid {sup.pid}): no restart from now on")
     results = []
     for name, run_dir, port in [s for s in found if s[0] == cluster.ROUTER_NAME]:
         say = _prefixed(echo, name)
@@ -264,6 +311,9 @@ def stop_node(
             ]
             results += [(name, f.result()) for name, f in futures]
     for _, run_dir, _ in found:
+        if supervisor.live(run_dir) is None:  # its record: the restarts stay in the replica's service.log
+            with contextlib.suppress(OSError):
+                supervisor.record_path(run_dir).unlink()
         with contextlib.suppress(OSError):
             run_dir.rmdir()  # only when empty: what stop left behind is kept for a look
     return [(n, r) for n, r in results if r.stopped or r.survivors or r.state is not None]
@@ -299,6 +349,8 @@ def healthy(group: dict) -> bool:
 
 
 def render_status(group: dict) -> list[str]:
+    from .status import supervisor_lines
+
     lines: list[str] = []
     r = group.get("router")
     if r is not None:
@@ -318,6 +370,7 @@ def render_status(group: dict) -> list[str]:
             lines.append(
                 f"{name:<12} not running" + (f" ({info['stale_state']})" if info.get("stale_state") else "")
             )
+            lines += supervisor_lines(info.get("supervisor"))
             continue
         m = info.get("metrics") or {}
         kv = m.get("kv_cache_usage")
@@ -329,6 +382,7 @@ def render_status(group: dict) -> list[str]:
             f"{'?' if m.get('requests_waiting') is None else int(m['requests_waiting'])} waiting, "
             f"{'?' if done is None else int(done)} done; KV cache {'?' if kv is None else f'{kv * 100:.1f}%'}"
         )
+        lines += supervisor_lines(info.get("supervisor"))
     return lines
 
 

@@ -438,7 +438,7 @@ def render(status: Status) -> list[str]:
     lines.append(f"  model        {status.model} (served as {status.served_model_name})")
     if status.running:
         lines += _render_running(status)
-    lines += _supervisor_lines(status.supervisor)
+    lines += supervisor_lines(status.supervisor)
     if status.urls.media:
         answering = "answering" if status.media_answering else "not answering"
         lines.append(f"  media        {status.urls.media} {answering}")
@@ -453,7 +453,7 @@ def render(status: Status) -> list[str]:
     return lines
 
 
-def _supervisor_lines(sup: dict[str, Any] | None) -> list[str]:
+def supervisor_lines(sup: dict[str, Any] | None) -> list[str]:
     """The supervisor's state and its restarts, with the last cause (RESTART=on-failure)."""
     if not sup:
         return []

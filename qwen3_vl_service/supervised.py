@@ -97,7 +97,9 @@ class VllmUnit:
         echo: Callable[[str], None],
         log_file: Path,
         plan_decisions: str = "{}",
+        name: str = "vLLM",
     ) -> None:
+        self.name = name  # the supervisor's log and record name the unit by it (a replica's too)
         self.cfg, self.tag, self.expert_parallel, self.detached = cfg, tag, expert_parallel, detached
         # The launcher's MAX_NUM_SEQS=auto and YaRN decisions: every restart runs its command.
         self.plan = vllm_args.plan_from_decisions(cfg, plan_decisions)

@@ -359,12 +359,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(
             "--plan", default="{}", help="the launcher's plan decisions (vllm_args.plan_decisions)"
         )
+        parser.add_argument("--replica", type=int, metavar="INDEX", help="keep up this replica (router mode)")
+        parser.add_argument("--replica-port", type=int, metavar="PORT", help="the replica's port")
         args = parser.parse_args(argv)
+        if (args.replica is None) != (args.replica_port is None) or (args.replica or 0) < 0:
+            raise UsageError(
+                f"--replica {args.replica} --replica-port {args.replica_port}: give both, INDEX >= 0",
+                fix="start the replicas with start_service.py",
+            )
         tag = os.environ.get(TAG_ENV, "")
         if not tag:
             raise UsageError(f"{TAG_ENV} is not set", fix="start the service with start_service.py")
         cfg = load(args.config)
         log_holder[0] = scope.paths(cfg).launcher_log
+        replica = args.replica is not None
+        if replica:
+            # A replica behind the router: its own port, run and log folders; its GPUs (or
+            # cores) come in our environment (replicas._spawn), which vLLM inherits.
+            from .cluster import router_replica_config
+
+            cfg = router_replica_config(cfg, args.replica, args.replica_port)
         # The tag stays in /proc/<pid>/environ (what stop_service.py reads, set at exec) but
         # leaves os.environ: the media server we may start is not a process of this run.
         os.environ.pop(TAG_ENV, None)
@@ -373,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
 
         policy = Policy.of(cfg)
         record = Record(record_path(scope.paths(cfg).run_dir), tag=tag, policy=policy, restart=cfg.restart)
-        units: list[Unit] = [MediaUnit(cfg, echo=_echo)] if cfg.media_server else []
+        # The media server is shared by the replicas: start_service.py starts it, not a replica's supervisor.
+        units: list[Unit] = [MediaUnit(cfg, echo=_echo)] if cfg.media_server and not replica else []
         units.append(
             VllmUnit(
                 cfg,
@@ -383,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                 detached=args.detached,
                 echo=_echo,
                 log_file=scope.paths(cfg).service_log,
+                name=f"replica-{args.replica} vLLM" if replica else "vLLM",
             )
         )
         return Supervisor(units, policy, record, echo=_echo).run()

@@ -304,3 +304,44 @@ def test_a_data_parallel_rank_runs_without_the_supervisor(monkeypatch, tmp_path,
     assert seen["cfg"].restart == "no"
     argv = seen["launch"].cmd.argv
     assert "--headless" in argv and flag(argv, "--data-parallel-start-rank") == "1"
+
+
+@pytest.mark.unit
+def test_a_replicas_supervisor_runs_the_replicas_own_command_on_its_gpus_and_port():
+    from qwen3_vl_service import vllm_args
+
+    cfg = load(REPLICAS="2", TENSOR_PARALLEL_SIZE="4", RESTART="on-failure")
+    lay = cluster.layout(cfg, ("",), gpus_on_node=8, environ={"CUDA_VISIBLE_DEVICES": "7,6,5,4,3,2,1,0"})
+    r1 = lay.replicas[1]
+    argv, env = replicas.supervisor_command(cfg, r1, expert_parallel=False, tag="t-123")
+    assert argv[1:3] == ["-m", "qwen3_vl_service.supervisor"]
+    assert flag(argv, "--replica") == "1" and flag(argv, "--replica-port") == "8011"
+    # Found by stop_service.py through the replica's tag and run folder; its vLLM inherits the GPUs.
+    assert env[vllm_args.TAG_ENV] == "t-123"
+    assert env[vllm_args.RUN_DIR_ENV] == str(cfg.run_dir / "replica-1")
+    assert env["CUDA_VISIBLE_DEVICES"] == "3,2,1,0"
+    # What the supervisor builds from --replica is what a bare start of that replica runs.
+    rcfg = cluster.router_replica_config(cfg, 1, 8011)
+    assert rcfg == cluster.replica_config(cfg, r1, lay)
+    built = vllm_args.build(rcfg, expert_parallel=False, tag="t", private_tmp="/tmp/x")
+    bare = replicas.node_command(cfg, lay, r1, expert_parallel=False, tag="t", private_tmp="/tmp/x")
+    assert built.argv == bare.argv
+    assert {**built.env, **cluster.replica_env(r1)} == bare.env
+
+
+@pytest.mark.unit
+def test_replica_status_shows_its_supervisors_restarts_and_last_cause():
+    sup = {
+        "running": True,
+        "state": "running",
+        "pid": 42,
+        "started_at": "2026-12-01T22:00:00Z",
+        "restarts": 1,
+        "last_cause": "replica-1 vLLM: VLLM::EngineCore (pid 7) is gone: killed or crashed",
+        "last_restart_at": "2026-12-01T22:05:00Z",
+    }
+    group = {"replicas": [{"name": "replica-1", "running": False, "supervisor": sup}]}
+    text = "\n".join(replicas.render_status(group))
+    assert "replica-1    not running" in text
+    assert "pid 42, running; 1 restart(s)" in text
+    assert "replica-1 vLLM: VLLM::EngineCore (pid 7) is gone" in text

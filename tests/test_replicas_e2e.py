@@ -5,13 +5,16 @@ its own RUN_DIR/replica-<i>, on PORT and PORT+1) and vllm-router on
 ROUTER_PORT in front of them. Every request kind of the README goes through
 the router's one endpoint; each replica's own /metrics shows that it served
 some. Then ``kill -9`` of one replica's engine: the router keeps answering
-from the other. ``stop_service.py --all`` leaves no process of either replica
+from the other, while replica-1's supervisor restarts it on its port (status
+shows the restart and its cause) and the router sends it requests again.
+``stop_service.py --all`` leaves no process of either replica
 nor of the router.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -108,6 +111,9 @@ class Group:
             "LOG_DIR": str(self.log_dir),
             # Two CPU engines share this machine's cores.
             "OMP_NUM_THREADS": "1",
+            # Each replica under its own supervisor: a dead one comes back after 1 s.
+            "RESTART": "on-failure",
+            "RESTART_BACKOFF": "1",
             "PYTHONUNBUFFERED": "1",
         }
         self.base = f"http://127.0.0.1:{self.router_port}"
@@ -235,7 +241,7 @@ def test_every_request_kind_answers_200_through_the_router_and_both_replicas_ser
     assert all(n >= 2 for n in served), f"round_robin should spread the 7 requests: {served}"
 
 
-def test_kill_9_of_one_replicas_engine_the_router_keeps_answering(grp):
+def test_kill_9_of_one_replicas_engine_the_router_keeps_answering_and_it_is_restarted(grp):
     state = json.loads((grp.run_dir / "replica-1" / "service.json").read_text())
     api = psutil.Process(state["pid"])
     engines = [c for c in api.children(recursive=True) if "EngineCore" in " ".join(c.cmdline())]
@@ -249,15 +255,55 @@ def test_kill_9_of_one_replicas_engine_the_router_keeps_answering(grp):
         codes.append(r.status_code)
     assert codes == [200] * 6, codes
     assert done_requests(grp.port) - survivor_before == 6, "replica-0 answered them all"
-    # vLLM's API server notices its dead engine and exits (EngineDeadError); the router drops it.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and api.is_running() and api.status() != psutil.STATUS_ZOMBIE:
-        time.sleep(0.5)
+
+    # Its supervisor restarts it on the same port: a new API server, /health 200 again.
+    deadline = time.monotonic() + 600
+    new_pid = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            pid = json.loads((grp.run_dir / "replica-1" / "service.json").read_text())["pid"]
+            if pid != api.pid and _health(grp.port + 1) == 200:
+                new_pid = pid
+                break
+        time.sleep(1)
+    assert new_pid is not None, (
+        "replica-1 was not restarted:\n"
+        + (grp.log_dir / "replica-1" / "service.log").read_text(errors="replace")[-4000:]
+    )
+    assert not api.is_running() or api.status() == psutil.STATUS_ZOMBIE
+    direct = requests.post(
+        f"http://127.0.0.1:{grp.port + 1}/v1/chat/completions", json=chat_body("Back?"), timeout=300
+    )
+    assert direct.status_code == 200, direct.text[:300]
+
     status = json.loads(grp.script("status_service.py", "--json", "--sample", "0").stdout)
     by_name = {r["name"]: r for r in status["replicas"]}
-    assert by_name["replica-0"]["healthy"] is True
-    assert by_name["replica-1"]["healthy"] is False
+    assert by_name["replica-0"]["healthy"] is True and by_name["replica-1"]["healthy"] is True
+    sup = by_name["replica-1"]["supervisor"]
+    assert sup["running"] is True and sup["restarts"] == 1, sup
+    assert sup["last_cause"].startswith("replica-1 vLLM: "), sup
+    assert "EngineCore" in sup["last_cause"] or "exited" in sup["last_cause"], sup
+    assert by_name["replica-0"]["supervisor"]["restarts"] == 0
     assert status["router"]["healthy"] is True
+    human = grp.script("status_service.py", "--sample", "0").stdout
+    assert "1 restart(s)" in human and "replica-1 vLLM:" in human, human
+    log = (grp.log_dir / "replica-1" / "service.log").read_text(errors="replace")
+    assert "restarting replica-1 vLLM" in log, log[-3000:]
+
+    # The router's health checks take it back: replica-1 serves requests through the router again.
+    served_before = done_requests(grp.port + 1)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and done_requests(grp.port + 1) == served_before:
+        assert post(grp, "/v1/chat/completions", chat_body("Round robin.")).status_code == 200
+        time.sleep(1)
+    assert done_requests(grp.port + 1) > served_before, "the router never sent replica-1 a request again"
+
+
+def _health(port: int) -> int:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code
+    except requests.RequestException:
+        return 0
 
 
 def test_stop_all_leaves_no_process_of_either_replica_nor_the_router(grp):

@@ -276,9 +276,13 @@ def test_kill_9_of_one_replicas_engine_the_router_keeps_answering_and_it_is_rest
     )
     assert direct.status_code == 200, direct.text[:300]
 
-    status = json.loads(grp.script("status_service.py", "--json", "--sample", "0").stdout)
+    # A long --http-timeout: this machine is shared, a 3 s /health can miss under load.
+    status = json.loads(
+        grp.script("status_service.py", "--json", "--sample", "0", "--http-timeout", "30").stdout
+    )
     by_name = {r["name"]: r for r in status["replicas"]}
-    assert by_name["replica-0"]["healthy"] is True and by_name["replica-1"]["healthy"] is True
+    assert by_name["replica-1"]["healthy"] is True, by_name["replica-1"]
+    assert by_name["replica-0"]["healthy"] is True, by_name["replica-0"]
     sup = by_name["replica-1"]["supervisor"]
     assert sup["running"] is True and sup["restarts"] == 1, sup
     assert sup["last_cause"].startswith("replica-1 vLLM: "), sup

@@ -70,7 +70,11 @@ def release(version: str) -> tuple[int, ...]:
 
 
 def probe(python: str) -> Probe:
-    """Ask PYTHON which vLLM it has (20 s at most), without importing vLLM here."""
+    """Ask PYTHON which vLLM it has (20 s at most), without importing vLLM here.
+
+    Level 'ok': vLLM imports there (its version and flashinfer reported when known);
+    'warn': the interpreter runs but has no vLLM; 'error': it cannot be run at all.
+    """
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         return Probe("error", f"VLLM_PYTHON {python} is not an executable file")
     try:

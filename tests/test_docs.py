@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from skips import require
 
-from qwen3_vl_service import launcher
+from qwen3_vl_service import vllm_versions
 from qwen3_vl_service.media.workers import WORKERS_AUTO_MAX
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,14 +61,14 @@ def test_every_mention_of_media_workers_auto_names_the_codes_limit() -> None:
 
 @pytest.mark.integration
 def test_vllm_probe_returns_the_levels_its_docstring_names(tmp_path: Path) -> None:
-    named = set(re.findall(r"'(ok|warn|error)'", launcher._vllm_probe.__doc__ or ""))
+    named = set(re.findall(r"'(ok|warn|error)'", vllm_versions.probe.__doc__ or ""))
     no_site = tmp_path / "python-without-site-packages"
     no_site.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')
     no_site.chmod(0o755)
     seen = {
-        launcher._vllm_probe(str(tmp_path / "missing-python"))[0],  # not an executable file
-        launcher._vllm_probe(str(no_site))[0],  # runs, but finds no vLLM
+        vllm_versions.probe(str(tmp_path / "missing-python")).level,  # not an executable file
+        vllm_versions.probe(str(no_site)).level,  # runs, but finds no vLLM
     }
     require("vllm")
-    seen.add(launcher._vllm_probe(sys.executable)[0])
+    seen.add(vllm_versions.probe(sys.executable).level)
     assert seen == named == {"ok", "warn", "error"}

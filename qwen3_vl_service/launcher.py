@@ -21,8 +21,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from . import (
     cli,
     cluster,
@@ -141,19 +139,11 @@ def _spawn_detached_logtee(cfg: ServiceConfig) -> subprocess.Popen:
 
 
 def _state(cfg: ServiceConfig, *, pid: int, tag: str, private_tmp: str, detached: bool) -> runstate.RunState:
-    return runstate.RunState(
+    return runstate.for_service(
+        cfg,
         pid=pid,
-        create_time=psutil.Process(pid).create_time(),
         tag=tag,
-        host=cfg.host,
-        port=cfg.port,
-        media_host=cfg.media_host,
-        media_port=cfg.media_port,
-        model=str(cfg.model_path),
-        served_model_name=cfg.served_model_name,
-        started_at=runstate.now_iso(),
-        config_path=str(cfg.config_path) if cfg.config_path else "",
-        log_file=str(scope.paths(cfg).service_log),
+        log_file=scope.paths(cfg).service_log,
         private_tmp=private_tmp,
         detached=detached,
         media_server=cfg.media_server,
@@ -298,6 +288,35 @@ def _start_supervised(cfg: ServiceConfig, report_text: str, launch: Launch, args
     return 1  # not reached
 
 
+def spawn_logged(
+    cfg: ServiceConfig, argv: list[str], env: dict[str, str], *, header: str, private_tmp: str = ""
+) -> subprocess.Popen[bytes]:
+    """ARGV in its own session, its output through a detached tee into CFG's service.log after HEADER.
+
+    A command that cannot be executed is one CheckFailed line; its PRIVATE_TMP is removed then.
+    """
+    tee = _spawn_detached_logtee(cfg)
+    assert tee.stdin is not None
+    tee.stdin.write((header + "\n").encode())
+    tee.stdin.flush()
+    try:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=tee.stdin,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        runstate.remove_private_tmp(private_tmp)
+        raise CheckFailed(
+            f"cannot execute {argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
+        ) from None
+    finally:
+        tee.stdin.close()  # the child holds its own copy of the pipe
+
+
 def _start_detached(
     cfg: ServiceConfig,
     launch: Launch,
@@ -309,27 +328,7 @@ def _start_detached(
     tag, private_tmp, cmd = launch.tag, launch.private_tmp, launch.cmd
     argv, env = supervisor or (list(cmd.argv), launch.env)
     log_offset = readiness.log_size(scope.paths(cfg).service_log)
-    tee = _spawn_detached_logtee(cfg)
-    assert tee.stdin is not None
-    tee.stdin.write((report_text + "\n").encode())
-    tee.stdin.flush()
-    try:
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=tee.stdin,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        tee.stdin.close()
-        if supervisor is None:
-            shutil.rmtree(private_tmp, ignore_errors=True)
-        raise CheckFailed(
-            f"cannot execute {argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
-        ) from None
-    tee.stdin.close()
+    proc = spawn_logged(cfg, argv, env, header=report_text, private_tmp="" if supervisor else private_tmp)
     if supervisor is None:
         runstate.write(
             scope.paths(cfg).run_dir,
@@ -420,17 +419,24 @@ def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
         parts.append(render_settings(cfg))
     parts.append("Preflight\n" + preflight.render(report, color=sys.stdout.isatty()))
     parts.append("vLLM command\n    " + launch.display())
-    verdict = "would start: yes" if report.ok else "would start: no (fix the errors above)"
-    text = "\n\n".join(parts)
+    text, code = _verdict(parts, report, args)
+    if code is not None:
+        return code
+    return _start(cfg, text, launch, args)
 
+
+def _verdict(parts: list[str], report: preflight.Report, args: argparse.Namespace) -> tuple[str, int | None]:
+    """The report's text; with --dry-run printed with the verdict (its exit code); refused on errors."""
+    text = "\n\n".join(parts)
     if args.dry_run:
+        verdict = "would start: yes" if report.ok else "would start: no (fix the errors above)"
         print(text + "\n\n" + verdict)
-        return 0 if report.ok else 1
+        return text, 0 if report.ok else 1
     if not report.ok:
         print(text)
         n = sum(1 for f in report.findings if f.level == "error")
         raise CheckFailed(f"preflight found {n} error(s); nothing was started", fix="fix them and run again")
-    return _start(cfg, text, launch, args)
+    return text, None
 
 
 def _layout(cfg: ServiceConfig, args: argparse.Namespace, report: preflight.Report):
@@ -474,15 +480,9 @@ def _grouped(cfg: ServiceConfig, lay: cluster.Layout, node_rank: int, report, ar
     parts.append("Preflight\n" + preflight.render(report, color=sys.stdout.isatty()))
     only = None if args.dry_run else node_rank
     parts.append("Commands per node\n" + replicas.commands_text(cfg, lay, expert_parallel=ep, only_node=only))
-    verdict = "would start: yes" if report.ok else "would start: no (fix the errors above)"
-    text = "\n\n".join(parts)
-    if args.dry_run:
-        print(text + "\n\n" + verdict)
-        return 0 if report.ok else 1
-    if not report.ok:
-        print(text)
-        n = sum(1 for f in report.findings if f.level == "error")
-        raise CheckFailed(f"preflight found {n} error(s); nothing was started", fix="fix them and run again")
+    text, code = _verdict(parts, report, args)
+    if code is not None:
+        return code
     if launch is not None:
         # No supervisor for a data-parallel rank: the supervisor rebuilds the single service's
         # command, and the ranks share fate (one restarted alone cannot rejoin the others).

@@ -36,7 +36,6 @@ from pathlib import Path
 from . import cluster, scope
 from .cluster import Layout, Replica
 from .config import ServiceConfig
-from .errors import CheckFailed
 
 SERVICE_LOG = "service.log"
 
@@ -61,7 +60,6 @@ def router_log(cfg: ServiceConfig) -> Path:
 
 def _spawn(cfg: ServiceConfig, lay: Layout, replica: Replica, expert_parallel: bool, header: str) -> Started:
     """One replica, detached, with its output through a tee into its own service.log."""
-    import subprocess
 
     from . import launcher, runstate, vllm_args
 
@@ -81,28 +79,10 @@ def _spawn(cfg: ServiceConfig, lay: Layout, replica: Replica, expert_parallel: b
         )
         argv, env = list(cmd.argv), vllm_args.with_inherited(cmd.env, os.environ)
     scope.paths(rcfg).run_dir.mkdir(parents=True, exist_ok=True)
-    tee = launcher._spawn_detached_logtee(rcfg)
-    assert tee.stdin is not None
     where = f"{_where(replica)}, port {replica.port}"
-    tee.stdin.write(f"{header}\n[replicas] {replica.name}: {where}\n".encode())
-    tee.stdin.flush()
-    try:
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=tee.stdin,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        tee.stdin.close()
-        if private_tmp:
-            runstate.remove_private_tmp(private_tmp)
-        raise CheckFailed(
-            f"cannot execute {argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
-        ) from None
-    tee.stdin.close()
+    proc = launcher.spawn_logged(
+        rcfg, argv, env, header=f"{header}\n[replicas] {replica.name}: {where}", private_tmp=private_tmp
+    )
     if not supervised:
         runstate.write(
             scope.paths(rcfg).run_dir,

@@ -118,7 +118,6 @@ def start(
     say: Callable[[str], None] = print,
 ):
     """Start the router; with WAIT, return once it answers /health. Returns its RunState."""
-    import psutil
 
     from . import readiness, runstate, stop
 
@@ -143,21 +142,8 @@ def start(
                 f"cannot start vllm-router ({cmd.argv[0]} -m {ROUTER_MODULE}): {exc.strerror}",
                 fix="install it: pip install 'vllm-router==0.1.17' (or pip install -e '.[router]')",
             ) from None
-    state = runstate.RunState(
-        pid=proc.pid,
-        create_time=psutil.Process(proc.pid).create_time(),
-        tag=tag,
-        host=cfg.host,
-        port=cfg.router_port,
-        media_host=cfg.media_host,
-        media_port=cfg.media_port,
-        model=str(cfg.model_path),
-        served_model_name=cfg.served_model_name,
-        started_at=runstate.now_iso(),
-        config_path=str(cfg.config_path) if cfg.config_path else "",
-        log_file=str(log_file),
-        private_tmp="",
-        detached=detached,
+    state = runstate.for_service(
+        cfg, pid=proc.pid, tag=tag, log_file=log_file, detached=detached, port=cfg.router_port
     )
     runstate.write(run_dir, state)
     say(

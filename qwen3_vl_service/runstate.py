@@ -22,13 +22,16 @@ import tempfile
 import uuid
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from . import processes
 from .errors import CheckFailed
 from .fileio import write_atomic
+
+if TYPE_CHECKING:
+    from .config import ServiceConfig
 
 STATE_FILE = "service.json"
 # Private folder of one run for vLLM's IPC sockets (VLLM_RPC_BASE_PATH): made with this prefix, and
@@ -105,6 +108,37 @@ def state_path(run_dir: str | os.PathLike[str]) -> Path:
 def new_tag() -> str:
     """A tag unique to one start of the service (goes into every process's environment)."""
     return f"q3vl-{_dt.datetime.now().strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}"
+
+
+def for_service(
+    cfg: ServiceConfig,
+    *,
+    pid: int,
+    tag: str,
+    log_file: str | os.PathLike[str],
+    detached: bool,
+    private_tmp: str = "",
+    port: int | None = None,
+    media_server: bool = False,
+) -> RunState:
+    """The run state of a process this package started for CFG (vLLM, or the router on PORT)."""
+    return RunState(
+        pid=pid,
+        create_time=psutil.Process(pid).create_time(),
+        tag=tag,
+        host=cfg.host,
+        port=cfg.port if port is None else port,
+        media_host=cfg.media_host,
+        media_port=cfg.media_port,
+        model=str(cfg.model_path),
+        served_model_name=cfg.served_model_name,
+        started_at=now_iso(),
+        config_path=str(cfg.config_path) if cfg.config_path else "",
+        log_file=str(log_file),
+        private_tmp=private_tmp,
+        detached=detached,
+        media_server=media_server,
+    )
 
 
 def now_iso() -> str:

@@ -177,9 +177,11 @@ def test_status_and_request_stop_find_the_recorded_supervisor_by_its_tag(tmp_pat
         "import sys, time, signal\n"
         "from pathlib import Path\n"
         "from qwen3_vl_service.supervisor import Policy, Record\n"
+        # The handler before the record: a stop that finds the
+        # record must find the handler too (SIGTERM's default would end it with -15).
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
         "r = Record(Path(sys.argv[1]), tag='q3vl-t1', policy=Policy(1, 60, 1))\n"
         "r.update(state='running')\n"
-        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
         "time.sleep(60)\n"
     )
     p = subprocess.Popen(

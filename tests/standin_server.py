@@ -109,6 +109,7 @@ def run_decoy(args) -> int:
 class _State:
     started = time.monotonic()
     ready = False
+    scrapes = 0
     api_key = os.environ.get("VLLM_API_KEY", "")
 
 
@@ -128,9 +129,11 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/health":
             self._send(200 if _State.ready else 503, "")
         elif self.path == "/metrics":
-            t = time.monotonic() - _State.started
-            gen = 1000.0 + 100.0 * t  # 100 tok/s
-            prompt = 5000.0 + 40.0 * t  # 40 tok/s
+            # The counters advance per scrape, not per second: the rate status computes is then
+            # 100 (40) tokens over its own measured interval, whatever the machine's load.
+            _State.scrapes += 1
+            gen = 1000.0 + 100.0 * _State.scrapes
+            prompt = 5000.0 + 40.0 * _State.scrapes
             labels = 'engine="0",model_name="standin"'
             body = (
                 "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"

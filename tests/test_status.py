@@ -59,8 +59,10 @@ def test_status_running_and_healthy(tmp_path: Path, standins) -> None:
     m = info["metrics"]
     assert m["requests_running"] == 2 and m["requests_waiting"] == 1
     assert m["kv_cache_usage"] == pytest.approx(0.25)
-    assert m["generation_tokens_per_s"] == pytest.approx(100, rel=0.3)
-    assert m["prompt_tokens_per_s"] == pytest.approx(40, rel=0.3)
+    # The stand-in adds 100 generated and 40 prompt tokens per scrape: rate x interval gives them back.
+    assert m["sample_s"] > 0
+    assert m["generation_tokens_per_s"] * m["sample_s"] == pytest.approx(100, rel=0.02)
+    assert m["prompt_tokens_per_s"] * m["sample_s"] == pytest.approx(40, rel=0.02)
     assert m["generation_tokens_total"] >= 1000
     # The API key went to /v1 (the stand-in answers 401 without it).
     assert info["served_models"] == ["standin-model"]

@@ -99,8 +99,7 @@ def _healthy(base: str) -> bool:
 class Supervised(Service):
     def __init__(self, root: Path, **settings: str) -> None:
         super().__init__(root)
-        self.log_dir = root / "logs"
-        self.tmpfs = False
+        self.tmpfs = False  # LOG_DIR (log_root) on a small tmpfs, when root can mount one
         self.env.update(
             {
                 "RESTART": "on-failure",
@@ -150,11 +149,11 @@ def sup(tmp_path_factory):
         vllm_missing("vLLM is not installed here: run scripts/setup_env.sh (scripts/test.sh does)")
     root = tmp_path_factory.mktemp("faults")
     s = Supervised(root)
-    s.tmpfs = _mount_tmpfs(s.log_dir)
+    s.tmpfs = _mount_tmpfs(s.log_root)  # the service's and the media server's logs below it
     _prepare(root, s)
     proc = s.script("start_service.py", "--detach", "--quiet", timeout=1200)
     if proc.returncode != 0:
-        logs = "\n".join(p.read_text(errors="replace")[-4000:] for p in s.log_dir.glob("*.log"))
+        logs = "\n".join(p.read_text(errors="replace")[-4000:] for p in s.log_root.rglob("*.log"))
         _stop_all(s)
         pytest.fail(
             f"start failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{logs}"
@@ -162,7 +161,7 @@ def sup(tmp_path_factory):
     yield s
     _stop_all(s)
     if s.tmpfs:
-        subprocess.run(["umount", "-l", str(s.log_dir)], check=False)
+        subprocess.run(["umount", "-l", str(s.log_root)], check=False)
 
 
 @pytest.mark.load
@@ -222,7 +221,7 @@ def test_kill_9_of_the_engine_core_during_load_restarts_vllm(sup):
 def test_kill_9_of_the_media_server_brings_it_back(sup):
     from qwen3_vl_service.processes import read_pid_file
 
-    old = read_pid_file(sup.run_dir / "media_server.pid")
+    old = read_pid_file(sup.media_pid_file)
     assert old and alive(old)
     before = sup.status()["supervisor"]["restarts"]
     os.kill(old, signal.SIGKILL)

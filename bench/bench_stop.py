@@ -124,6 +124,13 @@ def ours(s: Setup, busy: int) -> float:
     return took
 
 
+def _title(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # gone, or a zombie: no title to read
+        return ""
+
+
 def bare(s: Setup, busy: int, *, abort: bool) -> float:
     from qwen3_vl_service import vllm_args
 
@@ -139,12 +146,13 @@ def bare(s: Setup, busy: int, *, abort: bool) -> float:
         _wait_health(s.base, lambda: proc.poll() is None)
         threads, codes = _busy(s.base, s.media, busy) if busy else ([], [])
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        # Timed: the API server, the EngineCore and the workers; a helper that outlives them
+        # (multiprocessing's resource tracker) is named after 5 s, not waited for. Their titles
+        # are read before the signal: afterwards they may already be zombies.
+        core = [p for p in tree[1:] if _title(p).startswith("VLLM::")]
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)  # reap the API server: a zombie holds nothing
-        # Timed: the API server, the EngineCore and the workers; a helper that outlives them
-        # (multiprocessing's resource tracker) is named after 5 s, not waited for.
-        core = [p for p in tree[1:] if " ".join(p.cmdline()).startswith("VLLM::")]
         _, alive = psutil.wait_procs(core, timeout=max(0.0, 120 - (time.monotonic() - t0)))
         took = time.monotonic() - t0
         _, alive = psutil.wait_procs([p for p in tree[1:] if p not in core], timeout=5)

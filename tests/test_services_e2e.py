@@ -112,15 +112,25 @@ def test_each_service_has_its_own_state_and_log_and_they_share_one_media_server(
 
 def test_yarn_serves_a_prompt_longer_than_the_native_positions(pair):
     _, b, _, _ = pair
-    prompt = " ".join(["the cat sat on the mat near a blue door"] * 140)
-    r = b.chat(prompt)
+    from tokenizers import Tokenizer
+
+    # Sized with the model's own tokenizer (about 15 tokens a sentence): ~1,500 tokens, past
+    # the 1,024 native positions and inside the 2,048 that YaRN (factor 2) allows.
+    tok = Tokenizer.from_file(str(Path(b.env["MODEL_PATH"]) / "tokenizer.json"))
+    sentence = "the cat sat on the mat near a blue door"
+
+    def prompt_of(tokens: int) -> str:
+        reps = tokens // len(tok.encode(" " + sentence).ids)
+        return " ".join([sentence] * reps)
+
+    r = b.chat(prompt_of(1500))
     assert r.status_code == 200, r.text[:500]
     used = r.json()["usage"]["prompt_tokens"]
     assert 1024 < used < 2048, used  # past the model's own 1024 positions
     log = b.log.read_text(errors="replace")
     assert "max_seq_len=2048" in log, "vLLM's engine config shows the length YaRN allows"
     # The same request to a length past 2048 is refused by vLLM, not crashed.
-    too_long = b.chat(" ".join(["the cat sat on the mat near a blue door"] * 300))
+    too_long = b.chat(prompt_of(3000))
     assert too_long.status_code == 400 and b.chat("hi").status_code == 200
 
 

@@ -13,6 +13,12 @@ block-FP8 kernel choice and its KV cache size next to the plan's prediction;
 prints ``status_service.py``; stops with ``stop_service.py --all``; checks with
 NVML that no process of ours holds a GPU. Exit 0 only if all of that worked.
 
+With --crash, before the stop: ``kill -9`` of the service's VLLM::EngineCore;
+the supervisor (RESTART=on-failure) must start vLLM again, the new one must
+answer a text and an image request, and the status must show the restart with
+the EngineCore as its cause. The processes of both runs count for the final
+NVML check.
+
 With --device cpu it runs the same steps against the tiny bfloat16 model on
 vLLM's CPU build (how CI tests this script).
 """
@@ -66,6 +72,11 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="run bench/bench_gpu.py before stopping")
     p.add_argument("--bench-args", default="", help="extra arguments for bench_gpu.py (one string)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    p.add_argument(
+        "--crash",
+        action="store_true",
+        help="kill -9 the EngineCore before the stop; the supervisor must bring vLLM back",
+    )
     return p
 
 
@@ -323,6 +334,10 @@ def smoke(args) -> int:
                 bcode, bout, btook = _run(bench, timeout=3600)
                 print(bout.rstrip())
                 checks.append(_step("bench", lambda: (bcode == 0, f"exit {bcode} after {btook:.0f} s")))
+            if args.crash:
+                checks += crash_and_recover(config, args, tag)
+                tag = _tag(where.run_dir) or tag  # the new run's processes carry a new tag
+                run_pids |= our_pids(tag)
     finally:
         stop_code, stop_out, stook = _run([py, str(REPO / "stop_service.py"), *cfgargs, "--all"], timeout=600)
         print(stop_out.rstrip())
@@ -336,6 +351,104 @@ def smoke(args) -> int:
         + (f"; failed: {', '.join(failed)}" if failed else "")
     )
     return 1 if failed else 0
+
+
+# -- a crash -------------------------------------------------------------------------
+
+
+def engine_core(tag: str | None):
+    """The run's VLLM::EngineCore (vLLM titles the process so), or None."""
+    import psutil
+
+    from .processes import find_tagged
+
+    for proc in find_tagged(tag) if tag else []:
+        try:
+            if " ".join(proc.cmdline()).startswith("VLLM::EngineCore"):
+                return proc
+        except psutil.Error:
+            continue
+    return None
+
+
+def crash_and_recover(config: Path, args, tag: str | None) -> list[Check]:
+    """kill -9 of the EngineCore; the supervisor's restart, the new vLLM's answers, the status."""
+    import json
+    import signal
+
+    import requests
+
+    from . import runstate
+    from .readiness import poll_until
+
+    cfg = service_config.load(config)
+    run_dir = scope.paths(cfg).run_dir
+    engine = engine_core(tag)
+    if engine is None:
+        return [_step("crash", lambda: (False, f"no VLLM::EngineCore carries tag {tag}"))]
+    old = runstate.read(run_dir)
+    old_pid = old.pid if old else None
+    base = f"http://127.0.0.1:{args.port}"
+
+    def healthy() -> bool:
+        try:
+            with requests.Session() as s:
+                s.trust_env = False
+                return s.get(base + "/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def new_run() -> bool:
+        state = runstate.read(run_dir)
+        return state is not None and state.pid != old_pid
+
+    killed = time.monotonic()
+    engine.send_signal(signal.SIGKILL)
+    print(f"crash       kill -9 of VLLM::EngineCore pid {engine.pid}", flush=True)
+    restarted = poll_until(new_run, 300, step=1.0)
+    back = restarted and poll_until(healthy, cfg.startup_timeout, step=1.0)
+    took = time.monotonic() - killed
+    checks = [
+        _step(
+            "restart",
+            lambda: (
+                back,
+                f"vLLM answered {took:.0f} s after the kill" if back else f"not back after {took:.0f} s",
+            ),
+        )
+    ]
+    if not back:
+        return checks
+    media = args.out / "media"
+    image_b64 = base64.b64encode((media / "sample.png").read_bytes()).decode()
+    kinds = request_kinds(base, f"http://127.0.0.1:{args.media_port}", "", image_b64, args.max_tokens)
+    with requests.Session() as session:
+        session.trust_env = False
+        model_name = session.get(base + "/v1/models", timeout=60).json()["data"][0]["id"]
+        for kind, path, body in kinds:
+            if kind in ("text", "image (media URL)"):
+                c = send(session, base, model_name, f"{kind} after the restart", path, body)
+                print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}", flush=True)
+                checks.append(c)
+    code, out, _ = _run(
+        [sys.executable, str(REPO / "status_service.py"), "--config", str(config), "--json", "--sample", "0"],
+        timeout=120,
+    )
+    try:
+        sup = json.loads(out).get("supervisor") or {}
+    except ValueError:
+        sup = {}
+    cause = str(sup.get("last_cause", ""))
+    recorded = (
+        code == 0 and (sup.get("restarts") or 0) >= 1 and "EngineCore" in cause and str(engine.pid) in cause
+    )
+    checks.append(
+        _step(
+            "restart recorded",
+            lambda: (recorded, f"{sup.get('restarts', 0)} restart(s); last cause: {cause[:160]}"),
+        )
+    )
+    return checks
 
 
 def _tag(run_dir: Path) -> str | None:

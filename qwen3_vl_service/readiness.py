@@ -372,6 +372,16 @@ class StartupFailed(CheckFailed):
         super().__init__("\n".join(lines))
 
 
+def poll_until(predicate: Callable[[], bool], timeout: float, step: float = 0.5) -> bool:
+    """Ask PREDICATE every STEP seconds until it is true (True) or TIMEOUT seconds pass (its last answer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
 def _health_ok(session, url: str, timeout: float) -> bool:
     try:
         return session.get(url, timeout=timeout).status_code == 200

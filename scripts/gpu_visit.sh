@@ -13,14 +13,16 @@
 #      run(command='test -d /tmp/site/vllm || exit 3; export PYTHONPATH=/tmp/site VLLM_USE_DEEP_GEMM=0
 #          NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1;
 #          bash scripts/gpu_visit.sh', timeout_s=600)
-#   LAYERS=N (default 8) and WORK (default /tmp/qwen3-vl-visit) may be set in front of the script.
+#   LAYERS=N (default 8) and WORK (default /tmp/qwen3-vl-visit) may be set in front of the script;
+#   BENCH=0 leaves out bench_gpu.py, CRASH=0 the kill -9 of the EngineCore and the restart.
 #   The files come back from $OUT: gpu_visit.txt (everything printed), service.log, media_server.log,
 #   launcher.log, config.env, model_config.json.
 #
 # LAYERS=8 (default): about 22 GB of checkpoint (8 x 2.4 GB of FP8 experts + 2.5 GB of BF16
 # embeddings and lm_head), generated on the GPU in well under a minute; load, compile and CUDA
-# graphs about 2-3 minutes; requests, the benchmark (concurrency 1, 8, 32 and the image TTFT)
-# and the stop about 2 more: inside the 10-minute limit of one call.
+# graphs about 2-3 minutes; requests, the benchmark (concurrency 1, 8, 32 and the image TTFT),
+# the crash (the restart loads again, with the compile cache warm: about 2 minutes) and the stop
+# about 4 more: inside the 10-minute limit of one call.
 # Exit code: gpu_smoke's (0 only if every step worked).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +42,10 @@ REPORT="$OUT/gpu_visit.txt"
 } > "$REPORT" 2>&1
 cat "$REPORT"
 
-bash scripts/gpu_smoke.sh "$WORK" "$LAYERS" --bench --bench-args "--concurrency 1,8,32" 2>&1 | tee -a "$REPORT"
+SMOKE_ARGS=()
+[[ ${BENCH:-1} == 1 ]] && SMOKE_ARGS+=(--bench --bench-args "--concurrency 1,8,32")
+[[ ${CRASH:-1} == 1 ]] && SMOKE_ARGS+=(--crash)
+bash scripts/gpu_smoke.sh "$WORK" "$LAYERS" "${SMOKE_ARGS[@]}" 2>&1 | tee -a "$REPORT"
 rc=${PIPESTATUS[0]}
 
 {

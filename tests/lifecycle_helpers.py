@@ -13,12 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 
-from qwen3_vl_service import runstate
+from qwen3_vl_service import readiness, runstate
 from qwen3_vl_service.processes import TITLE_ENV
 from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV
 
@@ -120,12 +119,7 @@ def gone(pid: int) -> bool:
 
 
 def wait_until(predicate, timeout: float = 10.0, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
+    return readiness.poll_until(predicate, timeout, step)
 
 
 def kill_pids(pids) -> None:

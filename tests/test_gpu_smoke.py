@@ -70,7 +70,7 @@ def _free_port() -> int:
 
 @pytest.mark.e2e
 def test_gpu_smoke_script_runs_on_the_cpu_demo(tmp_path):
-    """scripts/gpu_smoke.sh itself, with DEVICE=cpu and the tiny BF16 model, bench included."""
+    """scripts/gpu_smoke.sh itself, with DEVICE=cpu and the tiny BF16 model, bench and crash included."""
     probe = subprocess.run([sys.executable, "-c", "import vllm.benchmarks.serve"], capture_output=True)
     if probe.returncode != 0:
         vllm_missing("vLLM is not installed in this environment")
@@ -79,7 +79,7 @@ def test_gpu_smoke_script_runs_on_the_cpu_demo(tmp_path):
     cmd = [
         "bash", str(REPO / "scripts" / "gpu_smoke.sh"), str(tmp_path / "smoke"), "2",
         "--device", "cpu", "--port", str(port), "--media-port", str(media_port),
-        "--bench", "--bench-args", bench,
+        "--bench", "--bench-args", bench, "--crash",
     ]  # fmt: skip
     env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(
@@ -92,6 +92,15 @@ def test_gpu_smoke_script_runs_on_the_cpu_demo(tmp_path):
         assert f"ok   {kind}" in out, kind
     assert "KV cache    vLLM CPU" in out and "status_service.py:" in out
     assert "concurrency |  out tok/s" in out and "TTFT" in out and "ok   bench" in out
+    # --crash: kill -9 of the EngineCore, the supervisor's restart, answers and the record of it
+    assert "crash       kill -9 of VLLM::EngineCore pid" in out
+    for step in (
+        "restart",
+        "text after the restart",
+        "image (media URL) after the restart",
+        "restart recorded",
+    ):
+        assert f"ok   {step}: " in out, step
     assert "gpu_smoke: " in out and "failed" not in out.splitlines()[-1]
     for p in (port, media_port):
         with socket.socket() as s:

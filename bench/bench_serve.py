@@ -17,7 +17,11 @@ result vLLM writes. The three modes send the same image:
 
 With --profiles it starts the service once per profile (PROFILE=<name>
 start_service.py --detach on the config's ports), measures, and stops it;
-otherwise it measures the service that runs now. Each row ends with its ratio
+otherwise it measures the service that runs now. So that the profile, not the
+file, decides what it sets, each profile runs on a copy of the config beside
+it without the keys a profile sets (MAX_MODEL_LEN, MAX_NUM_SEQS, TEMPERATURE,
+...) and with them taken out of the environment too; --keep-settings runs on
+the config as it is. Each profile's line says what its service ran with. Each row ends with its ratio
 to the peer measured in the same run: the first mode (base64) or the first
 profile (balanced) at the same concurrency.
 
@@ -35,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import io
 import json
 import mimetypes
 import os
@@ -42,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,32 +154,93 @@ HEADER = " ".join(
 )
 
 
-def service(cfg, config_arg: list[str], profile: str | None, start: bool):
-    """The service: started with PROFILE (and stopped after) when START, else the running one."""
-    import contextlib
+def answering(host: str, port: int) -> bool:
+    """Whether something accepts connections on HOST:PORT."""
+    import socket
 
-    @contextlib.contextmanager
-    def ctx():
-        env = dict(os.environ)
-        if profile:
-            env["PROFILE"] = profile
-        if start:
-            cmd = [sys.executable, str(REPO / "start_service.py"), *config_arg, "--detach", "--quiet"]
-            t0 = time.monotonic()
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-            if r.returncode != 0:
-                raise SystemExit(
-                    f"error: start with PROFILE={profile} failed:\n{r.stdout[-3000:]}{r.stderr[-2000:]}"
-                )
-            print(f"# started PROFILE={profile} in {time.monotonic() - t0:.0f} s", flush=True)
+    try:
+        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def profile_config(path: Path, keep: bool) -> tuple[Path, list[str]]:
+    """A copy of the config PATH beside it (relative paths keep their meaning) without the
+    keys a profile sets, and those keys; PATH itself and no keys when KEEP."""
+    if keep:
+        return path, []
+    from dotenv.parser import parse_stream
+
+    from qwen3_vl_service import profiles
+
+    kept, dropped = [], []
+    for binding in parse_stream(io.StringIO(path.read_text(encoding="utf-8"))):
+        if binding.key in profiles.PROFILE_KEYS or binding.key == "PROFILE":
+            dropped.append(binding.key)
+        else:
+            kept.append(binding.original.string)
+    fd, name = tempfile.mkstemp(prefix=".bench-serve-", suffix=".env", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("".join(kept))
+    return Path(name), dropped
+
+
+def profile_env(profile: str, keep: bool) -> dict[str, str]:
+    """The environment for PROFILE's service: the profile's keys left to it unless KEEP."""
+    from qwen3_vl_service import profiles
+
+    env = {k: v for k, v in os.environ.items() if keep or k not in profiles.PROFILE_KEYS}
+    env["PROFILE"] = profile
+    return env
+
+
+def describe(config_path: Path, env: dict[str, str]) -> str:
+    """What the service of this config and environment runs with (the preflight's plan)."""
+    from qwen3_vl_service import config, preflight
+
+    cfg = config.load(config_path, environ=env)
+    report = preflight.run(cfg, environ=env, check_ports=False)
+    seqs = cfg.max_num_seqs or (report.plan.max_num_seqs if report.plan else 0)
+    return (
+        f"MAX_MODEL_LEN={cfg.max_model_len} MAX_NUM_SEQS={seqs or 'vLLM default'} "
+        f"GPU_MEMORY_UTIL={cfg.gpu_memory_util} TEMPERATURE={cfg.temperature} TOP_P={cfg.top_p} "
+        f"TOP_K={cfg.top_k} MAX_TOKENS={cfg.max_tokens}"
+    )
+
+
+@contextlib.contextmanager
+def profile_service(config_path: Path, profile: str, keep: bool, media_was_up: bool) -> Iterator[None]:
+    """The service started with PROFILE on a copy of CONFIG_PATH (see profile_config), stopped after,
+    the media server with it unless it was up before the benchmark."""
+    path, dropped = profile_config(config_path, keep)
+    env = profile_env(profile, keep)
+    config_arg = ["--config", str(path)]
+    try:
+        if dropped:
+            print(f"# {profile}: {', '.join(dropped)} of {config_path.name} left to the profile", flush=True)
+        print(f"# {profile}: {describe(path, env)}", flush=True)
+        cmd = [sys.executable, str(REPO / "start_service.py"), *config_arg, "--detach", "--quiet"]
+        t0 = time.monotonic()
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            raise SystemExit(
+                f"error: start with PROFILE={profile} failed:\n{r.stdout[-3000:]}{r.stderr[-2000:]}"
+            )
+        print(f"# {profile}: started in {time.monotonic() - t0:.0f} s", flush=True)
         try:
             yield
         finally:
-            if start:
-                stop = [sys.executable, str(REPO / "stop_service.py"), *config_arg]
-                subprocess.run(stop, env=env, capture_output=True, timeout=300)
-
-    return ctx()
+            stop = [
+                sys.executable,
+                str(REPO / "stop_service.py"),
+                *config_arg,
+                *([] if media_was_up else ["--all"]),
+            ]
+            subprocess.run(stop, env=env, capture_output=True, timeout=300)
+    finally:
+        if path != config_path:
+            path.unlink(missing_ok=True)
 
 
 def main() -> int:
@@ -182,6 +250,11 @@ def main() -> int:
     ap.add_argument("--modes", default="base64", help=f"ways to pass the image: {','.join(MODES)}")
     ap.add_argument(
         "--profiles", default="", help="start the service once per profile (e.g. balanced,throughput)"
+    )
+    ap.add_argument(
+        "--keep-settings",
+        action="store_true",
+        help="with --profiles: keep the config's own values of the keys a profile sets",
     )
     ap.add_argument("--image", default="sample.png", help="a file under MEDIA_ROOT (default sample.png)")
     ap.add_argument("--prompt", default="What is in this picture?")
@@ -194,9 +267,10 @@ def main() -> int:
     ap.add_argument("--keep", metavar="DIR", help="keep vLLM's JSON results in DIR")
     args = ap.parse_args()
     from qwen3_vl_service import config
+    from qwen3_vl_service import profiles as profile_names
 
     cfg = config.load(args.config)
-    config_arg = ["--config", args.config] if args.config else []
+    config_path = Path(args.config or config.DEFAULT_CONFIG).resolve()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -208,6 +282,9 @@ def main() -> int:
     if any(c < 1 for c in levels):
         ap.error(f"--concurrency {args.concurrency!r}: each level must be at least 1")
     profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    unknown = [p for p in profiles if p not in profile_names.PROFILES]
+    if unknown:
+        ap.error(f"--profiles {args.profiles!r}: allowed {', '.join(profile_names.PROFILES)}")
     image = (cfg.media_root / args.image).resolve()
     if not image.is_file():
         ap.error(f"--image {args.image!r}: {image} is not a file under MEDIA_ROOT {cfg.media_root}")
@@ -217,11 +294,17 @@ def main() -> int:
     print(f"# vllm bench serve, openai-chat on http://{cfg.host}:{cfg.port}/v1/chat/completions, ")
     print(f"# image {image.name} ({image.stat().st_size} B), {args.output_len} output tokens per request")
     runs = [(p, m) for p in (profiles or [None]) for m in modes]
+    media_was_up = answering(cfg.media_host, cfg.media_port)
     peers: dict[int, dict] = {}
     lines = [HEADER]
     print(HEADER, flush=True)
     for profile in profiles or [None]:
-        with service(cfg, config_arg, profile, start=bool(profiles)):
+        started = (
+            profile_service(config_path, profile, args.keep_settings, media_was_up)
+            if profile
+            else contextlib.nullcontext()
+        )
+        with started:
             for mode in modes:
                 label = f"{profile} {mode}" if profile else mode
                 data = dataset(out_dir / f"data-{mode}.jsonl", image_url(mode, cfg, image), args.prompt)

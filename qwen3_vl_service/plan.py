@@ -836,14 +836,19 @@ def _cpu_capacity(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> None:
             "ok",
             "Capacity",
             f"CPU KV cache VLLM_CPU_KVCACHE_SPACE={space} GiB = {tokens:,} tokens: {full} sequences of "
-            f"MAX_MODEL_LEN={cfg.max_model_len:,} at once (MAX_NUM_SEQS="
-            + (
-                f"auto: {plan.max_num_seqs}, vLLM's CPU default caps it)"
-                if not cfg.max_num_seqs
-                else f"{cfg.max_num_seqs})"
-            ),
+            f"MAX_MODEL_LEN={cfg.max_model_len:,} at once ("
+            f"MAX_NUM_SEQS={_cpu_seqs_note(cfg, plan, full)})",
         )
     )
+
+
+def _cpu_seqs_note(cfg: ServiceConfig, plan: Plan, full: int) -> str:
+    """How MAX_NUM_SEQS came to be on the CPU backend: the user's, the fit, or vLLM's cap."""
+    if cfg.max_num_seqs:
+        return str(cfg.max_num_seqs)
+    if plan.max_num_seqs < full:
+        return f"auto: {plan.max_num_seqs}, vLLM's CPU default caps it"
+    return f"auto: {plan.max_num_seqs}"
 
 
 __all__ = ["Finding", "Level", "Plan", "RankSlot", "make", "resolve_max_num_seqs", "vision_params"]

@@ -324,3 +324,22 @@ def test_no_config_no_maths(tmp_path):
 def test_vision_params_of_the_real_tower():
     n = plan.vision_params(realmodel.REAL_CONFIG["vision_config"])
     assert 550e6 < n < 600e6  # ~0.58 B parameters, 1.07 GiB in bf16
+
+
+@pytest.mark.parametrize(
+    ("space", "max_len", "seqs", "note"),
+    [
+        # 1 GiB / (94 layers x 4 KV heads x 128 x 2 (K, V) x 2 bytes) = 5,577 tokens, 5,568 in blocks of 16
+        ("1", 1024, 5, "MAX_NUM_SEQS=auto: 5)"),
+        # 3 GiB = 16,720 tokens: 130 sequences of 128 fit, vLLM's CPU default of 128 caps it
+        ("3", 128, 128, "MAX_NUM_SEQS=auto: 128, vLLM's CPU default caps it)"),
+    ],
+)
+def test_cpu_kv_space_sizes_max_num_seqs(tmp_path, space, max_len, seqs, note):
+    c = cfg(
+        tmp_path, DEVICE="cpu", TENSOR_PARALLEL_SIZE=1, VLLM_CPU_KVCACHE_SPACE=space, MAX_MODEL_LEN=max_len
+    )
+    p = plan.make(c, None, real_info())
+    assert p.max_num_seqs == seqs
+    (finding,) = [f for f in p.findings if f.check == "Capacity"]
+    assert finding.message.endswith(note), finding.message

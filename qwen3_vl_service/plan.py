@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .findings import Finding, Level
+from .units import count
 
 if TYPE_CHECKING:
     from .config import ServiceConfig
@@ -760,7 +761,7 @@ def _concurrency(cfg: ServiceConfig, plan: Plan, smallest: RankSlot) -> Finding:
     concurrency = plan.max_concurrency or 0
     summary = (
         f"KV cache {_gib(smallest.kv_bytes)} GiB per GPU = {smallest.kv_tokens:,} tokens: "
-        f"{concurrency} sequences of MAX_MODEL_LEN={cfg.max_model_len:,} at once"
+        f"{count(concurrency, 'sequence')} of MAX_MODEL_LEN={cfg.max_model_len:,} at once"
     )
     if not cfg.max_num_seqs:
         return Finding("ok", "Capacity", f"{summary} (MAX_NUM_SEQS=auto: {plan.max_num_seqs})")
@@ -835,8 +836,8 @@ def _cpu_capacity(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> None:
         Finding(
             "ok",
             "Capacity",
-            f"CPU KV cache VLLM_CPU_KVCACHE_SPACE={space} GiB = {tokens:,} tokens: {full} sequences of "
-            f"MAX_MODEL_LEN={cfg.max_model_len:,} at once ("
+            f"CPU KV cache VLLM_CPU_KVCACHE_SPACE={space} GiB = {tokens:,} tokens: "
+            f"{count(full, 'sequence')} of MAX_MODEL_LEN={cfg.max_model_len:,} at once ("
             f"MAX_NUM_SEQS={_cpu_seqs_note(cfg, plan, full)})",
         )
     )

@@ -8,6 +8,11 @@ _BINARY = (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10
 _DECIMAL = (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """N and NOUN in the right number: 1 sequence, 2 sequences (PLURAL when not NOUN + "s")."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def format_bytes(nbytes: float, *, decimal: bool = False) -> str:
     """1536 -> '1.5 KiB', 1 << 30 -> '1 GiB'; DECIMAL: KB/MB/GB as the Hugging Face Hub shows sizes."""
     for unit, factor in _DECIMAL if decimal else _BINARY:

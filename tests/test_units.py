@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen3_vl_service.units import format_bytes, format_duration, format_ranges, format_short_time
+from qwen3_vl_service.units import count, format_bytes, format_duration, format_ranges, format_short_time
 
 
 @pytest.mark.unit
@@ -31,3 +31,10 @@ def test_format_short_time_and_ranges():
     assert format_short_time(1.5) == "1.50 s"
     assert format_ranges([5, 0, 1, 2, 7, 7]) == "0-2,5,7"
     assert format_ranges([]) == ""
+
+
+@pytest.mark.unit
+def test_count_puts_the_noun_in_the_right_number():
+    assert count(1, "sequence") == "1 sequence"
+    assert [count(n, "sequence") for n in (0, 2)] == ["0 sequences", "2 sequences"]
+    assert count(12345, "process", "processes") == "12,345 processes"

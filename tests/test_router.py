@@ -1,0 +1,129 @@
+"""vllm-router in front of replicas that require API_KEY: the client's bearer token reaches them.
+
+The real router (router.start, the vllm-router 0.1.17 binary) in front of two
+stand-in workers that answer /v1/* only with ``Authorization: Bearer <key>``,
+as vLLM does with --api-key (its /health stays open, and the router checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from skips import installed, missing
+
+from qwen3_vl_service import config, router, stop
+
+KEY = "sk-router-test-0123456789"
+WORKER = r"""
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+key, port = sys.argv[1], int(sys.argv[2])
+
+
+class Handler(BaseHTTPRequestHandler):
+    def _answer(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _serve(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        auth = self.headers.get("Authorization")
+        print(json.dumps({"path": self.path, "auth": auth}), flush=True)
+        if self.path.startswith("/v1") and auth != f"Bearer {key}":
+            return self._answer(401, {"error": "Unauthorized"})
+        if self.path == "/v1/models":
+            return self._answer(200, {"object": "list", "data": [{"id": "m", "object": "model"}]})
+        if self.path == "/v1/chat/completions":
+            message = {"role": "assistant", "content": f"from {port}"}
+            return self._answer(200, {"id": "c", "object": "chat.completion",
+                                      "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+        return self._answer(200, {})
+
+    do_GET = do_POST = _serve
+
+    def log_message(self, *args):
+        pass
+
+
+ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _seen(log: Path, path: str) -> list[str | None]:
+    lines = [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith("{")]
+    return [ln["auth"] for ln in lines if ln["path"] == path]
+
+
+@pytest.mark.integration
+def test_the_clients_bearer_token_reaches_the_replicas_through_the_router(tmp_path):
+    if not installed("vllm_router"):
+        missing("vllm-router is not installed (pip install -e '.[router]')")
+    ports = [_free_port(), _free_port()]
+    logs = [tmp_path / f"worker-{p}.log" for p in ports]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, KEY, str(p)], stdout=log.open("w"), stderr=subprocess.STDOUT
+        )
+        for p, log in zip(ports, logs, strict=True)
+    ]
+    path = tmp_path / "config.env"
+    path.write_text(
+        f"HOST=127.0.0.1\nAPI_KEY={KEY}\nROUTER_PORT={_free_port()}\nSTARTUP_TIMEOUT=60\n"
+        f"RUN_DIR={tmp_path / 'run'}\nLOG_DIR={tmp_path / 'logs'}\nMODEL_PATH={tmp_path / 'model'}\n",
+        encoding="utf-8",
+    )
+    cfg = config.load(path, environ={})
+    run_dir = cfg.run_dir / "router"
+    try:
+        router.start(
+            cfg,
+            [f"http://127.0.0.1:{p}" for p in ports],
+            log_file=tmp_path / "logs" / "router.log",
+            detached=True,
+            wait=True,
+            say=lambda _line: None,
+        )
+        base = f"http://127.0.0.1:{cfg.router_port}"
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        with requests.Session() as s:
+            s.trust_env = False
+            with_key = [
+                s.post(
+                    f"{base}/v1/chat/completions",
+                    json=body,
+                    headers={"Authorization": f"Bearer {KEY}"},
+                    timeout=30,
+                )
+                for _ in range(4)
+            ]
+            without = s.post(f"{base}/v1/chat/completions", json=body, timeout=30)
+        assert [r.status_code for r in with_key] == [200] * 4, [r.text for r in with_key]
+        answered = {r.json()["choices"][0]["message"]["content"] for r in with_key}
+        assert answered == {f"from {p}" for p in ports}, "both replicas served"
+        assert without.status_code == 401, "the replica's refusal reaches the client"
+        for log in logs:
+            assert f"Bearer {KEY}" in _seen(log, "/v1/chat/completions"), log.read_text()
+    finally:
+        stop.stop_service(run_dir, host=cfg.host, port=cfg.router_port, timeout=10, echo=lambda _line: None)
+        for w in workers:
+            w.terminate()
+            w.wait(10)

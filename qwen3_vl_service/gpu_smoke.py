@@ -19,6 +19,13 @@ answer a text and an image request, and the status must show the restart with
 the EngineCore as its cause. The processes of both runs count for the final
 NVML check.
 
+With --yarn F (2 or 3, the model card's factors) the service runs with
+ROPE_SCALING=yarn, ROPE_FACTOR=F and MAX_MODEL_LEN = the model's native
+positions x F, and one more request sends a prompt of token ids longer than the
+native positions (--long-prompt N tokens, default native + 4,096) to
+/v1/completions: it must answer 200 with N prompt tokens, and vLLM's log must
+show the new max_seq_len.
+
 With --device cpu it runs the same steps against the tiny bfloat16 model on
 vLLM's CPU build (how CI tests this script).
 """
@@ -45,6 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 # vLLM's log lines that show the block-FP8 path (0.26: linear kernel choice, MoE backend).
 FP8_LINE = re.compile(r"Selected \w+ for \w*Fp8\w*|Fp8 MoE backend|Block FP8 kernel|BlockScaled\w*Kernel")
 KV_LINE = re.compile(r"(\w+) KV cache size: ([\d,]+) tokens")
+# vLLM's engine config line (config/vllm.py): the max length it serves, after any rope scaling.
+MAX_SEQ_LINE = re.compile(r"Initializing a V1 LLM engine .*?max_seq_len=(\d+)")
 PLAN_KV = re.compile(r"KV tokens\s.*=\s*([\d,]+)")
 
 
@@ -72,6 +81,16 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="run bench/bench_gpu.py before stopping")
     p.add_argument("--bench-args", default="", help="extra arguments for bench_gpu.py (one string)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    p.add_argument(
+        "--yarn",
+        type=int,
+        choices=(2, 3),
+        default=None,
+        help="serve with YaRN rope scaling of this factor and send a prompt past the native positions",
+    )
+    p.add_argument(
+        "--long-prompt", type=int, default=None, help="tokens of that prompt (default: native + 4096)"
+    )
     p.add_argument(
         "--crash",
         action="store_true",
@@ -140,9 +159,57 @@ def write_config(args, model: Path, media: Path, tp: int) -> Path:
             "VLLM_CPU_KVCACHE_SPACE=1",
             "OMP_NUM_THREADS=2",
         ]
+    if getattr(args, "yarn", None):
+        length = native_positions(model) * args.yarn
+        lines = [ln for ln in lines if not ln.startswith("MAX_MODEL_LEN=")]
+        lines += ["ROPE_SCALING=yarn", f"ROPE_FACTOR={args.yarn}", f"MAX_MODEL_LEN={length}"]
     path = args.out / "config.env"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def native_positions(model: Path) -> int:
+    """The text model's max_position_embeddings from MODEL/config.json (262,144 for Qwen3-VL)."""
+    import json
+
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    return int(cfg.get("text_config", cfg)["max_position_embeddings"])
+
+
+def ordinary_token_ids(model: Path, n: int) -> list[int]:
+    """N token ids of MODEL's ordinary text: below every special id config.json names (bos, eos,
+    vision start/end, image, video: one of those in a text prompt would make vLLM look for media)."""
+    import json
+
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    text = cfg.get("text_config", cfg)
+    ids = [v for c in (cfg, text) for k, v in c.items() if k.endswith("token_id") and isinstance(v, int)]
+    top = min([text["vocab_size"], *ids])
+    return [10 + (i * 7919) % (top - 10) for i in range(n)]
+
+
+def long_prompt_request(base: str, prompt: list[int]) -> Check:
+    """/v1/completions with PROMPT (token ids): 200 with exactly that many prompt tokens."""
+    import requests
+
+    tokens = len(prompt)
+    start = time.monotonic()
+    try:
+        with requests.Session() as s:
+            s.trust_env = False
+            model_name = s.get(base + "/v1/models", timeout=60).json()["data"][0]["id"]
+            body = {"model": model_name, "prompt": prompt, "max_tokens": 8}
+            r = s.post(base + "/v1/completions", json=body, timeout=1800)
+        took = time.monotonic() - start
+        got = r.json().get("usage", {}).get("prompt_tokens") if r.status_code == 200 else None
+        ok = r.status_code == 200 and got == tokens
+        note = f"{got:,} prompt tokens" if got is not None else r.text[:300]
+        return Check(f"long prompt ({tokens:,} tokens)", ok, f"{r.status_code}  {took:8.1f} s  {note}")
+    except Exception as exc:  # noqa: BLE001 - any failure of the request is its result
+        took = time.monotonic() - start
+        return Check(
+            f"long prompt ({tokens:,} tokens)", False, f"---  {took:8.1f} s  {type(exc).__name__}: {exc}"
+        )
 
 
 def prepare(args) -> tuple[Path, Path]:
@@ -249,6 +316,9 @@ def log_facts(log_text: str, plan_kv: int | None) -> list[str]:
     lines += [f"  fp8 kernel  {ln[-200:]}" for ln in dict.fromkeys(fp8)] or [
         "  fp8 kernel  (no block-FP8 line)"
     ]
+    seq = MAX_SEQ_LINE.findall(log_text)
+    if seq:
+        lines.append(f"  max length  vLLM max_seq_len={int(seq[-1]):,}")
     kv = KV_LINE.findall(log_text)
     if kv:
         where, tokens = kv[-1]
@@ -321,6 +391,11 @@ def smoke(args) -> int:
     try:
         if code == 0:
             checks += run_requests(args.port, args.media_port, media, args.max_tokens)
+            if args.yarn:
+                n = args.long_prompt or native_positions(model) + 4096
+                c = long_prompt_request(f"http://127.0.0.1:{args.port}", ordinary_token_ids(model, n))
+                print(f"  {'ok  ' if c.ok else 'FAIL'} {c.name:<18} {c.detail}", flush=True)
+                checks.append(c)
             where = scope.paths(service_config.load(config))  # the service's own folders
             log = where.service_log.read_text(errors="replace")
             print("\n".join(log_facts(log, plan_kv)))

@@ -14,7 +14,8 @@
 #          NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1;
 #          bash scripts/gpu_visit.sh', timeout_s=600)
 #   LAYERS=N (default 8) and WORK (default /tmp/qwen3-vl-visit) may be set in front of the script;
-#   BENCH=0 leaves out bench_gpu.py, CRASH=0 the kill -9 of the EngineCore and the restart.
+#   BENCH=0 leaves out bench_gpu.py, CRASH=0 the kill -9 of the EngineCore and the restart;
+#   YARN=3 serves 786,432 positions (YaRN factor 3) and sends a prompt past the native 262,144.
 #   The files come back from $OUT: gpu_visit.txt (everything printed), service.log, media_server.log,
 #   launcher.log, config.env, model_config.json.
 #
@@ -45,6 +46,7 @@ cat "$REPORT"
 SMOKE_ARGS=()
 [[ ${BENCH:-1} == 1 ]] && SMOKE_ARGS+=(--bench --bench-args "--concurrency 1,8,32")
 [[ ${CRASH:-1} == 1 ]] && SMOKE_ARGS+=(--crash)
+[[ -n ${YARN:-} ]] && SMOKE_ARGS+=(--yarn "$YARN")
 bash scripts/gpu_smoke.sh "$WORK" "$LAYERS" "${SMOKE_ARGS[@]}" 2>&1 | tee -a "$REPORT"
 rc=${PIPESTATUS[0]}
 

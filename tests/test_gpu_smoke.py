@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -24,6 +25,10 @@ LOG_026 = f"""\
 (EngineCore_DP0 pid=4242) INFO 12-01 20:42:10 [kv_cache_utils.py:2177] GPU KV cache size: 1,234,560 tokens
 (APIServer pid=4200) INFO 12-01 20:42:30 [api_server.py:1] Starting vLLM API server 0 on http://127.0.0.1:8010
 """
+ENGINE_LINE = (
+    f"{_CORE} [core.py:133] Initializing a V1 LLM engine (v0.26.0) with config: model='/m', "
+    "speculative_config=None, dtype=torch.bfloat16, max_seq_len=786432, download_dir=None\n"
+)
 
 
 def _args(tmp_path: Path, device: str) -> Namespace:
@@ -51,6 +56,22 @@ def test_log_facts_show_the_fp8_kernels_and_kv_beside_the_plan():
     assert "CutlassFp8BlockScaledMMKernel" in text and "TRITON Fp8 MoE backend" in text
     assert "vLLM GPU 1,234,560 tokens; plan 1,200,000, plan/vLLM = 0.972" in text
     assert "no block-FP8 line" in "\n".join(gpu_smoke.log_facts("INFO nothing", None))
+    assert "max length  vLLM max_seq_len=786,432" in "\n".join(
+        gpu_smoke.log_facts(ENGINE_LINE + LOG_026, None)
+    )
+    assert "max length" not in text  # no engine line, no claim
+
+
+@pytest.mark.unit
+def test_yarn_serves_native_positions_times_the_factor(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"text_config": {"max_position_embeddings": 262144}}')
+    args = _args(tmp_path, "gpu")
+    args.yarn = 3
+    cfg = config.load(gpu_smoke.write_config(args, model, tmp_path / "media", tp=1), environ={})
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.max_model_len) == ("yarn", 3, 786_432)
+    assert cfg.sources["MAX_MODEL_LEN"].startswith("file")
 
 
 @pytest.mark.unit
@@ -122,3 +143,13 @@ def test_a_gpu_process_of_the_service_left_after_the_stop_fails_the_run(monkeypa
 
     monkeypatch.setattr(processes, "gpu_pids", no_nvml)
     assert not gpu_smoke.no_gpu_process_left(None, set()).ok
+
+
+@pytest.mark.unit
+def test_the_long_prompt_uses_no_special_token_id(tmp_path):
+    text = {"vocab_size": 4096, "bos_token_id": 4000, "eos_token_id": 4002}
+    cfg = {"image_token_id": 4012, "video_token_id": 4013, "vision_start_token_id": 4009, "text_config": text}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ids = gpu_smoke.ordinary_token_ids(tmp_path, 50_000)
+    assert len(ids) == 50_000 and min(ids) >= 10 and max(ids) < 4000
+    assert len(set(ids)) == 3990  # every ordinary id, none of the specials

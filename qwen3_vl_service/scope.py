@@ -9,8 +9,13 @@ differs only in model and ports needs no new folders::
 
     RUN_DIR/port-8010/service.json        the run state (runstate.py)
     LOG_DIR/port-8010/service.log         vLLM's output; launcher.log, stop.log, status.log
-    RUN_DIR/media-8080/media_server.pid   the media server, one per MEDIA_PORT,
-    LOG_DIR/media-8080/media_server.log   shared by the services that name that port
+    RUN_DIR/media-8080-gpu01/media_server.pid   the media server, one per MEDIA_PORT and node,
+    LOG_DIR/media-8080-gpu01/media_server.log   shared by the services that name that port
+
+The media folders carry the node's name: a checkout on a shared file system
+serves from several nodes (a service a node), and each node runs its own media
+server on MEDIA_PORT; one pid file for all would make each node's start and
+supervisor take the other's server for a stranger.
 
 Every process of a service carries its own run folder in its environment
 (vllm_args.RUN_DIR_ENV), so stopping one never touches another's.
@@ -66,12 +71,19 @@ def service_name(cfg: ServiceConfig) -> str:
     return cfg.service_name or f"port-{cfg.port}"
 
 
+def media_folder(media_port: int, node: str | None = None) -> str:
+    """The media server's folder name under RUN_DIR and LOG_DIR: media-<port>-<node> (this node)."""
+    import socket
+
+    return f"{MEDIA_PREFIX}{media_port}-{node or socket.gethostname()}"
+
+
 def paths(cfg: ServiceConfig) -> ServicePaths:
     """Every file of the service that CFG describes (see the module doc)."""
     name = service_name(cfg)
     run_dir = cfg.run_dir / name
     log_dir = cfg.log_dir / name
-    media = f"{MEDIA_PREFIX}{cfg.media_port}"
+    media = media_folder(cfg.media_port)
     return ServicePaths(
         name=name,
         run_dir=run_dir,
@@ -114,4 +126,4 @@ def media_users(cfg: ServiceConfig) -> list[tuple[str, RunState]]:
     return users
 
 
-__all__ = ["ServicePaths", "media_users", "paths", "service_name", "services"]
+__all__ = ["ServicePaths", "media_folder", "media_users", "paths", "service_name", "services"]

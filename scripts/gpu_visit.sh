@@ -57,7 +57,7 @@ rc=${PIPESTATUS[0]}
   echo "== exit $rc"
 } 2>&1 | tee -a "$REPORT"
 
-# The service logs under its own folder (scope.py: LOG_DIR/<service>/), the media server under media-<port>/.
+# The service logs under its own folder (scope.py: LOG_DIR/<service>/), the media server under media-<port>-<node>/.
 cp "$WORK"/logs/port-*/service.log "$OUT/service.log" 2>/dev/null
 cp "$WORK"/logs/media-*/media_server.log "$OUT/media_server.log" 2>/dev/null
 cp "$WORK"/logs/port-*/launcher.log "$OUT/launcher.log" 2>/dev/null

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from qwen3_vl_service import readiness, runstate
+from qwen3_vl_service import readiness, runstate, scope
 from qwen3_vl_service.processes import TITLE_ENV
 from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV
 
@@ -107,7 +107,7 @@ def run_dir_of(tmp: Path) -> Path:
 
 def media_dir_of(tmp: Path, media_port: int) -> Path:
     """Where write_config(TMP)'s media server keeps its pid file (scope.paths)."""
-    return (tmp / "run" / f"media-{media_port}").resolve()
+    return (tmp / "run" / scope.media_folder(media_port)).resolve()
 
 
 def gone(pid: int) -> bool:

@@ -29,6 +29,8 @@ import pytest
 import requests
 from skips import vllm_missing
 
+from qwen3_vl_service import scope
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 MODEL = "qwen3-vl-fp8"
@@ -92,7 +94,7 @@ class Service:
         # The service's own folders (scope.py: SERVICE_NAME auto is port-<PORT>).
         self.run_dir = self.run_root / f"port-{self.port}"
         self.log_dir = self.log_root / f"port-{self.port}"
-        self.media_pid_file = self.run_root / f"media-{self.media_port}" / "media_server.pid"
+        self.media_pid_file = self.run_root / scope.media_folder(self.media_port) / "media_server.pid"
         self.model = root / "model"
         self.env = {
             **os.environ,

@@ -33,7 +33,7 @@ import aiohttp
 import psutil
 import pytest
 
-from qwen3_vl_service import config
+from qwen3_vl_service import config, scope
 from qwen3_vl_service.errors import CheckFailed, ConfigError
 from qwen3_vl_service.media import PID_FILE_NAME, SERVICE_ID, client
 from qwen3_vl_service.media import server as media_server
@@ -687,8 +687,8 @@ def test_stop_service_all_stops_the_supervisor_and_its_workers(tmp_path: Path) -
     cfg = tmp_path / "config.env"
     cfg.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     # Where the launcher keeps this config's media server (scope.paths).
-    pid_file = run_dir / f"media-{media_port}" / PID_FILE_NAME
-    media_log = log_dir / f"media-{media_port}" / "media_server.log"
+    pid_file = run_dir / scope.media_folder(media_port) / PID_FILE_NAME
+    media_log = log_dir / scope.media_folder(media_port) / "media_server.log"
     pid, started = client.ensure_running(
         "127.0.0.1", media_port, root, ("png",), media_log, pid_file, workers=2
     )
@@ -775,12 +775,12 @@ def test_settings_from_config_file(tmp_path: Path) -> None:
     proc, port, _ = start_server_from_config(tmp_path)
     try:
         # The config's files for this port (scope.paths: one media server per port; --port 0 here).
-        log = tmp_path / "lg" / "media-0" / "media_server.log"
+        log = tmp_path / "lg" / scope.media_folder(0) / "media_server.log"
         srv = Server(proc, port, tmp_path / "m", log, tmp_path / "rn")
         info = json.loads(srv.get("/health")[2])
         assert info["root"] == str((tmp_path / "m").resolve()) and info["allowed_types"] == ["webp"]
         assert srv.get("/a.webp")[0] == 200 and srv.get("/b.jpg")[0] == 404
-        assert read_pid_file(tmp_path / "rn" / "media-0" / "media_server.pid") == proc.pid
+        assert read_pid_file(tmp_path / "rn" / scope.media_folder(0) / "media_server.pid") == proc.pid
         assert log.exists()
     finally:
         _stop_pid(proc.pid)

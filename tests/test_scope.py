@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
@@ -29,8 +30,12 @@ def test_default_name_is_the_port_and_folders_follow_it(tmp_path: Path) -> None:
     assert p.run_dir == run / "port-8010" and p.state_file == run / "port-8010" / "service.json"
     assert p.service_log == REPO / "logs" / "port-8010" / "service.log"
     assert p.launcher_log == REPO / "logs" / "port-8010" / "launcher.log"
-    assert p.media_pid_file == run / "media-8080" / "media_server.pid"
-    assert p.media_log == REPO / "logs" / "media-8080" / "media_server.log"
+    node = socket.gethostname()
+    assert p.media_pid_file == run / f"media-8080-{node}" / "media_server.pid"
+    assert p.media_log == REPO / "logs" / f"media-8080-{node}" / "media_server.log"
+    assert (
+        scope.media_folder(8080, "gpu02") == "media-8080-gpu02"
+    )  # another node: another server, another pid file
 
 
 @pytest.mark.unit

@@ -24,6 +24,8 @@ from skips import vllm_missing
 from test_e2e import MODEL, _have_vllm, alive, free_port, ours, port_free
 from test_yarn import short_context_copy
 
+from qwen3_vl_service import scope
+
 REPO = Path(__file__).resolve().parents[1]
 # Two vLLM starts: minutes each on two shared cores.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -94,7 +96,7 @@ def pair(tmp_path_factory):
 
 
 def media_pid(root: Path, media_port: int) -> int:
-    return int((root / "run" / f"media-{media_port}" / "media_server.pid").read_text().split()[0])
+    return int((root / "run" / scope.media_folder(media_port) / "media_server.pid").read_text().split()[0])
 
 
 def test_each_service_has_its_own_state_and_log_and_they_share_one_media_server(pair):

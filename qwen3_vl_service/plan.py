@@ -68,6 +68,9 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
 # MAX_NUM_SEQS=auto never asks for more than vLLM's own default for the device (vllm/engine/
 # arg_utils.py, _get_default_max_num_seqs: 1024 for the API server on H100/H200-class GPUs, 128 on CPU).
 AUTO_MAX_NUM_SEQS = {"gpu": 1024, "cpu": 128}
+# Below this MAX_TOKENS a Thinking model's reasoning often uses up the whole answer (Qwen's cards
+# for its Thinking models suggest output lengths in the tens of thousands of tokens).
+THINKING_MIN_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,7 @@ def make(cfg: ServiceConfig, inventory: Inventory | None, model: ModelInfo) -> P
 
     if inventory is not None:
         _gpu_count(cfg, inventory, model, out)
+    _answer_length(cfg, out)
     if model.config_ok:
         _parallel(cfg, model, plan)
         if cfg.rope_scaling == "yarn":
@@ -611,6 +615,22 @@ def _expert_spread(model: ModelInfo, plan: Plan) -> None:
             "choose TENSOR_PARALLEL_SIZE dividing the expert count",
         )
     )
+
+
+def _answer_length(cfg: ServiceConfig, out: list[Finding]) -> None:
+    """MAX_TOKENS caps the thinking too: vLLM caps every request's max_tokens to it."""
+    if cfg.reasoning_parser and cfg.max_tokens < THINKING_MIN_TOKENS:
+        out.append(
+            Finding(
+                "warn",
+                "Answers",
+                f"MAX_TOKENS={cfg.max_tokens} caps the reasoning as well as the answer (REASONING_PARSER="
+                f"{cfg.reasoning_parser}), and no request can ask for more: a Thinking model often "
+                "reasons past it and then ends with finish_reason 'length' and no answer",
+                f"raise MAX_TOKENS to {THINKING_MIN_TOKENS} or more (balanced: 8192) unless the answers "
+                "are meant to be cut",
+            )
+        )
 
 
 def _max_len(cfg: ServiceConfig, model: ModelInfo, out: list[Finding]) -> None:

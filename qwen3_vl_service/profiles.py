@@ -17,7 +17,10 @@ throughput     GPU_MEMORY_UTIL 0.95 and a 16K context: about twice the
                sequences at once (requests that fit in 16K)
 long-context   a 64K context: about half the sequences of balanced
 low-latency    TEMPERATURE 0.3 and answers capped at 512 tokens (MAX_TOKENS):
-               short, focused replies return sooner
+               short, focused replies return sooner. The cap counts the
+               Thinking model's reasoning too, so a question it reasons long
+               about ends cut off with no answer (the preflight warns): the
+               original README's recipe, for short tasks
 creative       TEMPERATURE 1.0, TOP_P 0.95, TOP_K 50: more varied text
 =============  ==============================================================
 """

@@ -143,3 +143,16 @@ def test_bad_profile_exits_2_with_one_line() -> None:
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "PROFILE='turbo'" in r.stderr and "Traceback" not in r.stderr
     assert os.environ.get("PROFILE") != "turbo"
+
+
+@pytest.mark.unit
+def test_low_latency_warns_that_its_cap_cuts_a_thinking_models_reasoning(model_dir: Path) -> None:
+    def answers(env: dict[str, str]) -> list[str]:
+        cfg = load({"MODEL_PATH": str(model_dir), **env})
+        p = plan.make(cfg, parse_spec("8xH100-80GB"), inspect(model_dir))
+        return [f.level + ": " + f.message for f in p.findings if f.check == "Answers"]
+
+    (warning,) = answers({"PROFILE": "low-latency"})
+    assert warning.startswith("warn: MAX_TOKENS=512 caps the reasoning as well as the answer")
+    assert answers({"PROFILE": "balanced"}) == []
+    assert answers({"PROFILE": "low-latency", "REASONING_PARSER": ""}) == []  # no thinking to cut

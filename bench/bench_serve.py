@@ -212,31 +212,31 @@ def describe(config_path: Path, env: dict[str, str]) -> str:
 @contextlib.contextmanager
 def profile_service(config_path: Path, profile: str, keep: bool, media_was_up: bool) -> Iterator[None]:
     """The service started with PROFILE on a copy of CONFIG_PATH (see profile_config), stopped after,
-    the media server with it unless it was up before the benchmark."""
+    the media server with it unless it was up before the benchmark. Whatever ends the start (an
+    error, its time running out, Ctrl+C) stops what it started too: nothing is left running."""
+    from qwen3_vl_service import config
+
     path, dropped = profile_config(config_path, keep)
     env = profile_env(profile, keep)
     config_arg = ["--config", str(path)]
+    stop = [sys.executable, str(REPO / "stop_service.py"), *config_arg, *([] if media_was_up else ["--all"])]
     try:
         if dropped:
             print(f"# {profile}: {', '.join(dropped)} of {config_path.name} left to the profile", flush=True)
         print(f"# {profile}: {describe(path, env)}", flush=True)
+        # The launcher waits up to STARTUP_TIMEOUT for vLLM; give it that and a margin.
+        timeout = config.load(path, environ=env).startup_timeout + 120
         cmd = [sys.executable, str(REPO / "start_service.py"), *config_arg, "--detach", "--quiet"]
         t0 = time.monotonic()
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if r.returncode != 0:
-            raise SystemExit(
-                f"error: start with PROFILE={profile} failed:\n{r.stdout[-3000:]}{r.stderr[-2000:]}"
-            )
-        print(f"# {profile}: started in {time.monotonic() - t0:.0f} s", flush=True)
         try:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            if r.returncode != 0:
+                raise SystemExit(
+                    f"error: start with PROFILE={profile} failed:\n{r.stdout[-3000:]}{r.stderr[-2000:]}"
+                )
+            print(f"# {profile}: started in {time.monotonic() - t0:.0f} s", flush=True)
             yield
         finally:
-            stop = [
-                sys.executable,
-                str(REPO / "stop_service.py"),
-                *config_arg,
-                *([] if media_was_up else ["--all"]),
-            ]
             subprocess.run(stop, env=env, capture_output=True, timeout=300)
     finally:
         if path != config_path:
@@ -295,6 +295,11 @@ def main() -> int:
     print(f"# image {image.name} ({image.stat().st_size} B), {args.output_len} output tokens per request")
     runs = [(p, m) for p in (profiles or [None]) for m in modes]
     media_was_up = answering(cfg.media_host, cfg.media_port)
+    if profiles and answering(cfg.host, cfg.port):
+        raise SystemExit(
+            f"error: something already answers on port {cfg.port}: --profiles starts and stops its own "
+            "service there; stop the running one first, or benchmark it without --profiles"
+        )
     peers: dict[int, dict] = {}
     lines = [HEADER]
     print(HEADER, flush=True)

@@ -411,7 +411,7 @@ def smoke(args) -> int:
                 checks.append(_step("bench", lambda: (bcode == 0, f"exit {bcode} after {btook:.0f} s")))
             if args.crash:
                 checks += crash_and_recover(config, args, tag)
-                tag = _tag(where.run_dir) or tag  # the new run's processes carry a new tag
+                tag = _tag(where.run_dir) or tag  # a restart keeps the tag: the same, read again
                 run_pids |= our_pids(tag)
     finally:
         stop_code, stop_out, stook = _run([py, str(REPO / "stop_service.py"), *cfgargs, "--all"], timeout=600)
@@ -451,6 +451,7 @@ def crash_and_recover(config: Path, args, tag: str | None) -> list[Check]:
     import json
     import signal
 
+    import psutil
     import requests
 
     from . import runstate
@@ -478,7 +479,11 @@ def crash_and_recover(config: Path, args, tag: str | None) -> list[Check]:
         return state is not None and state.pid != old_pid
 
     killed = time.monotonic()
-    engine.send_signal(signal.SIGKILL)
+    try:
+        engine.send_signal(signal.SIGKILL)
+    except psutil.Error as exc:  # it ended by itself between the lookup and the kill
+        why = f"kill -9 of VLLM::EngineCore pid {engine.pid}: {exc}"
+        return [_step("crash", lambda: (False, why))]
     print(f"crash       kill -9 of VLLM::EngineCore pid {engine.pid}", flush=True)
     restarted = poll_until(new_run, 300, step=1.0)
     back = restarted and poll_until(healthy, cfg.startup_timeout, step=1.0)
@@ -499,10 +504,9 @@ def crash_and_recover(config: Path, args, tag: str | None) -> list[Check]:
     kinds = request_kinds(base, f"http://127.0.0.1:{args.media_port}", "", image_b64, args.max_tokens)
     with requests.Session() as session:
         session.trust_env = False
-        model_name = session.get(base + "/v1/models", timeout=60).json()["data"][0]["id"]
         for kind, path, body in kinds:
             if kind in ("text", "image (media URL)"):
-                c = send(session, base, model_name, f"{kind} after the restart", path, body)
+                c = send(session, base, cfg.served_model_name, f"{kind} after the restart", path, body)
                 print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}", flush=True)
                 checks.append(c)
     code, out, _ = _run(

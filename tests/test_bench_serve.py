@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,33 @@ def test_bad_arguments_get_one_line_and_exit_2(tmp_path, args, message):
         timeout=60,
     )
     assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1], proc.stderr
+
+
+@pytest.mark.integration
+def test_profiles_refuse_a_port_that_something_already_answers_on(tmp_path):
+    (tmp_path / "sample.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = tmp_path / "c.env"
+        path.write_text(f"HOST=127.0.0.1\nPORT={port}\nMEDIA_ROOT={tmp_path}\n", encoding="utf-8")
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "bench" / "bench_serve.py"),
+                "--config",
+                str(path),
+                "--profiles",
+                "balanced",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith(f"error: something already answers on port {port}") and "Traceback" not in proc.stderr
+    )
+    assert not list(tmp_path.glob(".bench-serve-*.env")), "no config copy is left behind"

@@ -638,6 +638,10 @@ def write_weights(out: Path, config: dict[str, Any], seed: int) -> list[Path]:
     return paths
 
 
+# The file that marks a folder as one generate() wrote (and may write again).
+MARKER = ".tiny-model"
+
+
 def generate(
     out_dir: Path,
     seed: int = 0,
@@ -654,7 +658,9 @@ def generate(
     the published text and vision widths, depth cut to layers (default 94).
     """
     out = Path(out_dir)
+    _refuse_foreign(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by python -m qwen3_vl_service.tiny_model: random weights\n")
     text, vision = (TEXT_REAL if real_shapes else TEXT_FP8 if fp8 else TEXT), VISION
     if layers is not None:
         text = {**text, "num_hidden_layers": layers}
@@ -682,6 +688,25 @@ def generate(
     write_processor_configs(out)
     write_generation_config(out, ids)
     return out
+
+
+def _refuse_foreign(out: Path) -> None:
+    """OUT must be new, empty, or a model this module wrote (its MARKER): never a real checkpoint,
+    whose shards and config.json the generation would replace."""
+    from .errors import UsageError
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file, not a folder", fix="give a folder for the model")
+    if not out.is_dir() or (out / MARKER).is_file():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UsageError(
+            f"{out} already holds {len(entries)} file(s) not written by tiny_model ({shown}); "
+            "generating would replace its config.json and shards",
+            fix="give a new or empty folder (a real checkpoint is never overwritten)",
+        )
 
 
 def _check_header(path: Path, fp8: bool) -> None:  # cheap sanity check used by main()

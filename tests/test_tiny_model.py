@@ -50,6 +50,26 @@ def test_main_writes_model(tmp_path, capsys):
     assert (tmp_path / "m" / "config.json").is_file()
 
 
+def test_a_folder_it_did_not_write_is_never_overwritten(tmp_path, capsys):
+    real = tmp_path / "Qwen3-VL-235B-A22B-Thinking-FP8"
+    real.mkdir()
+    (real / "config.json").write_text('{"model_type": "qwen3_vl_moe"}')
+    (real / "model-00001-of-00048.safetensors").write_bytes(b"weights")
+    assert tiny_model.main([str(real)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds 2 file(s) not written by tiny_model" in err[0], err
+    assert (real / "model-00001-of-00048.safetensors").read_bytes() == b"weights"
+    assert (real / "config.json").read_text() == '{"model_type": "qwen3_vl_moe"}'
+    # Its own folder it writes again (the marker says so); a file is no folder.
+    again = tmp_path / "again"
+    tiny_model.generate(again, seed=3)
+    assert (again / tiny_model.MARKER).is_file() and tiny_model.main([str(again), "--seed", "4"]) == 0
+    (tmp_path / "f").write_text("x")
+    assert (
+        tiny_model.main([str(tmp_path / "f")]) == 2 and "is a file, not a folder" in capsys.readouterr().err
+    )
+
+
 def test_config_has_the_real_layout(config):
     assert config["architectures"] == ["Qwen3VLMoeForConditionalGeneration"]
     assert config["model_type"] == "qwen3_vl_moe"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import math
 import os
 import sys
 import traceback
@@ -66,6 +67,21 @@ def run(body: Callable[[], int], log_path: Path | Callable[[], Path] | None = No
         return EXIT_FAILED
 
 
+def seconds(most: float, *, least: float = 0.0) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds in [LEAST, MOST] (no nan, no inf)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not math.isfinite(value) or not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"{text!r}: give seconds from {least:g} to {most:g}")
+        return value
+
+    return parse
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of printing usage and exiting."""
 
@@ -82,4 +98,4 @@ class ArgumentParser(argparse.ArgumentParser):
         self.add_argument("--config", metavar="FILE", help=f"settings file (default {default})")
 
 
-__all__ = ["EXIT_USAGE", "ArgumentParser", "error", "run"]
+__all__ = ["EXIT_USAGE", "ArgumentParser", "error", "run", "seconds"]

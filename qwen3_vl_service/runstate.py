@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import shutil
 import socket
@@ -98,6 +99,8 @@ class RunState:
             values[f.name] = value
         if values["pid"] <= 0:
             raise ValueError("pid must be positive")
+        if not math.isfinite(values["create_time"]) or values["create_time"] < 0:
+            raise ValueError("create_time must be a time")
         return cls(**values)
 
 
@@ -174,7 +177,7 @@ def read(run_dir: str | os.PathLike[str]) -> RunState | None:
         return None
     try:
         return RunState.from_dict(json.loads(text))
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, OverflowError):  # OverflowError: a started_at of 1e20
         return None
 
 

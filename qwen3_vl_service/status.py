@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from . import config as config_mod
 from . import processes, runstate, scope, supervisor
-from .cli import ArgumentParser, run
+from .cli import ArgumentParser, run, seconds
 from .config import ServiceConfig
 from .errors import EXIT_FAILED, EXIT_OK
 from .hosts import connect_host, display_host, local_url, url_host
@@ -537,13 +537,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--json", action="store_true", help="print one JSON object")
         parser.add_argument(
             "--sample",
-            type=float,
+            type=seconds(300),
             default=1.0,
             metavar="S",
             help="seconds between two /metrics reads for the throughput (0: totals only; default 1)",
         )
         parser.add_argument(
-            "--http-timeout", type=float, default=3.0, metavar="S", help="per request (default 3)"
+            "--http-timeout",
+            type=seconds(600, least=0.001),
+            default=3.0,
+            metavar="S",
+            help="per request (default 3)",
         )
         args = parser.parse_args(argv)
         if args.sample < 0 or args.http_timeout <= 0:

@@ -37,7 +37,7 @@ import psutil
 
 from . import config as config_mod
 from . import drain, processes, runstate, scope, supervisor
-from .cli import ArgumentParser, run
+from .cli import ArgumentParser, run, seconds
 from .errors import EXIT_FAILED, EXIT_OK
 from .units import format_duration
 
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--all", action="store_true", help="also stop the media server")
         parser.add_argument(
             "--timeout",
-            type=float,
+            type=seconds(86400),
             metavar="S",
             help=(
                 "seconds vLLM gets after SIGTERM before SIGKILL "

@@ -53,6 +53,9 @@ def test_write_replaces_atomically(tmp_path: Path) -> None:
         json.dumps({**dataclasses.asdict(make_state()), "pid": "12"}),
         json.dumps({**dataclasses.asdict(make_state()), "pid": -4}),
         json.dumps({**dataclasses.asdict(make_state()), "detached": "no"}),
+        json.dumps({**dataclasses.asdict(make_state()), "started_at": 1e20}),  # past any datetime
+        json.dumps({**dataclasses.asdict(make_state()), "create_time": float("nan")}),
+        json.dumps({**dataclasses.asdict(make_state()), "create_time": float("inf")}),
         b"\xff\xfe garbage".decode("latin-1"),
     ],
 )

@@ -37,7 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from qwen3_vl_service import cli  # noqa: E402
 from qwen3_vl_service import config as service_config  # noqa: E402
+from qwen3_vl_service.errors import CheckFailed, UsageError  # noqa: E402
 
 REAL_LAYERS = 94
 # Datasheet HBM bandwidths (bytes/s) by NVML name, when NVML's clocks are not available.
@@ -68,6 +70,7 @@ def vllm_bench(python: str, base_url: str, model: str, tokenizer: str, extra: li
         "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
         "--base-url", base_url, "--model", model, "--tokenizer", tokenizer,
         "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot",
+        "--ready-check-timeout-sec", "30",  # main() checked /health already
         *extra,
     ]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False)
@@ -131,7 +134,7 @@ def bandwidth() -> tuple[float | None, str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="bench_gpu.py", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(REPO / "config.env"))
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--input-len", type=int, default=512)
@@ -146,16 +149,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(c) for c in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise UsageError(
+            f"--concurrency {text!r}: give whole numbers of at least 1", fix="e.g. --concurrency 1,8,32"
+        )
+    return levels
+
+
 def main(argv: list[str] | None = None) -> int:
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    import requests
+
     args = parse_args(argv)
+    levels = _levels(args.concurrency)
     cfg = service_config.load(args.config)
     python = cfg.vllm_python or sys.executable
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
     base = f"http://{host}:{cfg.port}"
-    model_cfg = json.loads((cfg.model_path / "config.json").read_text())
-    layers = model_cfg["text_config"]["num_hidden_layers"]
+    try:
+        model_cfg = json.loads((cfg.model_path / "config.json").read_text())
+        layers = model_cfg["text_config"]["num_hidden_layers"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckFailed(
+            f"cannot read the model's text layers from {cfg.model_path / 'config.json'}: {exc}",
+            fix="point MODEL_PATH at the model the service runs",
+        ) from None
+    try:
+        with requests.Session() as s:
+            s.trust_env = False
+            healthy = s.get(f"{base}/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        healthy = False
+    if not healthy:
+        raise CheckFailed(
+            f"the service does not answer {base}/health", fix="start it first: start_service.py --detach"
+        )
     tp = cfg.tensor_parallel_size
-    levels = [int(c) for c in args.concurrency.split(",")]
     bw, bw_source = (args.bandwidth_gbs * 1e9, "--bandwidth-gbs") if args.bandwidth_gbs else bandwidth()
 
     rows = []
@@ -226,4 +263,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main())  # cli.run inside: one line for any error

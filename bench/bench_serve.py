@@ -37,13 +37,13 @@ decoded by vLLM, and url/file are still fetched, every time.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import io
 import json
 import mimetypes
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -244,7 +244,15 @@ def profile_service(config_path: Path, profile: str, keep: bool, media_was_up: b
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from qwen3_vl_service import cli
+
+    return cli.run(_main)
+
+
+def _main() -> int:
+    from qwen3_vl_service import cli
+
+    ap = cli.ArgumentParser(prog="bench_serve.py", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="the service's settings file (default ./config.env)")
     ap.add_argument("--concurrency", default="1,4,16", help="concurrent requests, comma-separated")
     ap.add_argument("--modes", default="base64", help=f"ways to pass the image: {','.join(MODES)}")
@@ -263,7 +271,7 @@ def main() -> int:
         "--prompts-per-slot", type=int, default=2, help="requests per concurrent slot (default 2)"
     )
     ap.add_argument("--min-prompts", type=int, default=4, help="at least this many requests per run")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per bench run")
+    ap.add_argument("--timeout", type=cli.seconds(86400, least=1), default=900, help="seconds per bench run")
     ap.add_argument("--keep", metavar="DIR", help="keep vLLM's JSON results in DIR")
     args = ap.parse_args()
     from qwen3_vl_service import config
@@ -289,8 +297,24 @@ def main() -> int:
     if not image.is_file():
         ap.error(f"--image {args.image!r}: {image} is not a file under MEDIA_ROOT {cfg.media_root}")
 
+    if args.keep and Path(args.keep).exists() and not Path(args.keep).is_dir():
+        ap.error(f"--keep {args.keep!r} is a file: give a folder for vLLM's JSON results")
+    if not profiles and not answering(cfg.host, cfg.port):
+        raise SystemExit(
+            f"error: nothing answers on {cfg.host}:{cfg.port}: start the service first "
+            "(start_service.py --detach), or let --profiles start it"
+        )
     out_dir = Path(args.keep or tempfile.mkdtemp(prefix="bench-serve-")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _measure(args, cfg, config_path, image, modes, levels, profiles, out_dir)
+    finally:
+        if not args.keep:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _measure(args, cfg, config_path: Path, image: Path, modes, levels, profiles, out_dir: Path) -> int:
+    """The benchmark runs and the table (see the module doc)."""
     print(f"# vllm bench serve, openai-chat on http://{cfg.host}:{cfg.port}/v1/chat/completions, ")
     print(f"# image {image.name} ({image.stat().st_size} B), {args.output_len} output tokens per request")
     runs = [(p, m) for p in (profiles or [None]) for m in modes]

@@ -112,3 +112,26 @@ def test_profiles_refuse_a_port_that_something_already_answers_on(tmp_path):
         last.startswith(f"error: something already answers on port {port}") and "Traceback" not in proc.stderr
     )
     assert not list(tmp_path.glob(".bench-serve-*.env")), "no config copy is left behind"
+
+
+@pytest.mark.integration
+def test_bench_gpu_says_in_one_line_what_is_missing(tmp_path):
+    """bench/bench_gpu.py: a bad level (exit 2) and no running service (exit 1), never a traceback."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"text_config": {"num_hidden_layers": 2}}')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing answers there
+    path = tmp_path / "c.env"
+    path.write_text(f"HOST=127.0.0.1\nPORT={port}\nMODEL_PATH={model}\n", encoding="utf-8")
+    script = str(REPO / "bench" / "bench_gpu.py")
+    for args, code, message in (
+        (["--concurrency", "0,8"], 2, "--concurrency '0,8': give whole numbers of at least 1"),
+        ([], 1, f"the service does not answer http://127.0.0.1:{port}/health"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, script, "--config", str(path), *args], capture_output=True, text=True, timeout=60
+        )
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == code and len(err) == 1 and message in err[0], proc.stderr

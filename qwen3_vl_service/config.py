@@ -242,6 +242,24 @@ def _media_types(raw: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(parts))
 
 
+# vLLM flags the launcher sets from a setting: in EXTRA_VLLM_ARGS they would win (the last one
+# counts) behind the launcher's back: another port than the one it waits on, a plan for other sizes,
+# a secret on the command line.
+OWN_FLAGS = {
+    "--model": "MODEL_PATH",
+    "--served-model-name": "SERVED_MODEL_NAME",
+    "--host": "HOST",
+    "--port": "PORT",
+    "--api-key": "API_KEY",
+    "--tensor-parallel-size": "TENSOR_PARALLEL_SIZE",
+    "-tp": "TENSOR_PARALLEL_SIZE",
+    "--max-model-len": "MAX_MODEL_LEN",
+    "--gpu-memory-utilization": "GPU_MEMORY_UTIL",
+    "--max-num-seqs": "MAX_NUM_SEQS",
+    "--kv-cache-dtype": "KV_CACHE_DTYPE",
+}
+
+
 def _extra_args(raw: str) -> tuple[str, ...]:
     try:
         args = tuple(shlex.split(raw))
@@ -251,6 +269,10 @@ def _extra_args(raw: str) -> tuple[str, ...]:
         raise ValueError(
             "must start with a flag, e.g. '--enable-prefix-caching --max-num-batched-tokens 16384'"
         )
+    for arg in args:
+        flag = arg.split("=", 1)[0].replace("_", "-")
+        if flag in OWN_FLAGS:
+            raise ValueError(f"{flag} is the launcher's: set {OWN_FLAGS[flag]} instead")
     return args
 
 
@@ -612,6 +634,8 @@ def parse_value(key: str, text: str, *, source: str = "", name: str = "") -> Any
     """
     name = name or key
     shown = mask(text) if key in SECRET_KEYS else repr(text)
+    if re.search(r"api[-_]key", text, re.IGNORECASE):  # a key given where it does not belong
+        shown = "(not shown: it names an API key)"
     where = f" (from {source})" if source else ""
     try:
         return SETTINGS_BY_KEY[key].parse(text)

@@ -410,6 +410,17 @@ def test_repo_not_found(hub, tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("repo_id", ["not a repo", "a/b/c"])
+def test_a_malformed_repo_flag_gets_the_settings_check(hub, tmp_path, repo_id):
+    done = run_cli(dl_args(repo_id, tmp_path / "model"), clean_env(tmp_path, hub.endpoint), tmp_path)
+    assert done.returncode == 2
+    (line,) = error_lines(done.stderr)
+    assert f"--repo={repo_id!r} is invalid" in line and "Hugging Face repo id" in line, line
+    assert not (tmp_path / "model").exists()
+
+
 # ---------------------------------------------------------------------------
 # Disk space and writability
 

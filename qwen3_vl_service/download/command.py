@@ -129,6 +129,11 @@ class _Settings:
 def _settings(args: Any) -> _Settings:
     """Explicit flags win; the rest comes from config.load() (only read when needed)."""
     repo, revision, local_dir = args.repo, args.revision, args.local_dir
+    # A flag gets its setting's own check (and message): --repo like MODEL_REPO.
+    if repo is not None:
+        repo = config.parse_value("MODEL_REPO", repo, name="--repo")
+    if revision is not None:
+        revision = config.parse_value("MODEL_REVISION", revision, name="--revision")
     log_dir = Path.cwd() / "logs"
     if args.config or repo is None or revision is None or local_dir is None:
         cfg = config.load(args.config)

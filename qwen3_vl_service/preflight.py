@@ -295,6 +295,35 @@ def _model_findings(info: ModelInfo) -> list[Finding]:
 # Ports
 
 
+def _folder_findings(cfg: ServiceConfig) -> list[Finding]:
+    """RUN_DIR, LOG_DIR and MEDIA_ROOT: folders (made when missing) that the start can write or read."""
+    out: list[Finding] = []
+    wanted = [("RUN_DIR", cfg.run_dir, True), ("LOG_DIR", cfg.log_dir, True)]
+    if cfg.media_server:
+        wanted.append(("MEDIA_ROOT", cfg.media_root, False))
+    for key, path, write in wanted:
+        if path.exists() and not path.is_dir():
+            out.append(
+                Finding(
+                    "error", "Folders", f"{key}={path} is a file, not a folder", f"point {key} at a folder"
+                )
+            )
+            continue
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is None or not existing.is_dir():
+            out.append(Finding("error", "Folders", f"{key}={path}: {existing} is not a folder", f"fix {key}"))
+        elif write and not os.access(existing, os.W_OK | os.X_OK):
+            out.append(
+                Finding(
+                    "error",
+                    "Folders",
+                    f"{key}={path}: {existing} is not writable for this user",
+                    f"point {key} at a folder of yours",
+                )
+            )
+    return out
+
+
 def _bind_error(host: str, port: int) -> OSError | None:
     """None when HOST:PORT could be listened on now (as uvicorn would: with SO_REUSEADDR)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -457,6 +486,7 @@ def run(
     findings.extend(f for f in plan.findings if f.check == "GPUs")
     findings.extend(_slurm_findings(cfg, alloc, plan, no_end_time))
     findings.extend(_model_findings(info))
+    findings.extend(_folder_findings(cfg))
     findings.extend(f for f in plan.findings if f.check != "GPUs")
     if check_ports:
         findings.extend(_port_findings(cfg))

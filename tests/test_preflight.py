@@ -384,3 +384,19 @@ def test_the_preflight_imports_neither_torch_nor_vllm_nor_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.unit
+def test_run_dir_log_dir_and_media_root_must_be_folders(tmp_path, model_dir):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for key in ("RUN_DIR", "LOG_DIR", "MEDIA_ROOT"):
+        report = preflight.run(
+            make_cfg(tmp_path, model_dir, **{key: a_file}), gpu_spec="8xH100-80GB", environ=slurm_env()
+        )
+        assert f"{key}={a_file} is a file, not a folder -> point {key} at a folder" in lines(
+            report, "error", "Folders"
+        )
+    assert a_file.read_text() == "mine"
+    fine = preflight.run(make_cfg(tmp_path, model_dir), gpu_spec="8xH100-80GB", environ=slurm_env())
+    assert lines(fine, "error", "Folders") == ""  # missing folders are made at the start

@@ -988,3 +988,25 @@ def test_the_media_log_rotates_at_log_max_mb(tmp_path: Path) -> None:
             assert 0 < f.stat().st_size <= 1024 * 1024  # LOG_MAX_MB=1, not the old hard-coded 10 MiB
     finally:
         _stop_pid(pid)
+
+
+@pytest.mark.integration
+def test_a_pid_file_path_that_names_someone_elses_file_is_refused_and_kept(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    common = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--root",
+        str(tmp_path),
+        "--log-file",
+        str(tmp_path / "l"),
+    ]
+    for target in (notes, tmp_path):
+        r = _run_cli(*common, "--workers", "1", "--pid-file", str(target), cwd=tmp_path)
+        assert r.returncode == 1, r.stdout + r.stderr
+        (line,) = r.stderr.strip().splitlines()
+        assert line.startswith(f"error: --pid-file {target} exists and is not a pid file"), line
+    assert notes.read_text() == "my notes\n"

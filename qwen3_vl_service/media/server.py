@@ -35,6 +35,7 @@ import logging
 import os
 import resource
 import socket
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,24 @@ log = logging.getLogger(SERVICE_ID)
 def write_pid_file(pid_file: Path, pid: int) -> None:
     """Atomically (fileio.write_atomic): a reader sees the old pid or the new one."""
     write_atomic(pid_file, f"{pid}\n")
+
+
+def _refuse_foreign_pid_file(pid_file: Path) -> None:
+    """A --pid-file that exists must be one: a folder, or a file with other content than a pid, is
+    someone's, and writing the pid over it (and removing it at the stop) would lose it."""
+    try:
+        st = pid_file.stat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CheckFailed(
+            f"--pid-file {pid_file}: {exc.strerror}", fix="give a path in a folder of yours"
+        ) from None
+    if not stat.S_ISREG(st.st_mode) or (st.st_size and read_pid_file(pid_file) is None):
+        raise CheckFailed(
+            f"--pid-file {pid_file} exists and is not a pid file (it holds no pid): it is left as it is",
+            fix="give the path of a new file (the launcher uses RUN_DIR/media-<port>-<node>/)",
+        )
 
 
 def remove_pid_file(pid_file: Path, pid: int) -> None:
@@ -151,6 +170,7 @@ def _say_listening(settings: MediaSettings, sock: socket.socket, pid: int, annou
 def serve(settings: MediaSettings, *, detach: bool = False) -> int:
     """Bind, (optionally) detach, serve until SIGTERM/SIGINT. Startup errors raise before detaching."""
     if settings.pid_file:
+        _refuse_foreign_pid_file(settings.pid_file)
         other = read_pid_file(settings.pid_file)
         if other and other != os.getpid() and is_media_pid(other):
             raise CheckFailed(

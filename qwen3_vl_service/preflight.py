@@ -295,6 +295,21 @@ def _model_findings(info: ModelInfo) -> list[Finding]:
 # Ports
 
 
+def _exposure_findings(cfg: ServiceConfig) -> list[Finding]:
+    """An API open beyond this node without API_KEY: anyone who reaches the node can use it."""
+    if cfg.host in ("127.0.0.1", "::1", "localhost") or cfg.api_key:
+        return []
+    return [
+        Finding(
+            "warn",
+            "Access",
+            f"HOST={cfg.host} serves the API beyond this node and API_KEY is not set: anyone who "
+            f"reaches port {cfg.port} can use the model (and, through media URLs, this node's loopback)",
+            "set API_KEY (clients send 'Authorization: Bearer <key>'), or keep HOST=127.0.0.1 and use ssh -L",
+        )
+    ]
+
+
 def _folder_findings(cfg: ServiceConfig) -> list[Finding]:
     """RUN_DIR, LOG_DIR and MEDIA_ROOT: folders (made when missing) that the start can write or read."""
     out: list[Finding] = []
@@ -487,6 +502,7 @@ def run(
     findings.extend(_slurm_findings(cfg, alloc, plan, no_end_time))
     findings.extend(_model_findings(info))
     findings.extend(_folder_findings(cfg))
+    findings.extend(_exposure_findings(cfg))
     findings.extend(f for f in plan.findings if f.check != "GPUs")
     if check_ports:
         findings.extend(_port_findings(cfg))

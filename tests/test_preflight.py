@@ -400,3 +400,14 @@ def test_run_dir_log_dir_and_media_root_must_be_folders(tmp_path, model_dir):
     assert a_file.read_text() == "mine"
     fine = preflight.run(make_cfg(tmp_path, model_dir), gpu_spec="8xH100-80GB", environ=slurm_env())
     assert lines(fine, "error", "Folders") == ""  # missing folders are made at the start
+
+
+@pytest.mark.unit
+def test_an_api_open_beyond_the_node_without_a_key_is_warned(tmp_path, model_dir):
+    def access(**settings) -> str:
+        cfg = make_cfg(tmp_path, model_dir, **settings)
+        return lines(preflight.run(cfg, gpu_spec="8xH100-80GB", environ=slurm_env()), "warn", "Access")
+
+    assert "HOST=0.0.0.0 serves the API beyond this node and API_KEY is not set" in access(HOST="0.0.0.0")
+    assert access(HOST="0.0.0.0", API_KEY="sk-0123456789abcdef") == ""
+    assert access(HOST="127.0.0.1") == ""

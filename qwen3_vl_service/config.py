@@ -547,6 +547,7 @@ def _read_file(path: Path) -> dict[str, str]:
             f"cannot read config file {path}: {exc.strerror}", fix="check its permissions"
         ) from None
 
+    seen: dict[str, int] = {}
     for binding in parse_stream(io.StringIO(text)):
         if binding.error:
             line_no = binding.original.line
@@ -555,6 +556,14 @@ def _read_file(path: Path) -> dict[str, str]:
                 f"{path}:{line_no}: cannot parse line {first[:60]!r}",
                 fix="write settings as KEY=value (comments start with #)",
             )
+        if binding.key is None:
+            continue
+        if binding.key in seen:  # dotenv keeps the last one without a word
+            raise ConfigError(
+                f"{path}: {binding.key} is set twice (lines {seen[binding.key]} and {binding.original.line})",
+                fix=f"keep one {binding.key}= line",
+            )
+        seen[binding.key] = binding.original.line
     # interpolate=False: a '$' in a value (an API key, say) stays as written.
     values = dotenv_values(stream=io.StringIO(text), interpolate=False)
     return {k: ("" if v is None else v) for k, v in values.items()}

@@ -116,6 +116,7 @@ BAD = [
     ("EXPERT_PARALLEL=maybe\n", {}, ["EXPERT_PARALLEL", "auto, on, off"]),
     ("ASYNC_SCHEDULING=sometimes\n", {}, ["ASYNC_SCHEDULING", "true/false"]),
     ("MEDIA_PORT=8010\n", {}, ["PORT=8010", "MEDIA_PORT=8010"]),
+    ("PORT=8010\n# a comment\nPORT=8012\n", {}, ["PORT is set twice (lines 1 and 3)", "keep one PORT= line"]),
     ("TENSOR_PARALEL_SIZE=8\n", {}, ["TENSOR_PARALEL_SIZE", "did you mean TENSOR_PARALLEL_SIZE"]),
     ("this line is not a setting\n", {}, ["config.env:1", "cannot parse", "KEY=value"]),
     ("PORT=8010\nMAX_NUM_SEQS = 'unterminated\n", {}, ["config.env:2", "cannot parse"]),

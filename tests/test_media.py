@@ -1010,3 +1010,30 @@ def test_a_pid_file_path_that_names_someone_elses_file_is_refused_and_kept(tmp_p
         (line,) = r.stderr.strip().splitlines()
         assert line.startswith(f"error: --pid-file {target} exists and is not a pid file"), line
     assert notes.read_text() == "my notes\n"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    not Path("/proc/self").is_dir(), reason="needs Linux /proc (a folder no file can be made in)"
+)
+def test_a_pid_file_that_cannot_be_written_ends_the_server_with_its_workers(tmp_path: Path) -> None:
+    """The write fails after the workers started: one line, exit 1, and nothing left on the port."""
+    port = free_port()
+    args = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--root",
+        str(tmp_path),
+        "--log-file",
+        str(tmp_path / "l"),
+    ]
+    started = time.monotonic()
+    r = _run_cli(*args, "--workers", "2", "--pid-file", "/proc/no-such-pid-file", cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: cannot write the pid file /proc/no-such-pid-file"), line
+    assert time.monotonic() - started < 30, "the exit waited for a worker"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free again: no worker is left holding it

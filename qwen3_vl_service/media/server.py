@@ -59,7 +59,13 @@ log = logging.getLogger(SERVICE_ID)
 
 def write_pid_file(pid_file: Path, pid: int) -> None:
     """Atomically (fileio.write_atomic): a reader sees the old pid or the new one."""
-    write_atomic(pid_file, f"{pid}\n")
+    try:
+        write_atomic(pid_file, f"{pid}\n")
+    except OSError as exc:
+        raise CheckFailed(
+            f"cannot write the pid file {pid_file}: {exc.strerror}",
+            fix="give a --pid-file in a folder you can write",
+        ) from None
 
 
 def _refuse_foreign_pid_file(pid_file: Path) -> None:

@@ -77,6 +77,10 @@ def _say_serving() -> None:
     log.info("worker pid %d serving", os.getpid())
 
 
+# After an error of the supervisor's own, how long its workers get to go after SIGTERM.
+ABANDON_S = 5.0
+
+
 class Supervisor:
     """Runs settings.workers serving processes on one listening socket, and nothing else.
 
@@ -158,13 +162,27 @@ class Supervisor:
                             os.kill(proc.pid, signal.SIGKILL)
                     self.deadline = time.monotonic() + 5.0
         finally:
-            for proc in self.procs.values():  # only after an error of our own
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
+            self._end_left_workers()
         log.info("stopped")
         if self.code:
             return self.code
         return 130 if self.signals and self.signals[0] == signal.SIGINT else 0
+
+    def _end_left_workers(self) -> None:
+        """After an error of our own: TERM the workers still there, KILL those that outlive
+        ABANDON_S (one forked a moment ago may not have its own SIGTERM handler yet, and took the
+        inherited one, which only takes a note), and reap them all, so that the exit never waits."""
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + ABANDON_S
+        for proc in self.procs.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.exitcode is None:
+                log.warning("worker pid %d still running after SIGTERM: SIGKILL", proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                proc.join(5.0)
 
     def _spawn(self, slot: int) -> None:
         r, w = os.pipe()

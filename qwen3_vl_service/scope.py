@@ -19,8 +19,9 @@ supervisor take the other's server for a stranger.
 
 Every process of a service carries its own run folder in its environment
 (vllm_args.RUN_DIR_ENV), so stopping one never touches another's.
-``media_users`` names the running services that use a media server, so that
-``stop_service.py --all`` of one leaves it up while another still needs it.
+``media_users`` names the running services that use a media server (those
+whose supervisor is restarting vLLM too), so that ``stop_service.py --all`` of
+one leaves it up while another still needs it.
 
 Pure path arithmetic, apart from ``services`` and ``media_users``, which read
 state files.
@@ -37,7 +38,6 @@ from .media import PID_FILE_NAME as MEDIA_PID_FILE
 
 if TYPE_CHECKING:
     from .config import ServiceConfig
-    from .runstate import RunState
 
 SERVICE_LOG = "service.log"
 LAUNCHER_LOG = "launcher.log"
@@ -107,23 +107,40 @@ def services(run_root: Path) -> list[tuple[str, Path]]:
     return [(d.name, d) for d in entries if d.is_dir() and (d / STATE_FILE).is_file()]
 
 
-def media_users(cfg: ServiceConfig) -> list[tuple[str, RunState]]:
-    """The other running services under the same RUN_DIR that use CFG's media server (same host and port)."""
-    from . import runstate
+@dataclass(frozen=True)
+class MediaUser:
+    """A running service that uses a media server: its name, port and pid (its supervisor's
+    while vLLM restarts)."""
+
+    name: str
+    port: int
+    pid: int
+
+
+def media_users(cfg: ServiceConfig) -> list[MediaUser]:
+    """The other running services under the same RUN_DIR that use CFG's media server (same host
+    and port): those whose vLLM runs, and those whose supervisor is restarting it (no service.json
+    for that while; its record names the media server)."""
+    from . import runstate, supervisor
 
     own = paths(cfg).run_dir
-    users: list[tuple[str, RunState]] = []
-    for name, run_dir in services(cfg.run_dir):
-        if run_dir == own:
-            continue
+    media = (cfg.media_host, cfg.media_port)
+    users: list[MediaUser] = []
+    try:
+        folders = sorted(d for d in cfg.run_dir.iterdir() if d.is_dir() and d != own)
+    except OSError:
+        return []
+    for run_dir in folders:
         state = runstate.read(run_dir)
-        if state is None or not state.media_server:
+        if state is not None:
+            uses = state.media_server and (state.media_host, state.media_port) == media
+            if uses and runstate.live_process(state) is not None:
+                users.append(MediaUser(run_dir.name, state.port, state.pid))
             continue
-        if (state.media_host, state.media_port) != (cfg.media_host, cfg.media_port):
-            continue
-        if runstate.live_process(state) is not None:
-            users.append((name, state))
+        record = supervisor.read_record(run_dir)
+        if record and record.get("media") == list(media) and supervisor.live(run_dir) is not None:
+            users.append(MediaUser(run_dir.name, int(record.get("port") or 0), record["pid"]))
     return users
 
 
-__all__ = ["ServicePaths", "media_folder", "media_users", "paths", "service_name", "services"]
+__all__ = ["MediaUser", "ServicePaths", "media_folder", "media_users", "paths", "service_name", "services"]

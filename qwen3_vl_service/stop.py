@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             echo=lambda line: print(line, flush=True),
         )
         if users:
-            names = ", ".join(f"{name} (port {state.port}, pid {state.pid})" for name, state in users)
+            names = ", ".join(f"{u.name} (port {u.port}, pid {u.pid})" for u in users)
             report.media_note = f"the media server stays: still used by {names}"
         print(f"service {where.name} ({where.run_dir})", flush=True)
         for line in render(report, include_media=args.all):

@@ -119,7 +119,16 @@ def _now_iso() -> str:
 class Record:
     """What status shows: pid, state, restarts and their causes. Written atomically."""
 
-    def __init__(self, path: Path, *, tag: str, policy: Policy, restart: str = "on-failure") -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        tag: str,
+        policy: Policy,
+        restart: str = "on-failure",
+        port: int = 0,
+        media: tuple[str, int] | None = None,
+    ) -> None:
         import psutil
 
         from .runstate import this_node
@@ -140,6 +149,10 @@ class Record:
             "last_restart_at": "",
             "gave_up": "",
             "history": [],
+            # The service's port and media server: while vLLM restarts, service.json is gone,
+            # and scope.media_users still has to count this service as the media server's user.
+            "port": port,
+            "media": list(media) if media else None,
         }
 
     def update(self, **changes: Any) -> None:
@@ -386,7 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         from .supervised import MediaUnit, VllmUnit
 
         policy = Policy.of(cfg)
-        record = Record(record_path(scope.paths(cfg).run_dir), tag=tag, policy=policy, restart=cfg.restart)
+        record = Record(
+            record_path(scope.paths(cfg).run_dir),
+            tag=tag,
+            policy=policy,
+            restart=cfg.restart,
+            port=cfg.port,
+            media=(cfg.media_host, cfg.media_port) if cfg.media_server else None,
+        )
         # The media server is shared by the replicas: start_service.py starts it, not a replica's supervisor.
         units: list[Unit] = [MediaUnit(cfg, echo=_echo)] if cfg.media_server and not replica else []
         units.append(

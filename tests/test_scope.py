@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import realmodel
 from lifecycle_helpers import clean_env, free_port, make_state, run_tool, write_config
 
-from qwen3_vl_service import config, plan, runstate, scope
+from qwen3_vl_service import config, plan, runstate, scope, supervisor
 from qwen3_vl_service.errors import ConfigError
 from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV, build
 
@@ -87,7 +88,26 @@ def test_media_users_are_the_other_live_services_on_that_media_port(tmp_path: Pa
     service("elsewhere", 9191, live=True)
     service("no-media", 9090, live=True, media_server=False)
     service("svc", 9090, live=True)  # this config's own folder is never a "user" of itself
-    assert [name for name, _ in scope.media_users(cfg)] == ["bf16"]
+    assert [u.name for u in scope.media_users(cfg)] == ["bf16"]
+
+    # A service whose supervisor is restarting vLLM has no service.json for that while: its
+    # record names the media server, and it still counts (else a stop --all elsewhere ends it).
+    def restarting(name: str, media: list | None) -> int:
+        tag = runstate.new_tag()
+        run_dir = run_root / name
+        proc = procs(env=clean_env(**{TAG_ENV: tag, RUN_DIR_ENV: str(run_dir)}))
+        record = {"pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(), "tag": tag}
+        record |= {"node": runstate.this_node(), "port": 7001, "media": media, "state": "restarting"}
+        run_dir.mkdir(parents=True)
+        (run_dir / supervisor.RECORD_FILE).write_text(json.dumps(record))
+        return proc.pid
+
+    pid = restarting("restarting", [cfg.media_host, 9090])
+    restarting("restarting-other-media", [cfg.media_host, 9191])
+    restarting("restarting-no-media", None)
+    users = scope.media_users(cfg)
+    assert [u.name for u in users] == ["bf16", "restarting"]
+    assert (users[1].port, users[1].pid) == (7001, pid)
     assert [name for name, _ in scope.services(run_root)] == ["bf16", "elsewhere", "gone", "no-media", "svc"]
 
 

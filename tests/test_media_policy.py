@@ -99,6 +99,7 @@ def test_content_types_do_not_depend_on_the_host() -> None:
         ({"Range": "bytes=0-1", "If-Range": '"other"'}, "ignore"),
         ({"Range": "bytes=0-1", "If-Range": 'W/"abc"'}, "ignore"),
         ({"Range": "bytes=0-1", "If-Range": "Sun, 06 Nov 1994 08:49:37 GMT"}, "keep"),
+        ({"Range": "bytes=0-1", "If-Range": "garbage"}, "ignore"),
     ],
 )
 def test_range_decision(headers: dict[str, str], expected: str) -> None:

@@ -167,7 +167,8 @@ def range_decision(headers: Any, etag: str) -> str:
     multipart/byteranges, and ignoring them avoids the "Apache killer"
     overlapping-ranges amplification), ``bytes=-0`` is unsatisfiable (aiohttp
     would send the whole file as 206), and an If-Range entity tag that does
-    not match means the whole file (aiohttp only understands If-Range dates).
+    not match, or an If-Range that is neither a tag nor a date, means the whole
+    file (aiohttp only understands If-Range dates and lets garbage pass).
     """
     rng = headers.get("Range")
     if rng is None:
@@ -180,11 +181,25 @@ def range_decision(headers: Any, etag: str) -> str:
     if_range = headers.get("If-Range")
     if if_range is not None:
         tag = if_range.strip()
-        if tag.startswith(('"', "W/")) and tag != f'"{etag}"':
-            return "ignore"
+        if tag.startswith(('"', "W/")):
+            if tag != f'"{etag}"':
+                return "ignore"
+        elif not _http_date(tag):
+            return "ignore"  # neither a validator nor a date: it cannot match (aiohttp let it pass)
     if spec.strip() == "-0":
         return "unsatisfiable"
     return "keep"
+
+
+def _http_date(text: str) -> bool:
+    """Whether TEXT is an HTTP date (the other form of an If-Range validator)."""
+    from email.utils import parsedate_to_datetime
+
+    try:
+        parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return False
+    return True
 
 
 def aiohttp_etag(st: os.stat_result) -> str:

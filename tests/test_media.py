@@ -715,6 +715,20 @@ def test_stop_service_all_stops_the_supervisor_and_its_workers(tmp_path: Path) -
         _stop_pid(pid)
 
 
+def _cli_args(tmp_path: Path, port: int = 0) -> list[str]:
+    """media_server.py's flags for a server on loopback serving TMP_PATH, its log in TMP_PATH."""
+    return [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--root",
+        str(tmp_path),
+        "--log-file",
+        str(tmp_path / "l"),
+    ]
+
+
 def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [PY, str(REPO / "media_server.py"), *args],
@@ -934,16 +948,7 @@ def test_load_many_connections_zero_errors(server: Server) -> None:
 @pytest.mark.integration
 def test_workers_0_and_non_media_types_are_refused_like_config_refuses_them(tmp_path: Path) -> None:
     """Issue 16, defect 1: --workers and --allowed-types go through config's one parser for the setting."""
-    common = [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--root",
-        str(tmp_path),
-        "--log-file",
-        str(tmp_path / "l"),
-    ]
+    common = _cli_args(tmp_path)
     common += ["--pid-file", str(tmp_path / "p.pid")]
     r = _run_cli(*common, "--allowed-types", "jpg", "--workers", "0", cwd=tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
@@ -994,16 +999,7 @@ def test_the_media_log_rotates_at_log_max_mb(tmp_path: Path) -> None:
 def test_a_pid_file_path_that_names_someone_elses_file_is_refused_and_kept(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
-    common = [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--root",
-        str(tmp_path),
-        "--log-file",
-        str(tmp_path / "l"),
-    ]
+    common = _cli_args(tmp_path)
     for target in (notes, tmp_path):
         r = _run_cli(*common, "--workers", "1", "--pid-file", str(target), cwd=tmp_path)
         assert r.returncode == 1, r.stdout + r.stderr
@@ -1019,16 +1015,7 @@ def test_a_pid_file_path_that_names_someone_elses_file_is_refused_and_kept(tmp_p
 def test_a_pid_file_that_cannot_be_written_ends_the_server_with_its_workers(tmp_path: Path) -> None:
     """The write fails after the workers started: one line, exit 1, and nothing left on the port."""
     port = free_port()
-    args = [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--root",
-        str(tmp_path),
-        "--log-file",
-        str(tmp_path / "l"),
-    ]
+    args = _cli_args(tmp_path, port)
     started = time.monotonic()
     r = _run_cli(*args, "--workers", "2", "--pid-file", "/proc/no-such-pid-file", cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr

@@ -1009,11 +1009,9 @@ def test_a_pid_file_path_that_names_someone_elses_file_is_refused_and_kept(tmp_p
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(
-    not Path("/proc/self").is_dir(), reason="needs Linux /proc (a folder no file can be made in)"
-)
 def test_a_pid_file_that_cannot_be_written_ends_the_server_with_its_workers(tmp_path: Path) -> None:
-    """The write fails after the workers started: one line, exit 1, and nothing left on the port."""
+    """The write fails after the workers started (Linux /proc: no file can be made there): one line,
+    exit 1, and nothing left on the port."""
     port = free_port()
     args = _cli_args(tmp_path, port)
     started = time.monotonic()

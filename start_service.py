@@ -1,2 +1,2 @@
-from qwen3_vl_service.launcher import main
+from qwen3_vl_service.lifecycle.launcher import main
 raise SystemExit(main())

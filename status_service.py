@@ -1,3 +1,3 @@
-from qwen3_vl_service.status import main
+from qwen3_vl_service.lifecycle.status import main
 
 raise SystemExit(main())

@@ -1,3 +1,3 @@
-from qwen3_vl_service.stop import main
+from qwen3_vl_service.lifecycle.stop import main
 
 raise SystemExit(main())

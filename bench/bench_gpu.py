@@ -37,9 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qwen3_vl_service import cli  # noqa: E402
-from qwen3_vl_service import config as service_config  # noqa: E402
-from qwen3_vl_service.errors import CheckFailed, UsageError  # noqa: E402
+from qwen3_vl_service.core import cli  # noqa: E402
+from qwen3_vl_service.core.errors import CheckFailed, UsageError  # noqa: E402
+from qwen3_vl_service.settings import config as service_config  # noqa: E402
 
 REAL_LAYERS = 94
 # Datasheet HBM bandwidths (bytes/s) by NVML name, when NVML's clocks are not available.
@@ -109,8 +109,8 @@ def active_params(cfg: dict, layers: int) -> float:
 
 def bandwidth() -> tuple[float | None, str]:
     """Memory bandwidth of one GPU (bytes/s) and where the number comes from."""
-    from qwen3_vl_service.errors import ServiceError
-    from qwen3_vl_service.gpus import nvml_session
+    from qwen3_vl_service.core.errors import ServiceError
+    from qwen3_vl_service.planning.gpus import nvml_session
 
     try:
         with nvml_session() as nv:

@@ -147,7 +147,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=8)
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from qwen3_vl_service import sample_media, tiny_model
+    from devtools import sample_media, tiny_model
 
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         root = Path(tmp)

@@ -503,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(Server("http.server", cmd, port, tmp / "http_server.log"))
         if "asyncio-floor" in wanted:
             # As many processes as ours has workers (the first --workers value).
-            from qwen3_vl_service.config import parse_value
             from qwen3_vl_service.media.workers import auto_workers
+            from qwen3_vl_service.settings.config import parse_value
 
             processes = parse_value("MEDIA_WORKERS", workers[0] or "auto", name="--workers") or auto_workers()
             port = free_port()

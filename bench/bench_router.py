@@ -139,7 +139,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=16)
     args = ap.parse_args()
-    from qwen3_vl_service import sample_media, tiny_model
+    from devtools import sample_media, tiny_model
 
     with tempfile.TemporaryDirectory(prefix="bench-router-") as tmp:
         root = Path(tmp)

@@ -172,7 +172,7 @@ def profile_config(path: Path, keep: bool) -> tuple[Path, list[str]]:
         return path, []
     from dotenv.parser import parse_stream
 
-    from qwen3_vl_service import profiles
+    from qwen3_vl_service.settings import profiles
 
     kept, dropped = [], []
     for binding in parse_stream(io.StringIO(path.read_text(encoding="utf-8"))):
@@ -188,7 +188,7 @@ def profile_config(path: Path, keep: bool) -> tuple[Path, list[str]]:
 
 def profile_env(profile: str, keep: bool) -> dict[str, str]:
     """The environment for PROFILE's service: the profile's keys left to it unless KEEP."""
-    from qwen3_vl_service import profiles
+    from qwen3_vl_service.settings import profiles
 
     env = {k: v for k, v in os.environ.items() if keep or k not in profiles.PROFILE_KEYS}
     env["PROFILE"] = profile
@@ -197,7 +197,8 @@ def profile_env(profile: str, keep: bool) -> dict[str, str]:
 
 def describe(config_path: Path, env: dict[str, str]) -> str:
     """What the service of this config and environment runs with (the preflight's plan)."""
-    from qwen3_vl_service import config, preflight
+    from qwen3_vl_service.planning import preflight
+    from qwen3_vl_service.settings import config
 
     cfg = config.load(config_path, environ=env)
     report = preflight.run(cfg, environ=env, check_ports=False)
@@ -214,7 +215,7 @@ def profile_service(config_path: Path, profile: str, keep: bool, media_was_up: b
     """The service started with PROFILE on a copy of CONFIG_PATH (see profile_config), stopped after,
     the media server with it unless it was up before the benchmark. Whatever ends the start (an
     error, its time running out, Ctrl+C) stops what it started too: nothing is left running."""
-    from qwen3_vl_service import config
+    from qwen3_vl_service.settings import config
 
     path, dropped = profile_config(config_path, keep)
     env = profile_env(profile, keep)
@@ -244,13 +245,13 @@ def profile_service(config_path: Path, profile: str, keep: bool, media_was_up: b
 
 
 def main() -> int:
-    from qwen3_vl_service import cli
+    from qwen3_vl_service.core import cli
 
     return cli.run(_main)
 
 
 def _main() -> int:
-    from qwen3_vl_service import cli
+    from qwen3_vl_service.core import cli
 
     ap = cli.ArgumentParser(prog="bench_serve.py", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="the service's settings file (default ./config.env)")
@@ -274,8 +275,8 @@ def _main() -> int:
     ap.add_argument("--timeout", type=cli.seconds(86400, least=1), default=900, help="seconds per bench run")
     ap.add_argument("--keep", metavar="DIR", help="keep vLLM's JSON results in DIR")
     args = ap.parse_args()
-    from qwen3_vl_service import config
-    from qwen3_vl_service import profiles as profile_names
+    from qwen3_vl_service.settings import config
+    from qwen3_vl_service.settings import profiles as profile_names
 
     cfg = config.load(args.config)
     config_path = Path(args.config or config.DEFAULT_CONFIG).resolve()

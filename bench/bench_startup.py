@@ -57,7 +57,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    from qwen3_vl_service import config, sample_media, tiny_model, vllm_args
+    from devtools import sample_media, tiny_model
+    from qwen3_vl_service.planning import vllm_args
+    from qwen3_vl_service.settings import config
 
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         root = Path(tmp)
@@ -77,8 +79,8 @@ def main() -> int:
         # vLLM's IPC sockets in this run's folder, as the launcher has them (else they
         # pile up in /tmp: vLLM leaves them behind at shutdown).
         (root / "ipc").mkdir()
-        from qwen3_vl_service import model as model_mod
-        from qwen3_vl_service import plan as plan_mod
+        from qwen3_vl_service.planning import model as model_mod
+        from qwen3_vl_service.planning import plan as plan_mod
 
         # The plan fills in MAX_NUM_SEQS=auto exactly as the launcher's does.
         plan = plan_mod.make(cfg, None, model_mod.inspect(cfg.model_path))

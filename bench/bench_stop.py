@@ -86,7 +86,8 @@ def _finish(threads, codes, n: int) -> str:
 
 class Setup:
     def __init__(self, root: Path) -> None:
-        from qwen3_vl_service import config, sample_media, tiny_model
+        from devtools import sample_media, tiny_model
+        from qwen3_vl_service.settings import config
 
         self.root = root
         tiny_model.generate(root / "model")
@@ -132,7 +133,7 @@ def _title(p: psutil.Process) -> str:
 
 
 def bare(s: Setup, busy: int, *, abort: bool) -> float:
-    from qwen3_vl_service import vllm_args
+    from qwen3_vl_service.planning import vllm_args
 
     cmd = vllm_args.build(s.cfg, expert_parallel=False)
     argv = list(cmd.argv)

@@ -13,9 +13,9 @@ CONFIG=config.demo.env
 
 if [[ ! -f demo/model/config.json ]]; then
     echo "demo: generating the tiny model in demo/model"
-    "$PY" -m qwen3_vl_service.tiny_model demo/model
+    "$PY" -m devtools.tiny_model demo/model
 fi
-"$PY" -m qwen3_vl_service.sample_media demo/media
+"$PY" -m devtools.sample_media demo/media
 
 if "$PY" status_service.py --config "$CONFIG" >/dev/null 2>&1; then
     echo "demo: the service is already running"
@@ -26,12 +26,12 @@ fi
 
 echo
 echo "demo: asking about http://127.0.0.1:8080/sample.jpg (random weights: expect gibberish)"
-"$PY" -m qwen3_vl_service.ask --config "$CONFIG" "What is in this picture?" --image sample.jpg --max-tokens 48
+"$PY" -m qwen3_vl_service.lifecycle.ask --config "$CONFIG" "What is in this picture?" --image sample.jpg --max-tokens 48
 cat <<'TXT'
 
 Try it yourself:
   curl -s 127.0.0.1:8010/v1/models
-  .venv/bin/python -m qwen3_vl_service.ask --config config.demo.env "Describe the clip" --video sample.mp4
+  .venv/bin/python -m qwen3_vl_service.lifecycle.ask --config config.demo.env "Describe the clip" --video sample.mp4
   .venv/bin/python status_service.py --config config.demo.env
   tail -f logs/port-8010/service.log
 Stop it:

@@ -5,7 +5,7 @@
 # kind, prints vLLM's FP8 kernel and KV cache lines, the status view, stops and checks
 # that no process of ours holds a GPU. Exit 0 only if everything worked.
 #
-#   bash scripts/gpu_smoke.sh [OUT_DIR] [LAYERS] [more options of qwen3_vl_service.gpu_smoke]
+#   bash scripts/gpu_smoke.sh [OUT_DIR] [LAYERS] [more options of devtools.gpu_smoke]
 #   bash scripts/gpu_smoke.sh /scratch/$USER/smoke 4 --tp 8 --bench
 #
 # PYTHON (default .venv/bin/python, else python3) must have the CUDA build of vLLM.
@@ -16,4 +16,4 @@ OUT=${1:-smoke}
 LAYERS=${2:-4}
 shift $(( $# < 2 ? $# : 2 ))
 PY=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
-exec "$PY" -m qwen3_vl_service.gpu_smoke --out "$OUT" --layers "$LAYERS" --python "$(command -v "$PY" || echo "$PY")" "$@"
+exec "$PY" -m devtools.gpu_smoke --out "$OUT" --layers "$LAYERS" --python "$(command -v "$PY" || echo "$PY")" "$@"

@@ -36,8 +36,8 @@ if ! command -v sbatch >/dev/null || ! command -v slurmd >/dev/null || ! command
 fi
 
 echo "== lint"
-"$PY" -m ruff check --force-exclude qwen3_vl_service tests bench scripts *.py
-"$PY" -m ruff format --check --force-exclude qwen3_vl_service tests bench scripts *.py
+"$PY" -m ruff check --force-exclude qwen3_vl_service devtools tests bench scripts *.py
+"$PY" -m ruff format --check --force-exclude qwen3_vl_service devtools tests bench scripts *.py
 "$PY" -m mypy  # files and settings: [tool.mypy] in pyproject.toml
 
 echo "== tests"

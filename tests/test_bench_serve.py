@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen3_vl_service import config
+from qwen3_vl_service.settings import config
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_serve", REPO / "bench" / "bench_serve.py")

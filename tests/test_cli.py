@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from qwen3_vl_service import cli
+from qwen3_vl_service.core import cli
 
 
 @pytest.mark.unit
@@ -30,7 +30,7 @@ def test_seconds_takes_the_range_and_its_ends():
     [("status", ["--sample", "nan"]), ("status", ["--http-timeout", "inf"]), ("stop", ["--timeout", "nan"])],
 )
 def test_status_and_stop_refuse_a_non_finite_time_in_one_line(command, args, capsys):
-    from qwen3_vl_service import status, stop
+    from qwen3_vl_service.lifecycle import status, stop
 
     main = {"status": status.main, "stop": stop.main}[command]
     assert main(args) == 2

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from skips import vllm_missing
 
-from qwen3_vl_service import cluster, config, replicas, router, scope
-from qwen3_vl_service.errors import ConfigError
-from qwen3_vl_service.vllm_args import RUN_DIR_ENV, build
+from qwen3_vl_service.core.errors import ConfigError
+from qwen3_vl_service.deployment import cluster, scope
+from qwen3_vl_service.lifecycle import replicas, router
+from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, build
+from qwen3_vl_service.settings import config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -241,7 +243,7 @@ def test_dry_run_shows_every_nodes_command_and_capacity_per_replica_and_in_total
 ):
     import realmodel
 
-    from qwen3_vl_service import launcher
+    from qwen3_vl_service.lifecycle import launcher
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     cfg = realmodel.write_config_env(
@@ -285,7 +287,7 @@ def test_a_data_parallel_rank_runs_without_the_supervisor(monkeypatch, tmp_path,
 
     import realmodel
 
-    from qwen3_vl_service import launcher
+    from qwen3_vl_service.lifecycle import launcher
 
     seen = {}
     monkeypatch.setattr(
@@ -308,13 +310,13 @@ def test_a_data_parallel_rank_runs_without_the_supervisor(monkeypatch, tmp_path,
 
 @pytest.mark.unit
 def test_a_replicas_supervisor_runs_the_replicas_own_command_on_its_gpus_and_port():
-    from qwen3_vl_service import vllm_args
+    from qwen3_vl_service.planning import vllm_args
 
     cfg = load(REPLICAS="2", TENSOR_PARALLEL_SIZE="4", RESTART="on-failure")
     lay = cluster.layout(cfg, ("",), gpus_on_node=8, environ={"CUDA_VISIBLE_DEVICES": "7,6,5,4,3,2,1,0"})
     r1 = lay.replicas[1]
     argv, env = replicas.supervisor_command(cfg, r1, expert_parallel=False, tag="t-123")
-    assert argv[1:3] == ["-m", "qwen3_vl_service.supervisor"]
+    assert argv[1:3] == ["-m", "qwen3_vl_service.lifecycle.supervisor"]
     assert flag(argv, "--replica") == "1" and flag(argv, "--replica-port") == "8011"
     # Found by stop_service.py through the replica's tag and run folder; its vLLM inherits the GPUs.
     assert env[vllm_args.TAG_ENV] == "t-123"

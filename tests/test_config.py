@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qwen3_vl_service import config
-from qwen3_vl_service.errors import ConfigError
+from qwen3_vl_service.core.errors import ConfigError
+from qwen3_vl_service.settings import config
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.unit
@@ -32,7 +32,7 @@ def test_shipped_config_env_loads_with_sane_defaults():
     assert cfg.served_model_name == "qwen3-vl-fp8"
     assert cfg.model_path == (REPO / "models/Qwen3-VL-235B-A22B-Thinking-FP8").resolve()
     # Every setting is written in the file, except those the profile gives (commented out there).
-    from qwen3_vl_service import profiles
+    from qwen3_vl_service.settings import profiles
 
     for key, src in cfg.sources.items():
         assert src == ("profile balanced" if key in profiles.PROFILE_KEYS else "file config.env"), key

@@ -26,6 +26,8 @@ from skips import missing
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_hub import FakeHub, FakeRepo, small_model_repo
 
+from qwen3_vl_service.core.errors import CheckFailed, ConfigError
+from qwen3_vl_service.core.units import format_decimal_bytes
 from qwen3_vl_service.download import command, hub_errors
 from qwen3_vl_service.download import hub as dl_hub
 from qwen3_vl_service.download.manifest import (
@@ -36,8 +38,6 @@ from qwen3_vl_service.download.manifest import (
     write_manifest,
 )
 from qwen3_vl_service.download.verify import verify
-from qwen3_vl_service.errors import CheckFailed, ConfigError
-from qwen3_vl_service.units import format_decimal_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "download_model.py"

@@ -29,7 +29,7 @@ import pytest
 import requests
 from skips import vllm_missing
 
-from qwen3_vl_service import scope
+from qwen3_vl_service.deployment import scope
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -129,7 +129,7 @@ class Service:
 def svc(tmp_path_factory):
     if not _have_vllm():
         vllm_missing("vLLM is not installed here: run scripts/setup_env.sh (scripts/test.sh does)")
-    from qwen3_vl_service import sample_media, tiny_model
+    from devtools import sample_media, tiny_model
 
     s = Service(tmp_path_factory.mktemp("e2e"))
     tiny_model.generate(s.model)

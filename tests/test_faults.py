@@ -129,7 +129,7 @@ class Supervised(Service):
 
 
 def _prepare(root: Path, s: Service) -> None:
-    from qwen3_vl_service import sample_media, tiny_model
+    from devtools import sample_media, tiny_model
 
     tiny_model.generate(s.model)
     s.media_root.mkdir()
@@ -219,7 +219,7 @@ def test_kill_9_of_the_engine_core_during_load_restarts_vllm(sup):
 
 
 def test_kill_9_of_the_media_server_brings_it_back(sup):
-    from qwen3_vl_service.processes import read_pid_file
+    from qwen3_vl_service.lifecycle.processes import read_pid_file
 
     old = read_pid_file(sup.media_pid_file)
     assert old and alive(old)

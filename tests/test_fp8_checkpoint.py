@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen3_vl_service import fp8_checkpoint, tiny_model
+from devtools import fp8_checkpoint, tiny_model
 
 # -- the published facts, one text layer at real shapes ---------------------------------------
 
@@ -232,7 +232,7 @@ def test_vllm_weight_mapping_accepts_every_generated_name(fp8_dir):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("module", ["qwen3_vl_service.tiny_model", "qwen3_vl_service.sample_media"])
+@pytest.mark.parametrize("module", ["devtools.tiny_model", "devtools.sample_media"])
 @pytest.mark.parametrize("argv", [["--bogus"], ["OUT", "--bogus"]])
 def test_bad_arguments_go_through_the_one_error_handler(module, argv, tmp_path):
     """Issue 16, defect 3: a one-line error and exit 2, not argparse's usage block or a traceback."""
@@ -252,7 +252,7 @@ def test_tiny_model_refuses_a_zero_layer_count(tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "qwen3_vl_service.tiny_model", str(tmp_path / "m"), "--fp8", "--layers", "0"]
+    cmd = [sys.executable, "-m", "devtools.tiny_model", str(tmp_path / "m"), "--fp8", "--layers", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "must be at least 1, got 0" in proc.stderr
     assert not (tmp_path / "m").exists()

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
-from qwen3_vl_service import gpus
-from qwen3_vl_service.errors import CheckFailed, UsageError
+from qwen3_vl_service.core.errors import CheckFailed, UsageError
+from qwen3_vl_service.planning import gpus
 
 pytestmark = pytest.mark.unit
 

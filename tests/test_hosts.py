@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from qwen3_vl_service.hosts import connect_host, display_host, local_url, url_host
+from qwen3_vl_service.core.hosts import connect_host, display_host, local_url, url_host
 
 
 @pytest.mark.unit

@@ -19,7 +19,7 @@ PY = sys.executable
 
 def tee(log: Path, *args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
     return subprocess.Popen(
-        [PY, "-m", "qwen3_vl_service.logtee", str(log), *args],
+        [PY, "-m", "qwen3_vl_service.lifecycle.logtee", str(log), *args],
         stdin=subprocess.PIPE,
         stdout=stdout,
         cwd=REPO,
@@ -184,7 +184,7 @@ def test_start_tee_then_exec_ctrl_c_reaches_vllm_and_is_recorded(tmp_path: Path)
 
 def test_bad_arguments(tmp_path: Path) -> None:
     r = subprocess.run(
-        [PY, "-m", "qwen3_vl_service.logtee", str(tmp_path / "x.log"), "--max-bytes", "-1"],
+        [PY, "-m", "qwen3_vl_service.lifecycle.logtee", str(tmp_path / "x.log"), "--max-bytes", "-1"],
         cwd=REPO,
         capture_output=True,
         env=clean_env(),
@@ -199,7 +199,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
 def test_a_full_disk_drops_lines_says_so_once_and_keeps_reading(tmp_path: Path) -> None:
     """/dev/full answers every write with ENOSPC, like a log folder whose disk filled."""
     p = subprocess.Popen(
-        [PY, "-m", "qwen3_vl_service.logtee", "/dev/full", "--max-bytes", "0", "--quiet"],
+        [PY, "-m", "qwen3_vl_service.lifecycle.logtee", "/dev/full", "--max-bytes", "0", "--quiet"],
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=REPO,
@@ -223,7 +223,7 @@ def test_a_file_size_limit_does_not_kill_the_tee(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
 
     p = subprocess.Popen(
-        [PY, "-m", "qwen3_vl_service.logtee", str(log), "--max-bytes", "0", "--quiet"],
+        [PY, "-m", "qwen3_vl_service.lifecycle.logtee", str(log), "--max-bytes", "0", "--quiet"],
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=REPO,
@@ -239,7 +239,7 @@ def test_a_file_size_limit_does_not_kill_the_tee(tmp_path: Path) -> None:
 def test_a_removed_log_file_is_created_anew(tmp_path: Path) -> None:
     log = tmp_path / "logs" / "service.log"
     p = subprocess.Popen(
-        [PY, "-m", "qwen3_vl_service.logtee", str(log), "--quiet"],
+        [PY, "-m", "qwen3_vl_service.lifecycle.logtee", str(log), "--quiet"],
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=REPO,
@@ -273,7 +273,7 @@ def test_a_stuck_terminal_never_blocks_the_writer_of_the_pipe(tmp_path: Path) ->
     log = tmp_path / "service.log"
     r, w = os.pipe()  # never read: the "terminal" is full after 64 KiB
     p = subprocess.Popen(
-        [PY, "-m", "qwen3_vl_service.logtee", str(log)],
+        [PY, "-m", "qwen3_vl_service.lifecycle.logtee", str(log)],
         stdin=subprocess.PIPE,
         stdout=w,
         stderr=subprocess.PIPE,

@@ -33,14 +33,15 @@ import aiohttp
 import psutil
 import pytest
 
-from qwen3_vl_service import config, scope
-from qwen3_vl_service.errors import CheckFailed, ConfigError
+from qwen3_vl_service.core.errors import CheckFailed, ConfigError
+from qwen3_vl_service.deployment import scope
+from qwen3_vl_service.lifecycle.processes import read_pid_file
 from qwen3_vl_service.media import PID_FILE_NAME, SERVICE_ID, client
 from qwen3_vl_service.media import server as media_server
 from qwen3_vl_service.media.app import SHUTDOWN_TIMEOUT_S
 from qwen3_vl_service.media.workers import WORKERS_AUTO_MAX, auto_workers
-from qwen3_vl_service.processes import read_pid_file
-from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV
+from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
+from qwen3_vl_service.settings import config
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from qwen3_vl_service import config
-from qwen3_vl_service.errors import ConfigError
+from qwen3_vl_service.core.errors import ConfigError
 from qwen3_vl_service.media import policy
+from qwen3_vl_service.settings import config
 
 EXPECTED_TYPES = {
     "jpg": "image/jpeg",

@@ -10,8 +10,8 @@ import pytest
 import realmodel
 from skips import vllm_missing
 
-from qwen3_vl_service import model
 from qwen3_vl_service.download.manifest import Manifest, ManifestFile, write_manifest
+from qwen3_vl_service.planning import model
 
 pytestmark = pytest.mark.unit
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import realmodel
 
-from qwen3_vl_service import config, plan
-from qwen3_vl_service.gpus import Gpu, GpuProcess, Inventory, parse_spec
-from qwen3_vl_service.model import ModelInfo
+from qwen3_vl_service.planning import plan
+from qwen3_vl_service.planning.gpus import Gpu, GpuProcess, Inventory, parse_spec
+from qwen3_vl_service.planning.model import ModelInfo
+from qwen3_vl_service.settings import config
 
 pytestmark = pytest.mark.unit
 

@@ -15,9 +15,10 @@ import pytest
 import realmodel
 from test_gpus import H100_TOTAL, FakeNvml, h100
 
-from qwen3_vl_service import config, preflight
 from qwen3_vl_service.media import PID_FILE_NAME
 from qwen3_vl_service.media import client as media_client
+from qwen3_vl_service.planning import preflight
+from qwen3_vl_service.settings import config
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 1024**3
@@ -378,7 +379,7 @@ def test_findings_added_later_count(tmp_path, model_dir):
 @pytest.mark.unit
 def test_the_preflight_imports_neither_torch_nor_vllm_nor_transformers():
     code = (
-        "import sys, qwen3_vl_service.preflight\n"
+        "import sys, qwen3_vl_service.planning.preflight\n"
         "heavy = [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]\n"
         "print(heavy)"
     )

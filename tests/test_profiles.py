@@ -11,10 +11,11 @@ import pytest
 import realmodel
 from lifecycle_helpers import clean_env
 
-from qwen3_vl_service import config, plan, profiles
-from qwen3_vl_service.errors import ConfigError
-from qwen3_vl_service.gpus import parse_spec
-from qwen3_vl_service.model import inspect
+from qwen3_vl_service.core.errors import ConfigError
+from qwen3_vl_service.planning import plan
+from qwen3_vl_service.planning.gpus import parse_spec
+from qwen3_vl_service.planning.model import inspect
+from qwen3_vl_service.settings import config, profiles
 
 REPO = Path(__file__).resolve().parents[1]
 # MAX_NUM_SEQS=auto on 8 x H100 80GB with the real checkpoint's facts, per profile:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from lifecycle_helpers import PY, STANDIN, clean_env, free_port, kill_pids
 
-from qwen3_vl_service import readiness
-from qwen3_vl_service.errors import CheckFailed
+from qwen3_vl_service.core.errors import CheckFailed
+from qwen3_vl_service.lifecycle import readiness
 
 # Lines as vLLM 0.32 / uvicorn print them (prefixes as in a TP=8 run).
 STARTUP = [

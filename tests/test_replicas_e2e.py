@@ -142,7 +142,7 @@ def grp(tmp_path_factory):
         vllm_missing("vLLM is not installed here: run scripts/setup_env.sh (scripts/test.sh does)")
     if not _importable("vllm_router"):
         vllm_missing("vllm-router is not installed here: run scripts/setup_env.sh (the [router] extra)")
-    from qwen3_vl_service import sample_media, tiny_model
+    from devtools import sample_media, tiny_model
 
     g = Group(tmp_path_factory.mktemp("replicas"))
     tiny_model.generate(g.model)

@@ -17,7 +17,8 @@ import pytest
 import requests
 from skips import installed, missing
 
-from qwen3_vl_service import config, router, stop
+from qwen3_vl_service.lifecycle import router, stop
+from qwen3_vl_service.settings import config
 
 KEY = "sk-router-test-0123456789"
 WORKER = r"""

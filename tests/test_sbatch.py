@@ -30,7 +30,7 @@ from lifecycle_helpers import (
     write_config,
 )
 
-from qwen3_vl_service import processes, runstate
+from qwen3_vl_service.lifecycle import processes, runstate
 
 pytestmark = pytest.mark.integration
 SBATCH = REPO / "slurm" / "serve.sbatch"
@@ -41,8 +41,8 @@ FAKE_LAUNCHER = textwrap.dedent(
     import os, sys
     import psutil
     from qwen3_vl_service import config, runstate, scope
-    from qwen3_vl_service.processes import TITLE_ENV
-    from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV
+    from qwen3_vl_service.lifecycle.processes import TITLE_ENV
+    from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
 
     cfg = config.load(sys.argv[sys.argv.index("--config") + 1])
     run_dir = scope.paths(cfg).run_dir

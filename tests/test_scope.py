@@ -12,9 +12,12 @@ import pytest
 import realmodel
 from lifecycle_helpers import clean_env, free_port, make_state, run_tool, write_config
 
-from qwen3_vl_service import config, plan, runstate, scope, supervisor
-from qwen3_vl_service.errors import ConfigError
-from qwen3_vl_service.vllm_args import RUN_DIR_ENV, TAG_ENV, build
+from qwen3_vl_service.core.errors import ConfigError
+from qwen3_vl_service.deployment import scope
+from qwen3_vl_service.lifecycle import runstate, supervisor
+from qwen3_vl_service.planning import plan
+from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV, build
+from qwen3_vl_service.settings import config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,8 +152,8 @@ def test_stop_all_leaves_the_media_server_while_another_service_uses_it(tmp_path
 @pytest.mark.unit
 def test_bf16_config_fits_on_8_h100_with_fewer_sequences(tmp_path: Path) -> None:
     """config.bf16.env's dry-run numbers (README): 472 GB of BF16 weights on 8 x H100 80GB."""
-    from qwen3_vl_service.gpus import parse_spec
-    from qwen3_vl_service.model import inspect
+    from qwen3_vl_service.planning.gpus import parse_spec
+    from qwen3_vl_service.planning.model import inspect
 
     model = realmodel.build_bf16(tmp_path / "bf16")
     cfg = config.load(REPO / "config.bf16.env", environ={"MODEL_PATH": str(model)})

@@ -24,7 +24,7 @@ from skips import vllm_missing
 from test_e2e import MODEL, _have_vllm, alive, free_port, ours, port_free
 from test_yarn import short_context_copy
 
-from qwen3_vl_service import scope
+from qwen3_vl_service.deployment import scope
 
 REPO = Path(__file__).resolve().parents[1]
 # Two vLLM starts: minutes each on two shared cores.
@@ -61,7 +61,7 @@ class Svc:
 def pair(tmp_path_factory):
     if not _have_vllm():
         vllm_missing("vLLM is not installed here: run scripts/setup_env.sh (scripts/test.sh does)")
-    from qwen3_vl_service import sample_media, tiny_model
+    from devtools import sample_media, tiny_model
 
     root = tmp_path_factory.mktemp("pair")
     tiny = tiny_model.generate(root / "model")

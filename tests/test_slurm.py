@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen3_vl_service import slurm
+from qwen3_vl_service.planning import slurm
 
 pytestmark = pytest.mark.unit
 

@@ -54,7 +54,7 @@ def cluster():
 def test_sbatch_serves_and_the_time_limit_signal_stops_everything(cluster, tmp_path):
     if not _have_vllm():
         vllm_missing("vLLM is not installed here: run scripts/setup_env.sh (scripts/test.sh does)")
-    from qwen3_vl_service import sample_media, tiny_model
+    from devtools import sample_media, tiny_model
 
     tiny_model.generate(tmp_path / "model")
     sample_media.write_samples(tmp_path / "media")

@@ -57,7 +57,7 @@ def cluster2():
 def test_two_nodes_each_serve_a_replica_behind_the_router_and_term_stops_both(cluster2, tmp_path):
     if not _have_vllm():
         vllm_missing("vLLM is not installed here: run scripts/setup_env.sh (scripts/test.sh does)")
-    from qwen3_vl_service import tiny_model
+    from devtools import tiny_model
 
     tiny_model.generate(tmp_path / "model")
     port, router_port = free_pair(), free_pair()

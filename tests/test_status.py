@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from lifecycle_helpers import Standin, free_port, run_tool, write_config
 
-from qwen3_vl_service import runstate, status
+from qwen3_vl_service.lifecycle import runstate, status
 
 # The keys of `status_service.py --json`: always, and while the recorded start runs
 # "gpu_note" comes besides, where NVML is unavailable ("gpus" is then null).

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from lifecycle_helpers import REPO, clean_env, kill_pids, wait_until
 
-from qwen3_vl_service import supervisor
-from qwen3_vl_service.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
-from qwen3_vl_service.supervisor import Failures, Policy, Record, Supervisor
+from qwen3_vl_service.core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from qwen3_vl_service.lifecycle import supervisor
+from qwen3_vl_service.lifecycle.supervisor import Failures, Policy, Record, Supervisor
 
 
 @pytest.fixture(autouse=True)
@@ -171,12 +171,12 @@ def test_units_stop_in_reverse_order(tmp_path):
 
 @pytest.mark.integration
 def test_status_and_request_stop_find_the_recorded_supervisor_by_its_tag(tmp_path):
-    from qwen3_vl_service.vllm_args import TAG_ENV
+    from qwen3_vl_service.planning.vllm_args import TAG_ENV
 
     code = (
         "import sys, time, signal\n"
         "from pathlib import Path\n"
-        "from qwen3_vl_service.supervisor import Policy, Record\n"
+        "from qwen3_vl_service.lifecycle.supervisor import Policy, Record\n"
         # The handler before the record: a stop that finds the
         # record must find the handler too (SIGTERM's default would end it with -15).
         "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
@@ -214,7 +214,7 @@ def test_a_reused_pid_is_not_the_supervisor(tmp_path, procs):
 @pytest.mark.integration
 def test_the_command_refuses_to_run_without_the_tag(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "qwen3_vl_service.supervisor", "--expert-parallel", "off"],
+        [sys.executable, "-m", "qwen3_vl_service.lifecycle.supervisor", "--expert-parallel", "off"],
         cwd=REPO,
         env=clean_env(),
         capture_output=True,
@@ -227,8 +227,8 @@ def test_the_command_refuses_to_run_without_the_tag(tmp_path):
 
 @pytest.mark.unit
 def test_settings_are_validated_in_config(tmp_path):
-    from qwen3_vl_service.config import load
-    from qwen3_vl_service.errors import ConfigError
+    from qwen3_vl_service.core.errors import ConfigError
+    from qwen3_vl_service.settings.config import load
 
     cfg = load(None, environ={"RESTART": "no", "MAX_RESTARTS": "5", "HEALTH_FAIL_AFTER": "30"})
     assert (cfg.restart, cfg.max_restarts, cfg.health_fail_after) == ("no", 5, 30)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from skips import require
 
-from qwen3_vl_service import tiny_model
+from devtools import tiny_model
 
 pytestmark = pytest.mark.integration
 

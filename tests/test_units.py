@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen3_vl_service.units import count, format_bytes, format_duration, format_ranges, format_short_time
+from qwen3_vl_service.core.units import count, format_bytes, format_duration, format_ranges, format_short_time
 
 
 @pytest.mark.unit

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from skips import vllm_missing
 
-from qwen3_vl_service import config, vllm_args
+from qwen3_vl_service.planning import vllm_args
+from qwen3_vl_service.settings import config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from skips import vllm_missing
 
-from qwen3_vl_service import config, vllm_args, vllm_versions
-from qwen3_vl_service.vllm_versions import Probe
+from qwen3_vl_service.planning import vllm_args, vllm_versions
+from qwen3_vl_service.planning.vllm_versions import Probe
+from qwen3_vl_service.settings import config
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS_026 = Path(__file__).with_name("data") / "vllm-0.26.0-serve-flags.json"

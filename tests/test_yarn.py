@@ -13,10 +13,11 @@ import pytest
 import realmodel
 from skips import vllm_missing
 
-from qwen3_vl_service import config, plan, vllm_args
-from qwen3_vl_service.errors import ConfigError
-from qwen3_vl_service.gpus import parse_spec
-from qwen3_vl_service.model import inspect
+from qwen3_vl_service.core.errors import ConfigError
+from qwen3_vl_service.planning import plan, vllm_args
+from qwen3_vl_service.planning.gpus import parse_spec
+from qwen3_vl_service.planning.model import inspect
+from qwen3_vl_service.settings import config
 
 REPO = Path(__file__).resolve().parents[1]
 NATIVE = 262_144
@@ -150,7 +151,7 @@ print(json.dumps({"hf_overrides": ns.hf_overrides, "max_model_len": mc.max_model
 def test_pinned_vllm_applies_the_override_beyond_the_native_length(tmp_path: Path) -> None:
     if _vllm_python() is None:
         vllm_missing("vLLM is not installed in this environment (run scripts/setup_env.sh)")
-    from qwen3_vl_service import tiny_model
+    from devtools import tiny_model
 
     tiny = tiny_model.generate(tmp_path / "tiny")
     model = short_context_copy(tiny, tmp_path / "short", 1024)

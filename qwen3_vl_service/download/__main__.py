@@ -1,4 +1,4 @@
-from .command import main
+from qwen3_vl_service.download.command import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

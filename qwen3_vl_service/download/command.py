@@ -14,13 +14,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import cli, config
-from ..errors import CheckFailed, ServiceError, UsageError
-from ..units import format_decimal_bytes
-from .hub import DownloadFailed, _iter_partials, download, plan_download
-from .hub_errors import _token_source
-from .manifest import ManifestFile, read_manifest
-from .verify import verify
+from qwen3_vl_service.core import cli
+from qwen3_vl_service.core.errors import CheckFailed, ServiceError, UsageError
+from qwen3_vl_service.core.units import format_decimal_bytes
+from qwen3_vl_service.download.hub import DownloadFailed, _iter_partials, download, plan_download
+from qwen3_vl_service.download.hub_errors import _token_source
+from qwen3_vl_service.download.manifest import ManifestFile, read_manifest
+from qwen3_vl_service.download.verify import verify
+from qwen3_vl_service.settings import config
 
 T = TypeVar("T")
 

@@ -30,10 +30,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import __version__
-from ..errors import CheckFailed
-from ..units import format_decimal_bytes, format_duration
-from .hub_errors import (
+from qwen3_vl_service import __version__
+from qwen3_vl_service.core.errors import CheckFailed
+from qwen3_vl_service.core.units import format_decimal_bytes, format_duration
+from qwen3_vl_service.download.hub_errors import (
     DownloadFailed,
     _Context,
     _not_writable,
@@ -42,7 +42,7 @@ from .hub_errors import (
     nearest_existing_dir,
     one_line_errors,
 )
-from .manifest import (
+from qwen3_vl_service.download.manifest import (
     MANIFEST_NAME,
     Manifest,
     ManifestFile,
@@ -51,7 +51,7 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
-from .verify import verify
+from qwen3_vl_service.download.verify import verify
 
 # Space kept free on top of the download: file system metadata, the manifest,
 # huggingface_hub's own bookkeeping, and whatever else writes there meanwhile.

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..config import SETTINGS_BY_KEY
-from ..errors import ConfigError, ServiceError
-from ..units import format_decimal_bytes
+from qwen3_vl_service.core.errors import ConfigError, ServiceError
+from qwen3_vl_service.core.units import format_decimal_bytes
+from qwen3_vl_service.settings.config import SETTINGS_BY_KEY
 
 _TOKEN_HELP = "https://huggingface.co/settings/tokens"
 

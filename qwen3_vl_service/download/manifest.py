@@ -11,8 +11,8 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import CheckFailed
-from ..fileio import write_atomic
+from qwen3_vl_service.core.errors import CheckFailed
+from qwen3_vl_service.core.fileio import write_atomic
 
 MANIFEST_NAME = "qwen3_vl_manifest.json"
 MANIFEST_FORMAT = 1

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..errors import CheckFailed
-from ..units import format_decimal_bytes
-from .manifest import MANIFEST_NAME, Manifest, ManifestFile, read_manifest
+from qwen3_vl_service.core.errors import CheckFailed
+from qwen3_vl_service.core.units import format_decimal_bytes
+from qwen3_vl_service.download.manifest import MANIFEST_NAME, Manifest, ManifestFile, read_manifest
 
 HASH_CHUNK = 8 * 1024 * 1024
 

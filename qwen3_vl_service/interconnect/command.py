@@ -8,13 +8,16 @@ import os
 import sys
 from collections.abc import Mapping
 
-from .. import cli
-from ..config import load
-from ..errors import UsageError
-from ..findings import Finding
-from ..gpus import NvmlUnavailable
-from .report import finding_line, render_table, result_findings, topology_findings
-from .run import (
+from qwen3_vl_service.core import cli
+from qwen3_vl_service.core.errors import UsageError
+from qwen3_vl_service.core.findings import Finding
+from qwen3_vl_service.interconnect.report import (
+    finding_line,
+    render_table,
+    result_findings,
+    topology_findings,
+)
+from qwen3_vl_service.interconnect.run import (
     DEFAULT_SIZES,
     DEFAULT_SIZES_GLOO,
     DEFAULT_TIMEOUT,
@@ -24,7 +27,9 @@ from .run import (
     torch_missing,
     worker_env,
 )
-from .topology import Topology, read_topology, render_topology
+from qwen3_vl_service.interconnect.topology import Topology, read_topology, render_topology
+from qwen3_vl_service.planning.gpus import NvmlUnavailable
+from qwen3_vl_service.settings.config import load
 
 
 def _parser() -> cli.ArgumentParser:

@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 import sys
 
-from ..config import ServiceConfig
-from ..findings import Finding, Level
-from ..gpus import NvmlUnavailable
-from ..units import format_bytes, format_ranges, format_short_time
-from .run import DEFAULT_SIZES, DEFAULT_TIMEOUT, CheckResult, run_check, torch_missing, worker_env
-from .topology import Topology, p2p_problems, read_topology
+from qwen3_vl_service.core.findings import Finding, Level
+from qwen3_vl_service.core.units import format_bytes, format_ranges, format_short_time
+from qwen3_vl_service.interconnect.run import (
+    DEFAULT_SIZES,
+    DEFAULT_TIMEOUT,
+    CheckResult,
+    run_check,
+    torch_missing,
+    worker_env,
+)
+from qwen3_vl_service.interconnect.topology import Topology, p2p_problems, read_topology
+from qwen3_vl_service.planning.gpus import NvmlUnavailable
+from qwen3_vl_service.settings.config import ServiceConfig
 
 CHECK = "Interconnect"
 # Below this share of the nominal NVLink bandwidth (largest message), NCCL is

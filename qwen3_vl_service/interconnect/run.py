@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..childproc import with_package_path
-from ..errors import UsageError
-from ..units import format_bytes, format_ranges
-from .worker import MARK
+from qwen3_vl_service.core.childproc import with_package_path
+from qwen3_vl_service.core.errors import UsageError
+from qwen3_vl_service.core.units import format_bytes, format_ranges
+from qwen3_vl_service.interconnect.worker import MARK
 
 DEFAULT_TIMEOUT = 120.0
 DEFAULT_SIZES = (1 << 20, 16 << 20, 256 << 20)

@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 
-from ..childproc import die_with_parent
+from qwen3_vl_service.core.childproc import die_with_parent
 
 MARK = "@@qwen3-interconnect "
 EXIT_SKIP = 3

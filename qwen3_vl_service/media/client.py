@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..childproc import with_package_path
-from ..errors import CheckFailed
-from ..hosts import connect_host
-from ..processes import is_media_pid, read_pid_file
-from . import SERVICE_ID
-from .policy import check_root
+from qwen3_vl_service.core.childproc import with_package_path
+from qwen3_vl_service.core.errors import CheckFailed
+from qwen3_vl_service.core.hosts import connect_host
+from qwen3_vl_service.lifecycle.processes import is_media_pid, read_pid_file
+from qwen3_vl_service.media import SERVICE_ID
+from qwen3_vl_service.media.policy import check_root
 
 
 def probe(host: str, port: int, timeout: float = 2.0) -> dict[str, Any] | None:

@@ -12,8 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from ..logrotate import rotating_handler
-from . import SERVICE_ID
+from qwen3_vl_service.core.logrotate import rotating_handler
+from qwen3_vl_service.media import SERVICE_ID
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _LOGGERS = (SERVICE_ID, "aiohttp.access", "aiohttp.server", "aiohttp.web", "asyncio")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from ..errors import ConfigError
+from qwen3_vl_service.core.errors import ConfigError
 
 # Our own table rather than the host's /etc/mime.types, so that the
 # Content-Type of the common formats does not depend on the node's packages.

@@ -41,16 +41,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import config, scope
-from ..cli import ArgumentParser, run
-from ..errors import CheckFailed, ConfigError, UsageError
-from ..fileio import write_atomic
-from ..processes import is_media_pid, port_holders, read_pid_file
-from . import LOG_FILE_NAME, PID_FILE_NAME, SERVICE_ID
-from .app import LISTEN_BACKLOG, MediaSettings, run_serving, serve_socket
-from .logs import lean_log_records, setup_logging
-from .policy import check_root
-from .workers import WORKERS_AUTO_MAX, Supervisor, auto_workers
+from qwen3_vl_service.core.cli import ArgumentParser, run
+from qwen3_vl_service.core.errors import CheckFailed, ConfigError, UsageError
+from qwen3_vl_service.core.fileio import write_atomic
+from qwen3_vl_service.deployment import scope
+from qwen3_vl_service.lifecycle.processes import is_media_pid, port_holders, read_pid_file
+from qwen3_vl_service.media import LOG_FILE_NAME, PID_FILE_NAME, SERVICE_ID
+from qwen3_vl_service.media.app import LISTEN_BACKLOG, MediaSettings, run_serving, serve_socket
+from qwen3_vl_service.media.logs import lean_log_records, setup_logging
+from qwen3_vl_service.media.policy import check_root
+from qwen3_vl_service.media.workers import WORKERS_AUTO_MAX, Supervisor, auto_workers
+from qwen3_vl_service.settings import config
 
 DEFAULT_LOG_FILE = Path("logs") / LOG_FILE_NAME
 

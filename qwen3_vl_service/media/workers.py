@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..childproc import die_with_parent
-from . import SERVICE_ID
-from .app import SHUTDOWN_TIMEOUT_S, MediaSettings, run_serving, serve_socket
-from .logs import relay_to
+from qwen3_vl_service.core.childproc import die_with_parent
+from qwen3_vl_service.media import SERVICE_ID
+from qwen3_vl_service.media.app import SHUTDOWN_TIMEOUT_S, MediaSettings, run_serving, serve_socket
+from qwen3_vl_service.media.logs import relay_to
 
 # MEDIA_WORKERS=auto is min(CPUs, WORKERS_AUTO_MAX). 8, measured on a 32-core
 # GPU host (bench/bench_media.py): 1 MiB files at 16 clients 0.87x nginx with

@@ -1,0 +1,573 @@
+"""A model directory, as far as the launcher needs to know it: facts, files, problems.
+
+``inspect(path)`` reads config.json (top level, ``text_config`` and
+``vision_config``), the quantization settings, the safetensors index and the
+header of every shard, and checks that the tokenizer, the processor configs
+and the chat template are there. It never raises for a bad directory: what is
+wrong becomes ``ModelInfo.issues`` (Findings of the check "Model"), which the
+preflight prints.
+
+Each shard's size is checked exactly: a safetensors file is an 8-byte header
+length, a JSON header and the tensor data, and the header's largest data
+offset says how long the file must be. A download cut short leaves a shorter
+file, which fails here in milliseconds rather than in vLLM after minutes of
+loading. When download.py left a manifest, its sizes (and its own ``verify``)
+are used as well.
+
+Nothing here imports torch, transformers or vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwen3_vl_service.core.errors import CheckFailed
+from qwen3_vl_service.core.findings import Finding
+from qwen3_vl_service.download.manifest import read_manifest
+from qwen3_vl_service.download.verify import verify
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# The architectures this launcher was written and checked for.
+KNOWN_ARCHITECTURES = frozenset({"Qwen3VLMoeForConditionalGeneration", "Qwen3VLForConditionalGeneration"})
+# Prefixes of the vision tower's tensors (transformers >= 4.57 writes "model.visual.").
+VISION_PREFIXES = ("model.visual.", "visual.")
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit for the JSON header
+_FIX_DOWNLOAD = "run download_model.py again (it resumes and re-checks)"
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    size: int | None  # bytes on disk; None when the file is missing
+    expected: int | None = None  # bytes it must have (manifest, else its own header); None unknown
+    problem: str = ""  # "" when the file looks complete
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    exists: bool = False
+    config_error: str = ""
+    architectures: tuple[str, ...] = ()
+    model_type: str = ""
+    # Text model (config.json "text_config", or the top level for text-only models).
+    num_hidden_layers: int | None = None
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_intermediate_size: int | None = None
+    vocab_size: int | None = None
+    max_position_embeddings: int | None = None
+    rope_scaling_factor: float = 1.0
+    # Multimodal RoPE of the text model (rope_scaling / rope_parameters), kept in a YaRN override.
+    mrope_section: tuple[int, ...] | None = None
+    mrope_interleaved: bool = False
+    dtype: str = ""  # the checkpoint's dtype for unquantized parts ("bfloat16")
+    vision: Mapping[str, Any] = field(default_factory=dict)
+    # quantization_config
+    quant_method: str = ""
+    weight_block_size: tuple[int, ...] | None = None
+    quant_fmt: str = ""
+    # Files
+    index_file: str = ""  # INDEX_FILE or SINGLE_FILE
+    index_total_size: int | None = None  # metadata.total_size: the tensor bytes
+    shards: tuple[Shard, ...] = ()
+    vision_bytes: int | None = None  # exact, from the shard headers
+    tokenizer_files: tuple[str, ...] = ()
+    processor_files: tuple[str, ...] = ()
+    chat_template: str = ""  # where the chat template lives, "" when there is none
+    tokenizer_max_length: int | None = None
+    manifest: bool = False
+    issues: tuple[Finding, ...] = ()
+
+    # -- derived facts ------------------------------------------------------
+
+    @property
+    def config_ok(self) -> bool:
+        return self.exists and not self.config_error and self.num_hidden_layers is not None
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_experts)
+
+    @property
+    def missing_shards(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.shards if s.size is None)
+
+    @property
+    def bad_shards(self) -> tuple[Shard, ...]:
+        return tuple(s for s in self.shards if s.size is not None and s.problem)
+
+    @property
+    def shard_bytes(self) -> int:
+        """Bytes of the shard files present on disk."""
+        return sum(s.size or 0 for s in self.shards)
+
+    @property
+    def weights_bytes(self) -> int | None:
+        """The checkpoint's tensor bytes: the index's metadata.total_size, else what the shards add up to."""
+        if self.index_total_size:
+            return self.index_total_size
+        known = [s.expected or s.size for s in self.shards]
+        if known and all(known):
+            return sum(k or 0 for k in known)
+        return None
+
+    @property
+    def max_model_len_limit(self) -> int | None:
+        """The longest MAX_MODEL_LEN vLLM accepts (vllm/config/model.py, _get_and_verify_max_len)."""
+        if self.max_position_embeddings is None:
+            return None
+        limit = float(self.max_position_embeddings)
+        if self.tokenizer_max_length:
+            limit = min(limit, float(self.tokenizer_max_length))
+        return int(limit * self.rope_scaling_factor)
+
+    @property
+    def errors(self) -> tuple[Finding, ...]:
+        return tuple(i for i in self.issues if i.level == "error")
+
+
+# ---------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> tuple[Any, str]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh), ""
+    except FileNotFoundError:
+        return None, "missing"
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON (line {exc.lineno}: {exc.msg})"
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror})"
+
+
+def _pos_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _rope_factor(text: Mapping[str, Any]) -> float:
+    """The factor vLLM multiplies max_position_embeddings by (not for yarn/longrope/llama3 types)."""
+    rope = text.get("rope_scaling") or text.get("rope_parameters")
+    if not isinstance(rope, Mapping):
+        return 1.0
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind in ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling"):
+        return 1.0
+    factor = rope.get("factor")
+    return float(factor) if isinstance(factor, (int, float)) and factor > 0 else 1.0
+
+
+def _read_header(path: Path, size: int) -> tuple[int | None, int, str]:
+    """(bytes the file must have, bytes of vision tensors, problem) from a safetensors header."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return None, 0, f"not a safetensors file ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > _MAX_HEADER or n > size - 8:
+                return (
+                    None,
+                    0,
+                    f"not a safetensors file (header length {n}, file {size} bytes): truncated or corrupt",
+                )
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as exc:
+        return None, 0, f"header unreadable ({exc})"
+    if not isinstance(header, dict):
+        return None, 0, "header is not a JSON object"
+    end = 0
+    vision = 0
+    for name, entry in header.items():
+        if name == "__metadata__" or not isinstance(entry, dict):
+            continue
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return None, 0, f"header entry {name!r} has no data_offsets"
+        end = max(end, offsets[1])
+        if name.startswith(VISION_PREFIXES):
+            vision += offsets[1] - offsets[0]
+    return 8 + n + end, vision, ""
+
+
+def _manifest(path: Path) -> tuple[bool, dict[str, int], list[str], str]:
+    """(present, sizes, verify() problems, note) from the download manifest, offline."""
+    try:
+        manifest = read_manifest(path)
+    except CheckFailed as exc:  # a broken manifest is a finding, not a crash
+        return True, {}, [], f"the download manifest cannot be used: {exc.one_line()}"
+    if manifest is None:
+        return False, {}, [], ""
+    sizes = {f.name: f.size for f in manifest.files}
+    return True, sizes, verify(path, deep=False, manifest=manifest), ""
+
+
+def vllm_architectures() -> frozenset[str] | None:
+    """The architectures in the vLLM installed for this interpreter, read from its registry's text.
+
+    Reading the file, not importing vLLM: importing it takes seconds. None
+    when vLLM is not installed here (it may live in VLLM_PYTHON's venv).
+    """
+    try:
+        spec = importlib.util.find_spec("vllm")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for base in spec.submodule_search_locations:
+        registry = Path(base) / "model_executor" / "models" / "registry.py"
+        try:
+            text = registry.read_text(encoding="utf-8")
+        except OSError:
+            continue
+        return frozenset(re.findall(r'^\s*"([A-Za-z0-9_]+)":\s*\(', text, flags=re.MULTILINE))
+    return None
+
+
+def _list(names: Iterable[str], limit: int = 5) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def inspect(path: str | Path) -> ModelInfo:
+    """Everything the preflight needs to know about the model directory at PATH."""
+    p = Path(path)
+    issues: list[Finding] = []
+    facts: dict[str, Any] = {"path": p}
+
+    if not p.exists():
+        issues.append(
+            Finding(
+                "error",
+                "Model",
+                f"Model not found at {p}",
+                "run download_model.py, or set MODEL_PATH to the model's folder",
+            )
+        )
+        return ModelInfo(**facts, issues=tuple(issues))
+    if not p.is_dir():
+        issues.append(
+            Finding(
+                "error",
+                "Model",
+                f"MODEL_PATH {p} is a file, not a folder",
+                "set MODEL_PATH to the model's folder",
+            )
+        )
+        return ModelInfo(**facts, issues=tuple(issues))
+    facts["exists"] = True
+
+    # -- config.json --------------------------------------------------------
+    config, err = _read_json(p / "config.json")
+    if err:
+        facts["config_error"] = f"config.json {err}"
+        issues.append(Finding("error", "Model", f"config.json in {p} is {err}", _FIX_DOWNLOAD))
+    elif not isinstance(config, dict):
+        facts["config_error"] = "config.json is not a JSON object"
+        issues.append(Finding("error", "Model", f"config.json in {p} is not a JSON object", _FIX_DOWNLOAD))
+        config = None
+    if config is not None:
+        _config_facts(config, facts, issues)
+
+    # -- tokenizer, processor, chat template ------------------------------
+    tok_cfg, _ = _read_json(p / "tokenizer_config.json")
+    _tokenizer_facts(p, tok_cfg if isinstance(tok_cfg, dict) else {}, facts, issues)
+
+    # -- weights ------------------------------------------------------------
+    present, sizes, manifest_problems, manifest_note = _manifest(p)
+    facts["manifest"] = present
+    if manifest_note:
+        issues.append(Finding("warn", "Model", manifest_note, _FIX_DOWNLOAD))
+    # verify()'s lines carry their own fix ("...; rerun download_model.py").
+    for problem in manifest_problems[:8]:
+        issues.append(Finding("error", "Model", f"download manifest check: {problem}"))
+    if len(manifest_problems) > 8:
+        issues.append(
+            Finding(
+                "error",
+                "Model",
+                f"download manifest check: {len(manifest_problems) - 8} more problems",
+                _FIX_DOWNLOAD,
+            )
+        )
+    _weights_facts(p, sizes, facts, issues, already=manifest_problems)
+
+    partial = sorted(p.glob(".cache/huggingface/download/**/*.incomplete"))
+    if partial:
+        issues.append(
+            Finding(
+                "warn",
+                "Model",
+                f"{len(partial)} unfinished download file(s) under {p / '.cache/huggingface/download'}",
+                "let download_model.py finish (or run it again)",
+            )
+        )
+    return ModelInfo(**facts, issues=tuple(issues))
+
+
+def _config_facts(config: dict[str, Any], facts: dict[str, Any], issues: list[Finding]) -> None:
+    archs = config.get("architectures")
+    facts["architectures"] = tuple(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else ()
+    facts["model_type"] = str(config.get("model_type", ""))
+    text = config.get("text_config")
+    text = text if isinstance(text, dict) else config
+    vision = config.get("vision_config")
+    facts["vision"] = dict(vision) if isinstance(vision, dict) else {}
+
+    for key in (
+        "num_hidden_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+    ):
+        facts[key] = _pos_int(text.get(key))
+    facts["num_key_value_heads"] = _pos_int(text.get("num_key_value_heads")) or facts["num_attention_heads"]
+    head_dim = _pos_int(text.get("head_dim"))
+    if head_dim is None and facts["hidden_size"] and facts["num_attention_heads"]:
+        head_dim = facts["hidden_size"] // facts["num_attention_heads"]
+    facts["head_dim"] = head_dim
+    facts["rope_scaling_factor"] = _rope_factor(text)
+    rope = text.get("rope_scaling") or text.get("rope_parameters")
+    if isinstance(rope, Mapping):
+        section = rope.get("mrope_section")
+        if isinstance(section, list) and section and all(_pos_int(x) for x in section):
+            facts["mrope_section"] = tuple(section)
+        facts["mrope_interleaved"] = rope.get("mrope_interleaved") is True
+    dtype = text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype")
+    facts["dtype"] = str(dtype or "")
+
+    missing = [
+        k
+        for k in ("num_hidden_layers", "num_attention_heads", "head_dim", "max_position_embeddings")
+        if not facts[k]
+    ]
+    if missing:
+        issues.append(
+            Finding(
+                "error",
+                "Model",
+                f"config.json lacks {', '.join(missing)} (in text_config or at the top level)",
+                _FIX_DOWNLOAD,
+            )
+        )
+        facts["num_hidden_layers"] = None  # config_ok is False: no maths on a partial config
+
+    quant = config.get("quantization_config") or text.get("quantization_config")
+    if isinstance(quant, dict):
+        facts["quant_method"] = str(quant.get("quant_method", ""))
+        facts["quant_fmt"] = str(quant.get("fmt", ""))
+        block = quant.get("weight_block_size")
+        if isinstance(block, list) and block and all(_pos_int(b) for b in block):
+            facts["weight_block_size"] = tuple(block)
+
+    archs = facts["architectures"]
+    if not archs:
+        issues.append(
+            Finding("error", "Model", 'config.json names no architecture ("architectures")', _FIX_DOWNLOAD)
+        )
+    elif not any(a in KNOWN_ARCHITECTURES for a in archs):
+        served = vllm_architectures()
+        if served is not None and not any(a in served for a in archs):
+            issues.append(
+                Finding(
+                    "error",
+                    "Model",
+                    f"architecture {archs[0]} is not one the installed vLLM serves",
+                    "point MODEL_PATH at Qwen/Qwen3-VL-235B-A22B-Thinking-FP8 (or a model vLLM supports)",
+                )
+            )
+        else:
+            where = (
+                "the installed vLLM lists it" if served is not None else "vLLM is not installed here to ask"
+            )
+            issues.append(
+                Finding(
+                    "warn",
+                    "Model",
+                    f"architecture {archs[0]} is not the Qwen3-VL this launcher is built for ({where})",
+                    "the capacity numbers assume a Qwen3-VL layout; check them",
+                )
+            )
+
+
+def _tokenizer_facts(p: Path, tok_cfg: dict[str, Any], facts: dict[str, Any], issues: list[Finding]) -> None:
+    names = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+    found = tuple(n for n in names if (p / n).is_file())
+    facts["tokenizer_files"] = found
+    fast = "tokenizer.json" in found
+    slow = "vocab.json" in found and "merges.txt" in found
+    missing = []
+    if "tokenizer_config.json" not in found:
+        missing.append("tokenizer_config.json")
+    if not (fast or slow):
+        missing.append("tokenizer.json (or vocab.json + merges.txt)")
+    if missing:
+        issues.append(
+            Finding("error", "Model", f"tokenizer files missing in {p}: {', '.join(missing)}", _FIX_DOWNLOAD)
+        )
+    mml = tok_cfg.get("model_max_length")
+    # Tokenizers without a limit write a huge sentinel (1e30); vLLM's min() makes it harmless.
+    facts["tokenizer_max_length"] = mml if isinstance(mml, int) and 0 < mml < 10**12 else None
+
+    proc = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
+    found_proc = tuple(n for n in proc if (p / n).is_file())
+    facts["processor_files"] = found_proc
+    if "preprocessor_config.json" not in found_proc:
+        issues.append(
+            Finding(
+                "error",
+                "Model",
+                f"preprocessor_config.json missing in {p}: images cannot be processed",
+                _FIX_DOWNLOAD,
+            )
+        )
+    elif "video_preprocessor_config.json" not in found_proc:
+        issues.append(
+            Finding(
+                "warn",
+                "Model",
+                f"video_preprocessor_config.json missing in {p}: videos use the image processor's settings",
+                _FIX_DOWNLOAD,
+            )
+        )
+
+    if (p / "chat_template.jinja").is_file():
+        facts["chat_template"] = "chat_template.jinja"
+    elif (p / "chat_template.json").is_file():
+        facts["chat_template"] = "chat_template.json"
+    elif isinstance(tok_cfg.get("chat_template"), (str, list)):
+        facts["chat_template"] = "tokenizer_config.json"
+    else:
+        issues.append(
+            Finding(
+                "error",
+                "Model",
+                f"no chat template in {p} (chat_template.jinja, chat_template.json or "
+                "tokenizer_config.json): every /v1/chat/completions request would fail",
+                _FIX_DOWNLOAD,
+            )
+        )
+
+
+def _weights_facts(
+    p: Path, manifest_sizes: dict[str, int], facts: dict[str, Any], issues: list[Finding], already: list[str]
+) -> None:
+    """Index and shards; a shard the manifest check already named is not reported twice."""
+
+    def reported(name: str) -> bool:
+        return any(problem.startswith(f"{name}:") for problem in already)
+
+    index, err = _read_json(p / INDEX_FILE)
+    names: list[str]
+    if err == "missing":
+        if (p / SINGLE_FILE).is_file():
+            facts["index_file"] = SINGLE_FILE
+            names = [SINGLE_FILE]
+        else:
+            issues.append(
+                Finding("error", "Model", f"no {INDEX_FILE} (and no {SINGLE_FILE}) in {p}", _FIX_DOWNLOAD)
+            )
+            return
+    elif err or not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        why = err or "has no weight_map"
+        issues.append(Finding("error", "Model", f"{INDEX_FILE} in {p} {why}", _FIX_DOWNLOAD))
+        return
+    else:
+        facts["index_file"] = INDEX_FILE
+        meta = index.get("metadata")
+        total = _pos_int(meta.get("total_size")) if isinstance(meta, dict) else None
+        facts["index_total_size"] = total
+        names = sorted({v for v in index["weight_map"].values() if isinstance(v, str)})
+        if not names:
+            issues.append(
+                Finding("error", "Model", f"{INDEX_FILE} in {p} lists no shard files", _FIX_DOWNLOAD)
+            )
+            return
+
+    shards: list[Shard] = []
+    vision_bytes = 0
+    headers_ok = True
+    for name in names:
+        f = p / name
+        try:
+            size = f.stat().st_size
+        except OSError:
+            shards.append(Shard(name, None, manifest_sizes.get(name), "missing"))
+            headers_ok = False
+            continue
+        expected, vision, problem = _read_header(f, size)
+        if problem:
+            headers_ok = False
+        else:
+            vision_bytes += vision
+        want = manifest_sizes.get(name, expected)
+        if not problem and want is not None and size != want:
+            source = "the download manifest" if name in manifest_sizes else "its safetensors header"
+            problem = (
+                f"truncated: {size:,} of {want:,} bytes ({source})"
+                if size < want
+                else f"{size:,} bytes, {source} says {want:,}"
+            )
+        shards.append(Shard(name, size, want, problem))
+    facts["shards"] = tuple(shards)
+    facts["vision_bytes"] = vision_bytes if headers_ok and vision_bytes else None
+
+    missing = [s.name for s in shards if s.size is None and not reported(s.name)]
+    if missing:
+        issues.append(
+            Finding(
+                "error",
+                "Model",
+                f"{len(missing)} of {len(shards)} weight shards missing in {p}: {_list(missing)}",
+                _FIX_DOWNLOAD,
+            )
+        )
+    bad = [s for s in shards if s.size is not None and s.problem and not reported(s.name)]
+    for s in bad[:5]:
+        issues.append(Finding("error", "Model", f"weight shard {s.name} is {s.problem}", _FIX_DOWNLOAD))
+    if len(bad) > 5:
+        issues.append(
+            Finding("error", "Model", f"{len(bad) - 5} more weight shards are damaged", _FIX_DOWNLOAD)
+        )
+    total = facts.get("index_total_size")
+    if total and not already and not any(s.problem for s in shards) and headers_ok:
+        data = sum((s.size or 0) for s in shards)
+        if data < total:
+            issues.append(
+                Finding(
+                    "error",
+                    "Model",
+                    f"the shards hold {data:,} bytes, less than the {total:,} the index's total_size names",
+                    _FIX_DOWNLOAD,
+                )
+            )
+
+
+__all__ = [
+    "INDEX_FILE",
+    "KNOWN_ARCHITECTURES",
+    "ModelInfo",
+    "Shard",
+    "inspect",
+    "vllm_architectures",
+]

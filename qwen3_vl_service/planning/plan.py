@@ -1,0 +1,875 @@
+"""Compatibility and capacity maths: ServiceConfig + GPUs + model facts -> Plan. Pure.
+
+No I/O and no clock: the same inputs give the same plan, so the numbers in
+the README can be reproduced with ``--dry-run --gpus 8xH100-80GB``.
+
+Capacity, per GPU (every GPU holds one tensor-parallel rank; vLLM sizes the
+KV cache by the smallest):
+
+    budget      = GPU_MEMORY_UTIL x total memory           (vLLM's requested_memory)
+    weights     = (checkpoint bytes - vision) / TP + vision (MM_ENCODER_TP_MODE=data:
+                  a whole vision-encoder copy per GPU; =weights: checkpoint / TP)
+    reserve     = ACTIVATION_RESERVE + CUDA_GRAPH_RESERVE   (0 for graphs with ENFORCE_EAGER)
+    KV cache    = budget - weights - reserve
+    KV/token    = layers x max(1, kv_heads / TP) x head_dim x 2 (K and V) x KV dtype bytes
+    KV tokens   = KV cache / KV per token, rounded down to vLLM's blocks of 16
+    concurrency = KV tokens // MAX_MODEL_LEN                (full-length sequences at once)
+
+The per-GPU weight is an approximation: it treats everything but the vision
+encoder as split evenly. The embedding and the LM head are split by
+vocabulary rows (VocabParallelEmbedding), so they are split too; what stays
+replicated besides the vision encoder (norms, the MoE routers: 94 x 4096 x
+128 bf16 = 94 MiB, the KV projections when TP > KV heads) is under 0.2 GiB
+per GPU. With expert parallelism each GPU holds num_experts / TP whole
+experts instead of 1/TP of every expert: the same bytes per GPU.
+
+The reserve is a stated guess, calibrated on a published vLLM 0.15 log of
+this model on 8 x H100 80GB (TP 8 + EP, GPU_MEMORY_UTIL 0.90): weights 28.24
+GiB, KV cache 40.07 GiB (894,064 tokens), so 3.4 GiB of the 71.7 GiB budget
+went to activations and the runtime; since vLLM 0.21 the CUDA graphs are
+counted inside the budget too (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from qwen3_vl_service.core.findings import Finding, Level
+from qwen3_vl_service.core.units import count
+
+if TYPE_CHECKING:
+    from qwen3_vl_service.planning.gpus import Inventory
+    from qwen3_vl_service.planning.model import ModelInfo
+    from qwen3_vl_service.settings.config import ServiceConfig
+
+MiB = 1024**2
+GiB = 1024**3
+
+ACTIVATION_RESERVE = 4 * GiB  # profile-run activation peak, NCCL/cuBLAS workspaces, encoder cache, non-torch
+CUDA_GRAPH_RESERVE = 1 * GiB  # captured CUDA graphs (none with ENFORCE_EAGER)
+KV_BLOCK = 16  # vLLM's default KV cache block size, in tokens
+# Host memory (RAM) of a running server: the API server and engine core with
+# their multimodal processor caches (VLLM_MM_PROCESSOR_CACHE_GB, 4 GiB each),
+# plus one worker process per GPU (CUDA context, torch, NCCL buffers).
+HOST_BASE = 14 * GiB
+HOST_PER_WORKER = 5 * GiB
+# Expected load time: read the checkpoint at LOAD_RATE (a network file
+# system, all ranks together) plus compile, profile and CUDA graph capture.
+LOAD_RATE = 1 * GiB  # bytes per second
+LOAD_FIXED_S = 300.0
+# The published vLLM error the FP8 check prevents (vLLM #17327, #17569).
+VLLM_FP8_BLOCK_ERROR = (
+    "ValueError: The output_size of gate's and up's weight = {per} is not divisible by "
+    "weight quantization block_n = {block}."
+)
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
+# MAX_NUM_SEQS=auto never asks for more than vLLM's own default for the device (vllm/engine/
+# arg_utils.py, _get_default_max_num_seqs: 1024 for the API server on H100/H200-class GPUs, 128 on CPU).
+AUTO_MAX_NUM_SEQS = {"gpu": 1024, "cpu": 128}
+# Below this MAX_TOKENS a Thinking model's reasoning often uses up the whole answer (Qwen's cards
+# for its Thinking models suggest output lengths in the tens of thousands of tokens).
+THINKING_MIN_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class RankSlot:
+    """One tensor-parallel rank: where it runs and what it holds."""
+
+    rank: int
+    cuda_index: int  # the device number the rank opens (position in CUDA_VISIBLE_DEVICES)
+    gpu_index: int  # the GPU as nvidia-smi numbers it
+    gpu_name: str
+    total_bytes: int
+    budget_bytes: int
+    weights_bytes: int
+    reserve_bytes: int
+    kv_bytes: int
+    kv_tokens: int
+
+
+@dataclass
+class Plan:
+    tensor_parallel_size: int
+    expert_parallel: bool
+    expert_parallel_reason: str = ""
+    findings: list[Finding] = field(default_factory=list)
+    # Capacity: None when there is nothing to plan against (no GPUs, no config.json).
+    weights_total_bytes: int | None = None
+    weights_source: str = ""
+    vision_bytes: int | None = None
+    vision_source: str = ""
+    vision_replicated: bool = False
+    weights_per_gpu_bytes: int | None = None
+    activation_reserve_bytes: int = ACTIVATION_RESERVE
+    cuda_graph_reserve_bytes: int = CUDA_GRAPH_RESERVE
+    budget_per_gpu_bytes: int | None = None
+    kv_bytes_per_gpu: int | None = None
+    num_layers: int | None = None
+    kv_heads_per_gpu: int | None = None
+    head_dim: int | None = None
+    kv_dtype: str = ""
+    kv_dtype_bytes: int | None = None
+    kv_bytes_per_token_per_gpu: int | None = None
+    kv_tokens: int | None = None
+    max_model_len: int = 0
+    max_num_seqs: int = 0
+    max_concurrency: int | None = None
+    gpu_memory_util: float = 0.0
+    experts_per_gpu: str = ""
+    rank_map: tuple[RankSlot, ...] = ()
+    host_memory_bytes: int | None = None
+    expected_load_s: float | None = None
+    # YaRN (ROPE_SCALING=yarn, yarn.py): vLLM's --hf-overrides, the positions it covers, and whether
+    # vLLM must be told that MAX_MODEL_LEN may pass the config's length (VLLM_ALLOW_LONG_MAX_MODEL_LEN).
+    hf_overrides: dict | None = None
+    rope_positions: int | None = None
+    allow_long_max_model_len: bool = False
+
+    @property
+    def reserve_bytes(self) -> int:
+        return self.activation_reserve_bytes + self.cuda_graph_reserve_bytes
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.kv_tokens is not None
+
+    def formula(self) -> list[str]:
+        """The capacity maths with this plan's numbers, one step a line."""
+        if not self.has_capacity:
+            return []
+        g = _gib
+        tp = self.tensor_parallel_size
+        total = self.rank_map[0].total_bytes if self.rank_map else 0
+        w_total = self.weights_total_bytes or 0
+        if self.vision_replicated and self.vision_bytes:
+            vis = self.vision_bytes
+            weights_how = (
+                f"({g(w_total)} - {g(vis)} vision) / {tp} + {g(vis)} vision copy (MM_ENCODER_TP_MODE=data); "
+                f"{g(w_total)} GiB from {self.weights_source}, vision from {self.vision_source}"
+            )
+        else:
+            weights_how = f"{g(w_total)} / {tp}; {g(w_total)} GiB from {self.weights_source}"
+        graphs = g(self.cuda_graph_reserve_bytes) if self.cuda_graph_reserve_bytes else "0 (ENFORCE_EAGER)"
+        per_tok = self.kv_bytes_per_token_per_gpu or 0
+        lines = [
+            f"budget      {self.gpu_memory_util:g} x {g(total)} GiB = "
+            f"{g(self.budget_per_gpu_bytes or 0)} GiB per GPU",
+            f"weights   - {g(self.weights_per_gpu_bytes or 0)} GiB = {weights_how}",
+            f"reserve   - {g(self.reserve_bytes)} GiB = activations and runtime "
+            f"{g(self.activation_reserve_bytes)} + CUDA graphs {graphs}",
+            f"KV cache  = {g(self.kv_bytes_per_gpu or 0)} GiB per GPU",
+            f"KV/token    {self.num_layers} layers x {self.kv_heads_per_gpu} KV head(s) per GPU "
+            f"x {self.head_dim} "
+            f"x 2 (K,V) x {self.kv_dtype_bytes} B ({self.kv_dtype}) = {per_tok:,} B per GPU",
+            f"KV tokens   {g(self.kv_bytes_per_gpu or 0)} GiB / {per_tok:,} B = {self.kv_tokens:,} "
+            f"(blocks of {KV_BLOCK})",
+            f"at once     {self.kv_tokens:,} // MAX_MODEL_LEN {self.max_model_len:,} = "
+            f"{self.max_concurrency} full-length sequences (MAX_NUM_SEQS={self.max_num_seqs})",
+        ]
+        if self.expert_parallel and self.experts_per_gpu:
+            lines.append(f"experts     {self.experts_per_gpu} (expert parallel: same bytes per GPU as TP)")
+        return lines
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+# ---------------------------------------------------------------------------
+
+
+def vision_params(vision: dict, out_hidden: int | None = None) -> int:
+    """Parameters of a Qwen3-VL vision tower, from its vision_config (biases and norms included).
+
+    27 blocks of attention (qkv + proj) and MLP at width 1152/4304, the
+    patch and position embeddings, and the merger plus one deepstack merger
+    per deepstack index (each 4608 -> 4608 -> 4096 for 2x2 merging).
+    576 M for Qwen3-VL-235B: 1.07 GiB in bfloat16.
+    """
+    h = int(vision.get("hidden_size") or 0)
+    i = int(vision.get("intermediate_size") or 4 * h)
+    depth = int(vision.get("depth") or 0)
+    if not (h and depth):
+        return 0
+    channels = int(vision.get("in_channels") or 3)
+    patch = int(vision.get("patch_size") or 16)
+    temporal = int(vision.get("temporal_patch_size") or 2)
+    merge = int(vision.get("spatial_merge_size") or 2)
+    out = int(vision.get("out_hidden_size") or out_hidden or h)
+    positions = int(vision.get("num_position_embeddings") or 0)
+    deepstack = vision.get("deepstack_visual_indexes") or []
+    block = (4 * h * h + 4 * h) + (2 * h * i + i + h) + 4 * h
+    mh = h * merge * merge
+    merger = mh * mh + mh + mh * out + out + 2 * mh
+    embed = channels * temporal * patch * patch * h + h + positions * h
+    return depth * block + embed + (1 + len(deepstack)) * merger
+
+
+def _dtype_bytes(cfg: ServiceConfig, model: ModelInfo) -> tuple[str, int]:
+    name = model.dtype if cfg.dtype == "auto" else cfg.dtype
+    name = name or "bfloat16"
+    return name, DTYPE_BYTES.get(name, 2)
+
+
+def _kv_dtype(cfg: ServiceConfig, model: ModelInfo) -> tuple[str, int]:
+    if cfg.kv_cache_dtype.startswith("fp8"):
+        return cfg.kv_cache_dtype, 1
+    if cfg.kv_cache_dtype == "bfloat16":
+        return "bfloat16", 2
+    return _dtype_bytes(cfg, model)  # auto: the model's dtype
+
+
+def _valid_tps(model: ModelInfo, limit: int) -> list[int]:
+    """Tensor-parallel sizes up to LIMIT that the attention heads allow."""
+    heads = model.num_attention_heads or 1
+    return [t for t in range(1, limit + 1) if heads % t == 0]
+
+
+def _fp8_split(model: ModelInfo, tp: int) -> tuple[bool, int, int] | None:
+    """(fits, columns per GPU, block) for FP8 block-quantized experts split TP ways; None: not FP8 blocks."""
+    if not (
+        model.quant_method == "fp8"
+        and model.weight_block_size
+        and model.is_moe
+        and model.moe_intermediate_size
+    ):
+        return None
+    block_n = model.weight_block_size[0]
+    block_k = model.weight_block_size[-1]
+    inter = model.moe_intermediate_size
+    per = inter // tp
+    fits = inter % tp == 0 and per % block_n == 0 and (tp == 1 or per % block_k == 0)
+    return fits, per, block_n
+
+
+def make(cfg: ServiceConfig, inventory: Inventory | None, model: ModelInfo) -> Plan:
+    """The plan for CFG on INVENTORY (None: no GPUs to plan against) with MODEL."""
+    tp = cfg.tensor_parallel_size
+    plan = Plan(
+        tensor_parallel_size=tp,
+        expert_parallel=cfg.expert_parallel == "on",
+        max_model_len=cfg.max_model_len,
+        max_num_seqs=cfg.max_num_seqs,
+        gpu_memory_util=cfg.gpu_memory_util,
+    )
+    out = plan.findings
+
+    if inventory is not None:
+        _gpu_count(cfg, inventory, model, out)
+    _answer_length(cfg, out)
+    if model.config_ok:
+        _parallel(cfg, model, plan)
+        if cfg.rope_scaling == "yarn":
+            from qwen3_vl_service.planning.yarn import plan_yarn
+
+            plan_yarn(cfg, model, plan)
+        else:
+            _max_len(cfg, model, out)
+    else:
+        out.append(
+            Finding(
+                "warn",
+                "Parallel",
+                "compatibility and capacity not checked: the model's config.json could not be read",
+                "fix the Model error above",
+            )
+        )
+        return plan
+
+    weights = model.weights_bytes
+    if weights:
+        plan.weights_total_bytes = weights
+        plan.weights_source = (
+            "the index's metadata.total_size" if model.index_total_size else "the shard files"
+        )
+    if cfg.device == "cpu":
+        # The load-time and host-memory figures below are the GPU service's
+        # (CUDA graphs, one CUDA worker per GPU); the CPU backend has neither,
+        # and the SLURM checks that use them would refuse the demo for nothing.
+        _cpu_capacity(cfg, model, plan)
+        return plan
+    if weights:
+        plan.expected_load_s = weights / LOAD_RATE + LOAD_FIXED_S
+    plan.host_memory_bytes = HOST_BASE + tp * HOST_PER_WORKER
+    if "eager" in _load_strategy(cfg):
+        # Each rank reads a whole shard into memory at once (vllm weight_utils, load_strategy eager).
+        plan.host_memory_bytes += tp * max((s.size or 0) for s in model.shards or ())
+    if inventory is None:
+        out.append(
+            Finding(
+                "warn",
+                "Capacity",
+                "not planned: no GPUs to plan against",
+                "plan with --gpus 8xH100-80GB (or run on the GPU node)",
+            )
+        )
+        return plan
+    if not weights:
+        out.append(
+            Finding(
+                "warn", "Capacity", "not planned: the checkpoint's size is unknown", "fix the Model errors"
+            )
+        )
+        return plan
+    if inventory.count < tp:
+        return plan  # the GPU count error says it all
+    _capacity(cfg, inventory, model, plan)
+    return plan
+
+
+def _load_strategy(cfg: ServiceConfig) -> str:
+    args = list(cfg.extra_vllm_args)
+    for i, a in enumerate(args):
+        if a.startswith("--safetensors-load-strategy"):
+            if "=" in a:
+                return a.split("=", 1)[1]
+            return args[i + 1] if i + 1 < len(args) else ""
+    return ""
+
+
+def _gpu_count(cfg: ServiceConfig, inventory: Inventory, model: ModelInfo, out: list[Finding]) -> None:
+    tp = cfg.tensor_parallel_size
+    n = inventory.count
+    if n < tp:
+        options = [t for t in _valid_tps(model, n) if model.config_ok] if n else []
+        lower = f", or TENSOR_PARALLEL_SIZE={options[-1]} if the model fits" if options else ""
+        out.append(
+            Finding(
+                "error",
+                "GPUs",
+                f"Requested {tp} GPUs but only {n} available (TENSOR_PARALLEL_SIZE={tp}; {inventory.source})",
+                f"get {tp} GPUs (salloc --gpus-per-node={tp}; check CUDA_VISIBLE_DEVICES){lower}",
+            )
+        )
+    if n > tp:
+        used = ",".join(str(g.index) for g in inventory.gpus[:tp])
+        out.append(
+            Finding(
+                "ok",
+                "GPUs",
+                f"TENSOR_PARALLEL_SIZE={tp} uses {tp} of the {n} GPUs: {used}",
+                "set CUDA_VISIBLE_DEVICES to choose others",
+            )
+        )
+    names = {g.name for g in inventory.gpus[:tp]}
+    if len(names) > 1:
+        out.append(
+            Finding(
+                "warn",
+                "GPUs",
+                f"the GPUs differ ({', '.join(sorted(names))}): every rank runs at the pace of the slowest",
+                "use GPUs of one kind (CUDA_VISIBLE_DEVICES)",
+            )
+        )
+    for g in inventory.gpus[:tp]:
+        cc = g.compute_capability
+        if cc is None or model.quant_method != "fp8":
+            continue
+        if cc < (8, 0):
+            out.append(
+                Finding(
+                    "error",
+                    "GPUs",
+                    f"GPU {g.index} ({g.name}) has compute capability {cc[0]}.{cc[1]}: "
+                    "vLLM's FP8 kernels need 8.0 or newer",
+                    "use H100/H200 (9.0) GPUs",
+                )
+            )
+            break
+        if cc < (8, 9):
+            out.append(
+                Finding(
+                    "warn",
+                    "GPUs",
+                    f"GPU {g.index} ({g.name}) has compute capability {cc[0]}.{cc[1]}: no FP8 tensor cores, "
+                    "vLLM falls back to the slower weight-only FP8 (Marlin) kernels",
+                    "use H100/H200 (9.0) GPUs for full speed",
+                )
+            )
+            break
+    # vLLM refuses to start when a GPU has less free memory than it asks for
+    # (vllm/v1/worker/utils.py request_memory: "Free memory on device ... is
+    # less than desired GPU memory utilization").
+    for g in inventory.gpus[:tp]:
+        want = math.ceil(g.total_bytes * cfg.gpu_memory_util)
+        if g.free_bytes >= want:
+            continue
+        held = (
+            ", ".join(f"pid {p.pid} {p.name} {p.used_bytes // MiB:,} MiB" for p in g.processes)
+            or "no process visible"
+        )
+        util = math.floor(g.free_bytes / g.total_bytes * 100) / 100
+        kill = " ".join(str(p.pid) for p in g.processes)
+        out.append(
+            Finding(
+                "error",
+                "GPUs",
+                f"GPU {g.index} has {_gib(g.free_bytes)} GiB free, vLLM asks for {_gib(want)} GiB "
+                f"(GPU_MEMORY_UTIL={cfg.gpu_memory_util:g} x {_gib(g.total_bytes)} GiB); held by {held}",
+                (f"stop them (kill {kill})" if kill else "free the GPU")
+                + (f" or lower GPU_MEMORY_UTIL to {util:g} (less KV cache)" if util > 0.3 else ""),
+            )
+        )
+
+
+def _parallel(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> None:
+    """The parallel layout: what vLLM refuses for this TP, whether experts go whole, the summary line."""
+    problems = _tp_problems(cfg, model, plan.findings)
+    problems = _expert_parallel(cfg, model, plan) or problems
+    _expert_spread(model, plan)
+    if not problems:
+        tp = cfg.tensor_parallel_size
+        heads = model.num_attention_heads or 0
+        kv = model.num_key_value_heads or heads
+        kv_per = max(1, kv // tp)
+        rep = f", each replicated on {tp // kv} GPUs" if tp > kv else ""
+        ep = (
+            "expert parallel on"
+            if plan.expert_parallel
+            else f"expert parallel off ({plan.expert_parallel_reason})"
+        )
+        plan.findings.append(
+            Finding(
+                "ok",
+                "Parallel",
+                f"TP={tp}: {heads // tp} attention heads and {kv_per} KV head(s) per GPU "
+                f"({kv} KV heads{rep}); {ep}",
+            )
+        )
+
+
+def _tp_problems(cfg: ServiceConfig, model: ModelInfo, out: list[Finding]) -> bool:
+    """The tensor-parallel sizes vLLM refuses for this model's heads and experts. True if any."""
+    tp = cfg.tensor_parallel_size
+    heads = model.num_attention_heads or 0
+    kv = model.num_key_value_heads or heads
+    experts = model.num_experts or 0
+    before = len(out)
+    if heads % tp:
+        valid = ", ".join(str(t) for t in _valid_tps(model, 64) if t <= 16)
+        out.append(
+            Finding(
+                "error",
+                "Parallel",
+                f"TENSOR_PARALLEL_SIZE={tp} does not divide the model's {heads} attention heads "
+                f"(vLLM: 'Total number of attention heads ({heads}) must be divisible by "
+                f"tensor parallel size ({tp})')",
+                f"set TENSOR_PARALLEL_SIZE to one of {valid}",
+            )
+        )
+    elif (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        out.append(
+            Finding(
+                "error",
+                "Parallel",
+                f"TENSOR_PARALLEL_SIZE={tp} and the model's {kv} KV heads: one must divide the other "
+                "(vLLM asserts this when it builds the attention layers)",
+                "set TENSOR_PARALLEL_SIZE to a divisor or a multiple of the KV heads",
+            )
+        )
+    if experts and tp > experts:
+        out.append(
+            Finding(
+                "error",
+                "Parallel",
+                f"TENSOR_PARALLEL_SIZE={tp} is greater than the model's {experts} experts "
+                f"(vLLM: 'Tensor parallel size {tp} is greater than the number of experts {experts}.')",
+                f"set TENSOR_PARALLEL_SIZE to at most {experts}",
+            )
+        )
+    return len(out) > before
+
+
+def _expert_parallel(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> bool:
+    """Decide plan.expert_parallel from EXPERT_PARALLEL and the FP8 block split. True on a problem."""
+    tp = cfg.tensor_parallel_size
+    split = _fp8_split(model, tp)
+    if split is not None and not split[0]:
+        _fp8_split_needs_ep(cfg, model, plan, split)
+        return False
+    experts = model.num_experts or 0
+    inter = model.moe_intermediate_size
+    if cfg.expert_parallel != "on":
+        plan.expert_parallel = False
+        if split is not None:
+            plan.expert_parallel_reason = (
+                f"not needed: {inter}/{tp} = {split[1]} columns per GPU, a multiple of {split[2]}"
+            )
+        elif experts:
+            plan.expert_parallel_reason = "not needed: the experts are not block-quantized"
+        else:
+            plan.expert_parallel_reason = "not a mixture-of-experts model"
+        return False
+    if experts:
+        plan.expert_parallel = True
+        plan.expert_parallel_reason = "EXPERT_PARALLEL=on"
+        return False
+    plan.expert_parallel = False
+    plan.findings.append(
+        Finding(
+            "error",
+            "Parallel",
+            "EXPERT_PARALLEL=on but the model has no experts "
+            "(vLLM: 'Number of experts in the model "
+            "must be greater than 0 when expert parallelism is enabled.')",
+            "set EXPERT_PARALLEL=auto",
+        )
+    )
+    return True
+
+
+def _fp8_split_needs_ep(
+    cfg: ServiceConfig, model: ModelInfo, plan: Plan, split: tuple[bool, int, int]
+) -> None:
+    """FP8 blocks that TP would cut: expert parallelism on (auto, on), or the error vLLM would raise (off)."""
+    tp = cfg.tensor_parallel_size
+    inter = model.moe_intermediate_size or 0
+    _, per, block = split
+    why = (
+        f"FP8 block quantization ({block}x{block}) and TP={tp}: each expert's {inter} columns split "
+        f"{tp} ways are {inter / tp:g}, not a multiple of {block}"
+    )
+    vllm_error = VLLM_FP8_BLOCK_ERROR.format(per=per, block=block)
+    if inter % block:
+        _fp8_expert_unsplittable(model, plan, block)
+        return
+    if cfg.expert_parallel == "off":
+        plan.expert_parallel_reason = "EXPERT_PARALLEL=off"
+        # Recent vLLM (the pinned 0.32: fused_moe/oracle/fp8.py, refine_fp8_moe_block_shape)
+        # can refine the scales to 64x64 blocks for its Triton MoE kernels instead of
+        # failing (source read, not run: FP8 needs a GPU); 0.26.0, the GPU build tested,
+        # raised this ValueError on an H200 (a 192-wide expert at TP 1). Older releases
+        # fail after minutes of loading, and the fast
+        # DeepGEMM/CUTLASS kernels need the checkpoint's 128x128 blocks either way.
+        plan.expert_parallel = False
+        plan.findings.append(
+            Finding(
+                "error",
+                "Parallel",
+                f"{why}; with EXPERT_PARALLEL=off vLLM stops while loading with "
+                f"'{vllm_error}' (vLLM #17327, #17569)",
+                "set EXPERT_PARALLEL=auto (or on): each GPU then holds whole experts; "
+                "or TENSOR_PARALLEL_SIZE=4",
+            )
+        )
+        return
+    plan.expert_parallel = True
+    plan.expert_parallel_reason = f"{why}; with expert parallelism each GPU holds whole experts"
+    how = "on" if cfg.expert_parallel == "on" else "switched on (EXPERT_PARALLEL=auto)"
+    plan.findings.append(
+        Finding(
+            "ok",
+            "Parallel",
+            f"expert parallelism {how}: {why}, "
+            f"which vLLM refuses ('{vllm_error}', vLLM #17327, #17569); "
+            "with --enable-expert-parallel each GPU holds whole experts",
+        )
+    )
+
+
+def _fp8_expert_unsplittable(model: ModelInfo, plan: Plan, block: int) -> None:
+    """Experts whose whole width is not a multiple of the FP8 block: no TP or EP layout helps.
+
+    Expert parallelism keeps experts whole, so it only helps when the whole
+    width is block-aligned. Seen on an H200 with vLLM 0.26.0: a block-FP8
+    checkpoint with 192-wide experts (the per-GPU width of TP 8 at 1536) fails
+    at TP 1 with the same ValueError (validate_fp8_block_shape_moe checks the
+    width whatever the TP size).
+    """
+    inter = model.moe_intermediate_size or 0
+    plan.expert_parallel = False
+    plan.expert_parallel_reason = f"experts {inter} wide, not a multiple of the FP8 block {block}"
+    plan.findings.append(
+        Finding(
+            "error",
+            "Parallel",
+            f"FP8 block quantization ({block}x{block}): each expert is {inter} columns wide, not a "
+            f"multiple of {block}, so no TP size and no expert parallelism gives vLLM whole blocks; "
+            f"vLLM 0.26 stops while loading with "
+            f"'{VLLM_FP8_BLOCK_ERROR.format(per=inter, block=block)}' (vLLM #17327, #17569)",
+            "use a checkpoint quantized with a block that divides the expert width "
+            "(or the BF16 weights with online FP8: EXTRA_VLLM_ARGS=--quantization fp8)",
+        )
+    )
+
+
+def _expert_spread(model: ModelInfo, plan: Plan) -> None:
+    """With expert parallelism: how many experts each GPU holds, and a warning when uneven."""
+    experts = model.num_experts or 0
+    tp = plan.tensor_parallel_size
+    if not (plan.expert_parallel and experts and tp > 1):
+        return
+    base, extra = divmod(experts, tp)
+    if not extra:
+        plan.experts_per_gpu = f"{base} of {experts} experts per GPU"
+        return
+    plan.experts_per_gpu = f"{base + 1} or {base} of {experts} experts per GPU"
+    plan.findings.append(
+        Finding(
+            "warn",
+            "Parallel",
+            f"expert parallelism over {tp} GPUs: {experts} experts do not split evenly; vLLM gives "
+            f"{extra} GPU(s) {base + 1} experts and the others {base} (uneven load)",
+            "choose TENSOR_PARALLEL_SIZE dividing the expert count",
+        )
+    )
+
+
+def _answer_length(cfg: ServiceConfig, out: list[Finding]) -> None:
+    """MAX_TOKENS caps the thinking too: vLLM caps every request's max_tokens to it."""
+    if cfg.reasoning_parser and cfg.max_tokens < THINKING_MIN_TOKENS:
+        out.append(
+            Finding(
+                "warn",
+                "Answers",
+                f"MAX_TOKENS={cfg.max_tokens} caps the reasoning as well as the answer (REASONING_PARSER="
+                f"{cfg.reasoning_parser}), and no request can ask for more: a Thinking model often "
+                "reasons past it and then ends with finish_reason 'length' and no answer",
+                f"raise MAX_TOKENS to {THINKING_MIN_TOKENS} or more (balanced: 8192) unless the answers "
+                "are meant to be cut",
+            )
+        )
+
+
+def _max_len(cfg: ServiceConfig, model: ModelInfo, out: list[Finding]) -> None:
+    limit = model.max_model_len_limit
+    if limit is None:
+        return
+    if cfg.max_model_len > limit:
+        out.append(
+            Finding(
+                "error",
+                "Context",
+                f"MAX_MODEL_LEN={cfg.max_model_len} exceeds the model's {limit} positions",
+                f"lower MAX_MODEL_LEN to {limit} or less",
+            )
+        )
+
+
+def _capacity(cfg: ServiceConfig, inventory: Inventory, model: ModelInfo, plan: Plan) -> None:
+    """Weights, reserve and KV cache per GPU (see the module doc), and the verdict on them."""
+    weights = _weights_per_gpu(cfg, model, plan)
+    if cfg.enforce_eager:
+        plan.cuda_graph_reserve_bytes = 0
+    per_token = _kv_per_token(cfg, model, plan)
+    reserve = plan.reserve_bytes
+    slots = []
+    for rank, g in enumerate(inventory.gpus[: cfg.tensor_parallel_size]):
+        budget = math.ceil(g.total_bytes * cfg.gpu_memory_util)
+        kv = budget - weights - reserve
+        tokens = (max(kv, 0) // per_token) // KV_BLOCK * KV_BLOCK if per_token else 0
+        slots.append(
+            RankSlot(rank, rank, g.index, g.name, g.total_bytes, budget, weights, reserve, kv, tokens)
+        )
+    plan.rank_map = tuple(slots)
+    smallest = min(slots, key=lambda s: s.kv_bytes)
+    plan.budget_per_gpu_bytes = smallest.budget_bytes
+    plan.kv_bytes_per_gpu = smallest.kv_bytes
+    plan.kv_tokens = smallest.kv_tokens
+    plan.max_concurrency = plan.kv_tokens // cfg.max_model_len
+    if not cfg.max_num_seqs:
+        plan.max_num_seqs = resolve_max_num_seqs(plan.max_concurrency, cfg.device)
+    if smallest.kv_bytes <= 0:
+        plan.findings.append(_does_not_fit(cfg, model, smallest))
+    elif plan.kv_tokens < cfg.max_model_len:
+        plan.findings.append(_one_sequence_does_not_fit(cfg, inventory, model, plan, smallest))
+    else:
+        plan.findings.append(_concurrency(cfg, plan, smallest))
+
+
+def _weights_per_gpu(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> int:
+    """The weights one GPU holds (the heaviest rank's); fills in the vision encoder's part."""
+    tp = cfg.tensor_parallel_size
+    total = plan.weights_total_bytes or 0
+    # The vision encoder: exact from the shard headers, else estimated from vision_config.
+    vision = model.vision_bytes
+    plan.vision_source = "the shard headers"
+    if not vision and model.vision:
+        vision = vision_params(dict(model.vision), model.hidden_size) * 2  # bfloat16, not quantized
+        plan.vision_source = "an estimate from vision_config (bf16)"
+    vision = min(vision or 0, total)
+    plan.vision_bytes = vision or None
+    plan.vision_replicated = bool(vision) and tp > 1 and cfg.mm_encoder_tp_mode == "data"
+    weights = (total - vision) / tp + vision if plan.vision_replicated else total / tp
+    if plan.expert_parallel and model.num_experts and model.num_experts % tp:
+        # The heaviest rank holds one expert more than the even share.
+        _, wbytes = ("fp8", 1) if model.quant_method == "fp8" else _dtype_bytes(cfg, model)
+        experts_bytes = min(
+            total,
+            (model.num_hidden_layers or 0)
+            * model.num_experts
+            * 3
+            * (model.hidden_size or 0)
+            * (model.moe_intermediate_size or 0)
+            * wbytes,
+        )
+        weights += experts_bytes * (math.ceil(model.num_experts / tp) / model.num_experts - 1 / tp)
+    plan.weights_per_gpu_bytes = int(weights)
+    return plan.weights_per_gpu_bytes
+
+
+def _kv_per_token(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> int:
+    """KV cache bytes per token on one GPU; fills in the factors for the formula."""
+    kv_name, kv_bytes = _kv_dtype(cfg, model)
+    layers = model.num_hidden_layers or 0
+    kv_heads_per_gpu = max(1, (model.num_key_value_heads or 1) // cfg.tensor_parallel_size)
+    head_dim = model.head_dim or 0
+    per_token = layers * kv_heads_per_gpu * head_dim * 2 * kv_bytes
+    plan.num_layers, plan.kv_heads_per_gpu, plan.head_dim = layers, kv_heads_per_gpu, head_dim
+    plan.kv_dtype, plan.kv_dtype_bytes = kv_name, kv_bytes
+    plan.kv_bytes_per_token_per_gpu = per_token
+    return per_token
+
+
+def _more_gpus(model: ModelInfo, tp: int) -> int | None:
+    """The next tensor-parallel size (8, 16) that the attention heads allow, if any."""
+    return next((t for t in (8, 16) if t > tp and (model.num_attention_heads or 1) % t == 0), None)
+
+
+def _does_not_fit(cfg: ServiceConfig, model: ModelInfo, smallest: RankSlot) -> Finding:
+    g = _gib
+    more = _more_gpus(model, cfg.tensor_parallel_size)
+    return Finding(
+        "error",
+        "Capacity",
+        f"the model does not fit: {g(smallest.weights_bytes)} GiB weights + {g(smallest.reserve_bytes)} GiB "
+        f"reserve per GPU exceed the {g(smallest.budget_bytes)} GiB budget "
+        f"(GPU_MEMORY_UTIL={cfg.gpu_memory_util:g} x {g(smallest.total_bytes)} GiB)",
+        (f"use {more} GPUs (TENSOR_PARALLEL_SIZE={more})" if more else "use more or larger GPUs")
+        + " or raise GPU_MEMORY_UTIL",
+    )
+
+
+def _one_sequence_does_not_fit(
+    cfg: ServiceConfig, inventory: Inventory, model: ModelInfo, plan: Plan, smallest: RankSlot
+) -> Finding:
+    g = _gib
+    tokens = smallest.kv_tokens
+    per_token = plan.kv_bytes_per_token_per_gpu or 0
+    kv_bytes = plan.kv_dtype_bytes or 1
+    weights, reserve = smallest.weights_bytes, smallest.reserve_bytes
+    need_one = math.ceil(cfg.max_model_len / KV_BLOCK) * KV_BLOCK * per_token
+    fixes = [f"lower MAX_MODEL_LEN to {tokens} or less"]
+    if kv_bytes > 1:
+        fp8_tokens = tokens * kv_bytes  # same bytes, one byte per element
+        if fp8_tokens >= cfg.max_model_len:
+            fixes.append(f"set KV_CACHE_DTYPE=fp8 (holds {fp8_tokens:,} tokens)")
+    util = math.ceil((weights + reserve + need_one) / smallest.total_bytes * 100) / 100
+    if util <= 0.95:
+        fixes.append(f"raise GPU_MEMORY_UTIL to {util:g}")
+    more = _more_gpus(model, cfg.tensor_parallel_size)
+    if more and (inventory.count >= more or inventory.source.startswith("spec")):
+        fixes.append(f"use {more} GPUs")
+    bigger = _bigger_gpu(need_one, weights + reserve, cfg.gpu_memory_util, smallest.total_bytes)
+    if bigger:
+        fixes.append(f"use {cfg.tensor_parallel_size} x {bigger}")
+    return Finding(
+        "error",
+        "Capacity",
+        f"one sequence of MAX_MODEL_LEN={cfg.max_model_len:,} needs {g(need_one)} GiB "
+        "of KV cache per GPU, "
+        f"only {g(smallest.kv_bytes)} GiB ({tokens:,} tokens) are left after "
+        f"{g(weights)} GiB weights and {g(reserve)} GiB reserve; vLLM would fail after loading "
+        "('To serve at least one request with the model's max seq len ...')",
+        ", or ".join(fixes),
+    )
+
+
+def _concurrency(cfg: ServiceConfig, plan: Plan, smallest: RankSlot) -> Finding:
+    concurrency = plan.max_concurrency or 0
+    summary = (
+        f"KV cache {_gib(smallest.kv_bytes)} GiB per GPU = {smallest.kv_tokens:,} tokens: "
+        f"{count(concurrency, 'sequence')} of MAX_MODEL_LEN={cfg.max_model_len:,} at once"
+    )
+    if not cfg.max_num_seqs:
+        return Finding("ok", "Capacity", f"{summary} (MAX_NUM_SEQS=auto: {plan.max_num_seqs})")
+    if concurrency >= cfg.max_num_seqs:
+        return Finding("ok", "Capacity", f"{summary} (MAX_NUM_SEQS={cfg.max_num_seqs})")
+    return Finding(
+        "warn",
+        "Capacity",
+        f"{summary}, fewer than MAX_NUM_SEQS={cfg.max_num_seqs}: when long requests fill the cache "
+        "vLLM preempts some and recomputes them later (shorter requests share the cache)",
+        f"set MAX_NUM_SEQS={concurrency} to keep room for every full-length sequence, "
+        "or accept the preemption",
+    )
+
+
+def resolve_max_num_seqs(full_length: int, device: str) -> int:
+    """MAX_NUM_SEQS=auto: the full-length sequences that fit, at least 1, at most vLLM's default."""
+    return max(1, min(full_length, AUTO_MAX_NUM_SEQS.get(device, AUTO_MAX_NUM_SEQS["gpu"])))
+
+
+# Larger GPUs to name in a capacity fix: (name, bytes as NVML reports them; gpus.py's table).
+_BIGGER = (("H200-141GB", 143_771 * MiB), ("B200-180GB", 183_359 * MiB))
+
+
+def _bigger_gpu(need_kv: int, fixed: int, util: float, total: int) -> str:
+    """The first larger GPU on which one sequence fits (same weights and reserve per GPU), or ""."""
+    for name, size in _BIGGER:
+        if size > total and math.floor(size * util) - fixed >= need_kv:
+            return name
+    return ""
+
+
+def _cpu_capacity(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> None:
+    """DEVICE=cpu: the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (vLLM's CPU backend), not a GPU's share."""
+    space = cfg.vllm_env.get("VLLM_CPU_KVCACHE_SPACE", "")
+    try:
+        gib = float(space)
+    except ValueError:
+        gib = 0.0
+    _, kv_bytes = _kv_dtype(cfg, model)
+    per_token = (model.num_hidden_layers or 0) * (model.num_key_value_heads or 1) * (model.head_dim or 0)
+    per_token *= 2 * kv_bytes
+    if gib <= 0 or not per_token:
+        if not cfg.max_num_seqs:
+            plan.findings.append(
+                Finding(
+                    "warn",
+                    "Capacity",
+                    "MAX_NUM_SEQS=auto on the CPU backend without VLLM_CPU_KVCACHE_SPACE: "
+                    "vLLM's default applies",
+                    "set VLLM_CPU_KVCACHE_SPACE (GiB) in the config file",
+                )
+            )
+        return
+    tokens = int(gib * GiB) // per_token // KV_BLOCK * KV_BLOCK
+    full = tokens // cfg.max_model_len
+    if full < 1:
+        plan.findings.append(
+            Finding(
+                "error",
+                "Capacity",
+                f"VLLM_CPU_KVCACHE_SPACE={space} GiB holds {tokens:,} tokens, less than one sequence of "
+                f"MAX_MODEL_LEN={cfg.max_model_len:,}",
+                f"raise VLLM_CPU_KVCACHE_SPACE or lower MAX_MODEL_LEN to {tokens} or less",
+            )
+        )
+        return
+    plan.max_concurrency = full
+    if not cfg.max_num_seqs:
+        plan.max_num_seqs = resolve_max_num_seqs(full, "cpu")
+    plan.findings.append(
+        Finding(
+            "ok",
+            "Capacity",
+            f"CPU KV cache VLLM_CPU_KVCACHE_SPACE={space} GiB = {tokens:,} tokens: "
+            f"{count(full, 'sequence')} of MAX_MODEL_LEN={cfg.max_model_len:,} at once ("
+            f"MAX_NUM_SEQS={_cpu_seqs_note(cfg, plan, full)})",
+        )
+    )
+
+
+def _cpu_seqs_note(cfg: ServiceConfig, plan: Plan, full: int) -> str:
+    """How MAX_NUM_SEQS came to be on the CPU backend: the user's, the fit, or vLLM's cap."""
+    if cfg.max_num_seqs:
+        return str(cfg.max_num_seqs)
+    if plan.max_num_seqs < full:
+        return f"auto: {plan.max_num_seqs}, vLLM's CPU default caps it"
+    return f"auto: {plan.max_num_seqs}"
+
+
+__all__ = ["Finding", "Level", "Plan", "RankSlot", "make", "resolve_max_num_seqs", "vision_params"]

@@ -1,1 +1,1 @@
-"""Development tools, not shipped in the runtime package: tiny model, FP8 checkpoint, sample media, GPU smoke run."""
+"""Development tools, not shipped in the runtime package: tiny model, FP8 checkpoint, media, GPU smoke."""

@@ -111,7 +111,7 @@ def _run(argv: list[str], *, timeout: float, env=None) -> tuple[int, str, float]
 
 
 def gpu_count() -> int:
-    from qwen3_vl_service.lifecycle.processes import NvmlUnavailable, gpu_memory
+    from qwen3_vl_service.machine.processes import NvmlUnavailable, gpu_memory
 
     try:
         return len(gpu_memory())
@@ -343,7 +343,7 @@ def dry_run(python: str, config: Path) -> tuple[int | None, str]:
 
 
 def our_pids(tag: str | None) -> set[int]:
-    from qwen3_vl_service.lifecycle.processes import find_tagged
+    from qwen3_vl_service.machine.processes import find_tagged
 
     return {p.pid for p in find_tagged(tag)} if tag else set()
 
@@ -351,7 +351,7 @@ def our_pids(tag: str | None) -> set[int]:
 def no_gpu_process_left(tag: str | None, run_pids: set[int]) -> Check:
     """NVML, after the stop: no GPU process is one of the service's (recorded while it ran, or
     still carrying its tag). stop_service.py checks too; this is the independent look."""
-    from qwen3_vl_service.lifecycle.processes import NvmlUnavailable, gpu_pids
+    from qwen3_vl_service.machine.processes import NvmlUnavailable, gpu_pids
 
     try:
         on_gpu = gpu_pids()
@@ -436,7 +436,7 @@ def engine_core(tag: str | None):
     """The run's VLLM::EngineCore (vLLM titles the process so), or None."""
     import psutil
 
-    from qwen3_vl_service.lifecycle.processes import find_tagged
+    from qwen3_vl_service.machine.processes import find_tagged
 
     for proc in find_tagged(tag) if tag else []:
         try:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import psutil
 
+from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
 from qwen3_vl_service.deployment import scope
 from qwen3_vl_service.lifecycle import readiness, runstate
-from qwen3_vl_service.lifecycle.processes import TITLE_ENV
-from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
+from qwen3_vl_service.machine.processes import TITLE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "tests" / "standin_server.py"
@@ -203,7 +203,7 @@ class Standin:
         return state
 
     def cleanup(self) -> None:
-        from qwen3_vl_service.lifecycle import processes
+        from qwen3_vl_service.machine import processes
 
         # Also whatever carries this test's unique tag (started by this test, whatever its state).
         tagged = [p.pid for p in processes.find_ours(None, self.tag)]

@@ -11,9 +11,10 @@ import pytest
 from skips import vllm_missing
 
 from qwen3_vl_service.core.errors import ConfigError
+from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
 from qwen3_vl_service.deployment import cluster, scope
 from qwen3_vl_service.lifecycle import replicas, router
-from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, build
+from qwen3_vl_service.planning.vllm_args import build
 from qwen3_vl_service.settings import config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -319,8 +320,8 @@ def test_a_replicas_supervisor_runs_the_replicas_own_command_on_its_gpus_and_por
     assert argv[1:3] == ["-m", "qwen3_vl_service.lifecycle.supervisor"]
     assert flag(argv, "--replica") == "1" and flag(argv, "--replica-port") == "8011"
     # Found by stop_service.py through the replica's tag and run folder; its vLLM inherits the GPUs.
-    assert env[vllm_args.TAG_ENV] == "t-123"
-    assert env[vllm_args.RUN_DIR_ENV] == str(cfg.run_dir / "replica-1")
+    assert env[TAG_ENV] == "t-123"
+    assert env[RUN_DIR_ENV] == str(cfg.run_dir / "replica-1")
     assert env["CUDA_VISIBLE_DEVICES"] == "3,2,1,0"
     # What the supervisor builds from --replica is what a bare start of that replica runs.
     rcfg = cluster.router_replica_config(cfg, 1, 8011)

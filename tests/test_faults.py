@@ -219,7 +219,7 @@ def test_kill_9_of_the_engine_core_during_load_restarts_vllm(sup):
 
 
 def test_kill_9_of_the_media_server_brings_it_back(sup):
-    from qwen3_vl_service.lifecycle.processes import read_pid_file
+    from qwen3_vl_service.machine.processes import read_pid_file
 
     old = read_pid_file(sup.media_pid_file)
     assert old and alive(old)

@@ -131,7 +131,7 @@ def test_gpu_smoke_script_runs_on_the_cpu_demo(tmp_path):
 
 @pytest.mark.unit
 def test_a_gpu_process_of_the_service_left_after_the_stop_fails_the_run(monkeypatch):
-    from qwen3_vl_service.lifecycle import processes
+    from qwen3_vl_service.machine import processes
 
     monkeypatch.setattr(processes, "gpu_pids", lambda: [(0, 4321), (1, 999)])  # NVML: the hardware edge
     bad = gpu_smoke.no_gpu_process_left(None, {4321, 4322})

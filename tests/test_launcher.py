@@ -13,9 +13,9 @@ import pytest
 import realmodel
 from lifecycle_helpers import clean_env, free_port, run_tool
 
+from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
 from qwen3_vl_service.deployment import scope
 from qwen3_vl_service.lifecycle import launcher, runstate
-from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
 from qwen3_vl_service.settings import config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -34,13 +34,13 @@ import psutil
 import pytest
 
 from qwen3_vl_service.core.errors import CheckFailed, ConfigError
+from qwen3_vl_service.core.names import MEDIA_PID_FILE, MEDIA_SERVICE_ID, RUN_DIR_ENV, TAG_ENV
 from qwen3_vl_service.deployment import scope
-from qwen3_vl_service.lifecycle.processes import read_pid_file
-from qwen3_vl_service.media import PID_FILE_NAME, SERVICE_ID, client
+from qwen3_vl_service.machine.processes import read_pid_file
+from qwen3_vl_service.media import client
 from qwen3_vl_service.media import server as media_server
 from qwen3_vl_service.media.app import SHUTDOWN_TIMEOUT_S
 from qwen3_vl_service.media.workers import WORKERS_AUTO_MAX, auto_workers
-from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
 from qwen3_vl_service.settings import config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -271,7 +271,7 @@ def test_health(server: Server) -> None:
     status, headers, body = server.get("/health")
     assert status == 200 and headers["content-type"].startswith("application/json")
     info = json.loads(body)
-    assert info["service"] == SERVICE_ID
+    assert info["service"] == MEDIA_SERVICE_ID
     assert info["pid"] == server.proc.pid == read_pid_file(server.pid_file)
     assert info["root"] == str(server.root.resolve())
     assert set(info["allowed_types"]) == set(TYPES.split(","))
@@ -688,7 +688,7 @@ def test_stop_service_all_stops_the_supervisor_and_its_workers(tmp_path: Path) -
     cfg = tmp_path / "config.env"
     cfg.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     # Where the launcher keeps this config's media server (scope.paths).
-    pid_file = run_dir / scope.media_folder(media_port) / PID_FILE_NAME
+    pid_file = run_dir / scope.media_folder(media_port) / MEDIA_PID_FILE
     media_log = log_dir / scope.media_folder(media_port) / "media_server.log"
     pid, started = client.ensure_running(
         "127.0.0.1", media_port, root, ("png",), media_log, pid_file, workers=2

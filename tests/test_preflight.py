@@ -15,7 +15,7 @@ import pytest
 import realmodel
 from test_gpus import H100_TOTAL, FakeNvml, h100
 
-from qwen3_vl_service.media import PID_FILE_NAME
+from qwen3_vl_service.core.names import MEDIA_PID_FILE
 from qwen3_vl_service.media import client as media_client
 from qwen3_vl_service.planning import preflight
 from qwen3_vl_service.settings import config
@@ -191,7 +191,7 @@ def test_media_port_held_by_a_silent_media_server_look_alike(tmp_path, model_dir
 def test_our_healthy_media_server_is_reused(tmp_path, model_dir):
     cfg = make_cfg(tmp_path, model_dir)
     cfg.media_root.mkdir(parents=True, exist_ok=True)
-    pid_file = cfg.run_dir / PID_FILE_NAME
+    pid_file = cfg.run_dir / MEDIA_PID_FILE
     server = subprocess.Popen(
         [
             sys.executable,

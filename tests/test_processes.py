@@ -28,9 +28,10 @@ from lifecycle_helpers import (
 )
 from skips import needs
 
-from qwen3_vl_service.lifecycle import processes, runstate
+from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
+from qwen3_vl_service.lifecycle import runstate
+from qwen3_vl_service.machine import processes
 from qwen3_vl_service.media.server import write_pid_file
-from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
 
 needs_titles = needs("setproctitle")
 

@@ -15,8 +15,8 @@ from lifecycle_helpers import PY, clean_env, environ_of, kill_pids, make_state
 from skips import require
 
 from qwen3_vl_service.core.errors import CheckFailed
+from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
 from qwen3_vl_service.lifecycle import runstate
-from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
 
 # ---------------------------------------------------------------------------
 # The file

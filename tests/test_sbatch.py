@@ -30,7 +30,8 @@ from lifecycle_helpers import (
     write_config,
 )
 
-from qwen3_vl_service.lifecycle import processes, runstate
+from qwen3_vl_service.lifecycle import runstate
+from qwen3_vl_service.machine import processes
 
 pytestmark = pytest.mark.integration
 SBATCH = REPO / "slurm" / "serve.sbatch"
@@ -41,7 +42,7 @@ FAKE_LAUNCHER = textwrap.dedent(
     import os, sys
     import psutil
     from qwen3_vl_service import config, runstate, scope
-    from qwen3_vl_service.lifecycle.processes import TITLE_ENV
+    from qwen3_vl_service.machine.processes import TITLE_ENV
     from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
 
     cfg = config.load(sys.argv[sys.argv.index("--config") + 1])

@@ -13,10 +13,11 @@ import realmodel
 from lifecycle_helpers import clean_env, free_port, make_state, run_tool, write_config
 
 from qwen3_vl_service.core.errors import ConfigError
+from qwen3_vl_service.core.names import RECORD_FILE, RUN_DIR_ENV, TAG_ENV
 from qwen3_vl_service.deployment import scope
-from qwen3_vl_service.lifecycle import runstate, supervisor
+from qwen3_vl_service.lifecycle import runstate
 from qwen3_vl_service.planning import plan
-from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV, build
+from qwen3_vl_service.planning.vllm_args import build
 from qwen3_vl_service.settings import config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def test_media_users_are_the_other_live_services_on_that_media_port(tmp_path: Pa
         record = {"pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(), "tag": tag}
         record |= {"node": runstate.this_node(), "port": 7001, "media": media, "state": "restarting"}
         run_dir.mkdir(parents=True)
-        (run_dir / supervisor.RECORD_FILE).write_text(json.dumps(record))
+        (run_dir / RECORD_FILE).write_text(json.dumps(record))
         return proc.pid
 
     pid = restarting("restarting", [cfg.media_host, 9090])

@@ -171,7 +171,7 @@ def test_units_stop_in_reverse_order(tmp_path):
 
 @pytest.mark.integration
 def test_status_and_request_stop_find_the_recorded_supervisor_by_its_tag(tmp_path):
-    from qwen3_vl_service.planning.vllm_args import TAG_ENV
+    from qwen3_vl_service.core.names import TAG_ENV
 
     code = (
         "import sys, time, signal\n"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from skips import vllm_missing
 
+from qwen3_vl_service.core.names import TAG_ENV
 from qwen3_vl_service.planning import vllm_args
 from qwen3_vl_service.settings import config
 
@@ -49,7 +50,7 @@ def test_default_command_has_every_flag_the_issue_names(tmp_path):
     gen = json.loads(flag(argv, "--override-generation-config"))
     assert gen == {"temperature": 0.7, "top_p": 0.95, "top_k": 20, "max_new_tokens": 8192}
     assert flag(argv, "--shutdown-timeout") == "30"
-    assert cmd.env[vllm_args.TAG_ENV] == "t1"
+    assert cmd.env[TAG_ENV] == "t1"
     assert cmd.env["VLLM_ENGINE_READY_TIMEOUT_S"] == "1800"
 
 

@@ -1,1 +1,1 @@
-"""The Deployment: every unit (media server, vLLM services, replicas, DP ranks, router), derived once and purely."""
+"""The Deployment: every unit (media server, vLLM, replicas, DP ranks, router), derived once, purely."""

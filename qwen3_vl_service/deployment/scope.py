@@ -33,14 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qwen3_vl_service.media import LOG_FILE_NAME as MEDIA_LOG
-from qwen3_vl_service.media import PID_FILE_NAME as MEDIA_PID_FILE
+from qwen3_vl_service.core.names import LAUNCHER_LOG, MEDIA_PID_FILE, SERVICE_LOG
+from qwen3_vl_service.core.names import MEDIA_LOG_FILE as MEDIA_LOG
 
 if TYPE_CHECKING:
     from qwen3_vl_service.settings.config import ServiceConfig
 
-SERVICE_LOG = "service.log"
-LAUNCHER_LOG = "launcher.log"
 MEDIA_PREFIX = "media-"
 
 
@@ -98,7 +96,7 @@ def paths(cfg: ServiceConfig) -> ServicePaths:
 
 def services(run_root: Path) -> list[tuple[str, Path]]:
     """(name, run folder) of every service that has a state file under RUN_ROOT (the shared RUN_DIR)."""
-    from qwen3_vl_service.lifecycle.runstate import STATE_FILE
+    from qwen3_vl_service.core.names import STATE_FILE
 
     try:
         entries = sorted(run_root.iterdir())

@@ -1,1 +1,1 @@
-"""Effects: start, supervise, stop and show the units of a deployment; processes, run state, readiness, logs."""
+"""Effects: start, supervise, stop and show the units of a deployment; run state, readiness, logs."""

@@ -32,7 +32,7 @@ import time
 
 import psutil
 
-from qwen3_vl_service.lifecycle import processes
+from qwen3_vl_service.machine import processes
 
 POLL_S = 0.05
 _LOAD_TIMEOUT_S = 1.0

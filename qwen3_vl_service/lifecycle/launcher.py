@@ -25,17 +25,15 @@ from qwen3_vl_service.core import cli
 from qwen3_vl_service.core.errors import CheckFailed, UsageError
 from qwen3_vl_service.core.findings import Level
 from qwen3_vl_service.core.hosts import local_url
+from qwen3_vl_service.core.names import LAUNCHER_LOG, RUN_DIR_ENV, TAG_ENV
 from qwen3_vl_service.deployment import cluster, scope
 from qwen3_vl_service.interconnect import report as interconnect
 from qwen3_vl_service.lifecycle import logtee, readiness, replicas, runstate, stop
 from qwen3_vl_service.media import client
 from qwen3_vl_service.planning import preflight, vllm_args, vllm_versions
 from qwen3_vl_service.planning.plan import Plan
-from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV, VllmCommand
+from qwen3_vl_service.planning.vllm_args import VllmCommand
 from qwen3_vl_service.settings.config import SETTINGS, ServiceConfig, load
-
-SERVICE_LOG = "service.log"
-LAUNCHER_LOG = "launcher.log"
 
 
 def _parser() -> cli.ArgumentParser:

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qwen3_vl_service.core.logrotate import rotating_handler
-from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
+from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
 
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _SPLIT = re.compile(rb"[\r\n]")

@@ -37,8 +37,6 @@ from qwen3_vl_service.deployment import cluster, scope
 from qwen3_vl_service.deployment.cluster import Layout, Replica
 from qwen3_vl_service.settings.config import ServiceConfig
 
-SERVICE_LOG = "service.log"
-
 
 @dataclass
 class Started:
@@ -97,7 +95,7 @@ def supervisor_command(
 ) -> tuple[list[str], dict[str, str]]:
     """(argv, env) of the supervisor that keeps REPLICA up: it carries the replica's tag and run
     folder (stop_service.py finds it by them) and its GPUs or cores, which its vLLM inherits."""
-    from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
+    from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
 
     rcfg = cluster.router_replica_config(cfg, replica.index, replica.port)
     argv = [sys.executable, "-m", "qwen3_vl_service.lifecycle.supervisor", "--detached"]
@@ -426,7 +424,7 @@ def findings(cfg: ServiceConfig, lay: Layout, report, node_rank: int, *, probe_p
 
 
 def _port_findings(cfg: ServiceConfig, lay: Layout, node_rank: int) -> list:
-    from qwen3_vl_service.lifecycle import processes
+    from qwen3_vl_service.machine import processes
     from qwen3_vl_service.planning.plan import Finding
 
     wanted: list[tuple[str, int]] = [(r.name, r.port) for r in lay.on_node(node_rank) if r.port != cfg.port]

@@ -26,7 +26,6 @@ from qwen3_vl_service.core.errors import CheckFailed
 from qwen3_vl_service.settings.config import ServiceConfig
 
 ROUTER_MODULE = "vllm_router.launch_router"
-ROUTER_LOG = "router.log"
 # How often the router asks each worker's /health once running (its default is 60 s,
 # which leaves a dead replica in rotation for a minute of retried requests).
 HEALTH_CHECK_INTERVAL_S = 5
@@ -87,7 +86,7 @@ def build(
         "--request-timeout-secs",
         "1800",
     ]
-    from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
+    from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
 
     env = {
         # setproctitle renames it vllm::router; keep the environment (and our tag) readable.

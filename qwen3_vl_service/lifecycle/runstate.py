@@ -29,12 +29,12 @@ import psutil
 
 from qwen3_vl_service.core.errors import CheckFailed
 from qwen3_vl_service.core.fileio import write_atomic
-from qwen3_vl_service.lifecycle import processes
+from qwen3_vl_service.core.names import STATE_FILE
+from qwen3_vl_service.machine import processes
 
 if TYPE_CHECKING:
     from qwen3_vl_service.settings.config import ServiceConfig
 
-STATE_FILE = "service.json"
 # Private folder of one run for vLLM's IPC sockets (VLLM_RPC_BASE_PATH): made with this prefix, and
 # only a directory with one of PRIVATE_TMP_PREFIXES is ever removed by
 # remove_private_tmp() (the second is the launcher's own spelling).
@@ -406,7 +406,6 @@ def remove_private_tmp(path: str) -> bool:
 
 
 __all__ = [
-    "STATE_FILE",
     "RunState",
     "ServiceState",
     "assess",

@@ -30,9 +30,10 @@ from qwen3_vl_service.core.errors import EXIT_FAILED, EXIT_OK
 from qwen3_vl_service.core.hosts import connect_host, display_host, local_url, url_host
 from qwen3_vl_service.core.units import format_duration
 from qwen3_vl_service.deployment import scope
-from qwen3_vl_service.lifecycle import processes, runstate, supervisor
+from qwen3_vl_service.lifecycle import runstate, supervisor
 from qwen3_vl_service.lifecycle.readiness import LogFollower
 from qwen3_vl_service.lifecycle.stop import _log_path
+from qwen3_vl_service.machine import processes
 from qwen3_vl_service.settings import config as config_mod
 from qwen3_vl_service.settings.config import ServiceConfig
 

@@ -39,7 +39,8 @@ from qwen3_vl_service.core.cli import ArgumentParser, run, seconds
 from qwen3_vl_service.core.errors import EXIT_FAILED, EXIT_OK
 from qwen3_vl_service.core.units import format_duration
 from qwen3_vl_service.deployment import scope
-from qwen3_vl_service.lifecycle import drain, processes, runstate, supervisor
+from qwen3_vl_service.lifecycle import drain, runstate, supervisor
+from qwen3_vl_service.machine import processes
 from qwen3_vl_service.settings import config as config_mod
 
 # Beyond SHUTDOWN_TIMEOUT: vLLM's engine teardown after the requests drained.

@@ -22,8 +22,9 @@ import psutil
 from qwen3_vl_service.core import hosts
 from qwen3_vl_service.core.errors import ServiceError
 from qwen3_vl_service.deployment import scope
-from qwen3_vl_service.lifecycle import processes, readiness, runstate
+from qwen3_vl_service.lifecycle import readiness, runstate
 from qwen3_vl_service.lifecycle.supervisor import HEALTH_EVERY_S, HEALTH_TIMEOUT_S, Finished
+from qwen3_vl_service.machine import processes
 from qwen3_vl_service.planning import vllm_args
 from qwen3_vl_service.settings.config import ServiceConfig
 

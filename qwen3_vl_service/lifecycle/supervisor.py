@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from qwen3_vl_service.core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from qwen3_vl_service.core.names import RECORD_FILE
 
-RECORD_FILE = "supervisor.json"
 CHECK_S = 0.5  # how often processes are looked at
 HEALTH_EVERY_S = 5.0  # how often /health is asked
 HEALTH_TIMEOUT_S = 10.0
@@ -199,8 +199,8 @@ def live(run_dir: str | os.PathLike[str]):
     """The recorded supervisor's process (psutil), if it still runs here and is the one recorded."""
     import psutil
 
-    from qwen3_vl_service.lifecycle.processes import is_recorded
     from qwen3_vl_service.lifecycle.runstate import this_node
+    from qwen3_vl_service.machine.processes import is_recorded
 
     data = read_record(run_dir)
     if data is None or data.get("node", this_node()) != this_node():
@@ -356,8 +356,8 @@ def _echo(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from qwen3_vl_service.core import cli
     from qwen3_vl_service.core.errors import UsageError
+    from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
     from qwen3_vl_service.deployment import scope
-    from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
     from qwen3_vl_service.settings.config import load
 
     log_holder: list[Path | None] = [None]

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from qwen3_vl_service import __version__
-from qwen3_vl_service.media import SERVICE_ID
+from qwen3_vl_service.core.names import MEDIA_SERVICE_ID
 from qwen3_vl_service.media.policy import (
     MAX_PATH,
     aiohttp_etag,
@@ -39,7 +39,7 @@ from qwen3_vl_service.media.policy import (
 SHUTDOWN_TIMEOUT_S = 5.0
 LISTEN_BACKLOG = 1024
 
-log = logging.getLogger(SERVICE_ID)
+log = logging.getLogger(MEDIA_SERVICE_ID)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def make_app(settings: MediaSettings, health_pid: int | None = None) -> web.Appl
     ctypes = {ext: content_type_for(ext) or "application/octet-stream" for ext in allowed}
     health_body = json.dumps(
         {
-            "service": SERVICE_ID,
+            "service": MEDIA_SERVICE_ID,
             "status": "ok",
             "pid": health_pid or os.getpid(),  # the supervisor's, when workers answer
             "root": root,

@@ -17,8 +17,8 @@ from typing import Any
 from qwen3_vl_service.core.childproc import with_package_path
 from qwen3_vl_service.core.errors import CheckFailed
 from qwen3_vl_service.core.hosts import connect_host
-from qwen3_vl_service.lifecycle.processes import is_media_pid, read_pid_file
-from qwen3_vl_service.media import SERVICE_ID
+from qwen3_vl_service.core.names import MEDIA_SERVICE_ID
+from qwen3_vl_service.machine.processes import is_media_pid, read_pid_file
 from qwen3_vl_service.media.policy import check_root
 
 
@@ -40,7 +40,7 @@ def probe(host: str, port: int, timeout: float = 2.0) -> dict[str, Any] | None:
         return None
     finally:
         conn.close()
-    return info if isinstance(info, dict) and info.get("service") == SERVICE_ID else None
+    return info if isinstance(info, dict) and info.get("service") == MEDIA_SERVICE_ID else None
 
 
 def is_ours_healthy(

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from qwen3_vl_service.core.logrotate import rotating_handler
-from qwen3_vl_service.media import SERVICE_ID
+from qwen3_vl_service.core.names import MEDIA_SERVICE_ID
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_LOGGERS = (SERVICE_ID, "aiohttp.access", "aiohttp.server", "aiohttp.web", "asyncio")
+_LOGGERS = (MEDIA_SERVICE_ID, "aiohttp.access", "aiohttp.server", "aiohttp.web", "asyncio")
 
 
 class _LogFormatter(logging.Formatter):

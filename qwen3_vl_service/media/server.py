@@ -44,18 +44,18 @@ from typing import Any
 from qwen3_vl_service.core.cli import ArgumentParser, run
 from qwen3_vl_service.core.errors import CheckFailed, ConfigError, UsageError
 from qwen3_vl_service.core.fileio import write_atomic
+from qwen3_vl_service.core.names import MEDIA_LOG_FILE, MEDIA_PID_FILE, MEDIA_SERVICE_ID
 from qwen3_vl_service.deployment import scope
-from qwen3_vl_service.lifecycle.processes import is_media_pid, port_holders, read_pid_file
-from qwen3_vl_service.media import LOG_FILE_NAME, PID_FILE_NAME, SERVICE_ID
+from qwen3_vl_service.machine.processes import is_media_pid, port_holders, read_pid_file
 from qwen3_vl_service.media.app import LISTEN_BACKLOG, MediaSettings, run_serving, serve_socket
 from qwen3_vl_service.media.logs import lean_log_records, setup_logging
 from qwen3_vl_service.media.policy import check_root
 from qwen3_vl_service.media.workers import WORKERS_AUTO_MAX, Supervisor, auto_workers
 from qwen3_vl_service.settings import config
 
-DEFAULT_LOG_FILE = Path("logs") / LOG_FILE_NAME
+DEFAULT_LOG_FILE = Path("logs") / MEDIA_LOG_FILE
 
-log = logging.getLogger(SERVICE_ID)
+log = logging.getLogger(MEDIA_SERVICE_ID)
 
 
 def write_pid_file(pid_file: Path, pid: int) -> None:
@@ -234,10 +234,10 @@ def _parser() -> ArgumentParser:
     p.add_argument("--port", type=int, help="port (MEDIA_PORT, default 8080; 0 picks a free one)")
     p.add_argument("--root", help="folder to serve (MEDIA_ROOT)")
     p.add_argument("--allowed-types", metavar="EXTS", help="e.g. jpg,png,mp4 (MEDIA_ALLOWED_TYPES)")
-    p.add_argument("--log-file", help=f"log file (default LOG_DIR/media-PORT/{LOG_FILE_NAME})")
+    p.add_argument("--log-file", help=f"log file (default LOG_DIR/media-PORT/{MEDIA_LOG_FILE})")
     p.add_argument("--log-max-mb", metavar="MB", help="rotate the log at this size (LOG_MAX_MB)")
     p.add_argument("--log-backups", metavar="N", help="rotated logs to keep (LOG_BACKUPS)")
-    p.add_argument("--pid-file", help=f"pid file (default RUN_DIR/media-PORT/{PID_FILE_NAME})")
+    p.add_argument("--pid-file", help=f"pid file (default RUN_DIR/media-PORT/{MEDIA_PID_FILE})")
     p.add_argument(
         "--workers",
         metavar="N",

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qwen3_vl_service.core.childproc import die_with_parent
-from qwen3_vl_service.media import SERVICE_ID
+from qwen3_vl_service.core.names import MEDIA_SERVICE_ID
 from qwen3_vl_service.media.app import SHUTDOWN_TIMEOUT_S, MediaSettings, run_serving, serve_socket
 from qwen3_vl_service.media.logs import relay_to
 
@@ -37,7 +37,7 @@ RESTART_WINDOW_S = 60.0
 # The supervisor writes the workers' log records at most this often (batches).
 RELAY_BATCH_S = 0.02
 
-log = logging.getLogger(SERVICE_ID)
+log = logging.getLogger(MEDIA_SERVICE_ID)
 
 
 def auto_workers() -> int:

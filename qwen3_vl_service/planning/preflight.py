@@ -22,9 +22,10 @@ from typing import Any
 
 from qwen3_vl_service.core.errors import CheckFailed
 from qwen3_vl_service.core.findings import Finding, Level
+from qwen3_vl_service.core.names import MEDIA_MARKERS
 from qwen3_vl_service.core.units import format_bytes, format_duration, format_ranges
 from qwen3_vl_service.deployment import scope
-from qwen3_vl_service.lifecycle import processes
+from qwen3_vl_service.machine import processes
 from qwen3_vl_service.media import client as media_client
 from qwen3_vl_service.planning import gpus as gpus_mod
 from qwen3_vl_service.planning import model as model_mod
@@ -356,7 +357,7 @@ def _bind_error(host: str, port: int) -> OSError | None:
 
 
 def _looks_like_media(cmdline: str) -> bool:
-    return any(m in cmdline for m in processes.MEDIA_MARKERS)
+    return any(m in cmdline for m in MEDIA_MARKERS)
 
 
 def _media_ours(cfg: ServiceConfig, holders: list[processes.PortHolder]) -> tuple[bool | None, str]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qwen3_vl_service.core.hosts import WILDCARDS
+from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
 from qwen3_vl_service.deployment import scope
 from qwen3_vl_service.settings.config import ServiceConfig, mask
 
@@ -30,13 +31,6 @@ if TYPE_CHECKING:
     from qwen3_vl_service.planning.plan import Plan
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-# Environment variable that every process of the service inherits, so that
-# vLLM's EngineCore and workers can be found even after their parent died
-# (vLLM #55510, #34643: they survive a SIGKILL of the API server).
-TAG_ENV = "QWEN3_VL_SERVICE_TAG"
-# The run directory of the installation that started the process: tells this
-# checkout's processes from another user's or another checkout's.
-RUN_DIR_ENV = "QWEN3_VL_SERVICE_RUN_DIR"
 
 
 @dataclass(frozen=True)

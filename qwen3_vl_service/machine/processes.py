@@ -25,9 +25,8 @@ from pathlib import Path
 import psutil
 
 from qwen3_vl_service.core.hosts import WILDCARDS
-from qwen3_vl_service.media import PID_FILE_NAME as MEDIA_PID_FILE
+from qwen3_vl_service.core.names import LOGTEE_MARKER, MEDIA_MARKERS, MEDIA_PID_FILE, RUN_DIR_ENV, TAG_ENV
 from qwen3_vl_service.planning.gpus import NvmlUnavailable, nvml_processes, nvml_session
-from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
 
 # For vLLM's environment: keeps /proc/<pid>/environ readable after vLLM's
 # EngineCore and workers call setproctitle (which otherwise overwrites it with
@@ -35,9 +34,6 @@ from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
 # the original command line, which is far longer than "VLLM::Worker_TP7".
 TITLE_ENV = {"SPT_NOENV": "1"}
 _CREATE_TIME_TOLERANCE_S = 2.0
-# How the media server and the log tee show up in a command line.
-MEDIA_MARKERS = ("qwen3_vl_service.media", "media_server.py", "qwen3-vl-media")
-LOGTEE_MARKER = "qwen3_vl_service.lifecycle.logtee"
 _POLL_S = 0.05
 
 

@@ -121,6 +121,57 @@ def test_yarn_within_native_positions_warns_and_past_four_times_is_refused(real_
     assert "error" in levels(far, "Context") and "1,048,576" in message(far, "Context")
 
 
+@pytest.mark.unit
+def test_a_context_past_the_native_positions_names_yarn_its_factor_and_what_the_gpus_hold(
+    real_dir: Path,
+) -> None:
+    """Issue 24, item 3: the original service's 1M was YaRN; every fix offered is one the plan accepts."""
+    info = inspect(real_dir)
+    base = {"MODEL_PATH": str(real_dir)}
+    h100 = parse_spec("8xH100-80GB")
+    million = plan.make(
+        config.load(REPO / "config.env", environ={**base, "MAX_MODEL_LEN": "1000000"}), h100, info
+    )
+    err = message(million, "Context")
+    assert levels(million, "Context") == ["error"] and "exceeds the model's 262144 positions" in err
+    assert "set ROPE_SCALING=yarn ROPE_FACTOR=3 (786,432 positions" in err
+    assert "these GPUs hold 853,792 KV tokens, not one sequence of 1,000,000" in err
+    assert "add KV_CACHE_DTYPE=fp8 (1,707,584 tokens: 1 sequence)" in err
+    # No fix names more GPUs than a node has: one TP group never spans nodes (was "use 16 GPUs").
+    assert not any("16 GPUs" in f.fix or "TENSOR_PARALLEL_SIZE=16" in f.fix for f in million.findings)
+    # The fix as written plans: YaRN factor 3 with fp8 KV on the same GPUs has no error left.
+    fixed = {
+        **base,
+        "MAX_MODEL_LEN": "1000000",
+        "ROPE_SCALING": "yarn",
+        "ROPE_FACTOR": "3",
+        "KV_CACHE_DTYPE": "fp8",
+    }
+    ok = plan.make(config.load(REPO / "config.env", environ=fixed), h100, info)
+    assert [f for f in ok.findings if f.level == "error"] == [] and ok.max_num_seqs == 1
+
+    # Within factor 2: the smallest factor that reaches it, and the sequences the GPUs then hold.
+    short = plan.make(
+        config.load(REPO / "config.env", environ={**base, "MAX_MODEL_LEN": "300000"}), h100, info
+    )
+    assert "set ROPE_SCALING=yarn ROPE_FACTOR=2 (524,288 positions); these GPUs then hold 2 sequences" in (
+        message(short, "Context")
+    )
+    env2 = {**base, "MAX_MODEL_LEN": "300000", "ROPE_SCALING": "yarn", "ROPE_FACTOR": "2"}
+    ok2 = plan.make(config.load(REPO / "config.env", environ=env2), h100, info)
+    assert [f for f in ok2.findings if f.level == "error"] == []
+    # Past what YaRN may reach (4 x native): no YaRN offered, only the lower length.
+    far = plan.make(
+        config.load(REPO / "config.env", environ={**base, "MAX_MODEL_LEN": "2000000"}), h100, info
+    )
+    assert "ROPE_SCALING" not in message(far, "Context") and "lower MAX_MODEL_LEN to 262144" in message(
+        far, "Context"
+    )
+    # The Context line comes before the Capacity line, as the checks run.
+    checks = [f.check for f in million.findings]
+    assert checks.index("Context") < checks.index("Capacity")
+
+
 def _vllm_python() -> str | None:
     code = "import importlib.util,sys; sys.exit(importlib.util.find_spec('vllm') is None)"
     return sys.executable if subprocess.run([sys.executable, "-c", code]).returncode == 0 else None

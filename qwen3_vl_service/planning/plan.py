@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from qwen3_vl_service.core.findings import Finding, Level
 from qwen3_vl_service.core.units import count
+from qwen3_vl_service.planning.yarn import native_overrun, plan_yarn
 
 if TYPE_CHECKING:
     from qwen3_vl_service.planning.gpus import Inventory
@@ -50,6 +51,7 @@ GiB = 1024**3
 ACTIVATION_RESERVE = 4 * GiB  # profile-run activation peak, NCCL/cuBLAS workspaces, encoder cache, non-torch
 CUDA_GRAPH_RESERVE = 1 * GiB  # captured CUDA graphs (none with ENFORCE_EAGER)
 KV_BLOCK = 16  # vLLM's default KV cache block size, in tokens
+NODE_GPUS = 8  # GPUs of the usual node (8 x H100/H200): what a fix may ask for without more nodes
 # Host memory (RAM) of a running server: the API server and engine core with
 # their multimodal processor caches (VLLM_MM_PROCESSOR_CACHE_GB, 4 GiB each),
 # plus one worker process per GPU (CUDA context, torch, NCCL buffers).
@@ -246,6 +248,14 @@ def _fp8_split(model: ModelInfo, tp: int) -> tuple[bool, int, int] | None:
 
 def make(cfg: ServiceConfig, inventory: Inventory | None, model: ModelInfo) -> Plan:
     """The plan for CFG on INVENTORY (None: no GPUs to plan against) with MODEL."""
+    plan = _make(cfg, inventory, model)
+    if model.config_ok and cfg.rope_scaling != "yarn":
+        # After the capacity: a context past the native positions names YaRN and what the GPUs hold then.
+        native_overrun(cfg, model, plan)
+    return plan
+
+
+def _make(cfg: ServiceConfig, inventory: Inventory | None, model: ModelInfo) -> Plan:
     tp = cfg.tensor_parallel_size
     plan = Plan(
         tensor_parallel_size=tp,
@@ -262,11 +272,7 @@ def make(cfg: ServiceConfig, inventory: Inventory | None, model: ModelInfo) -> P
     if model.config_ok:
         _parallel(cfg, model, plan)
         if cfg.rope_scaling == "yarn":
-            from qwen3_vl_service.planning.yarn import plan_yarn
-
             plan_yarn(cfg, model, plan)
-        else:
-            _max_len(cfg, model, out)
     else:
         out.append(
             Finding(
@@ -633,21 +639,6 @@ def _answer_length(cfg: ServiceConfig, out: list[Finding]) -> None:
         )
 
 
-def _max_len(cfg: ServiceConfig, model: ModelInfo, out: list[Finding]) -> None:
-    limit = model.max_model_len_limit
-    if limit is None:
-        return
-    if cfg.max_model_len > limit:
-        out.append(
-            Finding(
-                "error",
-                "Context",
-                f"MAX_MODEL_LEN={cfg.max_model_len} exceeds the model's {limit} positions",
-                f"lower MAX_MODEL_LEN to {limit} or less",
-            )
-        )
-
-
 def _capacity(cfg: ServiceConfig, inventory: Inventory, model: ModelInfo, plan: Plan) -> None:
     """Weights, reserve and KV cache per GPU (see the module doc), and the verdict on them."""
     weights = _weights_per_gpu(cfg, model, plan)
@@ -672,7 +663,7 @@ def _capacity(cfg: ServiceConfig, inventory: Inventory, model: ModelInfo, plan: 
     if not cfg.max_num_seqs:
         plan.max_num_seqs = resolve_max_num_seqs(plan.max_concurrency, cfg.device)
     if smallest.kv_bytes <= 0:
-        plan.findings.append(_does_not_fit(cfg, model, smallest))
+        plan.findings.append(_does_not_fit(cfg, inventory, model, smallest))
     elif plan.kv_tokens < cfg.max_model_len:
         plan.findings.append(_one_sequence_does_not_fit(cfg, inventory, model, plan, smallest))
     else:
@@ -723,14 +714,20 @@ def _kv_per_token(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> int:
     return per_token
 
 
-def _more_gpus(model: ModelInfo, tp: int) -> int | None:
-    """The next tensor-parallel size (8, 16) that the attention heads allow, if any."""
-    return next((t for t in (8, 16) if t > tp and (model.num_attention_heads or 1) % t == 0), None)
+def _more_gpus(model: ModelInfo, tp: int, inventory: Inventory) -> int | None:
+    """The next tensor-parallel size (8, 16) that the heads allow and one node can give, if any.
+
+    One TP group never spans nodes here (replicas and data parallelism do), so "use 16 GPUs"
+    is no fix on the usual 8-GPU nodes; a node seen (or described) with more may say so.
+    """
+    heads = model.num_attention_heads or 1
+    node = max(inventory.count, NODE_GPUS)
+    return next((t for t in (8, 16) if tp < t <= node and heads % t == 0), None)
 
 
-def _does_not_fit(cfg: ServiceConfig, model: ModelInfo, smallest: RankSlot) -> Finding:
+def _does_not_fit(cfg: ServiceConfig, inventory: Inventory, model: ModelInfo, smallest: RankSlot) -> Finding:
     g = _gib
-    more = _more_gpus(model, cfg.tensor_parallel_size)
+    more = _more_gpus(model, cfg.tensor_parallel_size, inventory)
     return Finding(
         "error",
         "Capacity",
@@ -759,8 +756,8 @@ def _one_sequence_does_not_fit(
     util = math.ceil((weights + reserve + need_one) / smallest.total_bytes * 100) / 100
     if util <= 0.95:
         fixes.append(f"raise GPU_MEMORY_UTIL to {util:g}")
-    more = _more_gpus(model, cfg.tensor_parallel_size)
-    if more and (inventory.count >= more or inventory.source.startswith("spec")):
+    more = _more_gpus(model, cfg.tensor_parallel_size, inventory)
+    if more:
         fixes.append(f"use {more} GPUs")
     bigger = _bigger_gpu(need_one, weights + reserve, cfg.gpu_memory_util, smallest.total_bytes)
     if bigger:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from qwen3_vl_service.core.findings import Finding
+from qwen3_vl_service.core.units import count
 
 if TYPE_CHECKING:
     from qwen3_vl_service.planning.model import ModelInfo
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 DEFAULT_MROPE_SECTION = (24, 20, 20)
 # Beyond native x this, no factor the model card allows (2 or 3) is meant to reach.
 YARN_MAX_FACTOR = 4
+# The factors the model card allows, smallest first.
+YARN_FACTORS = (2, 3)
 
 
 def plan_yarn(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> None:
@@ -103,4 +106,54 @@ def plan_yarn(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> None:
         )
 
 
-__all__ = ["DEFAULT_MROPE_SECTION", "YARN_MAX_FACTOR", "plan_yarn"]
+def native_overrun(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> None:
+    """ROPE_SCALING=none and MAX_MODEL_LEN past the model's positions: the error, and the YaRN way.
+
+    The original service's reason for a 1M context was YaRN, so the fix names
+    the factor that reaches MAX_MODEL_LEN and what these GPUs then hold (the
+    plan's KV tokens: the rope does not change the KV cache per token). Runs
+    after the capacity maths; the finding goes before the Capacity lines.
+    """
+    limit = model.max_model_len_limit
+    native = model.max_position_embeddings
+    n = cfg.max_model_len
+    if limit is None or native is None or n <= limit:
+        return
+    fixes = []
+    factor = next((f for f in YARN_FACTORS if native * f >= n), None)
+    if model.mrope_section is not None and n <= native * YARN_MAX_FACTOR:
+        top = factor or YARN_FACTORS[-1]
+        covers = f"{native * top:,} positions"
+        if factor is None:
+            covers += (
+                "; text past them is outside the scaling, the model card's 1M relies on images and video "
+                "taking fewer positions than tokens"
+            )
+        fixes.append(f"set ROPE_SCALING=yarn ROPE_FACTOR={top} ({covers}){_held(plan, n)}")
+    fixes.append(f"lower MAX_MODEL_LEN to {limit} or less")
+    finding = Finding(
+        "error",
+        "Context",
+        f"MAX_MODEL_LEN={n} exceeds the model's {limit} positions",
+        ", or ".join(fixes),
+    )
+    at = next((i for i, f in enumerate(plan.findings) if f.check == "Capacity"), len(plan.findings))
+    plan.findings.insert(at, finding)
+
+
+def _held(plan: Plan, n: int) -> str:
+    """What the planned GPUs hold of N-token sequences, and the KV dtype that fits one ("": unplanned)."""
+    tokens = plan.kv_tokens
+    if tokens is None:
+        return ""
+    if tokens >= n:
+        return f"; these GPUs then hold {count(tokens // n, 'sequence')} of {n:,} ({tokens:,} KV tokens)"
+    held = f"; these GPUs hold {tokens:,} KV tokens, not one sequence of {n:,}"
+    per_element = plan.kv_dtype_bytes or 1
+    if per_element > 1 and tokens * per_element >= n:
+        fp8 = tokens * per_element
+        return f"{held}: add KV_CACHE_DTYPE=fp8 ({fp8:,} tokens: {count(fp8 // n, 'sequence')})"
+    return f"{held} (see Capacity)"
+
+
+__all__ = ["DEFAULT_MROPE_SECTION", "YARN_FACTORS", "YARN_MAX_FACTOR", "native_overrun", "plan_yarn"]

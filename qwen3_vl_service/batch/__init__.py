@@ -1,0 +1,1 @@
+"""Batch jobs through the running service: an OpenAI Batch input file in, answers out, resumable."""

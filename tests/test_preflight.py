@@ -129,6 +129,14 @@ def test_missing_shard_is_named(tmp_path):
 def test_missing_model_dir_says_to_download(tmp_path):
     report = preflight.run(make_cfg(tmp_path, tmp_path / "absent"), gpu_spec="8xH100-80GB", environ={})
     text = preflight.render(report)
+    assert f"  error Model     {tmp_path / 'absent'}: not downloaded yet (no such folder)" in text
+    assert "-> run download_model.py before starting" in text
+    # The plan is made from the published facts the package carries (tests/test_published.py).
+    assert report.expert_parallel is True
+    # A model the package carries no facts for: nothing to plan from.
+    other = make_cfg(tmp_path, tmp_path / "absent", MODEL_REPO="someone/else")
+    report = preflight.run(other, gpu_spec="8xH100-80GB", environ={})
+    text = preflight.render(report)
     assert f"  error Model     Model not found at {tmp_path / 'absent'} -> run download_model.py" in text
     # The decision falls back to the setting when there is no config.json to decide from.
     assert report.expert_parallel is False

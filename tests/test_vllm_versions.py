@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,9 +149,96 @@ def test_dry_run_shows_the_flashinfer_workaround_in_the_report_and_the_command(t
     fake.chmod(0o755)
     cfg = tmp_path / "config.env"
     cfg.write_text(f"VLLM_PYTHON={fake}\nMODEL_PATH={tmp_path / 'model'}\nTENSOR_PARALLEL_SIZE=1\n")
-    cmd = [sys.executable, str(REPO / "start_service.py"), "--config", str(cfg), "--dry-run", "--quiet"]
+    cmd = [sys.executable, str(REPO / "start_service.py"), "--config", str(cfg), "--dry-run"]
     out = subprocess.run([*cmd, "--gpus", "1xH200-141GB"], capture_output=True, text=True, timeout=120)
     text = out.stdout + out.stderr
     assert "vllm 0.26.0" in text
     assert "flashinfer is not installed: VLLM_USE_FLASHINFER_SAMPLER=0 set for vLLM" in text
     assert "VLLM_USE_FLASHINFER_SAMPLER=0 \\" in text.split("vLLM command")[1]
+
+
+# -- EXTRA_VLLM_ARGS and vLLM's own parser (issue 24, item 4) ----------------------------------------
+
+FAKE_PYTHON = """#!/bin/sh
+# Stands in for VLLM_PYTHON: logs each call (probe or parser) and answers it.
+case "$2" in
+  *make_arg_parser*)
+    echo parser >> "{calls}"
+    case "$3" in
+      *no-such*) echo 'QWEN3_VL_PARSE {{"ok": false, "error": "vllm: error: {refusal}"}}';;
+      *) echo 'QWEN3_VL_PARSE {{"ok": true}}';;
+    esac;;
+  *) echo probe >> "{calls}"; echo '{{"dist": "vllm", "version": "0.26.0", "flashinfer": true}}';;
+esac
+"""
+
+
+def _fake_python(tmp_path: Path) -> tuple[str, Path]:
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(calls=calls, refusal="unrecognized arguments: --no-such-flag"))
+    fake.chmod(0o755)
+    return str(fake), calls
+
+
+@pytest.mark.unit
+def test_the_parser_is_asked_only_when_extra_vllm_args_are_set_and_remembered(tmp_path):
+    python, calls = _fake_python(tmp_path)
+    cache = tmp_path / "cache"
+    plain = vllm_versions.probe(python, (), cache_dir=cache)
+    assert plain.args_checked == "" and calls.read_text().split() == ["probe"]  # the cheap probe only
+    first = vllm_versions.probe(python, ("--enable-prefix-caching",), cache_dir=cache)
+    assert first.args_checked == "parser" and not first.args_error
+    assert calls.read_text().split() == ["probe", "probe", "parser"]
+    again = vllm_versions.probe(python, ("--enable-prefix-caching",), cache_dir=cache)
+    assert again.args_checked == "remembered" and calls.read_text().split()[3:] == ["probe"]
+    (level, message, _fix) = vllm_versions.assess(again, device="gpu", user_env={}).findings[0]
+    assert level == "ok" and "EXTRA_VLLM_ARGS (1 argument): accepted before" in message
+
+
+@pytest.mark.unit
+def test_a_flag_the_parser_refuses_is_one_error_line_naming_it(tmp_path):
+    python, _calls = _fake_python(tmp_path)
+    found = vllm_versions.probe(python, ("--no-such-flag", "3"), cache_dir=tmp_path / "cache")
+    assert found.args_error == "unrecognized arguments: --no-such-flag"
+    (level, message, fix) = vllm_versions.assess(found, device="gpu", user_env={}).findings[0]
+    assert level == "error" and "\n" not in message
+    assert (
+        message
+        == "EXTRA_VLLM_ARGS: vllm 0.26.0's own parser refuses them: unrecognized arguments: --no-such-flag"
+    )
+    assert "--help" in fix
+    assert not (tmp_path / "cache" / vllm_versions.ARGS_CACHE).exists()  # a refusal is not remembered
+
+
+@pytest.mark.integration
+def test_the_installed_vllms_parser_judges_extra_args_in_a_child(tmp_path):
+    found = vllm_versions.probe(sys.executable)
+    if found.level != "ok":
+        vllm_missing(f"no vLLM for {sys.executable}: {found.message}")
+    bad = vllm_versions.probe(sys.executable, ("--no-such-flag", "3"), cache_dir=tmp_path)
+    assert bad.args_error == "unrecognized arguments: --no-such-flag"
+    wrong = vllm_versions.probe(sys.executable, ("--kv-cache-dtype", "fp9"), cache_dir=tmp_path)
+    assert wrong.args_error.startswith("argument --kv-cache-dtype: invalid choice: 'fp9'")
+    good = vllm_versions.probe(sys.executable, ("--skip-mm-profiling",), cache_dir=tmp_path)
+    assert good.args_checked == "parser" and not good.args_error
+    assert "vllm" not in sys.modules  # the parser ran in the child
+
+
+@pytest.mark.integration
+def test_dry_run_with_a_bad_vllm_flag_is_refused_before_anything_starts(tmp_path):
+    if vllm_versions.probe(sys.executable).level != "ok":
+        vllm_missing(f"no vLLM for {sys.executable}")
+    env = {
+        **os.environ,
+        "EXTRA_VLLM_ARGS": "--no-such-flag 3",
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "RUN_DIR": str(tmp_path / "run"),
+        "LOG_DIR": str(tmp_path / "logs"),
+    }
+    cmd = [sys.executable, "start_service.py", "--dry-run", "--gpus", "8xH100-80GB", "--quiet"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("  error")]
+    assert line.startswith("  error vLLM      EXTRA_VLLM_ARGS: vllm") and "--no-such-flag" in line
+    assert out.stdout.rstrip().endswith("would start: no (fix the errors above)")

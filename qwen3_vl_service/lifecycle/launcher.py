@@ -415,14 +415,24 @@ def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
 
 
 def _verdict(parts: list[str], report: preflight.Report, args: argparse.Namespace) -> tuple[str, int | None]:
-    """The report's text; with --dry-run printed with the verdict (its exit code); refused on errors."""
+    """The report's text; with --dry-run printed with the verdict (its exit code); refused on errors.
+
+    With --quiet only the warnings, errors and the verdict are printed; the whole text still goes
+    to service.log with a start (the record of what ran).
+    """
     text = "\n\n".join(parts)
+    shown = text
+    if args.quiet:
+        shown = "Preflight\n" + preflight.render(report, color=sys.stdout.isatty(), quiet=True)
     if args.dry_run:
         verdict = "would start: yes" if report.ok else "would start: no (fix the errors above)"
-        print(text + "\n\n" + verdict)
+        if report.ok and report.model is not None and report.model.planned_from:
+            # Planned from the published facts: a start refuses until the weights are there.
+            verdict = "would start: once the model is downloaded (download_model.py)"
+        print(shown + "\n\n" + verdict)
         return text, 0 if report.ok else 1
     if not report.ok:
-        print(text)
+        print(shown)
         n = sum(1 for f in report.findings if f.level == "error")
         raise CheckFailed(f"preflight found {n} error(s); nothing was started", fix="fix them and run again")
     return text, None
@@ -483,9 +493,10 @@ def _grouped(cfg: ServiceConfig, lay: cluster.Layout, node_rank: int, report, ar
 def _preflight(cfg: ServiceConfig, args: argparse.Namespace) -> tuple[preflight.Report, dict[str, str]]:
     """The preflight, the vLLM probe and (when asked) the interconnect check; and the variables
     the installed vLLM needs (VLLM_USE_FLASHINFER_SAMPLER=0 without flashinfer)."""
-    report = preflight.run(cfg, gpu_spec=args.gpus)
+    report = preflight.run(cfg, gpu_spec=args.gpus, dry_run=args.dry_run)
     python = cfg.vllm_python or sys.executable
-    found = vllm_versions.probe(python)  # in a child: vLLM is never imported here
+    # In a child: vLLM is never imported here; its parser only when EXTRA_VLLM_ARGS is set.
+    found = vllm_versions.probe(python, cfg.extra_vllm_args)
     level: Level = "error" if found.level == "warn" and not args.dry_run else found.level
     report.findings.append(
         preflight.Finding(

@@ -14,11 +14,20 @@ file, which fails here in milliseconds rather than in vLLM after minutes of
 loading. When download.py left a manifest, its sizes (and its own ``verify``)
 are used as well.
 
+Before the download, ``for_plan`` plans from the published checkpoint's
+facts that the package carries (published_models.json: config.json, the
+index's total_size, with their source; see its "about"), and says so; once the
+folder is there, downloaded by download_model.py, its facts are checked
+against them.
+
 Nothing here imports torch, transformers or vLLM.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib.resources
 import importlib.util
 import json
 import re
@@ -29,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen3_vl_service.core.errors import CheckFailed
-from qwen3_vl_service.core.findings import Finding
+from qwen3_vl_service.core.findings import Finding, Level
 from qwen3_vl_service.download.manifest import read_manifest
 from qwen3_vl_service.download.verify import verify
 
@@ -41,6 +50,10 @@ KNOWN_ARCHITECTURES = frozenset({"Qwen3VLMoeForConditionalGeneration", "Qwen3VLF
 VISION_PREFIXES = ("model.visual.", "visual.")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit for the JSON header
 _FIX_DOWNLOAD = "run download_model.py again (it resumes and re-checks)"
+PUBLISHED_FILE = "published_models.json"  # package data: the published checkpoints' facts
+# The carried total_size is derived from config.json's shapes (published_models.json, "about"):
+# a real index within this share of it agrees.
+PUBLISHED_SIZE_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -89,13 +102,18 @@ class ModelInfo:
     chat_template: str = ""  # where the chat template lives, "" when there is none
     tokenizer_max_length: int | None = None
     manifest: bool = False
+    manifest_repo: str = ""  # the repo download_model.py fetched into the folder ("" unknown)
+    # Where the facts come from when not from the folder: "" (the folder), else the published
+    # checkpoint's facts carried in the package (for_plan), named for the report.
+    planned_from: str = ""
     issues: tuple[Finding, ...] = ()
 
     # -- derived facts ------------------------------------------------------
 
     @property
     def config_ok(self) -> bool:
-        return self.exists and not self.config_error and self.num_hidden_layers is not None
+        known = self.exists or bool(self.planned_from)
+        return known and not self.config_error and self.num_hidden_layers is not None
 
     @property
     def is_moe(self) -> bool:
@@ -205,16 +223,16 @@ def _read_header(path: Path, size: int) -> tuple[int | None, int, str]:
     return 8 + n + end, vision, ""
 
 
-def _manifest(path: Path) -> tuple[bool, dict[str, int], list[str], str]:
-    """(present, sizes, verify() problems, note) from the download manifest, offline."""
+def _manifest(path: Path) -> tuple[bool, dict[str, int], list[str], str, str]:
+    """(present, sizes, verify() problems, note, repo) from the download manifest, offline."""
     try:
         manifest = read_manifest(path)
     except CheckFailed as exc:  # a broken manifest is a finding, not a crash
-        return True, {}, [], f"the download manifest cannot be used: {exc.one_line()}"
+        return True, {}, [], f"the download manifest cannot be used: {exc.one_line()}", ""
     if manifest is None:
-        return False, {}, [], ""
+        return False, {}, [], "", ""
     sizes = {f.name: f.size for f in manifest.files}
-    return True, sizes, verify(path, deep=False, manifest=manifest), ""
+    return True, sizes, verify(path, deep=False, manifest=manifest), "", manifest.repo
 
 
 def vllm_architectures() -> frozenset[str] | None:
@@ -290,7 +308,7 @@ def inspect(path: str | Path) -> ModelInfo:
     _tokenizer_facts(p, tok_cfg if isinstance(tok_cfg, dict) else {}, facts, issues)
 
     # -- weights ------------------------------------------------------------
-    present, sizes, manifest_problems, manifest_note = _manifest(p)
+    present, sizes, manifest_problems, manifest_note, facts["manifest_repo"] = _manifest(p)
     facts["manifest"] = present
     if manifest_note:
         issues.append(Finding("warn", "Model", manifest_note, _FIX_DOWNLOAD))
@@ -379,8 +397,11 @@ def _config_facts(config: dict[str, Any], facts: dict[str, Any], issues: list[Fi
         block = quant.get("weight_block_size")
         if isinstance(block, list) and block and all(_pos_int(b) for b in block):
             facts["weight_block_size"] = tuple(block)
+    _architecture_issues(facts["architectures"], issues)
 
-    archs = facts["architectures"]
+
+def _architecture_issues(archs: tuple[str, ...], issues: list[Finding]) -> None:
+    """No architecture, one the installed vLLM does not serve, or one this launcher was not built for."""
     if not archs:
         issues.append(
             Finding("error", "Model", 'config.json names no architecture ("architectures")', _FIX_DOWNLOAD)
@@ -473,37 +494,42 @@ def _weights_facts(
     p: Path, manifest_sizes: dict[str, int], facts: dict[str, Any], issues: list[Finding], already: list[str]
 ) -> None:
     """Index and shards; a shard the manifest check already named is not reported twice."""
+    names = _shard_names(p, facts, issues)
+    if names is None:
+        return
+    shards, vision_bytes, headers_ok = _read_shards(p, names, manifest_sizes)
+    facts["shards"] = tuple(shards)
+    facts["vision_bytes"] = vision_bytes if headers_ok and vision_bytes else None
+    _shard_issues(p, shards, facts.get("index_total_size"), headers_ok, issues, already)
 
-    def reported(name: str) -> bool:
-        return any(problem.startswith(f"{name}:") for problem in already)
 
+def _shard_names(p: Path, facts: dict[str, Any], issues: list[Finding]) -> list[str] | None:
+    """The shard files the index names (or the single model.safetensors); None, with the issue, if none."""
     index, err = _read_json(p / INDEX_FILE)
-    names: list[str]
     if err == "missing":
         if (p / SINGLE_FILE).is_file():
             facts["index_file"] = SINGLE_FILE
-            names = [SINGLE_FILE]
-        else:
-            issues.append(
-                Finding("error", "Model", f"no {INDEX_FILE} (and no {SINGLE_FILE}) in {p}", _FIX_DOWNLOAD)
-            )
-            return
-    elif err or not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            return [SINGLE_FILE]
+        issues.append(
+            Finding("error", "Model", f"no {INDEX_FILE} (and no {SINGLE_FILE}) in {p}", _FIX_DOWNLOAD)
+        )
+        return None
+    if err or not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         why = err or "has no weight_map"
         issues.append(Finding("error", "Model", f"{INDEX_FILE} in {p} {why}", _FIX_DOWNLOAD))
-        return
-    else:
-        facts["index_file"] = INDEX_FILE
-        meta = index.get("metadata")
-        total = _pos_int(meta.get("total_size")) if isinstance(meta, dict) else None
-        facts["index_total_size"] = total
-        names = sorted({v for v in index["weight_map"].values() if isinstance(v, str)})
-        if not names:
-            issues.append(
-                Finding("error", "Model", f"{INDEX_FILE} in {p} lists no shard files", _FIX_DOWNLOAD)
-            )
-            return
+        return None
+    facts["index_file"] = INDEX_FILE
+    meta = index.get("metadata")
+    facts["index_total_size"] = _pos_int(meta.get("total_size")) if isinstance(meta, dict) else None
+    names = sorted({v for v in index["weight_map"].values() if isinstance(v, str)})
+    if not names:
+        issues.append(Finding("error", "Model", f"{INDEX_FILE} in {p} lists no shard files", _FIX_DOWNLOAD))
+        return None
+    return names
 
+
+def _read_shards(p: Path, names: list[str], manifest_sizes: dict[str, int]) -> tuple[list[Shard], int, bool]:
+    """(each shard's size and problem, the vision tower's bytes, whether every header was read)."""
     shards: list[Shard] = []
     vision_bytes = 0
     headers_ok = True
@@ -529,8 +555,21 @@ def _weights_facts(
                 else f"{size:,} bytes, {source} says {want:,}"
             )
         shards.append(Shard(name, size, want, problem))
-    facts["shards"] = tuple(shards)
-    facts["vision_bytes"] = vision_bytes if headers_ok and vision_bytes else None
+    return shards, vision_bytes, headers_ok
+
+
+def _shard_issues(
+    p: Path,
+    shards: list[Shard],
+    total: int | None,
+    headers_ok: bool,
+    issues: list[Finding],
+    already: list[str],
+) -> None:
+    """Missing and damaged shards (those verify() did not name already), and a short total."""
+
+    def reported(name: str) -> bool:
+        return any(problem.startswith(f"{name}:") for problem in already)
 
     missing = [s.name for s in shards if s.size is None and not reported(s.name)]
     if missing:
@@ -549,7 +588,6 @@ def _weights_facts(
         issues.append(
             Finding("error", "Model", f"{len(bad) - 5} more weight shards are damaged", _FIX_DOWNLOAD)
         )
-    total = facts.get("index_total_size")
     if total and not already and not any(s.problem for s in shards) and headers_ok:
         data = sum((s.size or 0) for s in shards)
         if data < total:
@@ -563,11 +601,163 @@ def _weights_facts(
             )
 
 
+# ---------------------------------------------------------------------------
+# The published checkpoint's facts (package data), for a plan before the download.
+
+
+@dataclass(frozen=True)
+class Published:
+    """One checkpoint's entry of published_models.json (see its "about" for what is derived)."""
+
+    repo: str
+    source: str
+    revision: str
+    config: Mapping[str, Any]
+    tokenizer_max_length: int | None
+    total_size: int
+
+    @property
+    def label(self) -> str:
+        return (
+            f"the published facts of {self.repo} ({self.revision}) carried in the package: its config.json, "
+            f"total_size {self.total_size / 1024**3:.2f} GiB derived from the config's shapes"
+        )
+
+
+@functools.cache
+def _published_table() -> dict[str, Published]:
+    text = importlib.resources.files(__package__).joinpath(PUBLISHED_FILE).read_text(encoding="utf-8")
+    table = {}
+    for repo, entry in json.loads(text)["checkpoints"].items():
+        table[repo] = Published(
+            repo=repo,
+            source=entry["source"],
+            revision=entry["revision"],
+            config=entry["config.json"],
+            tokenizer_max_length=entry["tokenizer_config.json"].get("model_max_length"),
+            total_size=entry["model.safetensors.index.json"]["metadata"]["total_size"],
+        )
+    return table
+
+
+def published(repo: str) -> Published | None:
+    """The carried facts of REPO (a Hub repo id), or None when the package carries none for it."""
+    return _published_table().get(repo)
+
+
+def from_published(path: str | Path, pub: Published) -> ModelInfo:
+    """What inspect() would say of a complete download of PUB at PATH, without its files.
+
+    The vision tower's bytes are left to the plan's estimate from vision_config (there are no
+    shard headers to read); the weights are the derived total_size.
+    """
+    facts: dict[str, Any] = {"path": Path(path)}
+    issues: list[Finding] = []
+    _config_facts(dict(pub.config), facts, issues)
+    facts.update(
+        index_file=INDEX_FILE,
+        index_total_size=pub.total_size,
+        tokenizer_max_length=pub.tokenizer_max_length,
+        planned_from=pub.label,
+    )
+    return ModelInfo(**facts, issues=tuple(issues))
+
+
+def for_plan(info: ModelInfo, repo: str, *, dry_run: bool) -> ModelInfo:
+    """INFO as the plan should see it, given MODEL_REPO=REPO ("": no published facts wanted).
+
+    Not downloaded yet (no folder, or no config.json in it): the published
+    facts of REPO, with one Model line that says so, a warning in a dry run
+    (plan before you queue) and an error for a start. A folder that
+    download_model.py fetched from REPO: its own facts, checked against the
+    published ones (a difference is a warning: the carried facts are stale).
+    """
+    pub = published(repo) if repo else None
+    if pub is None:
+        return info
+    if info.exists and info.config_error != "config.json missing":
+        return _checked(info, pub)
+    where = "no such folder" if not info.exists else "no config.json in it yet"
+    level: Level = "warn" if dry_run else "error"
+    note = Finding(
+        level,
+        "Model",
+        f"{info.path}: not downloaded yet ({where}); the plan uses {pub.label}",
+        "run download_model.py before starting (about "
+        f"{pub.total_size / 1e9:.0f} GB, resumable), or set MODEL_PATH to the model's folder",
+    )
+    planned = from_published(info.path, pub)
+    return dataclasses.replace(planned, exists=info.exists, issues=(note, *planned.issues))
+
+
+# What a downloaded folder must share with the carried facts (ModelInfo fields).
+_PUBLISHED_FIELDS = (
+    "architectures",
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "quant_method",
+    "quant_fmt",
+    "weight_block_size",
+)
+
+
+def published_differences(info: ModelInfo, pub: Published) -> list[str]:
+    """How the folder's facts differ from the carried ones ("name folder, carried"); [] when they agree."""
+    carried = from_published(info.path, pub)
+    diffs = [
+        f"{key} {getattr(info, key)!r} here, {getattr(carried, key)!r} carried"
+        for key in _PUBLISHED_FIELDS
+        if getattr(info, key) != getattr(carried, key)
+    ]
+    total = info.index_total_size
+    if total and abs(total - pub.total_size) > PUBLISHED_SIZE_TOLERANCE * pub.total_size:
+        diffs.append(f"total_size {total:,} here, {pub.total_size:,} derived")
+    return diffs
+
+
+def _checked(info: ModelInfo, pub: Published) -> ModelInfo:
+    """A folder download_model.py fetched from PUB's repo, checked against the carried facts."""
+    if info.manifest_repo != pub.repo or not info.config_ok:
+        return info
+    diffs = published_differences(info, pub)
+    if diffs:
+        finding = Finding(
+            "warn",
+            "Model",
+            f"{info.path} (download_model.py fetched {pub.repo}) differs from the facts this package "
+            f"carries for it: {_list(diffs, 4)}; the plan uses the folder's",
+            f"nothing to change for this start; the carried facts "
+            f"(qwen3_vl_service/planning/{PUBLISHED_FILE}) are stale: report it",
+        )
+    else:
+        finding = Finding(
+            "ok",
+            "Model",
+            f"config.json and total_size agree with the published facts of {pub.repo} carried in the package",
+        )
+    return dataclasses.replace(info, issues=(*info.issues, finding))
+
+
 __all__ = [
     "INDEX_FILE",
     "KNOWN_ARCHITECTURES",
+    "PUBLISHED_FILE",
     "ModelInfo",
+    "Published",
     "Shard",
+    "for_plan",
+    "from_published",
     "inspect",
+    "published",
+    "published_differences",
     "vllm_architectures",
 ]

@@ -290,6 +290,8 @@ def _make(cfg: ServiceConfig, inventory: Inventory | None, model: ModelInfo) -> 
         plan.weights_source = (
             "the index's metadata.total_size" if model.index_total_size else "the shard files"
         )
+        if model.planned_from:
+            plan.weights_source = "the published total_size (derived; not downloaded yet)"
     if cfg.device == "cpu":
         # The load-time and host-memory figures below are the GPU service's
         # (CUDA graphs, one CUDA worker per GPU); the CPU backend has neither,

@@ -274,7 +274,7 @@ def _slurm_time(
 
 def _model_findings(info: ModelInfo) -> list[Finding]:
     out = list(info.issues)
-    if not info.config_ok or info.errors:
+    if not info.config_ok or info.errors or info.planned_from:
         return out
     arch = info.architectures[0] if info.architectures else "?"
     quant = ""
@@ -463,8 +463,12 @@ def run(
     environ: Mapping[str, str] | None = None,
     check_ports: bool = True,
     nvml: Any = None,
+    dry_run: bool = False,
 ) -> Report:
-    """Every check; never starts anything. A bad --gpus spec raises UsageError (exit 2)."""
+    """Every check; never starts anything. A bad --gpus spec raises UsageError (exit 2).
+
+    DRY_RUN: a model not downloaded yet is a warning (the plan uses the published facts), not an error.
+    """
     env = os.environ if environ is None else environ
     findings: list[Finding] = []
     inventory: Inventory | None = None
@@ -495,7 +499,10 @@ def run(
         end, no_end_time = slurm_mod.squeue_end_time(alloc.job_id)
         if end is not None:
             alloc = slurm_mod.with_end_time(alloc, end)
-    info = model_mod.inspect(cfg.model_path)
+    # Before the download the plan uses the published checkpoint's facts (a dry run warns, a start
+    # refuses); the CPU demo's tiny model has none to borrow.
+    repo = cfg.model_repo if cfg.device == "gpu" else ""
+    info = model_mod.for_plan(model_mod.inspect(cfg.model_path), repo, dry_run=dry_run)
     plan = plan_mod.make(cfg, inventory, info)
 
     findings.extend(gpu_findings)
@@ -525,10 +532,15 @@ _COLORS = {"ok": "\033[32m", "warn": "\033[33m", "error": "\033[31m"}
 _RESET = "\033[0m"
 
 
-def render(report: Report, color: bool = False) -> str:
-    """The report as text: one line per finding, then the plan table and the capacity maths."""
+def render(report: Report, color: bool = False, quiet: bool = False) -> str:
+    """The report as text: one line per finding, then the plan table and the capacity maths.
+
+    QUIET (start_service.py --quiet): only the warnings and errors; no ok line, no table.
+    """
     lines = []
     for f in report.findings:
+        if quiet and f.level == "ok":
+            continue
         level = f"{f.level:<5}"
         if color:
             level = f"{_COLORS.get(f.level, '')}{level}{_RESET}"
@@ -537,7 +549,7 @@ def render(report: Report, color: bool = False) -> str:
             text += f" -> {f.fix}"
         lines.append(text)
     plan = report.plan
-    if plan is not None and plan.has_capacity:
+    if plan is not None and plan.has_capacity and not quiet:
         ep = "on" if plan.expert_parallel else "off"
         lines.append("")
         lines.append(

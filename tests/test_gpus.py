@@ -118,7 +118,27 @@ def test_spec_describes_gpus_as_nvml_would(spec, count, total_mib):
     assert inv.source == f"spec {spec}"
 
 
-@pytest.mark.parametrize("spec", ["eight H100", "8xH100", "0xH100-80GB", "8xH100-0GB"])
+@pytest.mark.parametrize(
+    ("spec", "name", "total_mib"),
+    [("8xH200", "H200-141GB", 143771), ("8xh100", "H100-80GB", 81559), ("2xB200", "B200-180GB", 183359)],
+)
+def test_a_known_model_without_its_memory_gets_its_usual_size(spec, name, total_mib):
+    """Issue 24, item 5: `--gpus 8xH200` plans as 8xH200-141GB (the memory as NVML reports it)."""
+    inv = gpus.parse_spec(spec)
+    assert {(g.name, g.total_bytes) for g in inv.gpus} == {(name, total_mib * MiB)}
+    assert inv.count == int(spec.split("x")[0])
+
+
+def test_a_model_sold_in_several_sizes_needs_its_memory_written():
+    with pytest.raises(UsageError) as err:
+        gpus.parse_spec("8xA100")
+    assert err.value.one_line() == (
+        "GPU spec '8xA100' has no memory, and A100 comes in several sizes; "
+        "write it: 8xA100-40GB or 8xA100-80GB"
+    )
+
+
+@pytest.mark.parametrize("spec", ["eight H100", "8xFOO", "0xH100-80GB", "8xH100-0GB"])
 def test_bad_spec_is_a_usage_error_with_an_example(spec):
     with pytest.raises(UsageError) as err:
         gpus.parse_spec(spec)

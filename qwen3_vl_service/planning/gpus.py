@@ -68,23 +68,40 @@ _KNOWN_TOTAL_MIB = {
     ("B200", 180): 183359,
 }
 _KNOWN_CC = {"H100": (9, 0), "H200": (9, 0), "H20": (9, 0), "A100": (8, 0), "L40S": (8, 9), "B200": (10, 0)}
+# The memory a name alone means (``--gpus 8xH200``): the model that name is sold as, or the common
+# one (H100: the 80 GB SXM and PCIe cards; the 94 GB NVL is written H100-94GB). A100 came as 40 and
+# 80 GB alike, so it needs the number.
+_DEFAULT_GB = {"H100": 80, "H200": 141, "H20": 96, "L40S": 48, "B200": 180}
 
-_SPEC_RE = re.compile(r"^(?:(\d+)\s*[xX*]\s*)?([A-Za-z][A-Za-z0-9]*)-(\d+(?:\.\d+)?)\s*(GB|GiB|G)?$")
+_SPEC_RE = re.compile(r"^(?:(\d+)\s*[xX*]\s*)?([A-Za-z][A-Za-z0-9]*)(?:-(\d+(?:\.\d+)?)\s*(GB|GiB|G)?)?$")
+_SPEC_FIX = "write COUNTxNAME-MEMORY, e.g. 8xH100-80GB, 4xH100-80GB or 8xH200-141GB (8xH100, 8xH200 also do)"
 
 
 def parse_spec(spec: str) -> Inventory:
-    """Parse ``8xH100-80GB`` / ``4xH100-80GB`` / ``8xH200-141GB`` / ``H100-80GB``."""
+    """Parse ``8xH100-80GB`` / ``4xH100-80GB`` / ``8xH200-141GB`` / ``H100-80GB`` / ``8xH200``.
+
+    Without the memory, a model of the table above gets its usual size (_DEFAULT_GB).
+    """
     m = _SPEC_RE.match(spec.strip())
     if not m:
-        raise UsageError(
-            f"GPU spec {spec!r} is not understood",
-            fix="write COUNTxNAME-MEMORY, e.g. 8xH100-80GB, 4xH100-80GB or 8xH200-141GB",
-        )
+        raise UsageError(f"GPU spec {spec!r} is not understood", fix=_SPEC_FIX)
     count = int(m.group(1) or 1)
     if not 1 <= count <= 64:
         raise UsageError(f"GPU spec {spec!r} asks for {count} GPUs", fix="give a count between 1 and 64")
     name = m.group(2).upper()
-    size = float(m.group(3))
+    if m.group(3) is None:
+        if name not in _DEFAULT_GB:
+            sizes = sorted(size for known, size in _KNOWN_TOTAL_MIB if known == name)
+            what = "comes in several sizes" if sizes else "is not a GPU this launcher knows"
+            examples = " or ".join(f"{count}x{name}-{size}GB" for size in sizes or [80])
+            raise UsageError(
+                f"GPU spec {spec!r} has no memory, and {name} {what}", fix=f"write it: {examples}"
+            )
+        size = float(_DEFAULT_GB[name])
+        label = f"{name}-{_DEFAULT_GB[name]}GB"
+    else:
+        size = float(m.group(3))
+        label = f"{name}-{m.group(3)}GB"
     if size <= 0:
         raise UsageError(f"GPU spec {spec!r} has no memory", fix="give the memory per GPU, e.g. 80GB")
     total = _KNOWN_TOTAL_MIB.get((name, round(size)))
@@ -93,7 +110,7 @@ def parse_spec(spec: str) -> Inventory:
     gpus = tuple(
         Gpu(
             index=i,
-            name=f"{name}-{m.group(3)}GB",
+            name=label,
             total_bytes=total_bytes,
             free_bytes=total_bytes,
             compute_capability=cc,

@@ -24,6 +24,7 @@ import pytest
 from skips import missing
 
 sys.path.insert(0, str(Path(__file__).parent))
+import realmodel
 from fake_hub import FakeHub, FakeRepo, small_model_repo
 
 from qwen3_vl_service.core.errors import CheckFailed, ConfigError
@@ -38,6 +39,7 @@ from qwen3_vl_service.download.manifest import (
     write_manifest,
 )
 from qwen3_vl_service.download.verify import verify
+from qwen3_vl_service.planning import model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "download_model.py"
@@ -626,10 +628,43 @@ def test_verify_without_or_with_a_damaged_manifest(model_copy, tmp_path):
     (model_copy / MANIFEST_NAME).unlink()
     assert read_manifest(model_copy) is None
     done = verify_cli(model_copy, tmp_path)
-    assert done.returncode == 1 and f"no {MANIFEST_NAME} in" in done.stdout
+    # Without a manifest: the index and each shard's header (this fake repo's shards are random bytes).
+    assert done.returncode == 1 and f"no {MANIFEST_NAME}: checked against" in done.stdout
+    assert f"problem: {SHARD1}: not a safetensors file" in done.stdout
     assert verify(tmp_path / "nowhere") == [
         f"model directory {tmp_path / 'nowhere'} does not exist; run download_model.py"
     ]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_verify_agrees_with_the_preflight_on_a_folder_without_a_manifest(tmp_path):
+    """Issue 24, item 5: a copy the preflight calls complete (no manifest: copied, or `hf download`)
+    passes --verify, checked the preflight's way; a shard cut short fails both."""
+    folder = realmodel.build(tmp_path / "copied", shards=4)  # sparse shards: sizes real, blocks not
+    assert model.inspect(folder).errors == ()
+    done = verify_cli(folder, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"no {MANIFEST_NAME}: checked against model.safetensors.index.json" in done.stdout
+    assert done.stdout.rstrip().endswith("matches its index and safetensors headers")
+    deep = verify_cli(folder, tmp_path, "--deep")
+    assert deep.returncode == 1 and "so no hashes to compare the files with" in deep.stdout
+    shard = folder / realmodel.shard_name(2, 4)
+    os.truncate(shard, shard.stat().st_size - 10)
+    assert model.inspect(folder).errors
+    cut = verify_cli(folder, tmp_path)
+    assert cut.returncode == 1
+    assert f"problem: {shard.name}: {shard.stat().st_size} bytes, its safetensors header says" in cut.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_failed_dry_run_is_not_logged_as_a_failed_download(hub, repo, tmp_path):
+    args = ["--repo", repo.repo_id, "--revision", "no-such-branch", "--local-dir", str(tmp_path / "m")]
+    done = run_cli([*args, "--dry-run"], clean_env(tmp_path, hub.endpoint), tmp_path)
+    assert done.returncode == 2 and "revision 'no-such-branch' not found" in done.stderr
+    log_text = (tmp_path / "logs" / "download.log").read_text()
+    assert "dry run (nothing downloaded): " in log_text and "download failed" not in log_text
 
 
 @pytest.mark.integration

@@ -19,8 +19,8 @@ from qwen3_vl_service.core.errors import CheckFailed, ServiceError, UsageError
 from qwen3_vl_service.core.units import format_decimal_bytes
 from qwen3_vl_service.download.hub import DownloadFailed, _iter_partials, download, plan_download
 from qwen3_vl_service.download.hub_errors import _token_source
-from qwen3_vl_service.download.manifest import ManifestFile, read_manifest
-from qwen3_vl_service.download.verify import verify
+from qwen3_vl_service.download.manifest import MANIFEST_NAME, ManifestFile, read_manifest
+from qwen3_vl_service.download.verify import INDEX_FILE, WITHOUT_MANIFEST, verify
 from qwen3_vl_service.settings import config
 
 T = TypeVar("T")
@@ -163,6 +163,9 @@ def _cmd_verify(args: Any, s: _Settings) -> int:
     if manifest is not None:
         extra = f", {format_decimal_bytes(manifest.total_bytes)}, commit {manifest.commit[:12]}"
         print(f"{label} of {s.local_dir}: {len(manifest.files)} files{extra}", flush=True)
+    elif s.local_dir.is_dir():
+        # The preflight's own completeness check, so the two never disagree about one folder.
+        print(WITHOUT_MANIFEST.format(manifest=MANIFEST_NAME, index=INDEX_FILE), flush=True)
     lock = threading.Lock()
     done = [0]
     hashed_total = len(manifest.files) if manifest else 0
@@ -192,8 +195,9 @@ def _cmd_verify(args: Any, s: _Settings) -> int:
             f"{s.local_dir} failed the {label}: {len(problems)} problem(s), listed above",
             fix="rerun download_model.py (it keeps good files and refetches the rest)",
         )
-    print(f"ok: {s.local_dir} matches its manifest", flush=True)
-    _log_line(s.log_path, f"verify {s.local_dir}: ok ({label})")
+    against = "its manifest" if manifest is not None else "its index and safetensors headers"
+    print(f"ok: {s.local_dir} matches {against}", flush=True)
+    _log_line(s.log_path, f"verify {s.local_dir}: ok ({label} against {against})")
     return 0
 
 
@@ -208,7 +212,9 @@ def _cmd_download(args: Any, s: _Settings) -> int:
     try:
         return _download_and_report(args, s)
     except ServiceError as exc:
-        _log_line(s.log_path, f"download failed: {exc.one_line()}")
+        # A dry run downloads nothing, so nothing "failed to download" (its log line says what it was).
+        what = "dry run (nothing downloaded)" if args.dry_run else "download failed"
+        _log_line(s.log_path, f"{what}: {exc.one_line()}")
         raise
 
 

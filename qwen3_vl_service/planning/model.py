@@ -31,7 +31,6 @@ import importlib.resources
 import importlib.util
 import json
 import re
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,15 +39,12 @@ from typing import Any
 from qwen3_vl_service.core.errors import CheckFailed
 from qwen3_vl_service.core.findings import Finding, Level
 from qwen3_vl_service.download.manifest import read_manifest
-from qwen3_vl_service.download.verify import verify
+from qwen3_vl_service.download.verify import INDEX_FILE, SINGLE_FILE, read_header, verify
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 # The architectures this launcher was written and checked for.
 KNOWN_ARCHITECTURES = frozenset({"Qwen3VLMoeForConditionalGeneration", "Qwen3VLForConditionalGeneration"})
 # Prefixes of the vision tower's tensors (transformers >= 4.57 writes "model.visual.").
 VISION_PREFIXES = ("model.visual.", "visual.")
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit for the JSON header
 _FIX_DOWNLOAD = "run download_model.py again (it resumes and re-checks)"
 PUBLISHED_FILE = "published_models.json"  # package data: the published checkpoints' facts
 # The carried total_size is derived from config.json's shapes (published_models.json, "about"):
@@ -188,39 +184,6 @@ def _rope_factor(text: Mapping[str, Any]) -> float:
         return 1.0
     factor = rope.get("factor")
     return float(factor) if isinstance(factor, (int, float)) and factor > 0 else 1.0
-
-
-def _read_header(path: Path, size: int) -> tuple[int | None, int, str]:
-    """(bytes the file must have, bytes of vision tensors, problem) from a safetensors header."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                return None, 0, f"not a safetensors file ({size} bytes)"
-            (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > _MAX_HEADER or n > size - 8:
-                return (
-                    None,
-                    0,
-                    f"not a safetensors file (header length {n}, file {size} bytes): truncated or corrupt",
-                )
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError) as exc:
-        return None, 0, f"header unreadable ({exc})"
-    if not isinstance(header, dict):
-        return None, 0, "header is not a JSON object"
-    end = 0
-    vision = 0
-    for name, entry in header.items():
-        if name == "__metadata__" or not isinstance(entry, dict):
-            continue
-        offsets = entry.get("data_offsets")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            return None, 0, f"header entry {name!r} has no data_offsets"
-        end = max(end, offsets[1])
-        if name.startswith(VISION_PREFIXES):
-            vision += offsets[1] - offsets[0]
-    return 8 + n + end, vision, ""
 
 
 def _manifest(path: Path) -> tuple[bool, dict[str, int], list[str], str, str]:
@@ -541,7 +504,7 @@ def _read_shards(p: Path, names: list[str], manifest_sizes: dict[str, int]) -> t
             shards.append(Shard(name, None, manifest_sizes.get(name), "missing"))
             headers_ok = False
             continue
-        expected, vision, problem = _read_header(f, size)
+        expected, vision, problem = read_header(f, size, VISION_PREFIXES)
         if problem:
             headers_ok = False
         else:

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lifecycle_helpers import free_port
+
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "scancel")
 
 
@@ -42,12 +44,6 @@ def _user() -> str:
 
 def _exe(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -106,8 +102,8 @@ class Cluster:
                 [
                     "ClusterName=qwen3test",
                     f"SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)",
-                    f"SlurmctldPort={_free_port()}",
-                    *([f"SlurmdPort={_free_port()}"] if len(self.nodes) == 1 else []),
+                    f"SlurmctldPort={free_port()}",
+                    *([f"SlurmdPort={free_port()}"] if len(self.nodes) == 1 else []),
                     f"SlurmUser={user}",
                     f"SlurmdUser={user}",
                     "AuthType=auth/munge",
@@ -154,7 +150,7 @@ class Cluster:
         host = socket.gethostname().split(".")[0]
         share = mem_mib * 8 // 10 // len(self.nodes)
         return [
-            f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={cpus} "
+            f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs={cpus} "
             f"RealMemory={share} State=UNKNOWN"
             for n in self.nodes
         ]

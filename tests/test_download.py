@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from lifecycle_helpers import free_port
 from skips import missing
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -137,12 +137,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20, what: str = "co
 def finished_with_metadata(local_dir: Path, names: list[str]) -> bool:
     meta = local_dir / ".cache" / "huggingface" / "download"
     return all((local_dir / n).is_file() and (meta / f"{n}.metadata").is_file() for n in names)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

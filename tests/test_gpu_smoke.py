@@ -10,6 +10,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from lifecycle_helpers import free_port
 from skips import vllm_missing
 
 from devtools import gpu_smoke
@@ -84,19 +85,14 @@ def test_every_request_kind_is_sent():
     ]  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.e2e
+@pytest.mark.smoke  # what test_e2e and test_faults prove, once more through the script: CI runs it
 def test_gpu_smoke_script_runs_on_the_cpu_demo(tmp_path):
     """scripts/gpu_smoke.sh itself, with DEVICE=cpu and the tiny BF16 model, bench and crash included."""
     probe = subprocess.run([sys.executable, "-c", "import vllm.benchmarks.serve"], capture_output=True)
     if probe.returncode != 0:
         vllm_missing("vLLM is not installed in this environment")
-    port, media_port = _free_port(), _free_port()
+    port, media_port = free_port(), free_port()
     bench = "--concurrency 1,2 --input-len 32 --output-len 8 --image-prompts 1 --image-size 512"
     cmd = [
         "bash", str(REPO / "scripts" / "gpu_smoke.sh"), str(tmp_path / "smoke"), "2",

@@ -269,9 +269,9 @@ def test_gpu_holders_without_nvml(monkeypatch) -> None:
 
 @pytest.mark.integration
 def test_gpu_holders_on_this_machine_never_crashes() -> None:
-    """Real NVML here: either it works (GPU node) or it says why not."""
+    """Real NVML here: either it works (GPU node: init, pid 1, holds no GPU memory) or it says why not."""
     try:
-        assert processes.gpu_holders([1]) == [] or True
+        holders = processes.gpu_holders([1])
     except processes.NvmlUnavailable as exc:
         assert str(exc)
 

@@ -274,6 +274,8 @@ def test_gpu_holders_on_this_machine_never_crashes() -> None:
         holders = processes.gpu_holders([1])
     except processes.NvmlUnavailable as exc:
         assert str(exc)
+    else:
+        assert holders == []
 
 
 @pytest.mark.integration

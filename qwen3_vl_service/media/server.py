@@ -234,10 +234,13 @@ def _parser() -> ArgumentParser:
     p.add_argument("--port", type=int, help="port (MEDIA_PORT, default 8080; 0 picks a free one)")
     p.add_argument("--root", help="folder to serve (MEDIA_ROOT)")
     p.add_argument("--allowed-types", metavar="EXTS", help="e.g. jpg,png,mp4 (MEDIA_ALLOWED_TYPES)")
-    p.add_argument("--log-file", help=f"log file (default LOG_DIR/media-PORT/{MEDIA_LOG_FILE})")
+    # The launcher's own folder for this server, as named on this node (scope.media_folder:
+    # media-<port>-<node>), with PORT for the port: what --help shows is where the files are.
+    here = scope.media_folder(0).replace("-0-", "-PORT-", 1)
+    p.add_argument("--log-file", help=f"log file (default LOG_DIR/{here}/{MEDIA_LOG_FILE})")
     p.add_argument("--log-max-mb", metavar="MB", help="rotate the log at this size (LOG_MAX_MB)")
     p.add_argument("--log-backups", metavar="N", help="rotated logs to keep (LOG_BACKUPS)")
-    p.add_argument("--pid-file", help=f"pid file (default RUN_DIR/media-PORT/{MEDIA_PID_FILE})")
+    p.add_argument("--pid-file", help=f"pid file (default RUN_DIR/{here}/{MEDIA_PID_FILE})")
     p.add_argument(
         "--workers",
         metavar="N",

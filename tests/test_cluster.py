@@ -12,10 +12,12 @@ from skips import vllm_missing
 
 from qwen3_vl_service.core.errors import ConfigError
 from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
-from qwen3_vl_service.deployment import cluster, scope
-from qwen3_vl_service.lifecycle import replicas, router
+from qwen3_vl_service.deployment import cluster
+from qwen3_vl_service.deployment import deployment, router_command
+from qwen3_vl_service.deployment.deployment import replica_config
+from qwen3_vl_service.lifecycle import status
 from qwen3_vl_service.planning.vllm_args import build
-from qwen3_vl_service.settings import config
+from qwen3_vl_service.settings import config, scope
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,6 +28,10 @@ def load(**env: str):
 
 def flag(argv, name):
     return argv[list(argv).index(name) + 1]
+
+
+def derive(cfg, lay, *, expert_parallel=False):
+    return deployment.derive(cfg, None, lay, expert_parallel=expert_parallel)
 
 
 @pytest.mark.unit
@@ -41,8 +47,6 @@ def test_replica_settings_are_validated_with_the_value_and_the_fix():
         load(ROUTER_POLICY="kv_aware")
     with pytest.raises(ConfigError, match="REPLICA_MODE='dp'"):
         load(REPLICA_MODE="dp")
-    with pytest.raises(ConfigError, match="ROUTER_PORT=8080 equals MEDIA_PORT=8080"):
-        load(REPLICAS="2", ROUTER_PORT="8080")
     # The CPU build cannot run vLLM's data parallelism on this MoE model.
     with pytest.raises(ConfigError, match="all_gatherv"):
         load(REPLICAS="2", REPLICA_MODE="data-parallel", DEVICE="cpu", TENSOR_PARALLEL_SIZE="1")
@@ -65,12 +69,14 @@ def test_two_tp4_replicas_share_one_8_gpu_node_each_on_its_gpus_and_port():
     # SLURM's CUDA_VISIBLE_DEVICES is honoured: replica k gets the k-th TP-sized slice of it.
     lay = cluster.layout(cfg, ("",), gpus_on_node=8, environ={"CUDA_VISIBLE_DEVICES": "7,6,5,4,3,2,1,0"})
     assert lay.replicas[1].gpus == ("3", "2", "1", "0")
-    cmd = replicas.node_command(cfg, lay, lay.replicas[1], expert_parallel=False)
-    assert cmd.env["CUDA_VISIBLE_DEVICES"] == "3,2,1,0"
-    assert flag(cmd.argv, "--port") == "8011" and flag(cmd.argv, "--tensor-parallel-size") == "4"
-    rcfg = cluster.replica_config(cfg, lay.replicas[1], lay)
-    where = scope.paths(rcfg)  # the replica's own folders, by its service name
-    assert where.run_dir == cfg.run_dir / "replica-1" and where.log_dir == cfg.log_dir / "replica-1"
+    unit = derive(cfg, lay).unit("replica-1")
+    assert unit.env["CUDA_VISIBLE_DEVICES"] == "3,2,1,0"
+    assert flag(unit.argv, "--port") == "8011" and flag(unit.argv, "--tensor-parallel-size") == "4"
+    rcfg = replica_config(cfg, 1, 8011)
+    where = scope.paths(rcfg)  # the replica's own folders, below the service's
+    own = scope.paths(cfg)
+    assert where.run_dir == own.run_dir / "replica-1" == unit.run_dir
+    assert where.log_dir == own.log_dir / "replica-1" and unit.log_file == where.service_log
     assert build(rcfg, expert_parallel=False, tag="t").env[RUN_DIR_ENV] == str(where.run_dir)
 
 
@@ -82,9 +88,9 @@ def test_layout_refuses_what_cannot_work_naming_every_setting():
         cluster.layout(load(REPLICAS="3", HOST="0.0.0.0"), ("a", "b"), gpus_on_node=8, environ={})
     with pytest.raises(ConfigError, match=r"HOST=127\.0\.0\.1 with 2 nodes"):
         cluster.layout(load(REPLICAS="per-node"), ("a", "b"), gpus_on_node=8, environ={})
-    with pytest.raises(ConfigError, match=r"ROUTER_PORT=8011 is one of the replicas' ports PORT=8010..8011"):
+    with pytest.raises(ConfigError, match=r"ROUTER_PORT=8011 \(the router\) is also PORT\+1 \(replica-1's API\)"):
         cfg = load(REPLICAS="2", TENSOR_PARALLEL_SIZE="4", ROUTER_PORT="8011")
-        cluster.layout(cfg, ("",), gpus_on_node=8, environ={})
+        derive(cfg, cluster.layout(cfg, ("",), gpus_on_node=8, environ={}))
 
 
 @pytest.mark.unit
@@ -94,7 +100,7 @@ def test_per_node_replicas_are_reached_by_node_name_through_the_router():
     assert [(r.node, r.node_rank, r.port) for r in lay.replicas] == [("gpu01", 0, 8010), ("gpu02", 1, 8011)]
     urls = [cluster.worker_url(cfg, r, lay) for r in lay.replicas]
     assert urls == ["http://gpu01:8010", "http://gpu02:8011"]
-    cmd = router.build(cfg, urls)
+    cmd = router_command.build(cfg, urls)
     argv = list(cmd.argv)
     assert argv[1:3] == ["-m", "vllm_router.launch_router"]
     i = argv.index("--worker-urls")
@@ -102,7 +108,9 @@ def test_per_node_replicas_are_reached_by_node_name_through_the_router():
     assert flag(argv, "--policy") == "cache_aware" and flag(argv, "--port") == "8040"
     assert flag(argv, "--host") == "0.0.0.0"
     assert flag(argv, "--worker-startup-timeout-secs") == str(cfg.startup_timeout)
-    text = replicas.commands_text(cfg, lay, expert_parallel=True, only_node=None)
+    dep = derive(cfg, lay, expert_parallel=True)
+    assert dep.unit("router").argv == cmd.argv and dep.api_url == "http://127.0.0.1:8040"
+    text = dep.display()
     assert "node 0 (gpu01) - head" in text and "node 1 (gpu02)" in text
     assert text.count("router:") == 1  # on the head only
 
@@ -116,8 +124,8 @@ def _dp_layout(**env):
 def test_data_parallel_head_and_headless_commands():
     cfg, lay = _dp_layout()
     assert lay.mode == "data-parallel" and lay.per_node == 2 and lay.total == 4
-    head = replicas.node_command(cfg, lay, lay.replicas[0], expert_parallel=True).argv
-    rest = replicas.node_command(cfg, lay, lay.replicas[1], expert_parallel=True).argv
+    dep = derive(cfg, lay, expert_parallel=True)
+    head, rest = dep.unit("dp-node-0").argv, dep.unit("dp-node-1", 1).argv
     assert head[1:4] == ("-m", "vllm.entrypoints.cli.main", "serve")
     for argv in (head, rest):
         assert flag(argv, "--data-parallel-size") == "4"
@@ -156,8 +164,8 @@ def test_pinned_vllm_serve_parser_accepts_every_nodes_data_parallel_command():
     if subprocess.run([sys.executable, "-c", code], check=False).returncode != 0:
         vllm_missing("vLLM is not installed in this environment (run scripts/setup_env.sh)")
     cfg, lay = _dp_layout(TENSOR_PARALLEL_SIZE="8")
-    head = replicas.node_command(cfg, lay, lay.replicas[0], expert_parallel=True).argv
-    rest = replicas.node_command(cfg, lay, lay.replicas[1], expert_parallel=True).argv
+    dep = derive(cfg, lay, expert_parallel=True)
+    head, rest = dep.unit("dp-node-0").argv, dep.unit("dp-node-1", 1).argv
     h, r = _vllm_parse(list(head[4:])), _vllm_parse(list(rest[4:]))
     assert h["headless"] is False and r["headless"] is True
     assert h["data_parallel_size"] == r["data_parallel_size"] == 4
@@ -176,7 +184,7 @@ def test_pinned_vllm_router_parser_accepts_the_router_command():
     if subprocess.run([sys.executable, "-c", code], check=False).returncode != 0:
         vllm_missing("vllm-router is not installed (pip install -e '.[router]')")
     cfg = load(REPLICAS="per-node", HOST="0.0.0.0", ROUTER_POLICY="power_of_two")
-    argv = list(router.build(cfg, ["http://gpu01:8010", "http://gpu02:8010"]).argv)[3:]
+    argv = list(router_command.build(cfg, ["http://gpu01:8010", "http://gpu02:8010"]).argv)[3:]
     probe = (
         "import json, sys\n"
         "from vllm_router.launch_router import parse_router_args\n"
@@ -193,7 +201,7 @@ def test_pinned_vllm_router_parser_accepts_the_router_command():
         "port": 8040,
         "host": "0.0.0.0",
         "prom": 8041,
-        "hc": router.HEALTH_CHECK_INTERVAL_S,
+        "hc": router_command.HEALTH_CHECK_INTERVAL_S,
     }
 
 
@@ -251,7 +259,7 @@ def test_dry_run_shows_every_nodes_command_and_capacity_per_replica_and_in_total
         tmp_path / "config.env", real_model, REPLICAS=4, TENSOR_PARALLEL_SIZE=4, HOST="0.0.0.0"
     )
     rc = launcher.main(
-        ["--config", str(cfg), "--dry-run", "--quiet", "--gpus", "8xH100-80GB", "--nodes", "g1,g2"]
+        ["--config", str(cfg), "--dry-run", "--gpus", "8xH100-80GB", "--nodes", "g1,g2"]
     )
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -261,8 +269,9 @@ def test_dry_run_shows_every_nodes_command_and_capacity_per_replica_and_in_total
     )
     assert "replica-3 on g2: GPUs 4,5,6,7, port 8013" in out
     assert "per replica: 243,824 KV tokens, 7 full-length sequences" in out
-    # MAX_NUM_SEQS=auto: the 7 that fit per replica, 28 in all.
-    assert "in total (4): 975,296 KV tokens, 28 full-length sequences, 28 requests decoded at once" in out
+    # MAX_NUM_SEQS=auto: the plan's number per replica (vLLM's GPU default, issue 22), 4 x in all.
+    seqs = int(out.split("per replica: ")[1].split("MAX_NUM_SEQS=auto: ")[1].split(";")[0])
+    assert f"in total (4): 975,296 KV tokens, 28 full-length sequences, {4 * seqs} requests decoded" in out
     assert "node 0 (g1) - head" in out and "node 1 (g2)" in out
     assert "--worker-urls http://g1:8010 http://g1:8011 http://g2:8012 http://g2:8013" in out
     assert "uses 4 of the 8 GPUs" not in out
@@ -271,7 +280,7 @@ def test_dry_run_shows_every_nodes_command_and_capacity_per_replica_and_in_total
         tmp_path / "dp.env", real_model, REPLICAS=2, REPLICA_MODE="data-parallel", HOST="0.0.0.0"
     )
     rc = launcher.main(
-        ["--config", str(cfg), "--dry-run", "--quiet", "--gpus", "8xH100-80GB", "--nodes", "g1,g2"]
+        ["--config", str(cfg), "--dry-run", "--gpus", "8xH100-80GB", "--nodes", "g1,g2"]
     )
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -283,7 +292,7 @@ def test_dry_run_shows_every_nodes_command_and_capacity_per_replica_and_in_total
 
 @pytest.mark.unit
 def test_a_data_parallel_rank_runs_without_the_supervisor(monkeypatch, tmp_path, real_model):
-    """The supervisor would rebuild the single service's command and drop the data-parallel flags."""
+    """The ranks share fate: no supervisor restarts one alone; this node's unit runs as recorded."""
     import argparse
 
     import realmodel
@@ -292,7 +301,7 @@ def test_a_data_parallel_rank_runs_without_the_supervisor(monkeypatch, tmp_path,
 
     seen = {}
     monkeypatch.setattr(
-        launcher, "_start", lambda cfg, text, launch, args: seen.update(cfg=cfg, launch=launch) or 0
+        launcher, "_start", lambda cfg, dep, text, launch, args: seen.update(dep=dep, launch=launch) or 0
     )
     cfg_path = realmodel.write_config_env(
         tmp_path / "dp.env", real_model, REPLICAS=2, REPLICA_MODE="data-parallel", HOST="0.0.0.0"
@@ -301,35 +310,33 @@ def test_a_data_parallel_rank_runs_without_the_supervisor(monkeypatch, tmp_path,
     assert cfg.restart == "on-failure"
     lay = cluster.layout(cfg, ("g1", "g2"), gpus_on_node=8, environ={})
     report = launcher.preflight.run(cfg, gpu_spec="8xH100-80GB")
+    dep = deployment.derive(cfg, report.plan, lay, expert_parallel=True)
     args = argparse.Namespace(dry_run=False, quiet=True, detach=False)
     monkeypatch.setattr(launcher.preflight.Report, "ok", property(lambda self: True))
-    assert launcher._grouped(cfg, lay, 1, report, args) == 0
-    assert seen["cfg"].restart == "no"
-    argv = seen["launch"].cmd.argv
-    assert "--headless" in argv and flag(argv, "--data-parallel-start-rank") == "1"
+    assert launcher._grouped(cfg, dep, lay, 1, report, args) == 0
+    unit = seen["launch"].unit
+    assert not unit.supervised and unit == dep.unit("dp-node-1", 1)
+    assert "--headless" in unit.argv and flag(unit.argv, "--data-parallel-start-rank") == "1"
 
 
 @pytest.mark.unit
-def test_a_replicas_supervisor_runs_the_replicas_own_command_on_its_gpus_and_port():
-    from qwen3_vl_service.planning import vllm_args
+def test_a_replicas_supervisor_runs_the_recorded_unit_on_its_gpus_and_port(tmp_path):
+    from qwen3_vl_service.lifecycle.supervised import supervisor_command
 
     cfg = load(REPLICAS="2", TENSOR_PARALLEL_SIZE="4", RESTART="on-failure")
     lay = cluster.layout(cfg, ("",), gpus_on_node=8, environ={"CUDA_VISIBLE_DEVICES": "7,6,5,4,3,2,1,0"})
-    r1 = lay.replicas[1]
-    argv, env = replicas.supervisor_command(cfg, r1, expert_parallel=False, tag="t-123")
-    assert argv[1:3] == ["-m", "qwen3_vl_service.lifecycle.supervisor"]
-    assert flag(argv, "--replica") == "1" and flag(argv, "--replica-port") == "8011"
-    # Found by stop_service.py through the replica's tag and run folder; its vLLM inherits the GPUs.
+    dep = derive(cfg, lay)
+    unit = dep.unit("replica-1")
+    assert unit.supervised
+    argv, env = supervisor_command(cfg, dep.record_file, unit, tag="t-123", detached=True)
+    assert argv[1:3] == ["-m", "qwen3_vl_service.lifecycle.supervised"]
+    assert flag(argv, "--deployment") == str(dep.record_file) and flag(argv, "--unit") == "replica-1"
+    # Found by stop_service.py through the replica's tag and run folder.
     assert env[TAG_ENV] == "t-123"
-    assert env[RUN_DIR_ENV] == str(cfg.run_dir / "replica-1")
-    assert env["CUDA_VISIBLE_DEVICES"] == "3,2,1,0"
-    # What the supervisor builds from --replica is what a bare start of that replica runs.
-    rcfg = cluster.router_replica_config(cfg, 1, 8011)
-    assert rcfg == cluster.replica_config(cfg, r1, lay)
-    built = vllm_args.build(rcfg, expert_parallel=False, tag="t", private_tmp="/tmp/x")
-    bare = replicas.node_command(cfg, lay, r1, expert_parallel=False, tag="t", private_tmp="/tmp/x")
-    assert built.argv == bare.argv
-    assert {**built.env, **cluster.replica_env(r1)} == bare.env
+    assert env[RUN_DIR_ENV] == str(scope.paths(cfg).run_dir / "replica-1")
+    # The record keeps the unit whole, its GPUs included, and nothing secret.
+    again = deployment.Deployment.from_json(dep.to_json())
+    assert again == dep and again.unit("replica-1").env["CUDA_VISIBLE_DEVICES"] == "3,2,1,0"
 
 
 @pytest.mark.unit
@@ -344,7 +351,7 @@ def test_replica_status_shows_its_supervisors_restarts_and_last_cause():
         "last_restart_at": "2026-12-01T22:05:00Z",
     }
     group = {"replicas": [{"name": "replica-1", "running": False, "supervisor": sup}]}
-    text = "\n".join(replicas.render_status(group))
+    text = "\n".join(status.render_group(group))
     assert "replica-1    not running" in text
     assert "pid 42, running; 1 restart(s)" in text
     assert "replica-1 vLLM: VLLM::EngineCore (pid 7) is gone" in text

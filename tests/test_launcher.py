@@ -14,9 +14,9 @@ import realmodel
 from lifecycle_helpers import clean_env, free_port, run_tool
 
 from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
-from qwen3_vl_service.deployment import scope
+from qwen3_vl_service.deployment import cluster, deployment
 from qwen3_vl_service.lifecycle import launcher, runstate
-from qwen3_vl_service.settings import config
+from qwen3_vl_service.settings import config, scope
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-launcher-test-0123456789"
@@ -107,7 +107,8 @@ def test_report_and_service_log_show_the_command_that_runs(tmp_path: Path) -> No
 @pytest.mark.unit
 def test_dry_run_shows_the_launch_it_would_run(tmp_path: Path) -> None:
     cfg = config.load(_config(tmp_path, MEDIA_SERVER="true"), environ={})
-    launch = launcher.prepare_launch(cfg, expert_parallel=False, environ={"NO_PROXY": "corp.example"})
+    dep = deployment.derive(cfg, None, cluster.layout(cfg), expert_parallel=False)
+    launch = launcher.prepare_launch(cfg, dep.unit(deployment.VLLM), environ={"NO_PROXY": "corp.example"})
     shown = launch.display()
     assert f"{TAG_ENV}={launch.tag}" in shown
     assert f"VLLM_RPC_BASE_PATH={launch.private_tmp}" in shown

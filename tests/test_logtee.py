@@ -129,7 +129,7 @@ def test_keeps_the_file_when_the_terminal_goes(tmp_path: Path) -> None:
 LAUNCHER = textwrap.dedent(
     """
     import os, sys
-    from qwen3_vl_service import logtee
+    from qwen3_vl_service.lifecycle import logtee
     proc = logtee.start_tee(sys.argv[1], max_bytes=10**6, backups=1)
     with open(sys.argv[2], "w") as fh:
         fh.write(str(proc.pid))

@@ -64,7 +64,7 @@ def test_find_ours_by_run_dir_and_tag(tmp_path: Path, procs) -> None:
 def test_find_ours_never_returns_itself_or_ancestors(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
     code = (
-        "import sys; from qwen3_vl_service import processes; "
+        "import sys; from qwen3_vl_service.machine import processes; "
         f"print(len(processes.find_ours({str(tmp_path)!r})))"
     )
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)

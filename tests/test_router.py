@@ -8,15 +8,17 @@ as vLLM does with --api-key (its /health stays open, and the router checks it).
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import requests
+from lifecycle_helpers import free_port
 from skips import installed, missing
 
+from qwen3_vl_service.deployment import router_command
+from qwen3_vl_service.deployment.deployment import Port, Unit
 from qwen3_vl_service.lifecycle import router, stop
 from qwen3_vl_service.settings import config
 
@@ -63,12 +65,6 @@ ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _seen(log: Path, path: str) -> list[str | None]:
     lines = [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith("{")]
     return [ln["auth"] for ln in lines if ln["path"] == path]
@@ -78,7 +74,7 @@ def _seen(log: Path, path: str) -> list[str | None]:
 def test_the_clients_bearer_token_reaches_the_replicas_through_the_router(tmp_path):
     if not installed("vllm_router"):
         missing("vllm-router is not installed (pip install -e '.[router]')")
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     logs = [tmp_path / f"worker-{p}.log" for p in ports]
     workers = [
         subprocess.Popen(
@@ -88,17 +84,29 @@ def test_the_clients_bearer_token_reaches_the_replicas_through_the_router(tmp_pa
     ]
     path = tmp_path / "config.env"
     path.write_text(
-        f"HOST=127.0.0.1\nAPI_KEY={KEY}\nROUTER_PORT={_free_port()}\nSTARTUP_TIMEOUT=60\n"
+        f"HOST=127.0.0.1\nAPI_KEY={KEY}\nROUTER_PORT={free_port()}\nSTARTUP_TIMEOUT=60\n"
         f"RUN_DIR={tmp_path / 'run'}\nLOG_DIR={tmp_path / 'logs'}\nMODEL_PATH={tmp_path / 'model'}\n",
         encoding="utf-8",
     )
     cfg = config.load(path, environ={})
     run_dir = cfg.run_dir / "router"
+    cmd = router_command.build(cfg, [f"http://127.0.0.1:{p}" for p in ports])
+    unit = Unit(
+        "router",
+        "router",
+        0,
+        "",
+        cmd.argv,
+        cmd.env,
+        run_dir,
+        tmp_path / "logs" / "router.log",
+        (Port(cfg.router_port, "ROUTER_PORT", "the router"),),
+        f"http://127.0.0.1:{cfg.router_port}/health",
+    )
     try:
         router.start(
             cfg,
-            [f"http://127.0.0.1:{p}" for p in ports],
-            log_file=tmp_path / "logs" / "router.log",
+            unit,
             detached=True,
             wait=True,
             say=lambda _line: None,

@@ -41,9 +41,10 @@ FAKE_LAUNCHER = textwrap.dedent(
     # Does what start_service.py does after its checks: state, then exec "vLLM".
     import os, sys
     import psutil
-    from qwen3_vl_service import config, runstate, scope
+    from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
+    from qwen3_vl_service.lifecycle import runstate
     from qwen3_vl_service.machine.processes import TITLE_ENV
-    from qwen3_vl_service.planning.vllm_args import RUN_DIR_ENV, TAG_ENV
+    from qwen3_vl_service.settings import config, scope
 
     cfg = config.load(sys.argv[sys.argv.index("--config") + 1])
     run_dir = scope.paths(cfg).run_dir

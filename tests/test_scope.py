@@ -14,11 +14,10 @@ from lifecycle_helpers import clean_env, free_port, make_state, run_tool, write_
 
 from qwen3_vl_service.core.errors import ConfigError
 from qwen3_vl_service.core.names import RECORD_FILE, RUN_DIR_ENV, TAG_ENV
-from qwen3_vl_service.deployment import scope
-from qwen3_vl_service.lifecycle import runstate
+from qwen3_vl_service.lifecycle import registry, runstate
 from qwen3_vl_service.planning import plan
 from qwen3_vl_service.planning.vllm_args import build
-from qwen3_vl_service.settings import config
+from qwen3_vl_service.settings import config, scope
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +73,7 @@ def test_service_name_setting(tmp_path: Path) -> None:
 def test_media_users_are_the_other_live_services_on_that_media_port(tmp_path: Path, procs) -> None:
     cfg = config.load(write_config(tmp_path, port=free_port(), media_port=9090), environ={})
     run_root = cfg.run_dir
-    assert scope.media_users(cfg) == []
+    assert registry.media_users(cfg) == []
 
     def service(name: str, media_port: int, *, live: bool, media_server: bool = True) -> None:
         tag = runstate.new_tag()
@@ -92,7 +91,7 @@ def test_media_users_are_the_other_live_services_on_that_media_port(tmp_path: Pa
     service("elsewhere", 9191, live=True)
     service("no-media", 9090, live=True, media_server=False)
     service("svc", 9090, live=True)  # this config's own folder is never a "user" of itself
-    assert [u.name for u in scope.media_users(cfg)] == ["bf16"]
+    assert [u.name for u in registry.media_users(cfg)] == ["bf16"]
 
     # A service whose supervisor is restarting vLLM has no service.json for that while: its
     # record names the media server, and it still counts (else a stop --all elsewhere ends it).
@@ -109,10 +108,16 @@ def test_media_users_are_the_other_live_services_on_that_media_port(tmp_path: Pa
     pid = restarting("restarting", [cfg.media_host, 9090])
     restarting("restarting-other-media", [cfg.media_host, 9191])
     restarting("restarting-no-media", None)
-    users = scope.media_users(cfg)
+    users = registry.media_users(cfg)
     assert [u.name for u in users] == ["bf16", "restarting"]
     assert (users[1].port, users[1].pid) == (7001, pid)
-    assert [name for name, _ in scope.services(run_root)] == ["bf16", "elsewhere", "gone", "no-media", "svc"]
+    assert [name for name, _ in registry.services(run_root)] == [
+        "bf16",
+        "elsewhere",
+        "gone",
+        "no-media",
+        "svc",
+    ]
 
 
 @pytest.mark.integration

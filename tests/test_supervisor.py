@@ -214,7 +214,7 @@ def test_a_reused_pid_is_not_the_supervisor(tmp_path, procs):
 @pytest.mark.integration
 def test_the_command_refuses_to_run_without_the_tag(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "qwen3_vl_service.lifecycle.supervisor", "--expert-parallel", "off"],
+        [sys.executable, "-m", "qwen3_vl_service.lifecycle.supervised", "--deployment", "x.json", "--unit", "vllm"],
         cwd=REPO,
         env=clean_env(),
         capture_output=True,
@@ -235,3 +235,137 @@ def test_settings_are_validated_in_config(tmp_path):
     for key, bad in (("RESTART", "always"), ("MAX_RESTARTS", "-1"), ("HEALTH_FAIL_AFTER", "1")):
         with pytest.raises(ConfigError, match=key):
             load(None, environ={key: bad})
+
+
+# -- defects found by review (issue 23): each test failed on the code before the fix ------------
+
+
+def _locks_taken(call) -> list[str]:
+    """The locks CALL acquires (C-level acquire/__enter__ on a lock object), seen by a profiler."""
+    taken: list[str] = []
+
+    def profile(_frame, event, arg):
+        if event == "c_call" and getattr(arg, "__name__", "") in ("acquire", "__enter__"):
+            owner = type(getattr(arg, "__self__", None)).__name__
+            if "lock" in owner.lower():
+                taken.append(f"{owner}.{arg.__name__}")
+
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return taken
+
+
+@pytest.mark.unit
+def test_the_signal_handler_takes_no_lock(tmp_path):
+    """A handler runs between two bytecodes of the main thread: one that takes a lock the interrupted
+    code holds (Event.set() takes its Condition's Lock, which wait() and clear() hold) waits for
+    itself for ever. The handler may only queue the signal and write a byte to a pipe."""
+    sup, _ = _run([Unit("vLLM")], tmp_path)
+    assert _locks_taken(lambda: sup._on_signal(signal.SIGTERM, None)) == []
+    assert list(sup.signals) == [signal.SIGTERM]
+    assert sup._wait(5.0)  # and the loop sees it at once
+
+
+@pytest.mark.unit
+def test_an_error_in_the_loop_stops_what_it_started(tmp_path):
+    """An unexpected exception (a bug) used to end the supervisor with 'internal error' and vLLM
+    running on in its own session, unsupervised: now what was started is stopped first."""
+
+    class Broken(Unit):
+        def check(self, now: float):
+            raise RuntimeError("a bug")
+
+    media, u = Unit("media server"), Broken("vLLM")
+    sup, lines = _run([media, u], tmp_path)
+    with pytest.raises(RuntimeError, match="a bug"):
+        sup.run()
+    assert u.log == ["start", "stop"] and media.log == ["start", "stop"]
+    assert any("internal error in the supervisor (RuntimeError: a bug)" in line for line in lines)
+    assert json.loads((tmp_path / "supervisor.json").read_text())["state"] == "stopped"
+
+
+@pytest.mark.unit
+def test_a_record_that_cannot_be_written_does_not_stop_the_supervision(tmp_path, capsys):
+    """A full disk (here: the record's folder is a file) made the record's write raise out of the
+    loop, which left vLLM unsupervised. The record is what status shows: supervising goes on."""
+    blocked = tmp_path / "run"
+    blocked.write_text("a file where the record's folder should be")
+    u = Unit("vLLM", causes=[None, "VLLM::EngineCore (pid 42) is gone"])
+    policy = Policy(max_restarts=2, window=60, backoff=0)
+    sup = Supervisor([u], policy, Record(blocked / "supervisor.json", tag="t", policy=policy), echo=print)
+    u.after = _stop_soon(sup)
+    assert sup.run() == EXIT_OK
+    assert u.log == ["start", "cleanup", "start", "stop"]  # restarted, then stopped on the signal
+    err = capsys.readouterr().err
+    assert err.count("cannot write the supervisor's record") == 1 and "supervising goes on" in err
+
+
+# A supervisor whose second start of its unit is slow (the start of a new vLLM after a failure:
+# folders, the command, then Popen) and whose stop is graceful (in-flight requests finish).
+_SLOW_RESTART = """
+import os, subprocess, sys, time
+from pathlib import Path
+from qwen3_vl_service.lifecycle.supervisor import Policy, Record, Supervisor
+run_dir = Path(sys.argv[1])
+
+class Slow:
+    name = "vLLM"
+    def __init__(self):
+        self.child, self.starts, self.failed = None, 0, False
+    def start(self):
+        self.starts += 1
+        if self.starts == 2:
+            (run_dir / "restarting").write_text("")  # the test's cue: stop now
+            time.sleep(0.5)
+        self.child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        (run_dir / f"child-{self.starts}").write_text(str(self.child.pid))
+    def check(self, now):
+        if self.failed:
+            return None
+        self.failed = True
+        return "VLLM::EngineCore (pid 1) is gone"
+    def cleanup(self):
+        self.child.kill()
+        self.child.wait()
+    def stop(self):
+        time.sleep(5)  # longer than the stop's grace for orphans
+        self.child.terminate()
+        self.child.wait()
+
+policy = Policy(2, 60, 0)
+record = Record(run_dir / "supervisor.json", tag=os.environ["QWEN3_VL_SERVICE_TAG"], policy=policy)
+sys.exit(Supervisor([Slow()], policy, record, echo=lambda s: None).run())
+"""
+
+
+@pytest.mark.integration
+def test_a_stop_during_a_restart_leaves_no_vllm_behind(tmp_path):
+    """A stop that landed while the supervisor was starting a new vLLM looked for our processes
+    before that vLLM existed, then SIGKILLed the supervisor GRACE seconds later, halfway through
+    its own graceful stop of the new vLLM: that vLLM ran on, unsupervised. Now the stop waits for
+    the supervisor, and looks for what is left only once it is gone."""
+    from lifecycle_helpers import free_port, gone
+
+    from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
+    from qwen3_vl_service.lifecycle import stop
+
+    run_dir = tmp_path.resolve()
+    env = clean_env(**{TAG_ENV: "q3vl-restart-1", RUN_DIR_ENV: str(run_dir), "PYTHONPATH": str(REPO)})
+    sup = subprocess.Popen([sys.executable, "-c", _SLOW_RESTART, str(run_dir)], env=env)
+    pids = [sup.pid]
+    try:
+        assert wait_until(lambda: (run_dir / "restarting").exists(), 30)
+        report = stop.stop_service(
+            run_dir, host="127.0.0.1", port=free_port(), timeout=30, grace=2, echo=print
+        )
+        assert wait_until(lambda: (run_dir / "child-2").exists(), 5)
+        child = int((run_dir / "child-2").read_text())
+        pids.append(child)
+        assert gone(child), "the vLLM started during the stop is still running"
+        assert sup.wait(5) == EXIT_OK  # it stopped what it started, and was not killed
+        assert not report.survivors
+    finally:
+        kill_pids(pids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 # Bind addresses that mean "every interface" ("" is Python's spelling).
@@ -13,6 +14,16 @@ def connect_host(host: str) -> str:
     if host == "::":
         return "::1"
     return "127.0.0.1" if host in WILDCARDS else host
+
+
+def is_loopback(host: str) -> bool:
+    """Whether HOST is only reachable from this node: localhost, 127.0.0.0/8, ::1 (not a wildcard)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def display_host(host: str) -> str:

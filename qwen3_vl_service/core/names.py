@@ -26,3 +26,5 @@ MEDIA_LOG_FILE = "media_server.log"
 # How the media server and the log tee show up in a command line.
 MEDIA_MARKERS = (MEDIA_SERVICE_ID, "media_server.py", "qwen3-vl-media")
 LOGTEE_MARKER = "qwen3_vl_service.lifecycle.logtee"
+
+# Which names hold a secret (masked wherever shown or logged, never written to a file): core/secrets.py.

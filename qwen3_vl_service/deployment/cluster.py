@@ -30,9 +30,9 @@ import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from qwen3_vl_service.core.errors import ConfigError
+from qwen3_vl_service.core.hosts import is_loopback, local_url, url_host
 from qwen3_vl_service.planning.gpus import parse_visible_devices
 from qwen3_vl_service.settings.config import ServiceConfig
 
@@ -133,16 +133,12 @@ def layout(
     per_node = total // n_nodes
     if total == 1 and n_nodes == 1:
         return Layout("single", nodes, (Replica(0, nodes[0], 0, 0, cfg.port, ()),), 1, tp, 1)
-    if n_nodes > 1 and _loopback(cfg.host) and not all(_loopback(a) for a in addresses):
+    if n_nodes > 1 and is_loopback(cfg.host) and not all(is_loopback(a) for a in addresses):
         raise ConfigError(
             f"HOST={cfg.host} with {n_nodes} nodes: replicas on other nodes cannot be reached on loopback",
             fix="set HOST=0.0.0.0 (and an API_KEY) so that the head node reaches every node",
         )
-    if cfg.replica_mode == "data-parallel" and cfg.device == "cpu":
-        raise ConfigError(
-            "REPLICA_MODE=data-parallel with DEVICE=cpu",
-            fix="use REPLICA_MODE=router on the CPU build (vLLM's CPU communicator has no all_gatherv)",
-        )
+    # REPLICA_MODE=data-parallel with DEVICE=cpu: refused by config (one validator).
     need = per_node * tp if cfg.device == "gpu" else 0
     gpus = gpus_on_node if gpus_on_node is not None else need
     visible = _visible(env, gpus) if cfg.device == "gpu" else []
@@ -154,7 +150,6 @@ def layout(
         )
     if cfg.replica_mode == "data-parallel":
         return _data_parallel(cfg, nodes, addresses, per_node, total, visible[:need])
-    _check_ports(cfg, total)
     replicas: list[Replica] = []
     cores = _split_cores(cfg, per_node, cpus)
     for rank, node in enumerate(nodes):
@@ -170,11 +165,6 @@ def layout(
 def _data_parallel(
     cfg: ServiceConfig, nodes, addresses, per_node: int, total: int, gpus: list[str]
 ) -> Layout:
-    if cfg.data_parallel_rpc_port in (cfg.port, cfg.media_port):
-        raise ConfigError(
-            f"DATA_PARALLEL_RPC_PORT={cfg.data_parallel_rpc_port} equals PORT or MEDIA_PORT",
-            fix="give vLLM's data-parallel coordination its own port (default 13345)",
-        )
     replicas = tuple(
         # Port 0 on the headless nodes: no API server there.
         Replica(rank, node, rank, 0, cfg.port if rank == 0 else 0, tuple(gpus), per_node, rank * per_node)
@@ -195,43 +185,8 @@ def _split_cores(cfg: ServiceConfig, per_node: int, cpus: tuple[int, ...] | None
     return [tuple(have[k * size : (k + 1) * size]) for k in range(per_node)]
 
 
-def _check_ports(cfg: ServiceConfig, total: int) -> None:
-    ports = range(cfg.port, cfg.port + total)
-    for key, port in (("ROUTER_PORT", cfg.router_port), ("MEDIA_PORT", cfg.media_port)):
-        if key == "MEDIA_PORT" and not cfg.media_server:
-            continue
-        if port in ports:
-            raise ConfigError(
-                f"{key}={port} is one of the replicas' ports PORT={cfg.port}..{ports[-1]} "
-                f"(the job's {total} replicas listen on PORT, PORT+1, ...)",
-                fix=f"move {key} out of {cfg.port}..{ports[-1]} "
-                "(defaults: PORT=8010, ROUTER_PORT=8040, MEDIA_PORT=8080)",
-            )
-    if ports[-1] > 65535:
-        raise ConfigError(f"PORT={cfg.port} + {total} replicas runs past 65535", fix="lower PORT")
-
-
-def _loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 # ---------------------------------------------------------------------------
 # Each replica's settings and command
-
-
-def replica_config(cfg: ServiceConfig, replica: Replica, lay: Layout) -> ServiceConfig:
-    """The settings of one replica: its port, and its own run and log folders when there are several."""
-    if not lay.grouped:
-        return cfg
-    if lay.mode == "data-parallel":
-        return cfg.replace(port=replica.port or cfg.port)
-    return router_replica_config(cfg, replica.index, replica.port)
-
-
-def router_replica_config(cfg: ServiceConfig, index: int, port: int) -> ServiceConfig:
-    """Replica INDEX behind the router (also the supervisor's view): its port, and its own
-    folders RUN_DIR/replica-<i>, LOG_DIR/replica-<i> by its service name (scope.paths)."""
-    return cfg.replace(port=port, service_name=f"{REPLICA_PREFIX}{index}", replicas=1)
 
 
 def replica_env(replica: Replica) -> dict[str, str]:
@@ -281,12 +236,8 @@ def serve_argv(argv: tuple[str, ...], module: str) -> tuple[str, ...]:
 def worker_url(cfg: ServiceConfig, replica: Replica, lay: Layout) -> str:
     """How the router on the head node reaches REPLICA."""
     if len(lay.nodes) == 1 or not replica.node:
-        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
-    else:
-        host = lay.address(replica.node_rank)
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{replica.port}"
+        return local_url(cfg.host, replica.port)
+    return f"http://{url_host(lay.address(replica.node_rank))}:{replica.port}"
 
 
 # ---------------------------------------------------------------------------
@@ -374,14 +325,6 @@ def parse_nodes(raw: str) -> tuple[str, ...]:
     return names
 
 
-def replica_dirs(cfg: ServiceConfig) -> list[Path]:
-    """The run folders of replicas started from this checkout (whatever REPLICAS says now)."""
-    if not cfg.run_dir.is_dir():
-        return []
-    found = [p for p in cfg.run_dir.iterdir() if p.is_dir() and re.fullmatch(rf"{REPLICA_PREFIX}\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(REPLICA_PREFIX)))
-
-
 __all__ = [
     "Layout",
     "Replica",
@@ -389,10 +332,7 @@ __all__ = [
     "job_nodes",
     "layout",
     "parse_nodes",
-    "replica_config",
-    "replica_dirs",
     "replica_env",
-    "router_replica_config",
     "serve_argv",
     "worker_url",
 ]

@@ -1,9 +1,12 @@
 """start_service.py: check everything, print one report, then become vLLM.
 
-Order: config -> already running? -> preflight (GPUs, SLURM, model, ports,
-compatibility, capacity) -> report -> media server -> run state -> exec vLLM
-with its output teed to logs/<service>/service.log (scope.py). With --dry-run it stops after the
-report; with --detach it starts vLLM in the background and waits for /health.
+Order: config -> already running? -> preflight (GPUs, SLURM, model, ports, compatibility,
+capacity) -> the Deployment (deployment/deployment.py: every unit's argv, environment, folders and
+ports, derived once) -> report -> the deployment recorded in RUN_DIR/<service>/deployment.json ->
+media server -> exec vLLM (or its supervisor) with its output teed to LOG_DIR/<service>/service.log.
+Several replicas or data-parallel ranks: lifecycle/replicas.py runs this node's units.
+With --dry-run it stops after the report; with --detach it starts in the background and waits
+for /health.
 
 This module imports neither torch, nor vllm, nor transformers: a dry run
 answers in well under a second on a login node.
@@ -15,24 +18,25 @@ import argparse
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3_vl_service.core import cli
+from qwen3_vl_service.core import cli, secrets
 from qwen3_vl_service.core.errors import CheckFailed, UsageError
-from qwen3_vl_service.core.findings import Level
+from qwen3_vl_service.core.findings import Finding, Level
 from qwen3_vl_service.core.hosts import local_url
-from qwen3_vl_service.core.names import LAUNCHER_LOG, RUN_DIR_ENV, TAG_ENV
-from qwen3_vl_service.deployment import cluster, scope
+from qwen3_vl_service.core.names import LAUNCHER_LOG
+from qwen3_vl_service.deployment import cluster, deployment, summary
+from qwen3_vl_service.deployment.deployment import Deployment, Unit
 from qwen3_vl_service.interconnect import report as interconnect
 from qwen3_vl_service.lifecycle import logtee, readiness, replicas, runstate, stop
-from qwen3_vl_service.media import client
+from qwen3_vl_service.lifecycle.supervised import ensure_media, service_state, supervisor_command
+from qwen3_vl_service.lifecycle.units import record, spawn_logged
+from qwen3_vl_service.machine import processes
 from qwen3_vl_service.planning import preflight, vllm_args, vllm_versions
-from qwen3_vl_service.planning.plan import Plan
-from qwen3_vl_service.planning.vllm_args import VllmCommand
+from qwen3_vl_service.settings import scope
 from qwen3_vl_service.settings.config import SETTINGS, ServiceConfig, load
 
 
@@ -93,7 +97,7 @@ def render_settings(cfg: ServiceConfig) -> str:
         value = cfg.display_value(s.key)
         lines.append(f"  {s.key:<{width}}  {value:<44} {cfg.sources.get(s.key, 'default')}")
     for key in sorted(cfg.vllm_env):
-        lines.append(f"  {key:<{width}}  {cfg.vllm_env[key]:<44} file (passed to vLLM)")
+        lines.append(f"  {key:<{width}}  {secrets.shown(key, cfg.vllm_env[key]):<44} file (passed to vLLM)")
     return "\n".join(lines)
 
 
@@ -101,120 +105,39 @@ def render_settings(cfg: ServiceConfig) -> str:
 # Starting
 
 
-def _spawn_detached_logtee(cfg: ServiceConfig) -> subprocess.Popen:
-    """The tee for --detach: reads vLLM's output on a pipe, writes service.log only.
-
-    Its own session (closing the terminal must not end the log), and none of our
-    stdout/stderr: a caller that reads the launcher's output (a test, `ssh node
-    start_service.py --detach`) must see EOF when the launcher exits.
-    Untagged, like the foreground tee: stop_service.py lets it drain, then exit at EOF.
-    """
-    scope.paths(cfg).log_dir.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in (TAG_ENV, RUN_DIR_ENV)}
-    argv = logtee.command(
-        scope.paths(cfg).service_log,
-        max_bytes=cfg.log_max_mb * 1024 * 1024,
-        backups=cfg.log_backups,
-        quiet=True,
-    )
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
-
-
-def _state(cfg: ServiceConfig, *, pid: int, tag: str, private_tmp: str, detached: bool) -> runstate.RunState:
-    return runstate.for_service(
-        cfg,
-        pid=pid,
-        tag=tag,
-        log_file=scope.paths(cfg).service_log,
-        private_tmp=private_tmp,
-        detached=detached,
-        media_server=cfg.media_server,
-    )
-
-
-def _ensure_media(cfg: ServiceConfig, say: Callable[[str], None]) -> None:
-    if not cfg.media_server:
-        return
-    if not cfg.media_root.is_dir():
-        cfg.media_root.mkdir(parents=True, exist_ok=True)
-        say(f"created the media root {cfg.media_root}")
-    pid, started = client.ensure_running(
-        cfg.media_host,
-        cfg.media_port,
-        cfg.media_root,
-        cfg.media_allowed_types,
-        scope.paths(cfg).media_log,
-        scope.paths(cfg).media_pid_file,
-        python=sys.executable,
-        workers=cfg.media_workers,
-        log_max_mb=cfg.log_max_mb,
-        log_backups=cfg.log_backups,
-    )
-    verb = "started" if started else "reusing"
-    where = f"http://{cfg.media_host}:{cfg.media_port}/"
-    say(f"media server: {verb} pid {pid} on {where} serving {cfg.media_root}")
-
-
 @dataclass(frozen=True)
 class Launch:
-    """The vLLM process a start runs, built once: the report and service.log show it, then it runs.
-
-    PRIVATE_TMP (its IPC socket folder, named by the tag) is made only when the start goes ahead.
-    """
+    """One start of the single vLLM unit: its tag, its IPC socket folder (named by the tag, made only
+    when the start goes ahead) and the whole environment it gets."""
 
     tag: str
     private_tmp: str
-    cmd: VllmCommand
+    unit: Unit
     env: dict[str, str]  # the whole environment vLLM gets
-    plan: Plan | None = None  # its decisions (MAX_NUM_SEQS=auto, YaRN) go to the supervisor too
+    own: dict[str, str]  # what of it we set: shown with the command (secrets masked)
 
     def display(self) -> str:
-        return self.cmd.display(self.env)
+        return vllm_args.VllmCommand(self.unit.argv, self.own).display()
 
 
-def prepare_launch(
-    cfg: ServiceConfig,
-    *,
-    expert_parallel: bool,
-    environ: Mapping[str, str] | None = None,
-    build: Callable[[str, str], VllmCommand] | None = None,
-    extra_env: Mapping[str, str] | None = None,
-    plan: Plan | None = None,
-) -> Launch:
-    """BUILD(tag, private_tmp): another command than the single service's (a data-parallel rank).
-    EXTRA_ENV: what the probe of the installed vLLM found it needs (vllm_versions.assess)."""
+def prepare_launch(cfg: ServiceConfig, unit: Unit, environ: Mapping[str, str] | None = None) -> Launch:
     tag = runstate.new_tag()
     # Short and node-local: vLLM's IPC sockets go here (VLLM_RPC_BASE_PATH), and a Unix
     # socket path must stay under 108 bytes; removed whole by stop_service.py.
     private_tmp = runstate.private_tmp_path(tag)
-    if build is not None:
-        cmd = build(tag, private_tmp)
-    else:
-        # PLAN: MAX_NUM_SEQS=auto and YaRN's --hf-overrides (vllm_args.build).
-        cmd = vllm_args.build(
-            cfg,
-            expert_parallel=expert_parallel,
-            tag=tag,
-            private_tmp=private_tmp,
-            extra_env=extra_env,
-            plan=plan,
-        )
-    env = vllm_args.with_inherited(cmd.env, os.environ if environ is None else environ)
-    return Launch(tag=tag, private_tmp=private_tmp, cmd=cmd, env=env, plan=plan)
+    own = {**unit.env, **vllm_args.secret_env(cfg), **vllm_args.identity_env(unit.run_dir, tag, private_tmp)}
+    env = vllm_args.with_inherited(own, os.environ if environ is None else environ)
+    # Shown as vLLM gets them (NO_PROXY merged with the inherited one).
+    return Launch(tag=tag, private_tmp=private_tmp, unit=unit, env=env, own={k: env[k] for k in own})
 
 
-def _start(cfg: ServiceConfig, report_text: str, launch: Launch, args: argparse.Namespace) -> int:
-    _ensure_media(cfg, print)
-    scope.paths(cfg).run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.restart == "on-failure":
-        return _start_supervised(cfg, report_text, launch, args)
+def _start(
+    cfg: ServiceConfig, dep: Deployment, report_text: str, launch: Launch, args: argparse.Namespace
+) -> int:
+    ensure_media(cfg, print)
+    record(dep)
+    if launch.unit.supervised:
+        return _start_supervised(cfg, dep, report_text, launch, args)
     runstate.make_private_tmp(launch.tag)
     if args.detach:
         return _start_detached(cfg, launch, report_text, args)
@@ -222,88 +145,44 @@ def _start(cfg: ServiceConfig, report_text: str, launch: Launch, args: argparse.
     # Foreground: the launcher becomes vLLM (same pid), so Ctrl+C and `kill PID`
     # reach vLLM directly. From here on our stdout and stderr go through a tee
     # process into service.log (rotated by size) and on to the terminal.
-    tag, private_tmp, argv = launch.tag, launch.private_tmp, launch.cmd.argv
-    scope.paths(cfg).log_dir.mkdir(parents=True, exist_ok=True)
-    logtee.start_tee(
-        scope.paths(cfg).service_log, max_bytes=cfg.log_max_mb * 1024 * 1024, backups=cfg.log_backups
-    )
+    unit = launch.unit
+    logtee.start_tee(unit.log_file, max_bytes=cfg.log_max_mb * 1024 * 1024, backups=cfg.log_backups)
     print(report_text, flush=True)
-    print(
-        f"[launcher] exec vLLM (pid {os.getpid()}, tag {tag}); log: {scope.paths(cfg).service_log}",
-        flush=True,
+    print(f"[launcher] exec vLLM (pid {os.getpid()}, tag {launch.tag}); log: {unit.log_file}", flush=True)
+    state = service_state(
+        cfg, unit, pid=os.getpid(), tag=launch.tag, private_tmp=launch.private_tmp, detached=False
     )
-    runstate.write(
-        scope.paths(cfg).run_dir,
-        _state(cfg, pid=os.getpid(), tag=tag, private_tmp=private_tmp, detached=False),
-    )
+    runstate.write(unit.run_dir, state)
     try:
-        os.execve(argv[0], list(argv), launch.env)
+        os.execve(unit.argv[0], list(unit.argv), launch.env)
     except OSError as exc:
-        runstate.clear(scope.paths(cfg).run_dir, tag)
-        shutil.rmtree(private_tmp, ignore_errors=True)
+        runstate.clear(unit.run_dir, launch.tag)
+        shutil.rmtree(launch.private_tmp, ignore_errors=True)
         raise CheckFailed(
-            f"cannot execute {argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
+            f"cannot execute {unit.argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
         ) from None
     return 1  # not reached
 
 
-def _start_supervised(cfg: ServiceConfig, report_text: str, launch: Launch, args: argparse.Namespace) -> int:
-    """RESTART=on-failure: the supervisor runs LAUNCH (and restarts it); it carries the run's tag.
+def _start_supervised(
+    cfg: ServiceConfig, dep: Deployment, report_text: str, launch: Launch, args: argparse.Namespace
+) -> int:
+    """RESTART=on-failure: the supervisor runs the recorded unit (and restarts it); it carries the tag.
 
     Foreground: the launcher becomes the supervisor (exec, same pid: a batch job's script
     waits for it and gets its exit status). --detach: it runs in the background, and the
     launcher waits for /health as for a bare vLLM. The supervisor writes the run state.
     """
-    argv = [sys.executable, "-m", "qwen3_vl_service.lifecycle.supervisor"]
-    argv += ["--expert-parallel", "on" if "--enable-expert-parallel" in launch.cmd.argv else "off"]
-    argv += ["--plan", vllm_args.plan_decisions(launch.plan)]
-    if cfg.config_path:
-        argv += ["--config", str(cfg.config_path)]
-    env = {**os.environ, TAG_ENV: launch.tag, RUN_DIR_ENV: str(scope.paths(cfg).run_dir)}
-    # `python -m` from wherever the user started us.
-    pkg_parent = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
+    argv, env = supervisor_command(cfg, dep.record_file, launch.unit, tag=launch.tag, detached=args.detach)
     if args.detach:
-        return _start_detached(cfg, launch, report_text, args, supervisor=([*argv, "--detached"], env))
-    scope.paths(cfg).log_dir.mkdir(parents=True, exist_ok=True)
-    logtee.start_tee(
-        scope.paths(cfg).service_log, max_bytes=cfg.log_max_mb * 1024 * 1024, backups=cfg.log_backups
-    )
+        return _start_detached(cfg, launch, report_text, args, supervisor=(argv, env))
+    logtee.start_tee(launch.unit.log_file, max_bytes=cfg.log_max_mb * 1024 * 1024, backups=cfg.log_backups)
     print(report_text, flush=True)
     print(
         f"[launcher] exec the supervisor (pid {os.getpid()}, tag {launch.tag}), which runs vLLM", flush=True
     )
     os.execve(argv[0], argv, env)
     return 1  # not reached
-
-
-def spawn_logged(
-    cfg: ServiceConfig, argv: list[str], env: dict[str, str], *, header: str, private_tmp: str = ""
-) -> subprocess.Popen[bytes]:
-    """ARGV in its own session, its output through a detached tee into CFG's service.log after HEADER.
-
-    A command that cannot be executed is one CheckFailed line; its PRIVATE_TMP is removed then.
-    """
-    tee = _spawn_detached_logtee(cfg)
-    assert tee.stdin is not None
-    tee.stdin.write((header + "\n").encode())
-    tee.stdin.flush()
-    try:
-        return subprocess.Popen(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=tee.stdin,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        runstate.remove_private_tmp(private_tmp)
-        raise CheckFailed(
-            f"cannot execute {argv[0]}: {exc.strerror}", fix="set VLLM_PYTHON to a python with vLLM"
-        ) from None
-    finally:
-        tee.stdin.close()  # the child holds its own copy of the pipe
 
 
 def _start_detached(
@@ -314,19 +193,45 @@ def _start_detached(
     supervisor: tuple[list[str], dict[str, str]] | None = None,
 ) -> int:
     """vLLM in the background, or with SUPERVISOR (argv, env) the supervisor that runs it."""
-    tag, private_tmp, cmd = launch.tag, launch.private_tmp, launch.cmd
-    argv, env = supervisor or (list(cmd.argv), launch.env)
-    log_offset = readiness.log_size(scope.paths(cfg).service_log)
-    proc = spawn_logged(cfg, argv, env, header=report_text, private_tmp="" if supervisor else private_tmp)
+    unit = launch.unit
+    argv, env = supervisor or (list(unit.argv), launch.env)
+    log_offset = readiness.log_size(unit.log_file)
+    private_tmp = "" if supervisor else launch.private_tmp
+    proc = spawn_logged(cfg, unit, argv, env, header=report_text, private_tmp=private_tmp)
     if supervisor is None:
-        runstate.write(
-            scope.paths(cfg).run_dir,
-            _state(cfg, pid=proc.pid, tag=tag, private_tmp=private_tmp, detached=True),
-        )
-    url = local_url(cfg.host, cfg.port)
+        state = service_state(cfg, unit, pid=proc.pid, tag=launch.tag, private_tmp=private_tmp, detached=True)
+        runstate.write(unit.run_dir, state)
     what = "the supervisor, which runs vLLM," if supervisor else "vLLM"
-    print(f"started {what} in the background: pid {proc.pid}, log {scope.paths(cfg).service_log}")
-    timeout = args.timeout or cfg.startup_timeout
+    print(f"started {what} in the background: pid {proc.pid}, log {unit.log_file}")
+    try:
+        wait_ready(
+            unit,
+            is_alive=lambda: proc.poll() is None,
+            timeout=args.timeout or cfg.startup_timeout,
+            log_offset=log_offset,
+        )
+    except (CheckFailed, KeyboardInterrupt):
+        print("stopping what was started ...", file=sys.stderr)
+        # The same path as stop_service.py: the tree, stragglers that ignore SIGTERM,
+        # the tee, the IPC socket folder and the state file. The media server stays (shared).
+        stop.stop_service(
+            unit.run_dir,
+            host=cfg.host,
+            port=cfg.port,
+            timeout=cfg.shutdown_timeout + 5,
+            echo=lambda line: print(line, file=sys.stderr),
+        )
+        raise
+    url = local_url(cfg.host, cfg.port)
+    print(f"ready: {url}/v1 (model {cfg.served_model_name}); health {url}/health")
+    print(f"logs: tail -f {unit.log_file}")
+    config = f" --config {shlex.quote(_short(cfg.config_path))}" if cfg.config_path else ""
+    print(f"stop: {shlex.quote(_short(sys.executable))} stop_service.py{config}")
+    return 0
+
+
+def wait_ready(unit: Unit, *, is_alive: Callable[[], bool], timeout: float, log_offset: int = 0) -> None:
+    """Until UNIT answers /health, with one progress line (rewritten in place on a terminal)."""
     tty = sys.stdout.isatty()
     last = [""]
 
@@ -339,35 +244,17 @@ def _start_detached(
 
     try:
         readiness.wait_healthy(
-            f"{url}/health",
-            is_alive=lambda: proc.poll() is None,
-            log_file=scope.paths(cfg).service_log,
+            unit.health_url,
+            is_alive=is_alive,
+            log_file=unit.log_file,
             timeout=timeout,
             on_progress=progress,
             log_offset=log_offset,
             poll=0.25,  # /health is cheap; a coarse poll would only add to the time to ready
         )
-    except (CheckFailed, KeyboardInterrupt):
+    finally:
         if tty:
             print()
-        print("stopping what was started ...", file=sys.stderr)
-        # The same path as stop_service.py: the tree, stragglers that ignore SIGTERM,
-        # the tee, the IPC socket folder and the state file. The media server stays (shared).
-        stop.stop_service(
-            scope.paths(cfg).run_dir,
-            host=cfg.host,
-            port=cfg.port,
-            timeout=cfg.shutdown_timeout + 5,
-            echo=lambda line: print(line, file=sys.stderr),
-        )
-        raise
-    if tty:
-        print()
-    print(f"ready: {url}/v1 (model {cfg.served_model_name}); health {url}/health")
-    print(f"logs: tail -f {scope.paths(cfg).service_log}")
-    config = f" --config {shlex.quote(_short(cfg.config_path))}" if cfg.config_path else ""
-    print(f"stop: {shlex.quote(_short(sys.executable))} stop_service.py{config}")
-    return 0
 
 
 def _short(path) -> str:
@@ -395,14 +282,15 @@ def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
 
     report, probe_env = _preflight(cfg, args)
     if not args.dry_run:
-        # Also for what the supervisor and the replicas build later: they inherit our environment.
+        # Also for what the supervisors inherit.
         os.environ.update(probe_env)
     lay, node_rank = _layout(cfg, args, report)
-    if lay.grouped:
-        return _grouped(cfg, lay, node_rank, report, args)
-    launch = prepare_launch(
-        cfg, expert_parallel=report.expert_parallel, extra_env=probe_env, plan=report.plan
+    dep = deployment.derive(
+        cfg, report.plan, lay, expert_parallel=report.expert_parallel, extra_env=probe_env
     )
+    if dep.grouped:
+        return _grouped(cfg, dep, lay, node_rank, report, args)
+    launch = prepare_launch(cfg, dep.unit(deployment.VLLM))
     parts = []
     if not args.quiet:
         parts.append(render_settings(cfg))
@@ -411,7 +299,7 @@ def _main(argv: list[str] | None, log_holder: list[Path]) -> int:
     text, code = _verdict(parts, report, args)
     if code is not None:
         return code
-    return _start(cfg, text, launch, args)
+    return _start(cfg, dep, text, launch, args)
 
 
 def _verdict(parts: list[str], report: preflight.Report, args: argparse.Namespace) -> tuple[str, int | None]:
@@ -456,38 +344,53 @@ def _layout(cfg: ServiceConfig, args: argparse.Namespace, report: preflight.Repo
     return cluster.layout(cfg, nodes, addresses=addresses, gpus_on_node=gpus_on_node), node_rank
 
 
-def _grouped(cfg: ServiceConfig, lay: cluster.Layout, node_rank: int, report, args) -> int:
+def _grouped(cfg: ServiceConfig, dep: Deployment, lay: cluster.Layout, node_rank: int, report, args) -> int:
     """Several replicas (or a data-parallel rank group) on this node: report, commands, start."""
     # "TP uses N of the M GPUs" is the single service's view; the Replicas lines say who gets which.
     tp_note = f"TENSOR_PARALLEL_SIZE={cfg.tensor_parallel_size} uses "
     report.findings[:] = [f for f in report.findings if not f.message.startswith(tp_note)]
-    report.findings.extend(replicas.findings(cfg, lay, report, node_rank, probe_ports=True))
-    ep = report.expert_parallel
-    launch = None
-    if lay.mode == "data-parallel":
-        replica = lay.on_node(node_rank)[0]
-        launch = prepare_launch(
-            cfg,
-            expert_parallel=ep,
-            build=lambda tag, tmp: replicas.node_command(
-                cfg, lay, replica, expert_parallel=ep, tag=tag, private_tmp=tmp
-            ),
-        )
+    report.findings.extend(summary.findings(cfg, lay, report.plan))
+    report.findings.extend(port_findings(cfg, dep, node_rank))
     parts = []
     if not args.quiet:
         parts.append(render_settings(cfg))
     parts.append("Preflight\n" + preflight.render(report, color=sys.stdout.isatty()))
     only = None if args.dry_run else node_rank
-    parts.append("Commands per node\n" + replicas.commands_text(cfg, lay, expert_parallel=ep, only_node=only))
+    parts.append("Commands per node\n" + dep.display(only_node=only))
     text, code = _verdict(parts, report, args)
     if code is not None:
         return code
-    if launch is not None:
-        # No supervisor for a data-parallel rank: the supervisor rebuilds the single service's
-        # command, and the ranks share fate (one restarted alone cannot rejoin the others).
-        return _start(cfg.replace(restart="no"), text, launch, args)
+    if lay.mode == "data-parallel":
+        # No supervisor for a data-parallel rank group: the ranks share fate (one restarted alone
+        # cannot rejoin the others); the unit of this node runs like the single service.
+        (unit,) = dep.of_kind(deployment.VLLM, node_rank)
+        return _start(cfg, dep, text, prepare_launch(cfg, unit), args)
     print(text, flush=True)
-    return replicas.start_node(cfg, lay, node_rank, expert_parallel=ep, header=text, detach=args.detach)
+    return replicas.start_node(cfg, dep, node_rank, header=text, detach=args.detach)
+
+
+def port_findings(cfg: ServiceConfig, dep: Deployment, node_rank: int) -> list[Finding]:
+    """Whether this node's ports of DEP are free (the preflight checked PORT and MEDIA_PORT)."""
+    out = []
+    for unit in dep.on_node(node_rank):
+        for p in unit.ports:
+            if p.setting in ("PORT", "MEDIA_PORT"):
+                continue
+            holder = processes.port_holder(cfg.host, p.port)
+            if holder is None:
+                out.append(Finding("ok", "Ports", f"{p.what} ({p.setting}): {cfg.host}:{p.port} is free"))
+                continue
+            pid, cmd = holder
+            who = f"pid {pid} ({cmd})" if pid else cmd
+            out.append(
+                Finding(
+                    "error",
+                    "Ports",
+                    f"{p.what} ({p.setting}): {cfg.host}:{p.port} is held by {who}",
+                    f"stop it, or move {p.setting.split('+')[0]}",
+                )
+            )
+    return out
 
 
 def _preflight(cfg: ServiceConfig, args: argparse.Namespace) -> tuple[preflight.Report, dict[str, str]]:

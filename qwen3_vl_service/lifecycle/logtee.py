@@ -273,6 +273,48 @@ def start_tee(
     return proc
 
 
+def spawn_logged(
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    log_file: Path,
+    max_bytes: int,
+    backups: int,
+    header: str,
+) -> subprocess.Popen[bytes]:
+    """ARGV in its own session, its output through a detached tee into LOG_FILE after HEADER.
+
+    The tee has its own session too (closing the terminal must not end the log) and none of our
+    stdout/stderr: a caller that reads the launcher's output (a test, `ssh node start_service.py
+    --detach`) must see EOF when the launcher exits. Untagged, like the foreground tee:
+    stop_service.py lets it drain, then exit at EOF. Raises OSError when ARGV cannot be executed.
+    """
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    tee_env = {k: v for k, v in os.environ.items() if k not in (TAG_ENV, RUN_DIR_ENV)}
+    tee = subprocess.Popen(
+        command(log_file, max_bytes=max_bytes, backups=backups, quiet=True),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=tee_env,
+        start_new_session=True,
+    )
+    assert tee.stdin is not None
+    tee.stdin.write((header + "\n").encode())
+    tee.stdin.flush()
+    try:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=tee.stdin,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        tee.stdin.close()  # the child holds its own copy of the pipe
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m qwen3_vl_service.lifecycle.logtee", description=__doc__.splitlines()[0]

@@ -29,12 +29,12 @@ from qwen3_vl_service.core.cli import ArgumentParser, run, seconds
 from qwen3_vl_service.core.errors import EXIT_FAILED, EXIT_OK
 from qwen3_vl_service.core.hosts import connect_host, display_host, local_url, url_host
 from qwen3_vl_service.core.units import format_duration
-from qwen3_vl_service.deployment import scope
-from qwen3_vl_service.lifecycle import runstate, supervisor
+from qwen3_vl_service.deployment.deployment import Deployment, replica_config
+from qwen3_vl_service.lifecycle import registry, runstate, stop, supervisor
 from qwen3_vl_service.lifecycle.readiness import LogFollower
-from qwen3_vl_service.lifecycle.stop import _log_path
 from qwen3_vl_service.machine import processes
 from qwen3_vl_service.settings import config as config_mod
+from qwen3_vl_service.settings import scope
 from qwen3_vl_service.settings.config import ServiceConfig
 
 GiB = 1024**3
@@ -294,7 +294,17 @@ def collect(cfg: ServiceConfig, *, sample: float = 1.0, http_timeout: float = 3.
             config_path=live.config_path,
         )
         status = _probe(status, cfg, target.base, sample=sample, http_timeout=http_timeout)
+        if hung(status.supervisor):
+            # /health answers while the engine behind it is stuck: the supervisor's liveness check
+            # (liveness.py) is what tells, and a hung vLLM is not healthy whatever /health says.
+            status = replace(status, healthy=False)
     return status
+
+
+def hung(sup: dict[str, Any] | None) -> str:
+    """The supervisor's "hung: evidence" of a unit (liveness.py), or ""."""
+    conditions = (sup or {}).get("conditions") or {}
+    return next((f"{name} {text}" for name, text in conditions.items() if text.startswith("hung")), "")
 
 
 def _target(cfg: ServiceConfig, live: runstate.RunState | None) -> _Target:
@@ -465,6 +475,8 @@ def supervisor_lines(sup: dict[str, Any] | None) -> list[str]:
         lines.append(f"  gave up      {sup['gave_up']}")
     elif sup.get("last_cause"):
         lines.append(f"  last restart {sup.get('last_restart_at')}: {sup['last_cause']}")
+    for name, text in (sup.get("conditions") or {}).items():
+        lines.append(f"  {name:<12} {text}")  # "hung: no engine progress for 185 s ..." (liveness.py)
     return lines
 
 
@@ -486,6 +498,8 @@ def _render_head(status: Status) -> list[str]:
             lines.append("               stop them with python stop_service.py")
         return lines
     verdict = "healthy" if status.healthy else "NOT healthy"
+    if hung(status.supervisor):
+        verdict = "hung (its /health answers; the engine behind it makes no progress)"
     up = format_duration(status.uptime_s or 0.0)
     return [
         f"Qwen3-VL service {status.service}: running, {verdict}",
@@ -528,6 +542,67 @@ def _render_running(status: Status) -> list[str]:
     return lines
 
 
+def group_status(cfg: ServiceConfig, dep: Deployment, *, sample: float, http_timeout: float) -> dict:
+    """The router's and every replica's status on this node (collect on each recorded unit)."""
+    out: dict = {"replicas": []}
+    for u in stop.group_units(dep):
+        # The unit's own folders: RUN_DIR/<service>/<unit> (deployment.replica_config).
+        port = u.ports[0].port if u.ports else cfg.port
+        scoped = replica_config(cfg, 0, port, name=u.name).replace(media_server=False)
+        if u.kind == "router":
+            info = collect(scoped, sample=0, http_timeout=http_timeout).to_dict()
+            info.pop("metrics", None)  # vLLM's metric names: the router has its own (ROUTER_PORT + 1)
+            info["log_file"] = str(u.log_file)
+            out["router"] = info
+        else:
+            info = collect(scoped, sample=sample, http_timeout=http_timeout).to_dict()
+            info["name"] = u.name
+            out["replicas"].append(info)
+    return out
+
+
+def group_healthy(group: dict) -> bool:
+    """The router (where this node runs one) and every replica answer /health."""
+    parts = [*group["replicas"], *([group["router"]] if "router" in group else [])]
+    return bool(parts) and all(p["running"] and p["healthy"] for p in parts)
+
+
+def render_group(group: dict) -> list[str]:
+    lines: list[str] = []
+    r = group.get("router")
+    if r is not None:
+        if r["running"]:
+            h = r.get("health", {})
+            lines.append(
+                f"router       vllm-router pid {r['pid']}: {r['urls']['api']} -> "
+                f"{'healthy' if r['healthy'] else 'NOT healthy'} ({h.get('status') or h.get('error')})"
+            )
+        else:
+            lines.append(
+                "router       not running" + (f" ({r['stale_state']})" if r.get("stale_state") else "")
+            )
+    for info in group["replicas"]:
+        name = info["name"]
+        if not info["running"]:
+            lines.append(
+                f"{name:<12} not running" + (f" ({info['stale_state']})" if info.get("stale_state") else "")
+            )
+            lines += supervisor_lines(info.get("supervisor"))
+            continue
+        m = info.get("metrics") or {}
+        kv = m.get("kv_cache_usage")
+        done = m.get("requests_total")
+        lines.append(
+            f"{name:<12} pid {info['pid']} {info['urls']['api']} "
+            f"{'healthy' if info['healthy'] else 'NOT healthy'}; "
+            f"{'?' if m.get('requests_running') is None else int(m['requests_running'])} running, "
+            f"{'?' if m.get('requests_waiting') is None else int(m['requests_waiting'])} waiting, "
+            f"{'?' if done is None else int(done)} done; KV cache {'?' if kv is None else f'{kv * 100:.1f}%'}"
+        )
+        lines += supervisor_lines(info.get("supervisor"))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
 
@@ -555,16 +630,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.sample < 0 or args.http_timeout <= 0:
             parser.error("--sample must be >= 0 and --http-timeout > 0")
         cfg = config_mod.load(args.config)
-        from qwen3_vl_service.lifecycle import replicas
-
-        if replicas.scopes(cfg):
+        dep = registry.recorded_deployment(scope.paths(cfg).run_dir)
+        if dep is not None and dep.grouped and stop.group_units(dep):
             # Replicas behind the router: each replica's state and the router's.
-            group = replicas.status(cfg, sample=args.sample, http_timeout=args.http_timeout)
+            group = group_status(cfg, dep, sample=args.sample, http_timeout=args.http_timeout)
             if args.json:
                 print(json.dumps(group, indent=2, sort_keys=True))
             else:
-                print("\n".join(replicas.render_status(group)))
-            return EXIT_OK if replicas.healthy(group) else EXIT_FAILED
+                print("\n".join(render_group(group)))
+            return EXIT_OK if group_healthy(group) else EXIT_FAILED
         status = collect(cfg, sample=args.sample, http_timeout=args.http_timeout)
         if args.json:
             print(json.dumps(status.to_dict(), indent=2, sort_keys=True))
@@ -572,7 +646,16 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(render(status)))
         return EXIT_OK if status.running and status.healthy else EXIT_FAILED
 
-    return run(body, _log_path(argv, "status.log"))
+    return run(body, stop.command_log(argv, "status.log"))
 
 
-__all__ = ["Status", "collect", "main", "parse_metrics", "render"]
+__all__ = [
+    "Status",
+    "collect",
+    "group_healthy",
+    "group_status",
+    "main",
+    "parse_metrics",
+    "render",
+    "render_group",
+]

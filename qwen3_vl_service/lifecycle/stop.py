@@ -29,19 +29,22 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 
 from qwen3_vl_service.core.cli import ArgumentParser, run, seconds
 from qwen3_vl_service.core.errors import EXIT_FAILED, EXIT_OK
 from qwen3_vl_service.core.units import format_duration
-from qwen3_vl_service.deployment import scope
-from qwen3_vl_service.lifecycle import drain, runstate, supervisor
+from qwen3_vl_service.deployment.deployment import Deployment, Unit
+from qwen3_vl_service.lifecycle import drain, registry, runstate, supervisor
 from qwen3_vl_service.machine import processes
 from qwen3_vl_service.settings import config as config_mod
+from qwen3_vl_service.settings import scope
 
 # Beyond SHUTDOWN_TIMEOUT: vLLM's engine teardown after the requests drained.
 SHUTDOWN_GRACE_S = 30
@@ -129,6 +132,7 @@ class _Run:
     tmpdirs: set[str] = field(default_factory=set)
     load_url: str = ""  # vLLM's /load (drain.py)
     supervisor: psutil.Process | None = None
+    timeout: float = 0.0  # what the supervisor gets to stop what it started (_wait_for_supervisor)
 
     def not_media(self, p: psutil.Process) -> bool:
         return p.pid not in self.media_pids and not processes.is_media_server(p)
@@ -177,6 +181,7 @@ def stop_service(
         media_dir,
         load_url=drain.load_url(host, port),
         supervisor=sup,
+        timeout=timeout,
     )
     if state is not None and state.private_tmp:
         run.tmpdirs.add(state.private_tmp)
@@ -213,9 +218,9 @@ def _stop_api_server(run: _Run, timeout: float) -> list[psutil.Process]:
 def _stop_the_rest(run: _Run, members: list[psutil.Process]) -> None:
     """Step 2: the rest of its tree, and every process carrying our run dir or tag (orphans)."""
     report, grace = run.report, run.grace
-    found = run.current.ours()
-    sup = [run.supervisor] if run.supervisor else []
-    rest = [p for p in dict.fromkeys([*members, *found, *sup]) if run.not_media(p) and processes.is_alive(p)]
+    _wait_for_supervisor(run)
+    found = run.current.ours()  # only now: the supervisor, who starts our processes, is gone
+    rest = [p for p in dict.fromkeys([*members, *found]) if run.not_media(p) and processes.is_alive(p)]
     # Helpers that ignore SIGTERM on purpose and end at EOF: let them drain last.
     drainers = [p for p in rest if processes.is_drainer(p)]
     others = [p for p in rest if p not in drainers]
@@ -223,7 +228,8 @@ def _stop_the_rest(run: _Run, members: list[psutil.Process]) -> None:
         run.tmpdirs |= _tmpdirs(others)
         kind = "remaining" if run.current.process is not None else "leftover"
         run.echo(f"stopping {len(others)} {kind} process(es) of ours: SIGTERM, SIGKILL after {grace:g} s")
-        report.rest = processes.terminate(others, grace, kill_timeout=grace)
+        done = processes.terminate(others, grace, kill_timeout=grace)
+        report.rest = report.rest.merge(done) if report.rest else done
     if drainers:
         infos = [processes.info(p) for p in drainers]
         still = processes.wait_gone(drainers, DRAIN_S)
@@ -231,6 +237,24 @@ def _stop_the_rest(run: _Run, members: list[psutil.Process]) -> None:
         if still:
             killed = processes.terminate(still, 0.0, kill_timeout=grace)
             report.rest = report.rest.merge(killed) if report.rest else killed
+
+
+def _wait_for_supervisor(run: _Run) -> None:
+    """The supervisor ends before we look for what is left of ours.
+
+    A stop can land while it is starting a new vLLM (it looks at signals between
+    steps, not inside a start): it then stops that vLLM itself, gracefully. Our
+    processes looked up before it is gone missed that vLLM, and treating the
+    supervisor as an orphan (SIGKILL after GRACE) ended it halfway through its
+    stop: the new vLLM ran on, unsupervised. So it gets the whole TIMEOUT (it
+    already has our SIGTERM), SIGKILL only after that, and the search comes after.
+    """
+    sup = run.supervisor
+    if sup is None or not processes.is_alive(sup):
+        return
+    run.echo(f"waiting up to {run.timeout:g} s for the supervisor (pid {sup.pid}) to stop what it started")
+    done = processes.terminate([sup], run.timeout, kill_timeout=run.grace)
+    run.report.rest = run.report.rest.merge(done) if run.report.rest else done
 
 
 def _stop_media(run: _Run, media: psutil.Process | None) -> None:
@@ -376,6 +400,79 @@ def _render_checks(report: StopReport) -> list[str]:
     return lines
 
 
+def group_units(dep: Deployment, *, recorded: bool = True) -> list[Unit]:
+    """The router and the vLLM units of DEP that run on this node.
+
+    RECORDED: only those with a state file or a supervisor record (status); else every unit (stop,
+    which also looks for orphans whose state file is gone). A state written on another node of a
+    running job is that node's to handle (RUN_DIR on a shared file system).
+    """
+    here = runstate.this_node()
+    kept = []
+    for u in dep.units:
+        if u.kind == "media" or u.node not in ("", here):
+            continue
+        state = runstate.read(u.run_dir)
+        if state is not None and runstate.other_node(state) is not None and runstate.elsewhere(state):
+            continue
+        # A replica between two starts of its supervisor (or whose supervisor gave up) has no
+        # state file, but its supervisor's record says what happened: status shows it.
+        if recorded and state is None and supervisor.read_record(u.run_dir) is None:
+            continue
+        kept.append(u)
+    return kept
+
+
+def _prefixed(echo: Callable[[str], None], name: str) -> Callable[[str], None]:
+    return lambda line: echo(f"{name}: {line}")
+
+
+def stop_group(
+    dep: Deployment,
+    *,
+    timeout: float,
+    echo: Callable[[str], None] = print,
+    grace: float = ORPHAN_GRACE_S,
+    names: Collection[str] | None = None,
+) -> list[tuple[str, StopReport]]:
+    """Stop the router first (no new requests), then every replica of this node at once.
+
+    NAMES: only these units (what one start of a node started); default every unit of this node.
+    """
+    found = [u for u in group_units(dep, recorded=False) if names is None or u.name in names]
+    # Every replica's supervisor first: nothing is restarted while the router and the others stop.
+    for u in found:
+        sup = supervisor.request_stop(u.run_dir)
+        if sup is not None:
+            echo(f"{u.name}: stopping the supervisor (pid {sup.pid}): no restart from now on")
+
+    def one(u: Unit, limit: float) -> StopReport:
+        port = u.ports[0] if u.ports else None
+        host = urlsplit(u.health_url).hostname or "127.0.0.1"
+        return stop_service(
+            u.run_dir,
+            host=host,
+            port=port.port if port else 0,
+            timeout=limit,
+            grace=grace,
+            echo=_prefixed(echo, u.name),
+        )
+
+    results = [(u.name, one(u, min(timeout, 15))) for u in found if u.kind == "router"]
+    rest = [u for u in found if u.kind != "router"]
+    if rest:
+        with ThreadPoolExecutor(max_workers=len(rest)) as pool:
+            futures = [(u.name, pool.submit(one, u, timeout)) for u in rest]
+            results += [(name, f.result()) for name, f in futures]
+    for u in found:
+        if supervisor.live(u.run_dir) is None:  # its record: the restarts stay in the replica's log
+            with contextlib.suppress(OSError):
+                supervisor.record_path(u.run_dir).unlink()
+        with contextlib.suppress(OSError):
+            u.run_dir.rmdir()  # only when empty: what stop left behind is kept for a look
+    return [(n, r) for n, r in results if r.stopped or r.survivors or r.state is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
 
@@ -400,12 +497,12 @@ def main(argv: list[str] | None = None) -> int:
         if timeout < 0:
             parser.error("--timeout must be >= 0")
         grace = min(ORPHAN_GRACE_S, max(timeout, 1.0))
-        from qwen3_vl_service.lifecycle import replicas
-
-        # The router first (no new requests), then every replica (each in its own RUN_DIR/replica-<i>).
-        group = replicas.stop_node(
-            cfg, timeout=timeout, grace=grace, echo=lambda line: print(line, flush=True)
-        )
+        # A replica group or data-parallel ranks: the router first (no new requests), then every
+        # replica, each in its own folder below the service's (the deployment recorded at the start).
+        dep = registry.recorded_deployment(scope.paths(cfg).run_dir)
+        group = []
+        if dep is not None and dep.grouped:
+            group = stop_group(dep, timeout=timeout, grace=grace, echo=lambda line: print(line, flush=True))
         for name, part in group:
             print(f"{name}:", flush=True)
             for line in render(part, include_media=False):
@@ -414,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         where = scope.paths(cfg)
         # The media server is shared by every service of this RUN_DIR on the same MEDIA_PORT:
         # --all leaves it up while another of them still runs.
-        users = scope.media_users(cfg) if args.all else []
+        users = registry.media_users(cfg) if args.all else []
         report = stop_service(
             where.run_dir,
             host=cfg.host,
@@ -436,10 +533,10 @@ def main(argv: list[str] | None = None) -> int:
             print(line, file=stream, flush=True)
         return EXIT_OK if report.ok and all(part.ok for _, part in group) else EXIT_FAILED
 
-    return run(body, _log_path(argv, "stop.log"))
+    return run(body, command_log(argv, "stop.log"))
 
 
-def _log_path(argv: list[str], name: str) -> Path | None:
+def command_log(argv: list[str], name: str) -> Path | None:
     """Where an unexpected traceback goes: LOG_DIR of the config, if it loads."""
     try:
         cfg_path = None
@@ -453,4 +550,4 @@ def _log_path(argv: list[str], name: str) -> Path | None:
         return None
 
 
-__all__ = ["StopReport", "main", "render", "stop_service"]
+__all__ = ["StopReport", "command_log", "main", "render", "stop_group", "stop_service"]

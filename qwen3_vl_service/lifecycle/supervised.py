@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,13 +21,27 @@ from pathlib import Path
 import psutil
 
 from qwen3_vl_service.core import hosts
-from qwen3_vl_service.core.errors import ServiceError
-from qwen3_vl_service.deployment import scope
-from qwen3_vl_service.lifecycle import readiness, runstate
-from qwen3_vl_service.lifecycle.supervisor import HEALTH_EVERY_S, HEALTH_TIMEOUT_S, Finished
+from qwen3_vl_service.core.childproc import with_package_path
+from qwen3_vl_service.core.cli import ArgumentParser, run
+from qwen3_vl_service.core.errors import ServiceError, UsageError
+from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
+from qwen3_vl_service.deployment.deployment import Unit, replica_config
+from qwen3_vl_service.lifecycle import readiness, registry, runstate
+from qwen3_vl_service.lifecycle.liveness import Liveness
+from qwen3_vl_service.lifecycle.supervisor import (
+    HEALTH_EVERY_S,
+    HEALTH_TIMEOUT_S,
+    Finished,
+    Policy,
+    Record,
+    Supervisor,
+    record_path,
+)
 from qwen3_vl_service.machine import processes
+from qwen3_vl_service.media import client
 from qwen3_vl_service.planning import vllm_args
-from qwen3_vl_service.settings.config import ServiceConfig
+from qwen3_vl_service.settings import scope
+from qwen3_vl_service.settings.config import ServiceConfig, load
 
 # After a failure, what is left of vLLM gets this long after SIGTERM: its requests are lost anyway.
 CLEANUP_TIMEOUT_S = 10.0
@@ -86,6 +101,53 @@ class _HealthClock:
         return now - self.failing_since
 
 
+def unit_env(cfg: ServiceConfig, unit: Unit, tag: str, private_tmp: str = "") -> dict[str, str]:
+    """The whole environment of one start of UNIT: ours, its own, its secrets (never recorded in
+    deployment.json: taken from the settings again) and the start's identity."""
+    own = {**unit.env, **vllm_args.secret_env(cfg), **vllm_args.identity_env(unit.run_dir, tag, private_tmp)}
+    return vllm_args.with_inherited(own, os.environ)
+
+
+def service_state(
+    cfg: ServiceConfig, unit: Unit, *, pid: int, tag: str, private_tmp: str, detached: bool
+) -> runstate.RunState:
+    """The run state of one start of UNIT (vLLM, or the router), for stop and status."""
+    return runstate.for_service(
+        cfg,
+        pid=pid,
+        tag=tag,
+        log_file=unit.log_file,
+        private_tmp=private_tmp,
+        detached=detached,
+        port=unit.ports[0].port if unit.ports else cfg.port,
+        media_server=cfg.media_server and unit.kind == "vllm",
+    )
+
+
+def ensure_media(cfg: ServiceConfig, say: Callable[[str], None]) -> None:
+    """This node's media server for CFG: reused when ours is up, started otherwise (media.client)."""
+    if not cfg.media_server:
+        return
+    if not cfg.media_root.is_dir():
+        cfg.media_root.mkdir(parents=True, exist_ok=True)
+        say(f"created the media root {cfg.media_root}")
+    pid, started = client.ensure_running(
+        cfg.media_host,
+        cfg.media_port,
+        cfg.media_root,
+        cfg.media_allowed_types,
+        scope.paths(cfg).media_log,
+        scope.paths(cfg).media_pid_file,
+        python=sys.executable,
+        workers=cfg.media_workers,
+        log_max_mb=cfg.log_max_mb,
+        log_backups=cfg.log_backups,
+    )
+    verb = "started" if started else "reusing"
+    where = f"{hosts.local_url(cfg.media_host, cfg.media_port)}/"
+    say(f"media server: {verb} pid {pid} on {where} serving {cfg.media_root}")
+
+
 class VllmUnit:
     """vLLM's API server with its EngineCore and workers; writes the run state of each start."""
 
@@ -94,32 +156,33 @@ class VllmUnit:
     def __init__(
         self,
         cfg: ServiceConfig,
+        unit: Unit,
         *,
         tag: str,
-        expert_parallel: bool,
         detached: bool,
         echo: Callable[[str], None],
-        log_file: Path,
-        plan_decisions: str = "{}",
         name: str = "vLLM",
     ) -> None:
         self.name = name  # the supervisor's log and record name the unit by it (a replica's too)
-        self.cfg, self.tag, self.expert_parallel, self.detached = cfg, tag, expert_parallel, detached
-        # The launcher's MAX_NUM_SEQS=auto and YaRN decisions: every restart runs its command.
-        self.plan = vllm_args.plan_from_decisions(cfg, plan_decisions)
-        self.echo, self.log_file = echo, log_file
+        # UNIT: the recorded deployment's command; every restart runs exactly it (the plan's
+        # decisions included). CFG: the unit's settings (its port and folders, the restart policy).
+        self.cfg, self.unit, self.tag, self.detached = cfg, unit, tag, detached
+        self.echo, self.log_file = echo, unit.log_file
         self.proc: subprocess.Popen | None = None
         self.start_error: str | None = None
         self.engine: list = []  # (process, title) of the VLLM::* processes seen at the first healthy answer
         self.health = _HealthClock()
         self.started = 0.0
         self.log_offset = 0
-        self.health_url = f"{hosts.local_url(cfg.host, cfg.port)}/health"
+        self.health_url = unit.health_url
+        # Whether its engine makes progress (liveness.py), from its first healthy answer; STALL_AFTER=0: off.
+        self.liveness: Liveness | None = None
+        self.condition = ""  # "stalling: ..." or "hung: ...", for the supervisor's record; "" while live
+        self.hung = False
 
     def start(self) -> None:
-        from qwen3_vl_service.lifecycle.launcher import _state
-
         self.start_error, self.engine, self.proc = None, [], None
+        self.liveness, self.condition, self.hung = None, "", False
         self.health.reset()
         self.started = time.monotonic()
         self.log_offset = readiness.log_size(self.log_file)
@@ -130,23 +193,21 @@ class VllmUnit:
             private_tmp = runstate.private_tmp_path(self.tag)
             runstate.remove_private_tmp(private_tmp)
             runstate.make_private_tmp(self.tag)
-            cmd = vllm_args.build(
-                self.cfg,
-                expert_parallel=self.expert_parallel,
-                tag=self.tag,
-                private_tmp=private_tmp,
-                plan=self.plan,
-            )
-            env = vllm_args.with_inherited(cmd.env, os.environ)
+            env = unit_env(self.cfg, self.unit, self.tag, private_tmp)
             # Its own process group, as a detached start always had: stop's group fallback finds
             # children whose environment was wiped, and Ctrl+C reaches us, who stop it in order.
             self.proc = subprocess.Popen(
-                list(cmd.argv), env=env, stdin=subprocess.DEVNULL, start_new_session=True
+                list(self.unit.argv), env=env, stdin=subprocess.DEVNULL, start_new_session=True
             )
-            state = _state(
-                self.cfg, pid=self.proc.pid, tag=self.tag, private_tmp=private_tmp, detached=self.detached
+            state = service_state(
+                self.cfg,
+                self.unit,
+                pid=self.proc.pid,
+                tag=self.tag,
+                private_tmp=private_tmp,
+                detached=self.detached,
             )
-            runstate.write(scope.paths(self.cfg).run_dir, state)
+            runstate.write(self.unit.run_dir, state)
         except (OSError, ServiceError) as exc:
             self.start_error = f"cannot start vLLM: {exc}"
             return
@@ -175,7 +236,8 @@ class VllmUnit:
             if not was_ok:
                 self.engine = self._engine_processes()
                 self.echo(f"vLLM is healthy after {now - self.started:.0f} s")
-            return None
+                self.liveness = self._liveness()
+            return self._progress(now)
         if not was_ok:
             if now - self.started > self.cfg.startup_timeout:
                 return f"no healthy /health within STARTUP_TIMEOUT={self.cfg.startup_timeout} s ({error})"
@@ -184,6 +246,30 @@ class VllmUnit:
             limit = self.cfg.health_fail_after
             return f"/health failing for {failing:.0f} s (HEALTH_FAIL_AFTER={limit}): {error}"
         return None
+
+    def _liveness(self) -> Liveness | None:
+        if not self.cfg.stall_after:
+            return None
+        return Liveness(
+            self.health_url.removesuffix("/health"),
+            stall_after=self.cfg.stall_after,
+            model=self.cfg.served_model_name,
+            api_key=self.cfg.api_key,
+        )
+
+    def _progress(self, now: float) -> str | None:
+        """/health answers: is the engine behind it making progress? The cause when it is hung."""
+        if self.liveness is None:
+            return None
+        verdict = self.liveness.check(now)
+        condition = "" if verdict.state == "live" else f"{verdict.state}: {verdict.evidence}"
+        if condition.split(":")[0] != self.condition.split(":")[0]:
+            self.echo(f"{self.name}: {condition or 'the engine makes progress again'}")
+        self.condition = condition
+        if verdict.state != "hung":
+            return None
+        self.hung = True
+        return f"hung: {verdict.evidence}"
 
     def _engine_processes(self) -> list:
         """(process, title) of the EngineCore and workers: losing one is vLLM's end, even if its API lives."""
@@ -210,13 +296,29 @@ class VllmUnit:
 
     def cleanup(self) -> None:
         """After a failure: stop_service.py's orphan-safe stop (tree, orphans by tag, IPC folder, state)."""
+        if self.hung:
+            self._kill_tree()
         self._stop(CLEANUP_TIMEOUT_S)
+
+    def _kill_tree(self) -> None:
+        """A hung engine: SIGKILL the whole tree at once. A stopped or stuck process does not act on
+        SIGTERM (a SIGSTOPped one holds it pending), and its requests are lost anyway."""
+        procs = [p for p, _ in self.engine]
+        if self.proc is not None:
+            with contextlib.suppress(psutil.Error):
+                procs = [*processes.tree(self.proc.pid), *procs]
+        alive = [p for p in dict.fromkeys(procs) if processes.is_alive(p)]
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        self.echo(f"{self.name} is hung: SIGKILL to its {len(alive)} process(es)")
+        processes.wait_gone(alive, CLEANUP_TIMEOUT_S)
 
     def _stop(self, timeout: float) -> None:
         from qwen3_vl_service.lifecycle import stop
 
         report = stop.stop_service(
-            scope.paths(self.cfg).run_dir,
+            self.unit.run_dir,
             host=self.cfg.host,
             port=self.cfg.port,
             timeout=timeout,
@@ -249,12 +351,10 @@ class MediaUnit:
         self.health = _HealthClock()
 
     def start(self) -> None:
-        from qwen3_vl_service.lifecycle.launcher import _ensure_media
-
         self.start_error = None
         self.health.reset()
         try:
-            _ensure_media(self.cfg, self.echo)
+            ensure_media(self.cfg, self.echo)
         except ServiceError as exc:
             self.start_error = f"cannot start the media server: {exc.one_line()}"
             return
@@ -269,8 +369,6 @@ class MediaUnit:
             return f"the media server (pid {self.proc.pid if self.proc else '?'}) is gone"
         if not self.health.due(now):
             return None
-        from qwen3_vl_service.media import client
-
         cfg = self.cfg
         ok = client.is_ours_healthy(
             cfg.media_host, cfg.media_port, HEALTH_TIMEOUT_S, pid_file=scope.paths(cfg).media_pid_file
@@ -292,4 +390,103 @@ class MediaUnit:
         """Left running: other services may use it; stop_service.py --all stops it."""
 
 
-__all__ = ["MediaUnit", "VllmUnit", "describe_exit"]
+SUPERVISOR_MODULE = "qwen3_vl_service.lifecycle.supervised"
+
+
+def supervisor_command(
+    cfg: ServiceConfig, record_file: Path, unit: Unit, *, tag: str, detached: bool
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of the supervisor that keeps UNIT of the deployment recorded in RECORD_FILE up.
+
+    It carries the unit's tag and run folder (stop_service.py finds it by them) and the unit's GPUs
+    or cores, which its vLLM inherits. It runs the recorded argv: nothing is rebuilt."""
+    argv = [sys.executable, "-m", SUPERVISOR_MODULE, "--deployment", str(record_file), "--unit", unit.name]
+    argv += ["--node-rank", str(unit.node_rank)]
+    if detached:
+        argv.append("--detached")
+    if cfg.config_path:
+        argv += ["--config", str(cfg.config_path)]
+    env = with_package_path({**os.environ, **vllm_args.identity_env(unit.run_dir, tag)})
+    return argv, env
+
+
+def _echo(message: str) -> None:
+    """A line into the log (our stdout is the tee into service.log)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"[supervisor {stamp}] {message}", flush=True)
+
+
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=f"python -m {SUPERVISOR_MODULE}",
+        description="Keep one vLLM unit of a deployment (and the media server) up (run by start_service.py).",
+    )
+    parser.add_config()
+    parser.add_argument("--deployment", type=Path, required=True, help="the deployment.json a start recorded")
+    parser.add_argument("--unit", required=True, help="the unit of it to keep up (vllm, replica-<i>)")
+    parser.add_argument("--node-rank", type=int, default=0, help="the unit's node (default 0)")
+    parser.add_argument("--detached", action="store_true", help="started by start_service.py --detach")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    log_holder: list[Path | None] = [None]
+
+    def body() -> int:
+        args = _parser().parse_args(argv)
+        tag = os.environ.get(TAG_ENV, "")
+        if not tag:
+            raise UsageError(f"{TAG_ENV} is not set", fix="start the service with start_service.py")
+        cfg = load(args.config)
+        log_holder[0] = scope.paths(cfg).launcher_log
+        dep = registry.recorded_deployment(args.deployment.parent)
+        if dep is None:
+            raise UsageError(
+                f"no readable deployment in {args.deployment}", fix="start it with start_service.py"
+            )
+        try:
+            unit = dep.unit(args.unit, args.node_rank)
+        except KeyError:
+            raise UsageError(
+                f"{args.deployment} has no unit {args.unit} on node {args.node_rank}",
+                fix="start it with start_service.py",
+            ) from None
+        replica = dep.grouped
+        if replica:
+            # A replica behind the router: its own port, run and log folders (deployment.replica_config).
+            cfg = replica_config(cfg, 0, unit.ports[0].port, name=unit.name)
+        # The tag stays in /proc/<pid>/environ (what stop_service.py reads, set at exec) but
+        # leaves os.environ: the media server we may start is not a process of this run.
+        os.environ.pop(TAG_ENV, None)
+        os.environ.pop(RUN_DIR_ENV, None)
+        policy = Policy.of(cfg)
+        record = Record(
+            record_path(unit.run_dir),
+            tag=tag,
+            policy=policy,
+            restart=cfg.restart,
+            port=cfg.port,
+            media=(cfg.media_host, cfg.media_port) if cfg.media_server else None,
+        )
+        # The media server is shared by the replicas: start_service.py starts it, not a replica's supervisor.
+        units: list = [MediaUnit(cfg, echo=_echo)] if cfg.media_server and not replica else []
+        name = f"{unit.name} vLLM" if replica else "vLLM"
+        units.append(VllmUnit(cfg, unit, tag=tag, detached=args.detached, echo=_echo, name=name))
+        return Supervisor(units, policy, record, echo=_echo).run()
+
+    return run(body, log_path=lambda: log_holder[0] or Path("logs") / "launcher.log")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "MediaUnit",
+    "VllmUnit",
+    "describe_exit",
+    "ensure_media",
+    "main",
+    "service_state",
+    "supervisor_command",
+]

@@ -1,6 +1,6 @@
 """The supervisor: keeps the service serving through faults (RESTART=on-failure).
 
-    python -m qwen3_vl_service.lifecycle.supervisor [--config FILE] --expert-parallel on|off
+    python -m qwen3_vl_service.lifecycle.supervised --deployment FILE --unit NAME [--config FILE]
 
 Started by start_service.py (``--detach``: in the background; otherwise the
 launcher execs it), never by hand: it expects the service tag in its
@@ -34,7 +34,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from typing import Any, Protocol
 
 from qwen3_vl_service.core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from qwen3_vl_service.core.names import RECORD_FILE
+from qwen3_vl_service.core.signals import Inbox
 
 CHECK_S = 0.5  # how often processes are looked at
 HEALTH_EVERY_S = 5.0  # how often /health is asked
@@ -93,7 +93,10 @@ class Unit(Protocol):
         """Start it; a failure to start is returned by the next check(), never raised."""
 
     def check(self, now: float) -> str | None:
-        """None while it serves; else the cause of its failure, one line. May raise Finished."""
+        """None while it serves; else the cause of its failure, one line. May raise Finished.
+
+        A unit may also have a ``condition`` attribute: "" while well, else a line short of a failure
+        ("stalling: ...") or the state behind the failure ("hung: ..."), which the record shows."""
 
     def cleanup(self) -> None:
         """After a failure: stop what is left of it (orphans included)."""
@@ -134,6 +137,7 @@ class Record:
         from qwen3_vl_service.lifecycle.runstate import this_node
 
         self.path = path
+        self.write_failed = False
         me = psutil.Process()
         self.data: dict[str, Any] = {
             "pid": me.pid,
@@ -149,6 +153,7 @@ class Record:
             "last_restart_at": "",
             "gave_up": "",
             "history": [],
+            "conditions": {},  # unit name -> "stalling: ..." / "hung: ..." (liveness.py), while it lasts
             # The service's port and media server: while vLLM restarts, service.json is gone,
             # and scope.media_users still has to count this service as the media server's user.
             "port": port,
@@ -157,7 +162,22 @@ class Record:
 
     def update(self, **changes: Any) -> None:
         self.data.update(changes)
-        _write_json(self.path, self.data)
+        try:
+            _write_json(self.path, self.data)
+        except OSError as exc:
+            # A full disk, a removed folder: the record is what status shows, not what keeps vLLM
+            # up. Supervising goes on (an exception here once left vLLM running unsupervised), the
+            # next update tries again, and the log says so once.
+            if not self.write_failed:
+                print(
+                    f"warning: cannot write the supervisor's record {self.path}: {exc.strerror or exc}; "
+                    "supervising goes on, status shows the last record written",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self.write_failed = True
+        else:
+            self.write_failed = False
 
     def restarted(self, unit: str, cause: str) -> None:
         at = _now_iso()
@@ -224,7 +244,9 @@ def status(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     if not running and state not in ("gave up", "stopped"):
         state = "gone (killed?)"
     keys = ("pid", "started_at", "restarts", "last_cause", "last_restart_at", "gave_up", "policy")
-    return {"running": running, "state": state, **{k: data.get(k) for k in keys}}
+    # A unit's condition holds while the supervisor watches it; a gone supervisor watches nothing.
+    conditions = (data.get("conditions") or {}) if running else {}
+    return {"running": running, "state": state, **{k: data.get(k) for k in keys}, "conditions": conditions}
 
 
 def request_stop(run_dir: str | os.PathLike[str]):
@@ -258,30 +280,54 @@ class Supervisor:
         self.policy = policy
         self.record = record
         self.echo = echo
-        self.wakeup = threading.Event()
-        self.signals: deque[int] = deque()
-
-    def _on_signal(self, signum: int, _frame) -> None:
-        # Only queue it: the loop acts (a handler may run in the middle of anything).
-        self.signals.append(signum)
-        self.wakeup.set()
+        # The handler only queues the signal and writes a byte to a self-pipe (core/signals.py: why
+        # not Event.set()); the loop acts.
+        self.inbox = Inbox()
+        self.signals = self.inbox.received
+        self._on_signal = self.inbox.handler
+        self.started: list[Unit] = []  # what stop-on-error must stop
 
     def _wait(self, seconds: float) -> bool:
         """Sleep up to SECONDS; True when a stop signal came."""
-        if not self.signals:
-            self.wakeup.wait(seconds)
-            self.wakeup.clear()
-        return bool(self.signals)
+        return self.inbox.wait(seconds)
 
     def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
+        self.inbox.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+        try:
+            return self._loop()
+        except BaseException as exc:
+            # Anything unexpected (a bug, a failed write): never leave vLLM running unsupervised in
+            # its own session. Stop what was started, then let cli.run report it (exit 1).
+            self._stop_after_error(exc)
+            raise
+
+    def _stop_after_error(self, exc: BaseException) -> None:
+        what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        with contextlib.suppress(Exception):
+            self.echo(f"internal error in the supervisor ({what}): stopping what it started")
+        for unit in reversed(self.started):
+            try:
+                unit.stop()
+            except Exception as again:  # noqa: BLE001 - the next unit must still be stopped
+                with contextlib.suppress(Exception):
+                    self.echo(f"{unit.name}: stop failed too: {type(again).__name__}: {again}")
+        with contextlib.suppress(Exception):
+            self.record.update(state="stopped", last_cause=f"supervisor: internal error: {what}")
+
+    def _start(self, unit: Unit) -> None:
+        if unit not in self.started:
+            self.started.append(unit)
+        unit.start()
+
+    def _loop(self) -> int:
         self.echo(
             f"supervising {', '.join(u.name for u in self.units)} (pid {os.getpid()}): restart on failure, "
             f"at most {self.policy.max_restarts} restart(s) within {self.policy.window:g} s"
         )
         for unit in self.units:
-            unit.start()
+            if self.signals:
+                return self._stop()  # a stop during the start: start nothing more
+            self._start(unit)
         self.record.update(state="running")
         while not self._wait(CHECK_S):
             for unit in self.units:
@@ -290,6 +336,7 @@ class Supervisor:
                 except Finished as done:
                     self.echo(f"{unit.name}: {done}; not restarted")
                     return self._stop(signal.SIGTERM)
+                self._note_condition(unit)
                 if cause is None:
                     continue
                 if not self._restart(unit, cause):
@@ -297,6 +344,19 @@ class Supervisor:
                 if self.signals:
                     break
         return self._stop()
+
+    def _note_condition(self, unit: Unit) -> None:
+        """A unit's condition short of a failure ("stalling: ...", "hung: ...", liveness.py) goes to
+        the record when it changes: status shows it with its evidence."""
+        text = getattr(unit, "condition", "")
+        conditions = dict(self.record.data.get("conditions") or {})
+        if conditions.get(unit.name, "") == text:
+            return
+        if text:
+            conditions[unit.name] = text
+        else:
+            conditions.pop(unit.name, None)
+        self.record.update(conditions=conditions)
 
     def _restart(self, unit: Unit, cause: str) -> bool:
         """Clean up after UNIT's failure and start it again; False when the policy says give up."""
@@ -312,8 +372,9 @@ class Supervisor:
             f"{self.policy.max_restarts} within {self.policy.window:g} s)"
         )
         if self._wait(delay):
-            return True  # stopped during the backoff: the loop ends
-        unit.start()
+            return True  # stopped during the cleanup or the backoff: the loop ends, nothing is started
+        self._start(unit)
+        self._note_condition(unit)  # a new start: what the last one showed is history (last_cause)
         self.record.update(state="running")
         return True
 
@@ -347,92 +408,7 @@ class Supervisor:
 # The command
 
 
-def _echo(message: str) -> None:
-    """A line into the log (our stdout is the tee into service.log)."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    print(f"[supervisor {stamp}] {message}", flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from qwen3_vl_service.core import cli
-    from qwen3_vl_service.core.errors import UsageError
-    from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
-    from qwen3_vl_service.deployment import scope
-    from qwen3_vl_service.settings.config import load
-
-    log_holder: list[Path | None] = [None]
-
-    def body() -> int:
-        parser = cli.ArgumentParser(
-            prog="python -m qwen3_vl_service.lifecycle.supervisor",
-            description="Keep vLLM and the media server up (run by start_service.py).",
-        )
-        parser.add_config()
-        parser.add_argument("--expert-parallel", choices=("on", "off"), required=True)
-        parser.add_argument("--detached", action="store_true", help="started by start_service.py --detach")
-        parser.add_argument(
-            "--plan", default="{}", help="the launcher's plan decisions (vllm_args.plan_decisions)"
-        )
-        parser.add_argument("--replica", type=int, metavar="INDEX", help="keep up this replica (router mode)")
-        parser.add_argument("--replica-port", type=int, metavar="PORT", help="the replica's port")
-        args = parser.parse_args(argv)
-        if (args.replica is None) != (args.replica_port is None) or (args.replica or 0) < 0:
-            raise UsageError(
-                f"--replica {args.replica} --replica-port {args.replica_port}: give both, INDEX >= 0",
-                fix="start the replicas with start_service.py",
-            )
-        tag = os.environ.get(TAG_ENV, "")
-        if not tag:
-            raise UsageError(f"{TAG_ENV} is not set", fix="start the service with start_service.py")
-        cfg = load(args.config)
-        log_holder[0] = scope.paths(cfg).launcher_log
-        replica = args.replica is not None
-        if replica:
-            # A replica behind the router: its own port, run and log folders; its GPUs (or
-            # cores) come in our environment (replicas._spawn), which vLLM inherits.
-            from qwen3_vl_service.deployment.cluster import router_replica_config
-
-            cfg = router_replica_config(cfg, args.replica, args.replica_port)
-        # The tag stays in /proc/<pid>/environ (what stop_service.py reads, set at exec) but
-        # leaves os.environ: the media server we may start is not a process of this run.
-        os.environ.pop(TAG_ENV, None)
-        os.environ.pop(RUN_DIR_ENV, None)
-        from qwen3_vl_service.lifecycle.supervised import MediaUnit, VllmUnit
-
-        policy = Policy.of(cfg)
-        record = Record(
-            record_path(scope.paths(cfg).run_dir),
-            tag=tag,
-            policy=policy,
-            restart=cfg.restart,
-            port=cfg.port,
-            media=(cfg.media_host, cfg.media_port) if cfg.media_server else None,
-        )
-        # The media server is shared by the replicas: start_service.py starts it, not a replica's supervisor.
-        units: list[Unit] = [MediaUnit(cfg, echo=_echo)] if cfg.media_server and not replica else []
-        units.append(
-            VllmUnit(
-                cfg,
-                tag=tag,
-                expert_parallel=args.expert_parallel == "on",
-                plan_decisions=args.plan,
-                detached=args.detached,
-                echo=_echo,
-                log_file=scope.paths(cfg).service_log,
-                name=f"replica-{args.replica} vLLM" if replica else "vLLM",
-            )
-        )
-        return Supervisor(units, policy, record, echo=_echo).run()
-
-    return cli.run(body, log_path=lambda: log_holder[0] or Path("logs") / "launcher.log")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 __all__ = [
-    "RECORD_FILE",
     "Failures",
     "Finished",
     "Policy",
@@ -440,7 +416,6 @@ __all__ = [
     "Supervisor",
     "Unit",
     "live",
-    "main",
     "read_record",
     "record_path",
     "request_stop",

@@ -44,14 +44,14 @@ from typing import Any
 from qwen3_vl_service.core.cli import ArgumentParser, run
 from qwen3_vl_service.core.errors import CheckFailed, ConfigError, UsageError
 from qwen3_vl_service.core.fileio import write_atomic
+from qwen3_vl_service.core.hosts import is_loopback
 from qwen3_vl_service.core.names import MEDIA_LOG_FILE, MEDIA_PID_FILE, MEDIA_SERVICE_ID
-from qwen3_vl_service.deployment import scope
 from qwen3_vl_service.machine.processes import is_media_pid, port_holders, read_pid_file
 from qwen3_vl_service.media.app import LISTEN_BACKLOG, MediaSettings, run_serving, serve_socket
 from qwen3_vl_service.media.logs import lean_log_records, setup_logging
 from qwen3_vl_service.media.policy import check_root
 from qwen3_vl_service.media.workers import WORKERS_AUTO_MAX, Supervisor, auto_workers
-from qwen3_vl_service.settings import config
+from qwen3_vl_service.settings import config, scope
 
 DEFAULT_LOG_FILE = Path("logs") / MEDIA_LOG_FILE
 
@@ -168,7 +168,7 @@ def _say_listening(settings: MediaSettings, sock: socket.socket, pid: int, annou
         ",".join(settings.allowed_types),
         settings.workers,
     )
-    if settings.host not in ("127.0.0.1", "::1", "localhost"):
+    if not is_loopback(settings.host):
         log.warning("MEDIA_HOST=%s: media files are reachable from other machines", settings.host)
     if announce:
         print(f"media server listening on {url} (root {settings.root}, pid {pid})", flush=True)

@@ -22,9 +22,9 @@ from typing import Any
 
 from qwen3_vl_service.core.errors import CheckFailed
 from qwen3_vl_service.core.findings import Finding, Level
+from qwen3_vl_service.core.hosts import is_loopback
 from qwen3_vl_service.core.names import MEDIA_MARKERS
 from qwen3_vl_service.core.units import format_bytes, format_duration, format_ranges
-from qwen3_vl_service.deployment import scope
 from qwen3_vl_service.machine import processes
 from qwen3_vl_service.media import client as media_client
 from qwen3_vl_service.planning import gpus as gpus_mod
@@ -35,6 +35,7 @@ from qwen3_vl_service.planning.gpus import Inventory
 from qwen3_vl_service.planning.model import ModelInfo
 from qwen3_vl_service.planning.plan import Plan
 from qwen3_vl_service.planning.slurm import Allocation
+from qwen3_vl_service.settings import scope
 from qwen3_vl_service.settings.config import ServiceConfig
 
 GiB = 1024**3
@@ -299,7 +300,7 @@ def _model_findings(info: ModelInfo) -> list[Finding]:
 
 def _exposure_findings(cfg: ServiceConfig) -> list[Finding]:
     """An API open beyond this node without API_KEY: anyone who reaches the node can use it."""
-    if cfg.host in ("127.0.0.1", "::1", "localhost") or cfg.api_key:
+    if is_loopback(cfg.host) or cfg.api_key:
         return []
     return [
         Finding(

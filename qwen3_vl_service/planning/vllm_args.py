@@ -14,18 +14,19 @@ spelling that every vLLM since 0.4 accepts.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qwen3_vl_service.core.hosts import WILDCARDS
+from qwen3_vl_service.core.hosts import WILDCARDS, is_loopback
 from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
-from qwen3_vl_service.deployment import scope
-from qwen3_vl_service.settings.config import ServiceConfig, mask
+from qwen3_vl_service.core.secrets import is_secret, mask_argv, shown
+from qwen3_vl_service.settings import scope
+from qwen3_vl_service.settings.config import ServiceConfig
 
 if TYPE_CHECKING:
     from qwen3_vl_service.planning.plan import Plan
@@ -46,14 +47,14 @@ class VllmCommand:
         variables as they are passed (NO_PROXY merged with the caller's).
         """
         values = {k: (full_env or self.env).get(k, v) for k, v in self.env.items()}
-        shown_env = [
-            f"{k}={shlex.quote(mask(v) if k == 'VLLM_API_KEY' else v)}" for k, v in sorted(values.items())
-        ]
-        return " \\\n    ".join([*shown_env, *_pair_flags(self.argv)])
+        # Any variable whose name says key, token, secret or password (VLLM_API_KEY, HF_TOKEN, ...).
+        shown_env = [f"{k}={shlex.quote(shown(k, v))}" for k, v in sorted(values.items())]
+        return " \\\n    ".join([*shown_env, *pair_flags(self.argv)])
 
 
-def _pair_flags(argv: tuple[str, ...]) -> list[str]:
-    """Group '--flag value' on one line each, for a readable display."""
+def pair_flags(argv: tuple[str, ...]) -> list[str]:
+    """Group '--flag value' on one line each, for a readable display (a secret flag's value masked)."""
+    argv = tuple(mask_argv(argv))
     lines: list[str] = []
     i = 0
     head: list[str] = []
@@ -76,11 +77,8 @@ def _media_domains(cfg: ServiceConfig) -> list[str]:
     if host in WILDCARDS:
         # The media server listens everywhere; vLLM still reaches it on loopback.
         return ["127.0.0.1", "localhost"]
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return [host, "localhost"] if host != "localhost" else ["localhost", "127.0.0.1"]
-    except ValueError:
-        pass
+    if is_loopback(host):
+        return [host, "localhost"] if host != "localhost" else ["localhost", "127.0.0.1"]
     return [host]
 
 
@@ -93,36 +91,43 @@ def build(
     private_tmp: str = "",
     extra_env: Mapping[str, str] | None = None,
     plan: Plan | None = None,
+    run_dir: Path | None = None,
 ) -> VllmCommand:
     """The argv and environment for vLLM's OpenAI-compatible server.
 
     extra_env: what the probe of the installed vLLM found it needs
     (vllm_versions.assess), below the user's own VLLM_* settings.
-    PLAN (the capacity plan) supplies what the settings leave to it: the number
-    for MAX_NUM_SEQS=auto (without a plan, or when it could not tell, vLLM's
-    own default applies) and, for ROPE_SCALING=yarn, the --hf-overrides.
+    PLAN (the capacity plan) supplies what the settings leave to it: for
+    ROPE_SCALING=yarn, the --hf-overrides. MAX_NUM_SEQS=auto and
+    MAX_NUM_BATCHED_TOKENS=auto pass no flag: vLLM's own default for the
+    device applies (plan.py says why).
+    TAG, RUN_DIR (default scope.paths(cfg).run_dir) and PRIVATE_TMP: the identity of one start
+    (identity_env); the Deployment's units carry none, the start adds it.
     """
+    env = _env(cfg, extra_env, plan)
+    if tag:
+        env.update(identity_env(run_dir or scope.paths(cfg).run_dir, tag, private_tmp))
+    return VllmCommand(argv=tuple(_argv(cfg, python, expert_parallel, plan)), env=env)
+
+
+def _argv(cfg: ServiceConfig, python: str | None, expert_parallel: bool, plan: Plan | None) -> list[str]:
     py = python or cfg.vllm_python or sys.executable
-    max_num_seqs = cfg.max_num_seqs or (plan.max_num_seqs if plan is not None else 0)
-    argv: list[str] = [
-        py,
-        "-m",
-        API_SERVER_MODULE,
-        "--model",
-        str(cfg.model_path),
-        "--served-model-name",
-        cfg.served_model_name,
-        "--host",
-        cfg.host,
-        "--port",
-        str(cfg.port),
+    argv: list[str] = [py, "-m", API_SERVER_MODULE, "--model", str(cfg.model_path)]
+    argv += ["--served-model-name", cfg.served_model_name, "--host", cfg.host, "--port", str(cfg.port)]
+    argv += [
         "--tensor-parallel-size",
         str(cfg.tensor_parallel_size),
         "--max-model-len",
         str(cfg.max_model_len),
     ]
-    if max_num_seqs:
-        argv += ["--max-num-seqs", str(max_num_seqs)]
+    if cfg.max_num_seqs:
+        argv += ["--max-num-seqs", str(cfg.max_num_seqs)]
+    if cfg.max_num_batched_tokens:
+        argv += ["--max-num-batched-tokens", str(cfg.max_num_batched_tokens)]
+    if cfg.performance_mode != "balanced":
+        argv += ["--performance-mode", cfg.performance_mode]
+    if cfg.stream_interval > 1:
+        argv += ["--stream-interval", str(cfg.stream_interval)]
     argv += ["--dtype", cfg.dtype]
     if plan is not None and plan.hf_overrides:
         # YaRN: --rope-scaling was removed from vLLM (PR #28006); the text config's rope
@@ -136,21 +141,7 @@ def build(
         # FP8 128x128 blocks: TP=8 splits each expert's 1536 columns into 192,
         # not a multiple of 128 (vLLM #17327, #17569); EP keeps experts whole.
         argv.append("--enable-expert-parallel")
-    argv += [
-        "--limit-mm-per-prompt",
-        json.dumps(
-            {"image": cfg.limit_images_per_prompt, "video": cfg.limit_videos_per_prompt},
-            separators=(",", ":"),
-        ),
-        "--allowed-local-media-path",
-        str(cfg.media_root),
-    ]
-    if cfg.allowed_media_domains != ("*",):
-        # SSRF guard (CVE-2025-6242): vLLM fetches media URLs only from our media server
-        # and the hosts named in ALLOWED_MEDIA_DOMAINS. vLLM matches the host name only,
-        # not the port. With no host at all, vLLM would allow every host: name loopback.
-        domains = [*(_media_domains(cfg) if cfg.media_server else []), *cfg.allowed_media_domains]
-        argv += ["--allowed-media-domains", *(dict.fromkeys(domains) or ["127.0.0.1"])]
+    argv += _media_args(cfg)
     if cfg.tensor_parallel_size > 1:
         # The vision encoder is small: run a copy per GPU instead of splitting it (vLLM recipe).
         argv += ["--mm-encoder-tp-mode", cfg.mm_encoder_tp_mode]
@@ -174,8 +165,23 @@ def build(
         argv += ["--shutdown-timeout", str(cfg.shutdown_timeout)]
     # /load: the requests in flight, which tells stop_service.py when the drain is over (drain.py).
     argv.append("--enable-server-load-tracking")
-    argv += list(cfg.extra_vllm_args)
+    return argv + list(cfg.extra_vllm_args)
 
+
+def _media_args(cfg: ServiceConfig) -> list[str]:
+    limits = {"image": cfg.limit_images_per_prompt, "video": cfg.limit_videos_per_prompt}
+    argv = ["--limit-mm-per-prompt", json.dumps(limits, separators=(",", ":"))]
+    argv += ["--allowed-local-media-path", str(cfg.media_root)]
+    if cfg.allowed_media_domains != ("*",):
+        # SSRF guard (CVE-2025-6242): vLLM fetches media URLs only from our media server
+        # and the hosts named in ALLOWED_MEDIA_DOMAINS. vLLM matches the host name only,
+        # not the port. With no host at all, vLLM would allow every host: name loopback.
+        domains = [*(_media_domains(cfg) if cfg.media_server else []), *cfg.allowed_media_domains]
+        argv += ["--allowed-media-domains", *(dict.fromkeys(domains) or ["127.0.0.1"])]
+    return argv
+
+
+def _env(cfg: ServiceConfig, extra_env: Mapping[str, str] | None, plan: Plan | None) -> dict[str, str]:
     env: dict[str, str] = {
         # vLLM's children rename themselves (VLLM::EngineCore, VLLM::Worker_TP*) with
         # setproctitle, which by default overwrites /proc/PID/environ and with it our
@@ -203,46 +209,29 @@ def build(
         env["no_proxy"] = env["NO_PROXY"]
     if cfg.api_key:
         env["VLLM_API_KEY"] = cfg.api_key  # never in argv: visible to every user in `ps`
-    if tag:
-        env[TAG_ENV] = tag
-        # The service's own run folder: stop_service.py of another service never matches it.
-        env[RUN_DIR_ENV] = str(scope.paths(cfg).run_dir)
+    return env
+
+
+def secret_env(cfg: ServiceConfig) -> dict[str, str]:
+    """The variables of _env that hold secrets: never written to a file (deployment.json), so a
+    process started from the record gets them from the settings again."""
+    env = {k: v for k, v in cfg.vllm_env.items() if is_secret(k)}
+    if cfg.api_key:
+        env["VLLM_API_KEY"] = cfg.api_key
+    return env
+
+
+def identity_env(run_dir: Path, tag: str, private_tmp: str = "") -> dict[str, str]:
+    """What marks one start's processes as ours: its tag and its unit's run folder (stop_service.py
+    of another service never matches them), and vLLM's private IPC socket folder."""
+    env = {TAG_ENV: tag, RUN_DIR_ENV: str(run_dir)}
     if private_tmp:
         # vLLM's ZMQ IPC sockets (one file per channel, left behind even after a clean
         # shutdown) go to a private folder that stop_service.py removes whole. Only the
         # sockets: TMPDIR itself stays as the job set it, since torch keeps its compile
         # caches there (precompiled headers: about 6 s per start on the CPU build).
         env["VLLM_RPC_BASE_PATH"] = private_tmp
-    return VllmCommand(argv=tuple(argv), env=env)
-
-
-def plan_decisions(plan: Plan | None) -> str:
-    """What build() takes from a plan, as JSON: the supervisor rebuilds the same command from it."""
-    if plan is None:
-        return "{}"
-    return json.dumps(
-        {
-            "max_num_seqs": plan.max_num_seqs,
-            "hf_overrides": plan.hf_overrides,
-            "allow_long_max_model_len": plan.allow_long_max_model_len,
-        }
-    )
-
-
-def plan_from_decisions(cfg: ServiceConfig, text: str) -> Plan | None:
-    """The inverse of plan_decisions (enough of a Plan for build())."""
-    from qwen3_vl_service.planning.plan import Plan
-
-    data = json.loads(text or "{}")
-    if not data:
-        return None
-    return Plan(
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        expert_parallel=False,
-        max_num_seqs=int(data.get("max_num_seqs") or 0),
-        hf_overrides=data.get("hf_overrides"),
-        allow_long_max_model_len=bool(data.get("allow_long_max_model_len")),
-    )
+    return env
 
 
 def _no_proxy(cfg: ServiceConfig) -> str:

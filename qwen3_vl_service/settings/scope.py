@@ -19,12 +19,11 @@ supervisor take the other's server for a stranger.
 
 Every process of a service carries its own run folder in its environment
 (vllm_args.RUN_DIR_ENV), so stopping one never touches another's.
-``media_users`` names the running services that use a media server (those
+``registry.media_users`` names the running services that use a media server (those
 whose supervisor is restarting vLLM too), so that ``stop_service.py --all`` of
 one leaves it up while another still needs it.
 
-Pure path arithmetic, apart from ``services`` and ``media_users``, which read
-state files.
+Pure path arithmetic (lifecycle/registry.py reads what runs in these folders).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qwen3_vl_service.core.names import LAUNCHER_LOG, MEDIA_PID_FILE, SERVICE_LOG
+from qwen3_vl_service.core.names import LAUNCHER_LOG, MEDIA_PID_FILE, SERVICE_LOG, STATE_FILE
 from qwen3_vl_service.core.names import MEDIA_LOG_FILE as MEDIA_LOG
 
 if TYPE_CHECKING:
@@ -55,9 +54,7 @@ class ServicePaths:
 
     @property
     def state_file(self) -> Path:
-        from qwen3_vl_service.lifecycle.runstate import state_path
-
-        return state_path(self.run_dir)
+        return self.run_dir / STATE_FILE
 
     def log(self, name: str) -> Path:
         """Another log of this service (stop.log, status.log, ...)."""
@@ -94,51 +91,4 @@ def paths(cfg: ServiceConfig) -> ServicePaths:
     )
 
 
-def services(run_root: Path) -> list[tuple[str, Path]]:
-    """(name, run folder) of every service that has a state file under RUN_ROOT (the shared RUN_DIR)."""
-    from qwen3_vl_service.core.names import STATE_FILE
-
-    try:
-        entries = sorted(run_root.iterdir())
-    except OSError:
-        return []
-    return [(d.name, d) for d in entries if d.is_dir() and (d / STATE_FILE).is_file()]
-
-
-@dataclass(frozen=True)
-class MediaUser:
-    """A running service that uses a media server: its name, port and pid (its supervisor's
-    while vLLM restarts)."""
-
-    name: str
-    port: int
-    pid: int
-
-
-def media_users(cfg: ServiceConfig) -> list[MediaUser]:
-    """The other running services under the same RUN_DIR that use CFG's media server (same host
-    and port): those whose vLLM runs, and those whose supervisor is restarting it (no service.json
-    for that while; its record names the media server)."""
-    from qwen3_vl_service.lifecycle import runstate, supervisor
-
-    own = paths(cfg).run_dir
-    media = (cfg.media_host, cfg.media_port)
-    users: list[MediaUser] = []
-    try:
-        folders = sorted(d for d in cfg.run_dir.iterdir() if d.is_dir() and d != own)
-    except OSError:
-        return []
-    for run_dir in folders:
-        state = runstate.read(run_dir)
-        if state is not None:
-            uses = state.media_server and (state.media_host, state.media_port) == media
-            if uses and runstate.live_process(state) is not None:
-                users.append(MediaUser(run_dir.name, state.port, state.pid))
-            continue
-        record = supervisor.read_record(run_dir)
-        if record and record.get("media") == list(media) and supervisor.live(run_dir) is not None:
-            users.append(MediaUser(run_dir.name, int(record.get("port") or 0), record["pid"]))
-    return users
-
-
-__all__ = ["MediaUser", "ServicePaths", "media_folder", "media_users", "paths", "service_name", "services"]
+__all__ = ["ServicePaths", "media_folder", "paths", "service_name"]

@@ -171,7 +171,7 @@ def stop_service(
         echo(f"stopping the supervisor (pid {sup.pid}): no restart from now on")
     media_dir = Path(media_dir if media_dir is not None else run_dir)
     media = processes.media_server(media_dir)
-    media_pids = {media.pid, *(c.pid for c in _children(media))} if media else set()
+    media_pids = {media.pid, *(c.pid for c in processes.children(media))} if media else set()
     run = _Run(
         current,
         report,
@@ -263,7 +263,9 @@ def _stop_media(run: _Run, media: psutil.Process | None) -> None:
         run.report.media_note = "the media server was not running"
         return
     run.echo(f"stopping the media server (pid {media.pid})")
-    run.report.media = processes.terminate([media, *_children(media)], run.grace, kill_timeout=run.grace)
+    run.report.media = processes.terminate(
+        [media, *processes.children(media)], run.grace, kill_timeout=run.grace
+    )
     _remove_stale_media_pidfile(run.media_dir, media.pid)
 
 
@@ -294,15 +296,6 @@ def _verify(run: _Run, host: str, port: int, include_media: bool) -> None:
         report.gpu_holders = processes.gpu_holders(checked) if checked else []
     except processes.NvmlUnavailable as exc:
         report.gpu_note = f"GPU check skipped: {exc}"
-
-
-def _children(proc: psutil.Process | None) -> list[psutil.Process]:
-    if proc is None:
-        return []
-    try:
-        return proc.children(recursive=True)
-    except psutil.Error:
-        return []
 
 
 def _remove_stale_media_pidfile(run_dir: Path, pid: int) -> None:

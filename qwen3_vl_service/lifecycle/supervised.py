@@ -24,7 +24,7 @@ from qwen3_vl_service.core import hosts
 from qwen3_vl_service.core.childproc import with_package_path
 from qwen3_vl_service.core.cli import ArgumentParser, run
 from qwen3_vl_service.core.errors import ServiceError, UsageError
-from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
+from qwen3_vl_service.core.names import LAUNCHER_LOG, RUN_DIR_ENV, TAG_ENV
 from qwen3_vl_service.deployment.deployment import Unit, replica_config
 from qwen3_vl_service.lifecycle import readiness, registry, runstate
 from qwen3_vl_service.lifecycle.liveness import Liveness
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         units.append(VllmUnit(cfg, unit, tag=tag, detached=args.detached, echo=_echo, name=name))
         return Supervisor(units, policy, record, echo=_echo).run()
 
-    return run(body, log_path=lambda: log_holder[0] or Path("logs") / "launcher.log")
+    return run(body, log_path=lambda: log_holder[0] or Path("logs") / LAUNCHER_LOG)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from qwen3_vl_service.core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from qwen3_vl_service.core.fileio import write_atomic
 from qwen3_vl_service.core.names import RECORD_FILE
 from qwen3_vl_service.core.signals import Inbox
 
@@ -163,7 +163,7 @@ class Record:
     def update(self, **changes: Any) -> None:
         self.data.update(changes)
         try:
-            _write_json(self.path, self.data)
+            write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
         except OSError as exc:
             # A full disk, a removed folder: the record is what status shows, not what keeps vLLM
             # up. Supervising goes on (an exception here once left vLLM running unsupervised), the
@@ -189,21 +189,6 @@ class Record:
             history=history,
             state="restarting",
         )
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def read_record(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

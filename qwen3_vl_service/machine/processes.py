@@ -230,12 +230,12 @@ def find_ours(
         for proc in found:
             if is_media_server(proc):
                 media_pids.add(proc.pid)
-                media_pids.update(c.pid for c in _children(proc))
+                media_pids.update(c.pid for c in children(proc))
         if run_dir is not None:
             media = media_server(run_dir)
             if media is not None:
                 media_pids.add(media.pid)
-                media_pids.update(c.pid for c in _children(media))
+                media_pids.update(c.pid for c in children(media))
         found = [p for p in found if p.pid not in media_pids]
     return found
 
@@ -288,7 +288,10 @@ def unidentified_vllm(exclude: Iterable[int] = ()) -> list[psutil.Process]:
     return out
 
 
-def _children(proc: psutil.Process) -> list[psutil.Process]:
+def children(proc: psutil.Process | None) -> list[psutil.Process]:
+    """Every descendant of PROC ([] when it is None or gone)."""
+    if proc is None:
+        return []
     try:
         return proc.children(recursive=True)
     except psutil.Error:

@@ -33,7 +33,7 @@ Try it yourself:
   curl -s 127.0.0.1:8010/v1/models
   .venv/bin/python -m qwen3_vl_service.lifecycle.ask --config config.demo.env "Describe the clip" --video sample.mp4
   .venv/bin/python status_service.py --config config.demo.env
-  tail -f logs/port-8010/service.log
+  tail -f logs/demo/port-8010/service.log
 Stop it:
   .venv/bin/python stop_service.py --config config.demo.env --all
 TXT

@@ -23,8 +23,8 @@ IO_METHODS = {"read_text", "read_bytes", "write_text", "write_bytes", "open", "s
 
 @pytest.mark.unit
 def test_the_modules_the_readme_calls_pure_do_no_io() -> None:
-    line = next(x for x in (REPO / "README.md").read_text().splitlines() if "(pure decisions" in x)
-    names = re.findall(r"\b([a-z_]+)\b", line.split("qwen3_vl_service/")[-1].split("(")[0])
+    line = next(x for x in (REPO / "README.md").read_text().splitlines() if "pure (no I/O" in x)
+    names = re.findall(r"\b([a-z_]+)\b", line.split("):", 1)[1])
     assert names, line
     for name in names:
         (path,) = PACKAGE.rglob(f"{name}.py")

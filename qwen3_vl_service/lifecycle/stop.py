@@ -394,16 +394,17 @@ def _render_checks(report: StopReport) -> list[str]:
 
 
 def group_units(dep: Deployment, *, recorded: bool = True) -> list[Unit]:
-    """The router and the vLLM units of DEP that run on this node.
+    """The router and the vLLM units of DEP that run on this node: all of them but those whose state
+    says another node of a running job has them (their processes are found on this node only anyway:
+    SLURM's node names need not be this host's name).
 
     RECORDED: only those with a state file or a supervisor record (status); else every unit (stop,
     which also looks for orphans whose state file is gone). A state written on another node of a
     running job is that node's to handle (RUN_DIR on a shared file system).
     """
-    here = runstate.this_node()
     kept = []
     for u in dep.units:
-        if u.kind == "media" or u.node not in ("", here):
+        if u.kind == "media":
             continue
         state = runstate.read(u.run_dir)
         if state is not None and runstate.other_node(state) is not None and runstate.elsewhere(state):

@@ -710,18 +710,18 @@ def test_manifest_names_must_stay_inside_the_directory(tmp_path, name):
 
 @pytest.mark.unit
 def test_os_errors_become_one_line_with_the_fix(tmp_path):
-    ctx = hub_errors._Context("a/b", "main", "https://hub", tmp_path / "m", remaining=5 * 10**9)
-    full = hub_errors._translate(OSError(errno.ENOSPC, "No space left on device"), ctx)
+    ctx = hub_errors.HubContext("a/b", "main", "https://hub", tmp_path / "m", remaining=5 * 10**9)
+    full = hub_errors.translate(OSError(errno.ENOSPC, "No space left on device"), ctx)
     assert (
         full is not None and "disk full" in full.one_line() and "5 GB were still to fetch" in full.one_line()
     )
-    quota = hub_errors._translate(OSError(errno.EDQUOT, "Disk quota exceeded"), ctx)
+    quota = hub_errors.translate(OSError(errno.EDQUOT, "Disk quota exceeded"), ctx)
     assert quota is not None and "disk full" in quota.one_line()
-    denied = hub_errors._translate(
+    denied = hub_errors.translate(
         PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "m")), ctx
     )
     assert denied is not None and denied.one_line().startswith(f"cannot write the model to {tmp_path / 'm'}")
-    assert hub_errors._translate(ValueError("something else"), ctx) is None
+    assert hub_errors.translate(ValueError("something else"), ctx) is None
 
 
 @pytest.mark.unit

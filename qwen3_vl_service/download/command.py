@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 from qwen3_vl_service.core import cli
 from qwen3_vl_service.core.errors import CheckFailed, ServiceError, UsageError
 from qwen3_vl_service.core.units import format_decimal_bytes
-from qwen3_vl_service.download.hub import DownloadFailed, _iter_partials, download, plan_download
-from qwen3_vl_service.download.hub_errors import _token_source
+from qwen3_vl_service.download.hub import DownloadFailed, download, iter_partials, plan_download
+from qwen3_vl_service.download.hub_errors import token_source
 from qwen3_vl_service.download.manifest import MANIFEST_NAME, ManifestFile, read_manifest
 from qwen3_vl_service.download.verify import INDEX_FILE, WITHOUT_MANIFEST, verify
 from qwen3_vl_service.settings import config
@@ -72,7 +72,7 @@ def _run_until_signal(fn: Callable[[], T], on_signal: Callable[[str], None]) -> 
 def _abort(local_dir: Path, started_wall: float, signame: str, log: Callable[[str], None]) -> None:
     """Remove this run's partial files and leave now; finished files stay for the rerun."""
     removed = 0
-    for path in _iter_partials(local_dir):
+    for path in iter_partials(local_dir):
         with contextlib.suppress(OSError):
             if path.stat().st_mtime >= started_wall - 1:
                 path.unlink()
@@ -206,7 +206,7 @@ def _cmd_download(args: Any, s: _Settings) -> int:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    token_from = _token_source()
+    token_from = token_source()
     token_text = f"from {token_from}" if token_from else "none"
     print(f"{s.repo} at {s.revision} -> {s.local_dir} (token: {token_text})", flush=True)
     try:

@@ -35,20 +35,20 @@ from qwen3_vl_service.core.errors import CheckFailed
 from qwen3_vl_service.core.units import format_decimal_bytes, format_duration
 from qwen3_vl_service.download.hub_errors import (
     DownloadFailed,
-    _Context,
-    _not_writable,
-    _rerun_hint,
-    _translate,
+    HubContext,
     nearest_existing_dir,
+    not_writable,
     one_line_errors,
+    rerun_hint,
+    translate,
 )
 from qwen3_vl_service.download.manifest import (
     MANIFEST_NAME,
     Manifest,
     ManifestFile,
-    _safe_name,
     manifest_path,
     read_manifest,
+    safe_name,
     write_manifest,
 )
 from qwen3_vl_service.download.verify import verify
@@ -79,7 +79,7 @@ def _margin(needed: int) -> int:
     return 0 if needed <= 0 else max(MARGIN_MIN_BYTES, int(needed * MARGIN_FRACTION))
 
 
-def _iter_partials(local_dir: Path) -> Iterator[Path]:
+def iter_partials(local_dir: Path) -> Iterator[Path]:
     """huggingface_hub's temporary files (``*.incomplete``) under MODEL_PATH/.cache/huggingface."""
     root = local_dir / _HF_META_DIR / "download"
     if root.is_dir():
@@ -88,7 +88,7 @@ def _iter_partials(local_dir: Path) -> Iterator[Path]:
 
 def _stale_partials(local_dir: Path, now: float) -> list[tuple[Path, int]]:
     out = []
-    for p in _iter_partials(local_dir):
+    for p in iter_partials(local_dir):
         with contextlib.suppress(OSError):
             st = p.stat()
             if now - st.st_mtime >= STALE_PARTIAL_AGE_S:
@@ -175,10 +175,10 @@ def _list_remote(api: Any, repo: str, revision: str) -> tuple[str, tuple[Manifes
         if not isinstance(entry, RepoFile):
             continue
         if entry.lfs is not None:
-            files.append(ManifestFile(_safe_name(entry.path), int(entry.lfs.size), sha256=entry.lfs.sha256))
+            files.append(ManifestFile(safe_name(entry.path), int(entry.lfs.size), sha256=entry.lfs.sha256))
         else:
             git_sha1 = entry.blob_id if entry.blob_id and len(entry.blob_id) == 40 else None
-            files.append(ManifestFile(_safe_name(entry.path), int(entry.size), git_sha1=git_sha1))
+            files.append(ManifestFile(safe_name(entry.path), int(entry.size), git_sha1=git_sha1))
     if not files:
         raise DownloadFailed(f"{repo} at {revision} has no files", fix="check MODEL_REPO and MODEL_REVISION")
     return commit, tuple(sorted(files, key=lambda f: f.name))
@@ -219,7 +219,7 @@ def _ensure_writable(local_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise _not_writable(Path(exc.filename) if exc.filename else local_dir, exc) from None
+        raise not_writable(Path(exc.filename) if exc.filename else local_dir, exc) from None
 
 
 @contextlib.contextmanager
@@ -267,7 +267,7 @@ def plan_download(
         raise DownloadFailed(
             f"{local_dir} exists and is not a directory", fix="set MODEL_PATH (or --local-dir) to a directory"
         )
-    ctx = _Context(repo, revision, _endpoint(endpoint), local_dir, disk_usage=disk_usage)
+    ctx = HubContext(repo, revision, _endpoint(endpoint), local_dir, disk_usage=disk_usage)
     with one_line_errors(ctx):
         api = HfApi(endpoint=endpoint, token=token)
         commit, files = _list_remote(api, repo, revision)
@@ -321,7 +321,7 @@ def download(
     plan = plan or plan_download(
         repo, revision, local_dir, endpoint=endpoint, token=token, disk_usage=disk_usage
     )
-    ctx = _Context(repo, revision, _endpoint(endpoint), local_dir, plan.needed, disk_usage)
+    ctx = HubContext(repo, revision, _endpoint(endpoint), local_dir, plan.needed, disk_usage)
     say(plan.describe())
     _check_fits(plan)
     _ensure_writable(local_dir)
@@ -365,7 +365,7 @@ def _check_fits(plan: Plan) -> None:
 
 def _fetch(
     plan: Plan,
-    ctx: _Context,
+    ctx: HubContext,
     endpoint: str | None,
     token: str | bool | None,
     workers: int,
@@ -387,19 +387,19 @@ def _fetch(
         )
 
 
-def _check_and_record(plan: Plan, ctx: _Context) -> Path:
+def _check_and_record(plan: Plan, ctx: HubContext) -> Path:
     """Check the downloaded files against the plan (sizes), then write the manifest; its path."""
     problems = verify(ctx.local_dir, manifest=_manifest_for(plan))
     if problems:
         raise DownloadFailed(
             f"the download ended with {len(problems)} file(s) missing or incomplete "
             f"(first: {problems[0].split(';')[0]}); the Hub may have become unreachable",
-            fix=_rerun_hint(),
+            fix=rerun_hint(),
         )
     try:
         return write_manifest(ctx.local_dir, _manifest_for(plan))
     except OSError as exc:
-        translated = _translate(exc, ctx)
+        translated = translate(exc, ctx)
         raise (translated or DownloadFailed(f"cannot write the manifest: {exc}")) from exc
 
 

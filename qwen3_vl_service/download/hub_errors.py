@@ -30,7 +30,7 @@ def nearest_existing_dir(path: Path) -> Path:
     return Path(path.anchor or "/")
 
 
-def _token_source() -> str | None:
+def token_source() -> str | None:
     """Where huggingface_hub will take a token from (never the token itself)."""
     if os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
         return "HF_TOKEN"
@@ -62,7 +62,7 @@ def _network_error_types() -> tuple[type[BaseException], ...]:
 
 
 @dataclasses.dataclass
-class _Context:
+class HubContext:
     repo: str
     revision: str
     endpoint: str
@@ -71,11 +71,11 @@ class _Context:
     disk_usage: Callable[[Path], Any] = shutil.disk_usage
 
 
-def _rerun_hint() -> str:
+def rerun_hint() -> str:
     return "rerun download_model.py: a rerun resumes where this one stopped (finished files are kept)"
 
 
-def _disk_full(ctx: _Context) -> DownloadFailed:
+def _disk_full(ctx: HubContext) -> DownloadFailed:
     where = nearest_existing_dir(ctx.local_dir)
     try:
         free = format_decimal_bytes(ctx.disk_usage(where).free)
@@ -84,11 +84,11 @@ def _disk_full(ctx: _Context) -> DownloadFailed:
     return DownloadFailed(
         f"disk full while downloading into {ctx.local_dir}: {free} left on its file system, "
         f"{format_decimal_bytes(ctx.remaining)} were still to fetch at the start",
-        fix="free space there (or set MODEL_PATH to a larger file system) and " + _rerun_hint(),
+        fix="free space there (or set MODEL_PATH to a larger file system) and " + rerun_hint(),
     )
 
 
-def _not_writable(path: Path, exc: OSError) -> DownloadFailed:
+def not_writable(path: Path, exc: OSError) -> DownloadFailed:
     reason = exc.strerror or type(exc).__name__
     return DownloadFailed(
         f"cannot write the model to {path}: {reason}",
@@ -97,20 +97,20 @@ def _not_writable(path: Path, exc: OSError) -> DownloadFailed:
 
 
 @contextlib.contextmanager
-def one_line_errors(ctx: _Context) -> Iterator[None]:
-    """Errors in the block that _translate() knows leave it as one-line ServiceErrors; others as they are."""
+def one_line_errors(ctx: HubContext) -> Iterator[None]:
+    """Errors in the block that translate() knows leave it as one-line ServiceErrors; others as they are."""
     try:
         yield
     except ServiceError:
         raise
     except Exception as exc:
-        translated = _translate(exc, ctx)
+        translated = translate(exc, ctx)
         if translated is None:
             raise
         raise translated from exc
 
 
-def _translate(exc: BaseException, ctx: _Context) -> ServiceError | None:
+def translate(exc: BaseException, ctx: HubContext) -> ServiceError | None:
     """A one-line ServiceError for EXC, or None when it is not one we know."""
     from huggingface_hub import errors as hf_errors  # lazily: --verify never needs the Hub
 
@@ -125,16 +125,16 @@ def _translate(exc: BaseException, ctx: _Context) -> ServiceError | None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return _disk_full(ctx)
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return _not_writable(Path(exc.filename) if exc.filename else ctx.local_dir, exc)
+            return not_writable(Path(exc.filename) if exc.filename else ctx.local_dir, exc)
         if "Consistency check failed" in str(exc):  # a body shorter than announced
             return DownloadFailed(f"a file from {endpoint} arrived truncated", fix=_network_fix())
     return None
 
 
-def _hub_error(exc: BaseException, ctx: _Context, hf_errors: Any) -> ServiceError | None:
+def _hub_error(exc: BaseException, ctx: HubContext, hf_errors: Any) -> ServiceError | None:
     """The huggingface_hub errors: gated, missing, disabled, offline, HTTP status."""
     repo, endpoint = ctx.repo, ctx.endpoint
-    token = _token_source()
+    token = token_source()
     if isinstance(exc, hf_errors.GatedRepoError):
         status = _status(exc)
         if token is None:
@@ -187,11 +187,11 @@ def _hub_error(exc: BaseException, ctx: _Context, hf_errors: Any) -> ServiceErro
         if status == 429:
             return DownloadFailed(
                 f"the Hub is rate-limiting this client (HTTP 429) while fetching {repo}",
-                fix="wait a few minutes (a token raises the limit), then " + _rerun_hint(),
+                fix="wait a few minutes (a token raises the limit), then " + rerun_hint(),
             )
         return DownloadFailed(
             f"the Hub answered HTTP {status or '?'} while fetching {repo} from {endpoint}",
-            fix="wait and " + _rerun_hint(),
+            fix="wait and " + rerun_hint(),
         )
     if isinstance(exc, hf_errors.LocalEntryNotFoundError):
         # snapshot_download's word for "the Hub could not be reached".
@@ -200,7 +200,7 @@ def _hub_error(exc: BaseException, ctx: _Context, hf_errors: Any) -> ServiceErro
 
 
 def _network_fix() -> str:
-    return "check the connection and proxy settings (HTTPS_PROXY, NO_PROXY), then " + _rerun_hint()
+    return "check the connection and proxy settings (HTTPS_PROXY, NO_PROXY), then " + rerun_hint()
 
 
 def _status(exc: BaseException) -> int | None:

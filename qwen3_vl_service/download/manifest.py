@@ -68,7 +68,7 @@ def manifest_path(model_dir: str | Path) -> Path:
     return Path(model_dir) / MANIFEST_NAME
 
 
-def _safe_name(name: object) -> str:
+def safe_name(name: object) -> str:
     """A manifest entry must name a file inside the model directory."""
     if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
         raise ValueError(f"bad file name {name!r}")
@@ -94,7 +94,7 @@ def _parse_manifest(data: Any) -> Manifest:
         for value, length in ((sha256, 64), (git_sha1, 40)):
             if value is not None and not (isinstance(value, str) and len(value) == length):
                 raise ValueError(f"bad hash for {entry.get('name')!r}")
-        files.append(ManifestFile(_safe_name(entry.get("name")), size, sha256, git_sha1))
+        files.append(ManifestFile(safe_name(entry.get("name")), size, sha256, git_sha1))
     if not files:
         raise ValueError("lists no files")
     for key in ("repo", "revision", "commit"):

@@ -170,3 +170,53 @@ def test_parse_metrics_sums_engines_and_skips_created() -> None:
         "vllm:generation_tokens": 10.0,
         "vllm:kv_cache_usage_perc": 0.5,
     }
+
+
+HUNG = (
+    "hung: no engine progress for 35 s (STALL_AFTER=30) with 8 running and 0 waiting in the engine, "
+    "8 in flight in the API server: /metrics shows no token generated"
+)
+
+
+@pytest.mark.integration
+def test_a_hung_engine_is_not_healthy_whatever_its_health_answers(tmp_path: Path, standins) -> None:
+    """/health answers 200 while the engine behind it is stuck: the supervisor's liveness check says
+    hung (its record's conditions), and status says so with the evidence, exit 1."""
+    import subprocess
+    import sys
+
+    from lifecycle_helpers import REPO, clean_env, kill_pids, run_dir_of, wait_until
+
+    from qwen3_vl_service.core.names import TAG_ENV
+
+    port = free_port()
+    cfg = write_config(tmp_path, port=port)
+    s = Standin(tmp_path, port=port, tag=runstate.new_tag())
+    standins.append(s)
+    s.wait_ready()
+    s.write_state()
+    record = run_dir_of(tmp_path) / "supervisor.json"
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from qwen3_vl_service.lifecycle.supervisor import Policy, Record\n"
+        "r = Record(Path(sys.argv[1]), tag='q3vl-hung-1', policy=Policy(3, 900, 1))\n"
+        "r.update(state='running', conditions={'vLLM': sys.argv[2]})\n"
+        "time.sleep(120)\n"
+    )
+    sup = subprocess.Popen(
+        [sys.executable, "-c", code, str(record), HUNG],
+        env=clean_env(**{TAG_ENV: "q3vl-hung-1", "PYTHONPATH": str(REPO)}),
+    )
+    try:
+        assert wait_until(lambda: record.exists(), 20)
+        text = run_tool("status_service.py", "--config", str(cfg), "--sample", "0")
+        assert text.returncode == 1, text.stdout + text.stderr
+        assert "running, hung (its /health answers" in text.stdout, text.stdout
+        assert f"vLLM         {HUNG}" in text.stdout, text.stdout
+        as_json = run_tool("status_service.py", "--config", str(cfg), "--json", "--sample", "0")
+        info = json.loads(as_json.stdout)
+        assert info["health"]["status"] == 200 and not info["healthy"]
+        assert info["supervisor"]["conditions"] == {"vLLM": HUNG}
+    finally:
+        kill_pids([sup.pid])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -242,3 +243,15 @@ def test_dry_run_with_a_bad_vllm_flag_is_refused_before_anything_starts(tmp_path
     (line,) = [x for x in out.stdout.splitlines() if x.startswith("  error")]
     assert line.startswith("  error vLLM      EXTRA_VLLM_ARGS: vllm") and "--no-such-flag" in line
     assert out.stdout.rstrip().endswith("would start: no (fix the errors above)")
+
+
+@pytest.mark.unit
+def test_the_gpu_extra_allows_exactly_the_tested_minor_releases():
+    """pyproject's gpu extra: from TESTED_MIN up to, not into, the minor release after TESTED_MAX."""
+    text = (REPO / "pyproject.toml").read_text()
+    (spec,) = re.findall(r'^gpu = \["vllm([^"]+)"\]', text, re.M)
+    low, high = (
+        vllm_versions.release(vllm_versions.TESTED_MIN),
+        vllm_versions.release(vllm_versions.TESTED_MAX),
+    )
+    assert spec == f">={low[0]}.{low[1]},<{high[0]}.{high[1] + 1}"

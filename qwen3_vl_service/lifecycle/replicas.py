@@ -99,7 +99,8 @@ def start_node(
         _trap(stop_flag)
 
     def stop_requested(_progress: str = "") -> None:
-        # Between two polls of a replica's /health, not after it is healthy (up to STARTUP_TIMEOUT each).
+        # At every poll of a replica's or the router's /health, not once each is healthy (up to
+        # STARTUP_TIMEOUT each, as it was).
         if stop_flag.received:
             raise KeyboardInterrupt
 
@@ -120,7 +121,7 @@ def start_node(
             say(f"{s.unit.name}: ready on port {s.unit.ports[0].port}")
             stop_requested()
         for unit in routers:
-            router.start(cfg, unit, detached=detach, wait=True, say=say)
+            router.start(cfg, unit, detached=detach, wait=True, say=say, on_progress=stop_requested)
     except BaseException:  # whatever failed (a replica, the router, Ctrl+C, a bug): stop what was started
         print("stopping what was started ...", file=sys.stderr)
         stop.stop_group(

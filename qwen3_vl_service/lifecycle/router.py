@@ -35,8 +35,12 @@ def start(
     detached: bool,
     wait: bool,
     say: Callable[[str], None] = print,
+    on_progress: Callable[[str], None] = lambda _text: None,
 ) -> runstate.RunState:
-    """Start the router UNIT of a deployment; with WAIT, return once it answers /health."""
+    """Start the router UNIT of a deployment; with WAIT, return once it answers /health.
+
+    ON_PROGRESS is called at every poll (it waits for every replica of the job, the other nodes'
+    too): a foreground start raises there on Ctrl+C or SIGTERM."""
     runstate.check_not_running(unit.run_dir)
     tag = runstate.new_tag()
     unit.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +73,7 @@ def start(
             is_alive=lambda: proc.poll() is None,
             log_file=unit.log_file,
             timeout=cfg.startup_timeout + 30,
-            on_progress=lambda _text: None,
+            on_progress=on_progress,
             poll=0.25,
         )
     except BaseException:  # whatever failed (a timeout, Ctrl+C, a bug): nothing is left running

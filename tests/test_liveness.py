@@ -211,3 +211,28 @@ def test_the_families_are_vllms_names():
     source = (Path(spec.origin).parent / "v1" / "metrics" / "loggers.py").read_text()
     for family in liveness.ENGINE_FAMILIES:
         assert f'"{family}"' in source, family
+
+
+@pytest.mark.integration
+def test_without_engine_statistics_nothing_is_judged_and_no_probe_goes_out():
+    """vLLM started with --disable-log-stats writes none of the families: never hung, never probed."""
+
+    class Bare(_Handler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self._send(b"# TYPE http_requests_total counter\nhttp_requests_total 7.0\n", "text/plain")
+            elif self.path == "/load":
+                self._send(json.dumps({"server_load": 3}).encode())  # requests in flight, stuck or not
+
+    server = _Vllm()
+    server.RequestHandlerClass = Bare
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        live = Liveness(server.url, stall_after=1, model="m", probe_idle_s=0.1)
+        for _ in range(15):
+            assert live.check().state == "live"
+            time.sleep(0.1)
+        assert server.completions == []
+    finally:
+        server.shutdown()
+        server.server_close()

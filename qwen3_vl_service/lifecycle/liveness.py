@@ -199,6 +199,11 @@ class Liveness:
         sample = self._sample()
         if sample is None:
             return self.verdict
+        if not sample.progress:
+            # No engine statistics at all (EXTRA_VLLM_ARGS=--disable-log-stats): nothing to judge by,
+            # and a frozen-looking engine is no evidence. Live, and no probes.
+            self.verdict = Verdict("live", "vLLM's /metrics has no engine statistics (--disable-log-stats?)")
+            return self.verdict
         self.verdict = self.stall.observe(now, sample, probe_out_since=self.probe.out_since())
         if self.verdict.state == "live" and self.stall.idle_for(now) >= self.probe_idle_s:
             self.probe.send(now)

@@ -18,6 +18,7 @@ import threading
 from collections import Counter
 from typing import Any
 
+import requests
 from aiohttp import web
 
 MODEL = "qwen3-vl-fp8"
@@ -57,6 +58,14 @@ class StandIn:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self.start()
+
+    @staticmethod
+    def answers(base: str) -> bool:
+        """BASE's /health answers 200 (a stand-in, or a router in front of stand-ins)."""
+        try:
+            return requests.get(f"{base}/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
 
     @property
     def base(self) -> str:

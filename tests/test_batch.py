@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
-from batch_standin import MODEL, StandIn, prompt_of
+from batch_standin import MODEL, StandIn, free_port, prompt_of
 from lifecycle_helpers import clean_env, wait_until, write_config
+from skips import require
 
 from qwen3_vl_service.batch import command, jobs, results
 from qwen3_vl_service.core.errors import UsageError
@@ -194,6 +195,9 @@ def test_the_service_url_is_the_router_in_front_of_replicas(setup):
     assert command.default_concurrency(load(cfg_path, MAX_NUM_SEQS="7")) == (7, "MAX_NUM_SEQS 7")
     n, why = command.default_concurrency(load(cfg_path, MAX_NUM_SEQS="7", REPLICAS="2", ROUTER_PORT="8999"))
     assert n == 14 and "2 replicas" in why
+    # MAX_NUM_SEQS=auto and no model to plan with (a login node, a typo): a fixed number, said so.
+    n, why = command.default_concurrency(load(cfg_path, DEVICE="cpu", TENSOR_PARALLEL_SIZE="1"))
+    assert n == command.FALLBACK_CONCURRENCY and "--concurrency" in why
 
 
 # -- whole runs (integration) ----------------------------------------------------------------------
@@ -364,3 +368,44 @@ def test_the_module_entry_and_the_script_agree(tmp_path):
         r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "IN.jsonl" in r.stdout and "OUT.jsonl" in r.stdout, r.stderr
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_through_the_router_in_front_of_two_replicas(tmp_path, capsys):
+    """REPLICAS=2 (router mode): the batch goes to ROUTER_PORT, and vllm-router spreads it over both."""
+    require("vllm_router")
+    workers = [StandIn(), StandIn()]
+    router_port = free_port()
+    argv = [PY, "-m", "vllm_router.launch_router", "--host", "127.0.0.1", "--port", str(router_port)]
+    argv += ["--worker-urls", *(w.base for w in workers), "--policy", "round_robin"]
+    argv += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+    argv += ["--worker-startup-timeout-secs", "60", "--worker-startup-check-interval", "1"]
+    log = tmp_path / "router.log"
+    with open(log, "wb") as fh:
+        router = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=clean_env())
+    try:
+        cfg_path = write_config(
+            tmp_path,
+            port=workers[0].port,
+            REPLICAS="2",
+            ROUTER_PORT=str(router_port),
+            SERVED_MODEL_NAME=MODEL,
+        )
+        up = wait_until(
+            lambda: router.poll() is None and StandIn.answers(f"http://127.0.0.1:{router_port}"), 60
+        )
+        assert up, log.read_text()[-3000:]
+        src, out = (
+            write_jsonl(tmp_path / "in.jsonl", [chat(f"r{i}", f"via router {i}") for i in range(20)]),
+            tmp_path / "out.jsonl",
+        )
+        rc, stdout, err = run_batch(cfg_path, src, out, "--concurrency", "4", capsys=capsys)
+        assert rc == 0, stdout + err
+        assert f"to send to http://127.0.0.1:{router_port}" in stdout
+        assert len(out_lines(out)) == 20
+        assert [len(w.received) for w in workers] == [10, 10]  # round robin: both replicas served
+    finally:
+        router.terminate()
+        router.wait(10)
+        for w in workers:
+            w.close()

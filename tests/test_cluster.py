@@ -86,8 +86,6 @@ def test_layout_refuses_what_cannot_work_naming_every_setting():
         cluster.layout(load(REPLICAS="2"), ("",), gpus_on_node=8, environ={})
     with pytest.raises(ConfigError, match="REPLICAS=3 cannot be spread evenly over the job's 2 nodes"):
         cluster.layout(load(REPLICAS="3", HOST="0.0.0.0"), ("a", "b"), gpus_on_node=8, environ={})
-    with pytest.raises(ConfigError, match=r"HOST=127\.0\.0\.1 with 2 nodes"):
-        cluster.layout(load(REPLICAS="per-node"), ("a", "b"), gpus_on_node=8, environ={})
     with pytest.raises(ConfigError, match=r"ROUTER_PORT=8011 \(the router\) is also PORT\+1 \(replica-1's API\)"):
         cfg = load(REPLICAS="2", TENSOR_PARALLEL_SIZE="4", ROUTER_PORT="8011")
         derive(cfg, cluster.layout(cfg, ("",), gpus_on_node=8, environ={}))
@@ -221,8 +219,12 @@ def test_nodes_sharing_loopback_addresses_may_keep_host_on_loopback():
     lay = cluster.layout(cfg, ("node0", "node1"), addresses=("127.0.0.1", "127.0.0.1"), environ={})
     urls = [cluster.worker_url(cfg, r, lay) for r in lay.replicas]
     assert urls == ["http://127.0.0.1:8010", "http://127.0.0.1:8011"]
-    with pytest.raises(ConfigError, match="cannot be reached on loopback"):
-        cluster.layout(cfg, ("node0", "node1"), addresses=("10.0.0.1", "10.0.0.2"), environ={})
+    # HOST on loopback, nodes elsewhere: each replica listens on its node's address, the router on HOST.
+    lay = cluster.layout(cfg, ("node0", "node1"), addresses=("10.0.0.1", "10.0.0.2"), environ={})
+    dep = derive(cfg, lay)
+    assert [flag(dep.unit(f"replica-{i}", i).argv, "--host") for i in (0, 1)] == ["10.0.0.1", "10.0.0.2"]
+    assert flag(dep.unit("router").argv, "--host") == "127.0.0.1"
+    assert "http://10.0.0.2:8011" in dep.unit("router").argv
 
 
 @pytest.mark.unit

@@ -85,6 +85,8 @@ RUN_AS_WRITTEN = {
     ".venv/bin/python start_service.py --dry-run --gpus 8xH100-80GB": 0,
     "REPLICAS=2 TENSOR_PARALLEL_SIZE=4 .venv/bin/python start_service.py --dry-run --gpus 8xH100-80GB": 0,
     "PROFILE=long-context .venv/bin/python start_service.py --dry-run --gpus 8xH100-80GB": 0,
+    # Every node's commands from the shipped config.env (REPLICAS=per-node; issue 24, item 2).
+    ".venv/bin/python start_service.py --dry-run --gpus 8xH100-80GB --nodes gpu01,gpu02": 0,
     ".venv/bin/python status_service.py": 1,  # not running: exit 1, as documented
     ".venv/bin/python status_service.py --config config.bf16.env": 1,
     ".venv/bin/python stop_service.py --all": 0,  # nothing to stop
@@ -104,9 +106,6 @@ NOT_RUN = {
     ".venv/bin/python batch_service.py [--config F] IN.jsonl OUT.jsonl": "a synopsis; needs a service",
     "REPLICAS=2 TENSOR_PARALLEL_SIZE=4 .venv/bin/python start_service.py --detach": (
         "starts two vLLM (test_replicas_e2e.py)"
-    ),
-    ".venv/bin/python start_service.py --dry-run --gpus 8xH100-80GB --nodes gpu01,gpu02": (
-        "issue 24 item 2, the multi-node dry run (the Deployment work's tests)"
     ),
     ".venv/bin/python start_service.py --config config.bf16.env --detach": (
         "starts vLLM (test_services_e2e.py)"

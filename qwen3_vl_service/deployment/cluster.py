@@ -133,11 +133,8 @@ def layout(
     per_node = total // n_nodes
     if total == 1 and n_nodes == 1:
         return Layout("single", nodes, (Replica(0, nodes[0], 0, 0, cfg.port, ()),), 1, tp, 1)
-    if n_nodes > 1 and is_loopback(cfg.host) and not all(is_loopback(a) for a in addresses):
-        raise ConfigError(
-            f"HOST={cfg.host} with {n_nodes} nodes: replicas on other nodes cannot be reached on loopback",
-            fix="set HOST=0.0.0.0 (and an API_KEY) so that the head node reaches every node",
-        )
+    # HOST on loopback with several nodes: each replica listens on its node's address instead
+    # (replica_host), the router and the head's API stay on HOST.
     # REPLICA_MODE=data-parallel with DEVICE=cpu: refused by config (one validator).
     need = per_node * tp if cfg.device == "gpu" else 0
     gpus = gpus_on_node if gpus_on_node is not None else need
@@ -231,6 +228,14 @@ def serve_argv(argv: tuple[str, ...], module: str) -> tuple[str, ...]:
     model = rest[i + 1]
     del rest[i : i + 2]
     return (argv[0], *SERVE_MODULE, model, *rest)
+
+
+def replica_host(cfg: ServiceConfig, replica: Replica, lay: Layout) -> str:
+    """Where REPLICA listens: HOST, or, when HOST is loopback and the job spans several nodes, its
+    node's address (the head's router must reach it; SLURM's NodeAddr, or the name given)."""
+    if len(lay.nodes) > 1 and is_loopback(cfg.host) and replica.node:
+        return lay.address(replica.node_rank)
+    return cfg.host
 
 
 def worker_url(cfg: ServiceConfig, replica: Replica, lay: Layout) -> str:
@@ -333,6 +338,7 @@ __all__ = [
     "layout",
     "parse_nodes",
     "replica_env",
+    "replica_host",
     "serve_argv",
     "worker_url",
 ]

@@ -40,6 +40,7 @@ from qwen3_vl_service.deployment.cluster import (
     Replica,
     data_parallel_args,
     replica_env,
+    replica_host,
     serve_argv,
     worker_url,
 )
@@ -260,7 +261,7 @@ class _Builder:
         )
 
     def replica(self, r: Replica) -> Unit:
-        ucfg = replica_config(self.cfg, r.index, r.port)
+        ucfg = replica_config(self.cfg, r.index, r.port).replace(host=replica_host(self.cfg, r, self.lay))
         own = scope.paths(ucfg)
         cmd = self._vllm(ucfg, own.run_dir)
         setting = "PORT" if r.index == 0 else f"PORT+{r.index}"

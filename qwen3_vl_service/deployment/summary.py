@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qwen3_vl_service.core.findings import Finding
+from qwen3_vl_service.core.hosts import is_loopback
 from qwen3_vl_service.deployment.cluster import Layout, Replica
 from qwen3_vl_service.planning.plan import Plan
 from qwen3_vl_service.settings.config import ServiceConfig
@@ -32,6 +33,17 @@ def findings(cfg: ServiceConfig, lay: Layout, plan: Plan | None) -> list[Finding
         for r in lay.replicas:
             node = r.node or "this node"
             out.append(Finding("ok", "Replicas", f"{r.name} on {node}: {where(r)}, port {r.port}"))
+        if nodes > 1 and is_loopback(cfg.host) and not cfg.api_key:
+            out.append(
+                Finding(
+                    "warn",
+                    "Replicas",
+                    f"HOST={cfg.host}: the router and the head's API stay on loopback, but each replica "
+                    "listens on its node's address so that the router reaches it, open to the network "
+                    "without API_KEY",
+                    "set API_KEY (the router passes the client's key on to the replicas)",
+                )
+            )
     else:
         out.append(
             Finding(

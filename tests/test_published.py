@@ -204,3 +204,22 @@ def test_a_plan_from_the_published_facts_matches_a_plan_from_a_complete_download
     after = plan.make(cfg, parse_spec("8xH100-80GB"), model.inspect(folder))
     assert before.expert_parallel == after.expert_parallel is True
     assert before.kv_tokens == pytest.approx(after.kv_tokens, rel=1e-3)
+
+
+@pytest.mark.unit
+def test_a_download_under_way_is_sized_from_the_published_facts(tmp_path: Path) -> None:
+    """config.json arrived, the index not yet: the plan is made, the missing index stays an error."""
+    folder = tmp_path / "downloading"
+    folder.mkdir()
+    cfg = json.loads(json.dumps(DATA["checkpoints"][FP8]["config.json"]))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    info = model.for_plan(model.inspect(folder), FP8, dry_run=True)
+    assert info.weights_bytes == 237_569_692_128 and info.planned_from
+    assert any("is not in" in f.message and "published total_size" in f.message for f in info.issues)
+    assert any(f.level == "error" and "no model.safetensors.index.json" in f.message for f in info.issues)
+    p = plan.make(load(tmp_path, folder), parse_spec("8xH100-80GB"), info)
+    assert p.kv_tokens == 849_712 and p.expert_parallel
+    # Another checkpoint's config.json in MODEL_PATH: no borrowed size.
+    cfg["text_config"]["num_hidden_layers"] = 48
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert model.for_plan(model.inspect(folder), FP8, dry_run=True).weights_bytes is None

@@ -639,7 +639,7 @@ def for_plan(info: ModelInfo, repo: str, *, dry_run: bool) -> ModelInfo:
     if pub is None:
         return info
     if info.exists and info.config_error != "config.json missing":
-        return _checked(info, pub)
+        return _checked(_sized(info, pub), pub)
     where = "no such folder" if not info.exists else "no config.json in it yet"
     level: Level = "warn" if dry_run else "error"
     note = Finding(
@@ -685,6 +685,25 @@ def published_differences(info: ModelInfo, pub: Published) -> list[str]:
     if total and abs(total - pub.total_size) > PUBLISHED_SIZE_TOLERANCE * pub.total_size:
         diffs.append(f"total_size {total:,} here, {pub.total_size:,} derived")
     return diffs
+
+
+def _sized(info: ModelInfo, pub: Published) -> ModelInfo:
+    """A download under way (config.json there, no index yet): its size from the published facts.
+
+    Only when the folder's config.json is the published one; the missing index stays an error.
+    """
+    if not info.config_ok or info.weights_bytes is not None or published_differences(info, pub):
+        return info
+    note = Finding(
+        "warn",
+        "Model",
+        f"{INDEX_FILE} is not in {info.path} yet: the capacity is planned with the published "
+        f"total_size of {pub.repo} ({pub.total_size:,} bytes, derived from its config.json)",
+        _FIX_DOWNLOAD,
+    )
+    return dataclasses.replace(
+        info, index_total_size=pub.total_size, planned_from=pub.label, issues=(*info.issues, note)
+    )
 
 
 def _checked(info: ModelInfo, pub: Published) -> ModelInfo:

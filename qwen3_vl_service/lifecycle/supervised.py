@@ -25,7 +25,7 @@ from qwen3_vl_service.core.childproc import with_package_path
 from qwen3_vl_service.core.cli import ArgumentParser, run
 from qwen3_vl_service.core.errors import ServiceError, UsageError
 from qwen3_vl_service.core.names import LAUNCHER_LOG, RUN_DIR_ENV, TAG_ENV
-from qwen3_vl_service.deployment.deployment import Unit, replica_config
+from qwen3_vl_service.deployment.deployment import ROUTER, Deployment, Unit, replica_config
 from qwen3_vl_service.lifecycle import readiness, registry, runstate
 from qwen3_vl_service.lifecycle.liveness import Liveness
 from qwen3_vl_service.lifecycle.supervisor import (
@@ -162,8 +162,13 @@ class VllmUnit:
         detached: bool,
         echo: Callable[[str], None],
         name: str = "vLLM",
+        rotation: tuple[str, str] = ("", ""),
     ) -> None:
         self.name = name  # the supervisor's log and record name the unit by it (a replica's too)
+        # A replica behind vllm-router: (the router's URL, this replica's URL as the router knows it).
+        # It leaves the router's rotation while it stalls or is down, and joins again once healthy.
+        self.router_url, self.worker_url = rotation
+        self.out_of_rotation = False
         # UNIT: the recorded deployment's command; every restart runs exactly it (the plan's
         # decisions included). CFG: the unit's settings (its port and folders, the restart policy).
         self.cfg, self.unit, self.tag, self.detached = cfg, unit, tag, detached
@@ -237,6 +242,7 @@ class VllmUnit:
                 self.engine = self._engine_processes()
                 self.echo(f"vLLM is healthy after {now - self.started:.0f} s")
                 self.liveness = self._liveness()
+                self._rotation(join=True)
             return self._progress(now)
         if not was_ok:
             if now - self.started > self.cfg.startup_timeout:
@@ -266,10 +272,30 @@ class VllmUnit:
         if condition.split(":")[0] != self.condition.split(":")[0]:
             self.echo(f"{self.name}: {condition or 'the engine makes progress again'}")
         self.condition = condition
+        if verdict.state == "live":
+            self._rotation(join=True)
+        else:
+            # Stalling already: the router would send new requests into a stuck engine until the
+            # kill (STALL_AFTER), and its own /health check sees nothing wrong (200).
+            self._rotation(join=False)
         if verdict.state != "hung":
             return None
         self.hung = True
         return f"hung: {verdict.evidence}"
+
+    def _rotation(self, *, join: bool) -> None:
+        """Join or leave the router's rotation (vllm-router's /add_worker, /remove_worker), once each way."""
+        if not self.router_url or not self.worker_url or join != self.out_of_rotation:
+            return
+        error = rotation_call(self.router_url, self.worker_url, join=join)
+        # Asked once each way: a router that is gone, or already knew (its own /health check), is told
+        # no more; its health check still takes a dead replica out and a healthy one back.
+        self.out_of_rotation = not join
+        where = "back in" if join else "out of"
+        if error:
+            self.echo(f"{self.name}: not put {where} the rotation of the router {self.router_url}: {error}")
+        else:
+            self.echo(f"{self.name}: {where} the router's rotation ({self.worker_url})")
 
     def _engine_processes(self) -> list:
         """(process, title) of the EngineCore and workers: losing one is vLLM's end, even if its API lives."""
@@ -296,6 +322,7 @@ class VllmUnit:
 
     def cleanup(self) -> None:
         """After a failure: stop_service.py's orphan-safe stop (tree, orphans by tag, IPC folder, state)."""
+        self._rotation(join=False)  # down: the router sends its requests to the other replicas
         if self.hung:
             self._kill_tree()
         self._stop(CLEANUP_TIMEOUT_S)
@@ -337,6 +364,45 @@ class VllmUnit:
         from qwen3_vl_service.lifecycle import stop
 
         self._stop(self.cfg.shutdown_timeout + stop.SHUTDOWN_GRACE_S)
+
+
+def rotation_call(router_url: str, worker_url: str, *, join: bool, timeout: float = 5.0) -> str:
+    """Add WORKER_URL to (JOIN) or remove it from vllm-router's rotation; "" when done, else why not."""
+    import requests
+
+    action = "add_worker" if join else "remove_worker"
+    try:
+        with requests.Session() as session:
+            session.trust_env = False  # the router is ours, on the job's nodes
+            resp = session.post(f"{router_url}/{action}", params={"url": worker_url}, timeout=timeout)
+    except requests.RequestException as exc:
+        return f"{type(exc).__name__}"
+    return "" if resp.status_code == 200 else f"/{action} answered {resp.status_code}: {resp.text[:100]}"
+
+
+def rotation(dep: Deployment, unit: Unit) -> tuple[str, str]:
+    """(the router's URL as UNIT's node reaches it, UNIT's URL as the router knows it), or ("", "")
+    when no router of DEP sends requests to UNIT."""
+    routers = dep.of_kind(ROUTER)
+    if not routers or not unit.ports:
+        return "", ""
+    router = routers[0]
+    argv = list(router.argv)
+    if "--worker-urls" not in argv:
+        return "", ""
+    urls = []
+    for word in argv[argv.index("--worker-urls") + 1 :]:
+        if word.startswith("--"):
+            break
+        urls.append(word)
+    port = unit.ports[0].port
+    mine = [u for u in urls if u.rstrip("/").rsplit(":", 1)[-1] == str(port)]  # replica i: PORT+i, job-wide
+    if len(mine) != 1:
+        return "", ""
+    base = router.health_url.removesuffix("/health")
+    if router.node_rank != unit.node_rank and router.node:
+        base = f"http://{hosts.url_host(router.node)}:{router.ports[0].port}"  # the head, from another node
+    return base, mine[0]
 
 
 class MediaUnit:
@@ -471,7 +537,17 @@ def main(argv: list[str] | None = None) -> int:
         # The media server is shared by the replicas: start_service.py starts it, not a replica's supervisor.
         units: list = [MediaUnit(cfg, echo=_echo)] if cfg.media_server and not replica else []
         name = f"{unit.name} vLLM" if replica else "vLLM"
-        units.append(VllmUnit(cfg, unit, tag=tag, detached=args.detached, echo=_echo, name=name))
+        units.append(
+            VllmUnit(
+                cfg,
+                unit,
+                tag=tag,
+                detached=args.detached,
+                echo=_echo,
+                name=name,
+                rotation=rotation(dep, unit) if replica else ("", ""),
+            )
+        )
         return Supervisor(units, policy, record, echo=_echo).run()
 
     return run(body, log_path=lambda: log_holder[0] or Path("logs") / LAUNCHER_LOG)
@@ -487,6 +563,8 @@ __all__ = [
     "describe_exit",
     "ensure_media",
     "main",
+    "rotation",
+    "rotation_call",
     "service_state",
     "supervisor_command",
 ]

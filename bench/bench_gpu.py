@@ -110,7 +110,7 @@ def active_params(cfg: dict, layers: int) -> float:
 def bandwidth() -> tuple[float | None, str]:
     """Memory bandwidth of one GPU (bytes/s) and where the number comes from."""
     from qwen3_vl_service.core.errors import ServiceError
-    from qwen3_vl_service.planning.gpus import nvml_session
+    from qwen3_vl_service.machine.gpus import nvml_session
 
     try:
         with nvml_session() as nv:

@@ -14,7 +14,7 @@ import pynvml
 import pytest
 
 from qwen3_vl_service.core.errors import CheckFailed, UsageError
-from qwen3_vl_service.planning import gpus
+from qwen3_vl_service.machine import gpus
 
 pytestmark = pytest.mark.unit
 

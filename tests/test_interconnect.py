@@ -22,8 +22,8 @@ from skips import needs
 
 from qwen3_vl_service.core.errors import UsageError
 from qwen3_vl_service.interconnect import command, report, run, topology
-from qwen3_vl_service.planning import gpus
-from qwen3_vl_service.planning.gpus import NvmlUnavailable
+from qwen3_vl_service.machine import gpus
+from qwen3_vl_service.machine.gpus import NvmlUnavailable
 from qwen3_vl_service.settings.config import load
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from qwen3_vl_service.core.errors import ConfigError
+from qwen3_vl_service.core.mediatypes import MIME_TYPES, content_type_for
 from qwen3_vl_service.media import policy
 from qwen3_vl_service.settings import config
 
@@ -76,11 +77,11 @@ def test_clean_segments_decodes_once() -> None:
 @pytest.mark.unit
 def test_content_types_do_not_depend_on_the_host() -> None:
     for ext, ctype in EXPECTED_TYPES.items():
-        assert policy.content_type_for(ext) == ctype
-    assert policy.content_type_for("mkv") == "video/x-matroska"
-    assert policy.content_type_for("txt") is None
+        assert content_type_for(ext) == ctype
+    assert content_type_for("mkv") == "video/x-matroska"
+    assert content_type_for("txt") is None
     default = config.SETTINGS_BY_KEY["MEDIA_ALLOWED_TYPES"].default.split(",")
-    assert set(default) <= set(policy.MIME_TYPES)  # the shipped types never depend on the host
+    assert set(default) <= set(MIME_TYPES)  # the shipped types never depend on the host
 
 
 @pytest.mark.unit

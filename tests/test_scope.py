@@ -158,7 +158,7 @@ def test_stop_all_leaves_the_media_server_while_another_service_uses_it(tmp_path
 @pytest.mark.unit
 def test_bf16_config_fits_on_8_h100_with_fewer_sequences(tmp_path: Path) -> None:
     """config.bf16.env's dry-run numbers (README): 472 GB of BF16 weights on 8 x H100 80GB."""
-    from qwen3_vl_service.planning.gpus import parse_spec
+    from qwen3_vl_service.machine.gpus import parse_spec
     from qwen3_vl_service.planning.model import inspect
 
     model = realmodel.build_bf16(tmp_path / "bf16")

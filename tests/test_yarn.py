@@ -14,8 +14,8 @@ import realmodel
 from skips import vllm_missing
 
 from qwen3_vl_service.core.errors import ConfigError
-from qwen3_vl_service.planning import plan, vllm_args
 from qwen3_vl_service.machine.gpus import parse_spec
+from qwen3_vl_service.planning import plan, vllm_args
 from qwen3_vl_service.planning.model import inspect
 from qwen3_vl_service.settings import config
 

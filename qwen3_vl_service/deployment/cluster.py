@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from qwen3_vl_service.core.errors import ConfigError
 from qwen3_vl_service.core.hosts import is_loopback, local_url, url_host
-from qwen3_vl_service.planning.gpus import parse_visible_devices
+from qwen3_vl_service.machine.gpus import parse_visible_devices
 from qwen3_vl_service.settings.config import ServiceConfig
 
 REPLICA_PREFIX = "replica-"

@@ -28,7 +28,7 @@ from qwen3_vl_service.interconnect.run import (
     worker_env,
 )
 from qwen3_vl_service.interconnect.topology import Topology, read_topology, render_topology
-from qwen3_vl_service.planning.gpus import NvmlUnavailable
+from qwen3_vl_service.machine.gpus import NvmlUnavailable
 from qwen3_vl_service.settings.config import load
 
 

@@ -16,7 +16,7 @@ from qwen3_vl_service.interconnect.run import (
     worker_env,
 )
 from qwen3_vl_service.interconnect.topology import Topology, p2p_problems, read_topology
-from qwen3_vl_service.planning.gpus import NvmlUnavailable
+from qwen3_vl_service.machine.gpus import NvmlUnavailable
 from qwen3_vl_service.settings.config import ServiceConfig
 
 CHECK = "Interconnect"

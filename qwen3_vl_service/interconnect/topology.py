@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qwen3_vl_service.planning.gpus import NvmlUnavailable, cuda_order, nvml_session, parse_visible_devices
+from qwen3_vl_service.machine.gpus import NvmlUnavailable, cuda_order, nvml_session, parse_visible_devices
 
 _LEVELS = {0: "BRD", 10: "PIX", 20: "PXB", 30: "PHB", 40: "NODE", 50: "SYS"}
 _P2P_STATUS = {

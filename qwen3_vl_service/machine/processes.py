@@ -26,7 +26,7 @@ import psutil
 
 from qwen3_vl_service.core.hosts import WILDCARDS
 from qwen3_vl_service.core.names import LOGTEE_MARKER, MEDIA_MARKERS, MEDIA_PID_FILE, RUN_DIR_ENV, TAG_ENV
-from qwen3_vl_service.planning.gpus import NvmlUnavailable, nvml_processes, nvml_session
+from qwen3_vl_service.machine.gpus import NvmlUnavailable, nvml_processes, nvml_session
 
 # For vLLM's environment: keeps /proc/<pid>/environ readable after vLLM's
 # EngineCore and workers call setproctitle (which otherwise overwrites it with

@@ -24,15 +24,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from qwen3_vl_service import __version__
+from qwen3_vl_service.core.mediatypes import content_type_for
 from qwen3_vl_service.core.names import MEDIA_SERVICE_ID
-from qwen3_vl_service.media.policy import (
-    MAX_PATH,
-    aiohttp_etag,
-    clean_segments,
-    content_type_for,
-    range_decision,
-    resolve_file,
-)
+from qwen3_vl_service.media.policy import MAX_PATH, aiohttp_etag, clean_segments, range_decision, resolve_file
 
 # In-flight downloads get this long to finish after SIGTERM; the stop command
 # waits longer than this before it escalates to SIGKILL.

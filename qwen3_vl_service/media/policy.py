@@ -12,7 +12,6 @@ few Range cases aiohttp gets wrong.
 
 from __future__ import annotations
 
-import mimetypes
 import os
 import re
 import stat
@@ -24,41 +23,11 @@ from urllib.parse import unquote
 
 from qwen3_vl_service.core.errors import ConfigError
 
-# Our own table rather than the host's /etc/mime.types, so that the
-# Content-Type of the common formats does not depend on the node's packages.
-# Other extensions fall back to Python's mimetypes (image/, video/, audio/ only).
-MIME_TYPES = {
-    "jpg": "image/jpeg",
-    "jpeg": "image/jpeg",
-    "png": "image/png",
-    "webp": "image/webp",
-    "gif": "image/gif",
-    "bmp": "image/bmp",
-    "tif": "image/tiff",
-    "tiff": "image/tiff",
-    "avif": "image/avif",
-    "heic": "image/heic",
-    "mp4": "video/mp4",
-    "m4v": "video/mp4",
-    "webm": "video/webm",
-    "mov": "video/quicktime",
-    "mkv": "video/x-matroska",
-    "avi": "video/x-msvideo",
-}
-_MEDIA_MAJOR = ("image/", "video/", "audio/")
 # What is left of a segment after one round of percent-decoding must not be
 # encoded again: "%252e%252e" decodes to "%2e%2e", which a second decoder
 # anywhere downstream would turn into "..".
 _STILL_ENCODED = re.compile(r"%[0-9A-Fa-f]{2}")
 MAX_PATH = 4096
-
-
-def content_type_for(ext: str) -> str | None:
-    """The Content-Type served for a lower-case extension, or None if it is not media."""
-    if ext in MIME_TYPES:
-        return MIME_TYPES[ext]
-    guessed = mimetypes.guess_type(f"x.{ext}", strict=False)[0]
-    return guessed if guessed and guessed.startswith(_MEDIA_MAJOR) else None
 
 
 def check_root(root: str | Path, setting: str = "--root") -> Path:

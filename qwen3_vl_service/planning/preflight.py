@@ -25,13 +25,13 @@ from qwen3_vl_service.core.findings import Finding, Level
 from qwen3_vl_service.core.hosts import is_loopback
 from qwen3_vl_service.core.names import MEDIA_MARKERS
 from qwen3_vl_service.core.units import format_bytes, format_duration, format_ranges
+from qwen3_vl_service.machine import gpus as gpus_mod
 from qwen3_vl_service.machine import processes
+from qwen3_vl_service.machine.gpus import Inventory
 from qwen3_vl_service.media import client as media_client
-from qwen3_vl_service.planning import gpus as gpus_mod
 from qwen3_vl_service.planning import model as model_mod
 from qwen3_vl_service.planning import plan as plan_mod
 from qwen3_vl_service.planning import slurm as slurm_mod
-from qwen3_vl_service.planning.gpus import Inventory
 from qwen3_vl_service.planning.model import ModelInfo
 from qwen3_vl_service.planning.plan import Plan
 from qwen3_vl_service.planning.slurm import Allocation

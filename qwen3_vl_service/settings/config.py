@@ -32,9 +32,9 @@ from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
 from qwen3_vl_service.core.errors import ConfigError, ServiceError
+from qwen3_vl_service.core.mediatypes import content_type_for
 from qwen3_vl_service.core.secrets import is_secret, mask
-from qwen3_vl_service.media.policy import content_type_for
-from qwen3_vl_service.planning.gpus import parse_spec
+from qwen3_vl_service.machine.gpus import parse_spec
 
 DEFAULT_CONFIG = "config.env"
 # Keys with these prefixes are passed to vLLM's environment untouched.

@@ -92,10 +92,12 @@ def parse_spec(spec: str) -> Inventory:
     if m.group(3) is None:
         if name not in _DEFAULT_GB:
             sizes = sorted(size for known, size in _KNOWN_TOTAL_MIB if known == name)
-            what = "comes in several sizes" if sizes else "is not a GPU this launcher knows"
-            examples = " or ".join(f"{count}x{name}-{size}GB" for size in sizes or [80])
+            if not sizes:  # no GPU of that name: not a spec at all ("lots")
+                raise UsageError(f"GPU spec {spec!r} is not understood", fix=_SPEC_FIX)
+            examples = " or ".join(f"{count}x{name}-{size}GB" for size in sizes)
             raise UsageError(
-                f"GPU spec {spec!r} has no memory, and {name} {what}", fix=f"write it: {examples}"
+                f"GPU spec {spec!r} has no memory, and {name} comes in several sizes",
+                fix=f"write it: {examples}",
             )
         size = float(_DEFAULT_GB[name])
         label = f"{name}-{_DEFAULT_GB[name]}GB"

@@ -225,7 +225,7 @@ def _ensure_writable(local_dir: Path) -> None:
 @contextlib.contextmanager
 def _exclusive(local_dir: Path) -> Iterator[None]:
     """One download_model.py per model directory (best effort where flock is not supported)."""
-    import fcntl
+    import fcntl  # POSIX only: imported where the lock is taken
 
     path = local_dir / _LOCK_NAME
     fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed below
@@ -404,7 +404,7 @@ def _check_and_record(plan: Plan, ctx: HubContext) -> Path:
 
 
 def _manifest_for(plan: Plan) -> Manifest:
-    import huggingface_hub
+    import huggingface_hub  # lazily, as everywhere here: heavy, and --verify never needs the Hub
 
     hub = f", huggingface_hub {huggingface_hub.__version__}"
     return Manifest(

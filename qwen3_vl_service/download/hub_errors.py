@@ -55,7 +55,7 @@ def _network_error_types() -> tuple[type[BaseException], ...]:
         with contextlib.suppress(ImportError, AttributeError):
             types.append(getattr(__import__(module), name))
     with contextlib.suppress(ImportError):
-        import requests
+        import requests  # optional here: only if this huggingface_hub's HTTP stack is requests
 
         types += [requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError]
     return tuple(types)

@@ -31,7 +31,9 @@ import signal
 import time
 
 import psutil
+import requests
 
+from qwen3_vl_service.core.hosts import local_url
 from qwen3_vl_service.machine import processes
 
 POLL_S = 0.05
@@ -39,15 +41,11 @@ _LOAD_TIMEOUT_S = 1.0
 
 
 def load_url(host: str, port: int) -> str:
-    from qwen3_vl_service.core.hosts import local_url
-
     return f"{local_url(host, port)}/load"
 
 
 def in_flight(session, url: str) -> int | None:
     """The number of requests vLLM is serving, per /load; None when it does not say."""
-    import requests
-
     try:
         resp = session.get(url, timeout=_LOAD_TIMEOUT_S)
         return int(resp.json()["server_load"]) if resp.status_code == 200 else None
@@ -64,8 +62,6 @@ def stop_api_server(
     main: psutil.Process, url: str, timeout: float, *, kill_timeout: float
 ) -> processes.StopResult:
     """SIGTERM MAIN; once URL (/load) reads 0, SIGKILL its engine; SIGKILL MAIN itself after TIMEOUT."""
-    import requests
-
     start = time.monotonic()
     deadline = start + timeout
     engine = engine_processes(main)

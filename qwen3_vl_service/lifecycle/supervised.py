@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import requests
 
 from qwen3_vl_service.core import hosts
 from qwen3_vl_service.core.childproc import with_package_path
@@ -26,7 +27,8 @@ from qwen3_vl_service.core.cli import ArgumentParser, run
 from qwen3_vl_service.core.errors import ServiceError, UsageError
 from qwen3_vl_service.core.names import LAUNCHER_LOG, RUN_DIR_ENV, TAG_ENV
 from qwen3_vl_service.deployment.deployment import ROUTER, Deployment, Unit, replica_config
-from qwen3_vl_service.lifecycle import readiness, registry, runstate
+from qwen3_vl_service.lifecycle import readiness, registry, runstate, stop
+from qwen3_vl_service.lifecycle.drain import engine_processes
 from qwen3_vl_service.lifecycle.liveness import Liveness
 from qwen3_vl_service.lifecycle.supervisor import (
     HEALTH_EVERY_S,
@@ -59,8 +61,6 @@ def describe_exit(returncode: int) -> str:
 
 def _health_error(url: str, timeout: float = HEALTH_TIMEOUT_S) -> str | None:
     """None when URL answers 200; else what went wrong, short."""
-    import requests
-
     try:
         with requests.Session() as session:
             session.trust_env = False  # the server is on this node: never through a proxy
@@ -300,8 +300,6 @@ class VllmUnit:
     def _engine_processes(self) -> list:
         """(process, title) of the EngineCore and workers: losing one is vLLM's end, even if its API lives."""
         assert self.proc is not None
-        from qwen3_vl_service.lifecycle.drain import engine_processes
-
         try:
             return [(p, processes.info(p).label) for p in engine_processes(psutil.Process(self.proc.pid))]
         except psutil.Error:
@@ -342,8 +340,6 @@ class VllmUnit:
         processes.wait_gone(alive, CLEANUP_TIMEOUT_S)
 
     def _stop(self, timeout: float) -> None:
-        from qwen3_vl_service.lifecycle import stop
-
         report = stop.stop_service(
             self.unit.run_dir,
             host=self.cfg.host,
@@ -361,15 +357,11 @@ class VllmUnit:
 
     def stop(self) -> None:
         """stop_service.py's stop: in-flight requests finish within SHUTDOWN_TIMEOUT, then nothing is left."""
-        from qwen3_vl_service.lifecycle import stop
-
         self._stop(self.cfg.shutdown_timeout + stop.SHUTDOWN_GRACE_S)
 
 
 def rotation_call(router_url: str, worker_url: str, *, join: bool, timeout: float = 5.0) -> str:
     """Add WORKER_URL to (JOIN) or remove it from vllm-router's rotation; "" when done, else why not."""
-    import requests
-
     action = "add_worker" if join else "remove_worker"
     try:
         with requests.Session() as session:

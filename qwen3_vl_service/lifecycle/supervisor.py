@@ -40,10 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
+
 from qwen3_vl_service.core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from qwen3_vl_service.core.fileio import write_atomic
 from qwen3_vl_service.core.names import RECORD_FILE
 from qwen3_vl_service.core.signals import Inbox
+from qwen3_vl_service.lifecycle.runstate import now_iso, this_node
+from qwen3_vl_service.machine.processes import is_recorded
 
 CHECK_S = 0.5  # how often processes are looked at
 HEALTH_EVERY_S = 5.0  # how often /health is asked
@@ -113,12 +117,6 @@ def record_path(run_dir: str | os.PathLike[str]) -> Path:
     return Path(run_dir) / RECORD_FILE
 
 
-def _now_iso() -> str:
-    from qwen3_vl_service.lifecycle.runstate import now_iso
-
-    return now_iso()
-
-
 class Record:
     """What status shows: pid, state, restarts and their causes. Written atomically."""
 
@@ -132,10 +130,6 @@ class Record:
         port: int = 0,
         media: tuple[str, int] | None = None,
     ) -> None:
-        import psutil
-
-        from qwen3_vl_service.lifecycle.runstate import this_node
-
         self.path = path
         self.write_failed = False
         me = psutil.Process()
@@ -144,7 +138,7 @@ class Record:
             "create_time": me.create_time(),
             "tag": tag,
             "node": this_node(),
-            "started_at": _now_iso(),
+            "started_at": now_iso(),
             "restart": restart,
             "policy": {"max_restarts": policy.max_restarts, "window_s": policy.window},
             "state": "starting",
@@ -180,7 +174,7 @@ class Record:
             self.write_failed = False
 
     def restarted(self, unit: str, cause: str) -> None:
-        at = _now_iso()
+        at = now_iso()
         history = [*self.data["history"], {"at": at, "unit": unit, "cause": cause}][-HISTORY:]
         self.update(
             restarts=self.data["restarts"] + 1,
@@ -202,11 +196,6 @@ def read_record(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def live(run_dir: str | os.PathLike[str]):
     """The recorded supervisor's process (psutil), if it still runs here and is the one recorded."""
-    import psutil
-
-    from qwen3_vl_service.lifecycle.runstate import this_node
-    from qwen3_vl_service.machine.processes import is_recorded
-
     data = read_record(run_dir)
     if data is None or data.get("node", this_node()) != this_node():
         return None

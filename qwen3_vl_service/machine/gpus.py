@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from qwen3_vl_service.core.errors import CheckFailed, UsageError
 
 MiB = 1024**2
@@ -220,8 +222,6 @@ def _cuda_version_text(value: int) -> str:
 
 def _process_name(nvml: Any, pid: int) -> str:
     try:
-        import psutil
-
         return psutil.Process(pid).name()
     except Exception:  # noqa: BLE001 - another user's or another namespace's pid
         pass

@@ -35,6 +35,7 @@ from qwen3_vl_service.core.errors import ConfigError, ServiceError
 from qwen3_vl_service.core.mediatypes import content_type_for
 from qwen3_vl_service.core.secrets import is_secret, mask
 from qwen3_vl_service.machine.gpus import parse_spec
+from qwen3_vl_service.settings import profiles
 
 DEFAULT_CONFIG = "config.env"
 # Keys with these prefixes are passed to vLLM's environment untouched.
@@ -170,8 +171,6 @@ def _stall_after(raw: str) -> int:
 
 
 def _profile(raw: str) -> str:
-    from qwen3_vl_service.settings import profiles
-
     return profiles.parse(raw)
 
 
@@ -557,8 +556,6 @@ class ServiceConfig:
         return dataclasses.replace(self, **changes)
 
 
-
-
 # ---------------------------------------------------------------------------
 # Loading
 
@@ -646,8 +643,6 @@ def load(config_path: str | Path | None = None, environ: Mapping[str, str] | Non
         if key in env:
             raw[key], sources[key] = env[key], "environment"
     # A profile fills in what neither the file nor the environment set (profiles.py).
-    from qwen3_vl_service.settings import profiles
-
     if "PROFILE" in raw:
         profile = parse_value("PROFILE", raw["PROFILE"], source=sources["PROFILE"])
     else:

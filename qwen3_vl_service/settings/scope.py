@@ -28,6 +28,7 @@ Pure path arithmetic (lifecycle/registry.py reads what runs in these folders).
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,8 +69,6 @@ def service_name(cfg: ServiceConfig) -> str:
 
 def media_folder(media_port: int, node: str | None = None) -> str:
     """The media server's folder name under RUN_DIR and LOG_DIR: media-<port>-<node> (this node)."""
-    import socket
-
     return f"{MEDIA_PREFIX}{media_port}-{node or socket.gethostname()}"
 
 

@@ -44,7 +44,7 @@ from typing import Any
 from qwen3_vl_service.core.cli import ArgumentParser, run
 from qwen3_vl_service.core.errors import CheckFailed, ConfigError, UsageError
 from qwen3_vl_service.core.fileio import write_atomic
-from qwen3_vl_service.core.hosts import is_loopback
+from qwen3_vl_service.core.hosts import is_loopback, url_host
 from qwen3_vl_service.core.names import MEDIA_LOG_FILE, MEDIA_PID_FILE, MEDIA_SERVICE_ID
 from qwen3_vl_service.machine.processes import is_media_pid, port_holders, read_pid_file
 from qwen3_vl_service.media.app import LISTEN_BACKLOG, MediaSettings, run_serving, serve_socket
@@ -159,7 +159,7 @@ def _detach(log_file: Path) -> None:
 
 def _say_listening(settings: MediaSettings, sock: socket.socket, pid: int, announce: bool) -> None:
     host, port = sock.getsockname()[:2]
-    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    url = f"http://{url_host(host)}:{port}"
     log.info(
         "listening on %s pid %d root %s types %s workers %d",
         url,

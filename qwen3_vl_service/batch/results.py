@@ -60,24 +60,29 @@ def errors_path(out: Path) -> Path:
 
 
 def resume(out: Path, known: Collection[str], source: Path) -> Resume:
-    """The custom_ids OUT answers; cuts a torn last line. UsageError when OUT is not this input's."""
+    """The custom_ids OUT answers; cuts a torn last line. UsageError when OUT is not this input's.
+
+    Read a line at a time: the output of a large dataset may not fit in memory whole."""
+    done = Resume()
+    whole = 0  # bytes of whole lines
     try:
-        data = out.read_bytes()
+        with open(out, "rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                if not raw.endswith(b"\n"):
+                    done.torn_bytes = len(raw)
+                    break
+                whole += len(raw)
+                if raw.strip():
+                    done.answered.add(_answered_id(raw, out, number, known, source, done.answered))
     except FileNotFoundError:
-        return Resume()
+        return done
     except OSError as exc:
         raise UsageError(f"cannot read {out}: {exc.strerror}", fix="check the output file's path") from None
-    done = Resume()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        done.torn_bytes = len(data) - end
+    if done.torn_bytes:
         try:
-            os.truncate(out, end)
+            os.truncate(out, whole)
         except OSError as exc:
             raise CheckFailed(f"cannot cut the torn last line of {out}: {exc.strerror}") from None
-    for number, raw in enumerate(data[:end].splitlines(), start=1):
-        if raw.strip():
-            done.answered.add(_answered_id(raw, out, number, known, source, done.answered))
     return done
 
 

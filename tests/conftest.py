@@ -1,12 +1,135 @@
-"""Shared pytest hooks, and the one fixture several modules use (procs). Others live with their tests."""
+"""Shared pytest hooks and fixtures: the session's tiny model, sample media and demo service, and procs.
+
+How a new end-to-end test uses them
+-----------------------------------
+A start of the real vLLM server costs 30-100 s on two cores; the suite's budget is a few of them.
+
+- A running service: take ``demo`` (a ``served.Served``, session-scoped). It is the one supervised
+  demo service of the session (config.demo.env, RESTART=on-failure, its log folder on a 16 MB
+  tmpfs when root), started on first use and shared by every test that needs one running:
+  send requests to ``demo.base``, media through ``demo.media``, run ``demo.script(...)``.
+  Leave it as you found it, or mark the test:
+  ``@pytest.mark.disrupts`` if it kills a part that the supervisor brings back (the engine, the
+  media server, a hang): such tests run after every test that does not;
+  ``@pytest.mark.ends_demo`` if it stops the service for good: these run after all others, in file
+  order. tests/test_services_e2e.py ends it today, step by step (stop, --all, the media server):
+  a test about the end belongs there.
+- A service of your own (another setting, a foreground start, a failure on purpose): build a
+  ``served.Served(tmp_path, model=tiny_model, media_root=demo_media, **settings)`` and ``start()``
+  it; its ``stop_all()`` in a ``finally``. Use ``tiny_model``: one model path for every start of
+  the session lets vLLM reuse its compile cache (the path is part of the cache key: another copy
+  compiles again).
+- A replica group behind the router: the ``group`` fixture of tests/test_slurm_multi_e2e.py (a
+  two-node SLURM job, a replica on each, the router on the head): add the test to that file, before
+  its last test (the job's end).
+- Something that waits (a job's time limit): start it in an ``@pytest.mark.early`` test and check
+  the end in a ``@pytest.mark.late`` one (tests/test_slurm_e2e.py), so the wait overlaps the others.
+
+Order: early, then unmarked, disrupts, ends_demo, late; file order within each (a stable sort).
+Tests end only what they started, by pid or by the run folder their service carries.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from lifecycle_helpers import PY, SLEEP, clean_env, environ_of, kill_pids, wait_until
+from served import Served
+from skips import in_ci, require
+
+# Every vLLM a test starts traces the model with dynamo and runs it eagerly, without inductor's C++
+# compile and the warm-up pass: vLLM's own switch for its CPU CI (vllm/platforms/cpu.py,
+# VLLM_CPU_CI_ENV: "compilations consume too much time, even with torch compile cache"). Measured
+# here: init engine 0.8 s instead of 12 s (47 s with a cold cache), a start to /health 20-50 s
+# sooner. The tests are about our processes, not vLLM's kernels; the smoke test's CPU run (CI, once)
+# keeps vLLM's default path, as scripts/demo.sh does.
+os.environ.setdefault("VLLM_CPU_CI_ENV", "1")
+
+# The order of the end-to-end phases (see above); unmarked tests are "run".
+_PHASES = ("early", "run", "disrupts", "ends_demo", "late")
+# The demo service's log folder: a tmpfs this small fills in a second (the full-disk test).
+TMPFS_MB = 16
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Early tests first, then the rest, then those that disrupt or end the shared service, then late."""
+
+    def phase(item: pytest.Item) -> int:
+        marked = [i for i, name in enumerate(_PHASES) if item.get_closest_marker(name)]
+        return marked[0] if marked else _PHASES.index("run")
+
+    items.sort(key=phase)  # stable: file order within a phase
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen3-VL-MoE of the CPU demo (devtools/tiny_model.py), generated once per session."""
+    from devtools import tiny_model as generator  # torch and transformers: seconds to import
+
+    return generator.generate(tmp_path_factory.mktemp("shared") / "tiny-model")
+
+
+@pytest.fixture(scope="session")
+def demo_media(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MEDIA_ROOT of the session's services: the sample image, picture and clip (devtools/sample_media.py),
+    the clip again as clips/clip.mp4; and outside it, beside it, outside/secret.png."""
+    from devtools import sample_media  # numpy, Pillow and OpenCV
+
+    root = tmp_path_factory.mktemp("media")
+    media = root / "media"
+    sample_media.write_samples(media)
+    (media / "clips").mkdir()
+    shutil.copy(media / "sample.mp4", media / "clips" / "clip.mp4")
+    (root / "outside").mkdir()
+    shutil.copy(media / "sample.png", root / "outside" / "secret.png")
+    return media
+
+
+def _mount_tmpfs(path: Path) -> bool:
+    """A TMPFS_MB tmpfs at PATH when root can mount one; CI (root) must."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MB}m", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        if in_ci():
+            pytest.fail(f"cannot mount a tmpfs as root: {r.stderr.strip()}")
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_media: Path):
+    """The session's supervised demo service (see the top of this file), started on first use."""
+    require("vllm")
+    root = tmp_path_factory.mktemp("demo")
+    s = Served(
+        root,
+        model=tiny_model,
+        media_root=demo_media,
+        RESTART="on-failure",
+        MAX_RESTARTS="5",
+        RESTART_WINDOW="900",
+        RESTART_BACKOFF="1",
+        HEALTH_FAIL_AFTER="30",
+    )
+    s.tmpfs = _mount_tmpfs(s.log_root)  # the service's and the media server's logs
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop_all()
+        if s.tmpfs:
+            subprocess.run(["umount", "-l", str(s.log_root)], check=False)
 
 
 @pytest.fixture

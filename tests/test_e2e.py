@@ -1,12 +1,12 @@
 """End to end: the real vLLM server (CPU build) serving a tiny Qwen3-VL-MoE through start_service.py.
 
-One service for the whole module (a start costs 30-100 s on two cores),
-started exactly as a user would: ``start_service.py --config config.demo.env
---detach`` with the ports, model, media root and run/log folders overridden
-through the environment. Requests go through both ``requests`` and the
-official ``openai`` client. The last two tests end it: ``kill -9`` of the API
-server then ``stop_service.py`` (orphaned EngineCore/Worker found by their
-tag), then ``stop_service.py --all`` (the media server too).
+The requests go to the session's shared demo service (``demo`` in
+tests/conftest.py: ``start_service.py --config config.demo.env --detach``
+under its supervisor, with the ports, model, media root and run/log folders
+overridden through the environment), through both ``requests`` and the
+official ``openai`` client. A foreground start of its own shows the exec of
+vLLM and Ctrl+C. The stops (``kill -9`` of the API server then
+``stop_service.py``, ``--all``) are at the end of tests/test_services_e2e.py.
 
 Each request's status and latency are printed in the terminal summary.
 """
@@ -16,9 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,142 +25,17 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from skips import vllm_missing
+from served import DEMO_CONFIG, MODEL, REPO, Served, port_free
 
-from qwen3_vl_service.deployment import scope
+from qwen3_vl_service.core.names import TAG_ENV
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
-MODEL = "qwen3-vl-fp8"
-TAG_ENV = "QWEN3_VL_SERVICE_TAG"
-RUN_DIR_ENV = "QWEN3_VL_SERVICE_RUN_DIR"
 TIMINGS: list[tuple[str, int, float]] = []
 
 
-def _have_vllm() -> bool:
-    code = "import importlib.util,sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-    return subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_free(port: int) -> bool:
-    """Whether a server could listen on PORT now (SO_REUSEADDR, as servers bind: TIME_WAIT is no holder)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def alive(pid: int) -> bool:
-    """PID runs (a zombie waiting for init to reap it holds nothing: no memory, no port, no GPU)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def ours(run_dir: Path) -> list[psutil.Process]:
-    """Every live process that carries this service's run directory in its environment."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get(RUN_DIR_ENV) == str(run_dir):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-class Service:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.media_port = free_port()
-        while self.media_port == self.port:
-            self.media_port = free_port()
-        self.media_root = root / "media"
-        self.run_root = root / "run"
-        self.log_root = root / "logs"
-        # The service's own folders (scope.py: SERVICE_NAME auto is port-<PORT>).
-        self.run_dir = self.run_root / f"port-{self.port}"
-        self.log_dir = self.log_root / f"port-{self.port}"
-        self.media_pid_file = self.run_root / scope.media_folder(self.media_port) / "media_server.pid"
-        self.model = root / "model"
-        self.env = {
-            **os.environ,
-            "PORT": str(self.port),
-            "MEDIA_PORT": str(self.media_port),
-            "MEDIA_ROOT": str(self.media_root),
-            "MODEL_PATH": str(self.model),
-            "RUN_DIR": str(self.run_root),
-            "LOG_DIR": str(self.log_root),
-            "PYTHONUNBUFFERED": "1",
-            # vLLM alone (the foreground start execs it); the supervisor has tests/test_faults.py.
-            "RESTART": "no",
-        }
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.media = f"http://127.0.0.1:{self.media_port}"
-
-    def script(self, name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, str(REPO / name), "--config", str(REPO / "config.demo.env"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=self.root,
-        )
-
-    def state(self) -> dict:
-        return json.loads((self.run_dir / "service.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def svc(tmp_path_factory):
-    if not _have_vllm():
-        vllm_missing("vLLM is not installed here: run scripts/setup_env.sh (scripts/test.sh does)")
-    from devtools import sample_media, tiny_model
-
-    s = Service(tmp_path_factory.mktemp("e2e"))
-    tiny_model.generate(s.model)
-    s.media_root.mkdir()
-    sample_media.write_samples(s.media_root)
-    (s.media_root / "clips").mkdir()
-    shutil.copy(s.media_root / "sample.mp4", s.media_root / "clips" / "clip.mp4")
-    outside = s.root / "outside"
-    outside.mkdir()
-    shutil.copy(s.media_root / "sample.png", outside / "secret.png")
-
-    t0 = time.monotonic()
-    try:
-        proc = s.script("start_service.py", "--detach", "--quiet", timeout=900)
-    except subprocess.TimeoutExpired:
-        proc = subprocess.CompletedProcess(
-            [], returncode=-1, stdout="(start_service.py timed out)", stderr=""
-        )
-    TIMINGS.append(("start_service.py --detach (to /health 200)", proc.returncode, time.monotonic() - t0))
-    if proc.returncode != 0:
-        logs = "\n".join(p.read_text(errors="replace")[-4000:] for p in s.log_dir.glob("*.log"))
-        s.script("stop_service.py", "--all")
-        for p in ours(s.run_dir):
-            p.kill()
-        pytest.fail(
-            f"start failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{logs}"
-        )
-    assert "ready:" in proc.stdout
-    yield s
-    # Whatever the tests did, leave nothing running.
-    s.script("stop_service.py", "--all")
-    for p in ours(s.run_dir):
-        p.kill()
+@pytest.fixture
+def svc(demo: Served) -> Served:
+    return demo
 
 
 def timed(name: str, fn):
@@ -172,7 +45,7 @@ def timed(name: str, fn):
     return resp
 
 
-def chat(svc: Service, name: str, content, **extra) -> requests.Response:
+def chat(svc: Served, name: str, content, **extra) -> requests.Response:
     body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 16, **extra}
     return timed(name, lambda: requests.post(f"{svc.base}/v1/chat/completions", json=body, timeout=300))
 
@@ -189,6 +62,7 @@ def ok_message(resp: requests.Response) -> dict:
 
 
 def test_models_and_health(svc):
+    TIMINGS.append(("start_service.py --detach (to /health 200): the shared demo", 0, svc.start_seconds))
     r = timed("GET /v1/models", lambda: requests.get(f"{svc.base}/v1/models", timeout=30))
     assert r.status_code == 200
     assert [m["id"] for m in r.json()["data"]] == [MODEL]
@@ -371,7 +245,10 @@ def test_completions(svc):
 
 def test_file_url_outside_the_media_root_is_refused(svc):
     content = [
-        {"type": "image_url", "image_url": {"url": (svc.root / "outside" / "secret.png").as_uri()}},
+        {
+            "type": "image_url",
+            "image_url": {"url": (svc.media_root.parent / "outside" / "secret.png").as_uri()},
+        },
         {"type": "text", "text": "What is this?"},
     ]
     r = chat(svc, "refused: file:// outside MEDIA_ROOT", content)
@@ -423,58 +300,13 @@ def test_status_reports_healthy_with_metrics(svc):
     assert human.returncode == 0 and str(svc.port) in human.stdout
 
 
-def test_kill_9_of_the_api_server_then_stop_leaves_nothing(svc):
-    state = svc.state()
-    api = psutil.Process(state["pid"])
-    children = api.children(recursive=True)
-    titles = " ".join(" ".join(c.cmdline()) for c in children)
-    assert "VLLM::EngineCore" in titles, titles
-    api.send_signal(signal.SIGKILL)
-    api.wait(timeout=30)
-    time.sleep(1.0)
-    orphans = [c for c in children if alive(c.pid)]
-    assert orphans, "vLLM's engine should survive a SIGKILL of its API server (vLLM #55510)"
-
-    t0 = time.monotonic()
-    proc = svc.script("stop_service.py")
-    TIMINGS.append(("stop_service.py after kill -9", proc.returncode, time.monotonic() - t0))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert not any(alive(c.pid) for c in orphans)
-    vllm_left = [p for p in ours(svc.run_dir) if "media" not in " ".join(p.cmdline())]
-    assert vllm_left == []
-    assert port_free(svc.port)
-    assert requests.get(f"{svc.media}/health", timeout=10).status_code == 200, (
-        "without --all the media server stays"
-    )
-    assert not Path(state["private_tmp"]).exists(), "the run's IPC socket folder is removed"
-
-
-def test_stop_all_stops_the_media_server_and_frees_both_ports(svc):
-    media_pid = int(svc.media_pid_file.read_text().split()[0])
-    assert alive(media_pid)
-    proc = svc.script("stop_service.py", "--all")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert ours(svc.run_dir) == []
-    assert not alive(media_pid)
-    assert port_free(svc.port) and port_free(svc.media_port)
-    again = svc.script("stop_service.py", "--all")
-    assert again.returncode == 0 and "not running" in (again.stdout + again.stderr).lower()
-
-
-def test_foreground_start_execs_vllm_and_ctrl_c_stops_it(svc):
-    """`start_service.py` without --detach: the launcher's pid becomes vLLM, output is teed to
-    service.log, and Ctrl+C (SIGINT to the terminal's process group) stops every process."""
-    assert port_free(svc.port)
+def test_foreground_start_execs_vllm_and_ctrl_c_stops_it(tmp_path, tiny_model, demo_media):
+    """`start_service.py` without --detach and RESTART=no: the launcher's pid becomes vLLM, output is
+    teed to service.log, and Ctrl+C (SIGINT to the terminal's process group) stops every process."""
+    svc = Served(tmp_path, model=tiny_model, media_root=demo_media, RESTART="no", MEDIA_SERVER="false")
     log = svc.log_dir / "service.log"
-    offset = log.stat().st_size if log.exists() else 0
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "start_service.py"),
-            "--config",
-            str(REPO / "config.demo.env"),
-            "--quiet",
-        ],
+        [sys.executable, str(REPO / "start_service.py"), "--config", str(DEMO_CONFIG), "--quiet"],
         env=svc.env,
         cwd=svc.root,
         stdout=subprocess.PIPE,
@@ -504,13 +336,15 @@ def test_foreground_start_execs_vllm_and_ctrl_c_stops_it(svc):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert ours(svc.run_dir) == [] or all(not alive(p.pid) for p in ours(svc.run_dir))
+        left = svc.ours()
+        svc.stop_all()
+    assert left == []
     assert port_free(svc.port)
-    text = log.read_bytes()[offset:].decode(errors="replace")
+    text = log.read_text(errors="replace")
     # The launcher's report, then vLLM's own lines, in the terminal and in the log alike.
     for where in (out, text):
         assert "Preflight" in where and "exec vLLM" in where
         # The command shown is the one that ran: its tag and IPC socket folder (issue 16, defect 4).
-        assert f"QWEN3_VL_SERVICE_TAG={state['tag']}" in where
+        assert f"{TAG_ENV}={state['tag']}" in where
         assert f"VLLM_RPC_BASE_PATH={state['private_tmp']}" in where
         assert "Application startup complete" in where

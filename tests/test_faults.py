@@ -1,24 +1,23 @@
-"""Faults against the real vLLM CPU server under the supervisor (RESTART=on-failure), and a load test.
+"""Faults against the real vLLM CPU server under its supervisor (RESTART=on-failure), and a load test.
 
-One supervised service for the module, started as a user would
-(``start_service.py --config config.demo.env --detach``), its log folder on a
-small tmpfs (mounted here as root; elsewhere the full-disk test skips, never
-under CI=true). In order:
+They use the session's shared demo service (``demo`` in tests/conftest.py:
+supervised, its log folder on a small tmpfs mounted as root; elsewhere the
+full-disk test skips, never under CI=true):
 
 1. load: 16 clients send image chats (images fetched from the media server)
    for LOAD_SECONDS (30 by default; ``-m load`` with LOAD_SECONDS=300 for the
    5-minute run): every request succeeds; requests and p50/p99 printed.
-2. ``kill -9`` of our VLLM::EngineCore (found by pid through the service
+2. the log's file system full: requests keep succeeding.
+3. ``kill -9`` of our VLLM::EngineCore (found by pid through the service
    tag) during that load: every request in flight ends, with an error, within
    IN_FLIGHT_BOUND_S of the kill (none hangs); the supervisor restarts vLLM,
    which answers again; status shows the restart and its cause.
-3. ``kill -9`` of the media server: back, serving, restart recorded.
-4. the log's file system full: requests keep succeeding.
-5. stop_service.py: the supervisor ends with everything else, and a stop is
-   never undone by a restart.
-Then, a service of its own: a setting that makes vLLM fail at start gives up
-after MAX_RESTARTS+1 tries with the cause and exit 1 (the batch job's path:
-the foreground start execs the supervisor).
+4. ``kill -9`` of the media server: back, serving, restart recorded.
+The stop that ends the supervisor, never undone by a restart, is in
+tests/test_services_e2e.py (the shared service's end). Then, a service of its
+own: a setting that makes vLLM fail at start gives up after MAX_RESTARTS+1
+tries with the cause and exit 1 (the batch job's path: the foreground start
+execs the supervisor).
 """
 
 from __future__ import annotations
@@ -28,31 +27,21 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-import psutil
 import pytest
 import requests
-from skips import vllm_missing
-from test_e2e import Service, _have_vllm, alive, ours, port_free
+from served import REPO, Served, alive
+from skips import in_ci, require
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
-TAG_ENV = "QWEN3_VL_SERVICE_TAG"
 LOAD_SECONDS = float(os.environ.get("LOAD_SECONDS", "30"))
 # A request in flight when the EngineCore dies must end (with an error) within this many seconds.
 IN_FLIGHT_BOUND_S = 15.0
 # The restart: cleanup, backoff (RESTART_BACKOFF=1) and a new vLLM start (30 s on two idle cores).
 RECOVERY_S = 900
-TMPFS_MB = 16
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _bench_load():
@@ -61,22 +50,6 @@ def _bench_load():
     sys.modules["bench_load"] = mod
     spec.loader.exec_module(mod)
     return mod
-
-
-def _mount_tmpfs(path: Path) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        return False
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MB}m", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        if _in_ci():
-            pytest.fail(f"cannot mount a tmpfs as root: {r.stderr.strip()}")
-        return False
-    return True
 
 
 def _wait(predicate, timeout: float, step: float = 0.5) -> bool:
@@ -96,72 +69,9 @@ def _healthy(base: str) -> bool:
         return False
 
 
-class Supervised(Service):
-    def __init__(self, root: Path, **settings: str) -> None:
-        super().__init__(root)
-        self.tmpfs = False  # LOG_DIR (log_root) on a small tmpfs, when root can mount one
-        self.env.update(
-            {
-                "RESTART": "on-failure",
-                "MAX_RESTARTS": "3",
-                "RESTART_WINDOW": "900",
-                "RESTART_BACKOFF": "1",
-                "HEALTH_FAIL_AFTER": "30",
-                **settings,
-            }
-        )
-
-    def status(self) -> dict:
-        proc = self.script("status_service.py", "--json", "--sample", "0")
-        return json.loads(proc.stdout)
-
-    def supervisor_pid(self) -> int:
-        return json.loads((self.run_dir / "supervisor.json").read_text())["pid"]
-
-    def engine_core(self) -> psutil.Process:
-        """Our VLLM::EngineCore: the process titled so that carries this run's tag."""
-        tag = self.state()["tag"]
-        for p in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if p.environ().get(TAG_ENV) == tag and " ".join(p.cmdline()).startswith("VLLM::EngineCore"):
-                    return p
-        raise AssertionError(f"no VLLM::EngineCore carries tag {tag}")
-
-
-def _prepare(root: Path, s: Service) -> None:
-    from devtools import sample_media, tiny_model
-
-    tiny_model.generate(s.model)
-    s.media_root.mkdir()
-    sample_media.write_samples(s.media_root)
-
-
-def _stop_all(s: Service) -> None:
-    s.script("stop_service.py", "--all")
-    for p in ours(s.run_dir):
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-
-
-@pytest.fixture(scope="module")
-def sup(tmp_path_factory):
-    if not _have_vllm():
-        vllm_missing("vLLM is not installed here: run scripts/setup_env.sh (scripts/test.sh does)")
-    root = tmp_path_factory.mktemp("faults")
-    s = Supervised(root)
-    s.tmpfs = _mount_tmpfs(s.log_root)  # the service's and the media server's logs below it
-    _prepare(root, s)
-    proc = s.script("start_service.py", "--detach", "--quiet", timeout=1200)
-    if proc.returncode != 0:
-        logs = "\n".join(p.read_text(errors="replace")[-4000:] for p in s.log_root.rglob("*.log"))
-        _stop_all(s)
-        pytest.fail(
-            f"start failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{logs}"
-        )
-    yield s
-    _stop_all(s)
-    if s.tmpfs:
-        subprocess.run(["umount", "-l", str(s.log_root)], check=False)
+@pytest.fixture
+def sup(demo: Served) -> Served:
+    return demo
 
 
 @pytest.mark.load
@@ -173,6 +83,7 @@ def test_load_16_clients_image_chats_through_the_media_server(sup):
     assert failed == [], load.summary()
 
 
+@pytest.mark.disrupts
 def test_kill_9_of_the_engine_core_during_load_restarts_vllm(sup):
     bench = _bench_load()
     old_pid = sup.state()["pid"]
@@ -218,6 +129,7 @@ def test_kill_9_of_the_engine_core_during_load_restarts_vllm(sup):
     assert "EngineCore" in (sup.log_dir / "service.log").read_text(errors="replace")
 
 
+@pytest.mark.disrupts
 def test_kill_9_of_the_media_server_brings_it_back(sup):
     from qwen3_vl_service.machine.processes import read_pid_file
 
@@ -241,7 +153,7 @@ def test_kill_9_of_the_media_server_brings_it_back(sup):
 
 def test_requests_keep_succeeding_while_the_log_file_system_is_full(sup):
     if not sup.tmpfs:
-        if _in_ci():
+        if in_ci():
             pytest.fail("CI=true: the log folder should be on a tmpfs (root mounts one)")
         pytest.skip("mounting a tmpfs needs root")
     filler = sup.log_dir / "filler"
@@ -265,38 +177,23 @@ def test_requests_keep_succeeding_while_the_log_file_system_is_full(sup):
     assert _wait(lambda: log.stat().st_size > full_size, 10), "the log did not resume"
 
 
-def test_stop_ends_the_supervisor_and_nothing_is_restarted(sup):
-    sup_pid = sup.supervisor_pid()
-    assert alive(sup_pid)
-    t0 = time.monotonic()
-    proc = sup.script("stop_service.py")
-    print(f"\nstop_service.py (supervised, idle): {time.monotonic() - t0:.1f} s\n{proc.stdout}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "stopping the supervisor" in proc.stdout
-    assert not alive(sup_pid)
-    time.sleep(5)  # a restart would have begun by now (RESTART_BACKOFF=1)
-    assert [p for p in ours(sup.run_dir) if "media" not in " ".join(p.cmdline())] == []
-    assert port_free(sup.port)
-    rec = json.loads((sup.run_dir / "supervisor.json").read_text())
-    assert rec["state"] == "stopped", rec
-
-
-def test_a_crash_loop_gives_up_after_the_set_tries_with_the_cause(tmp_path):
-    if not _have_vllm():
-        vllm_missing("vLLM is not installed here")
-    s = Supervised(
+def test_a_crash_loop_gives_up_after_the_set_tries_with_the_cause(tmp_path, tiny_model, demo_media):
+    require("vllm")
+    s = Served(
         tmp_path,
+        model=tiny_model,
+        media_root=demo_media,
+        RESTART="on-failure",
         MAX_RESTARTS="1",
         RESTART_BACKOFF="1",
         MEDIA_SERVER="false",
         EXTRA_VLLM_ARGS="--skip-mm-profiling --no-such-vllm-option",
     )
-    _prepare(tmp_path, s)
     try:
         # The foreground start execs the supervisor: what slurm/serve.sbatch waits for.
         proc = s.script("start_service.py", "--quiet", timeout=900)
     finally:
-        _stop_all(s)
+        s.stop_all()
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     assert out.count("started vLLM: pid") == 2, out[-3000:]  # MAX_RESTARTS=1: two tries
@@ -306,4 +203,4 @@ def test_a_crash_loop_gives_up_after_the_set_tries_with_the_cause(tmp_path):
     assert rec["state"] == "gave up" and "exited with status 2" in rec["gave_up"], rec
     status = s.status()
     assert not status["running"] and "gave up" in json.dumps(status["supervisor"])
-    assert [p for p in ours(s.run_dir) if alive(p.pid)] == []
+    assert s.ours() == []

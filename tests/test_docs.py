@@ -105,7 +105,7 @@ NOT_RUN = {
     ),
     ".venv/bin/python batch_service.py [--config F] IN.jsonl OUT.jsonl": "a synopsis; needs a service",
     "REPLICAS=2 TENSOR_PARALLEL_SIZE=4 .venv/bin/python start_service.py --detach": (
-        "starts two vLLM (test_replicas_e2e.py)"
+        "starts two vLLM (test_slurm_multi_e2e.py)"
     ),
     ".venv/bin/python start_service.py --config config.bf16.env --detach": (
         "starts vLLM (test_services_e2e.py)"

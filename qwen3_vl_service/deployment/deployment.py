@@ -44,6 +44,7 @@ from qwen3_vl_service.deployment.cluster import (
     serve_argv,
     worker_url,
 )
+from qwen3_vl_service.media import client as media_client
 from qwen3_vl_service.planning import vllm_args
 from qwen3_vl_service.planning.plan import Plan
 from qwen3_vl_service.settings import scope
@@ -326,16 +327,27 @@ class _Builder:
         )
 
     def media(self, rank: int, node: str) -> Unit:
-        """The media server of a node. Its argv is media.client's (which also reuses a running one);
-        shown here for the record, its pid file and log are scope.paths'."""
+        """The media server of a node (media.client starts it, or reuses ours when it runs)."""
         cfg = self.cfg
         own = scope.paths(cfg)
+        argv = media_client.command(
+            cfg.media_host,
+            cfg.media_port,
+            cfg.media_root,
+            cfg.media_allowed_types,
+            own.media_log,
+            own.media_pid_file,
+            python=sys.executable,  # ours, not VLLM_PYTHON: the media server is part of this package
+            workers=cfg.media_workers,
+            log_max_mb=cfg.log_max_mb,
+            log_backups=cfg.log_backups,
+        )
         return Unit(
             MEDIA,
             MEDIA,
             rank,
             node,
-            (self.python or sys.executable, "-m", "qwen3_vl_service.media", "--host", cfg.media_host),
+            tuple(argv),
             {},
             own.media_dir,
             own.media_log,

@@ -60,6 +60,27 @@ def is_ours_healthy(
     return not (pid_file is not None and read_pid_file(pid_file) != info.get("pid"))
 
 
+def command(
+    host: str,
+    port: int,
+    root: str | Path,
+    allowed_types: tuple[str, ...],
+    log_file: str | Path,
+    pid_file: str | Path,
+    *,
+    python: str = sys.executable,
+    workers: int | None = None,
+    log_max_mb: int = 100,
+    log_backups: int = 5,
+) -> list[str]:
+    """The media server's command line (detached): what ensure_running starts, the Deployment shows."""
+    cmd = [python, "-m", "qwen3_vl_service.media", "--detach", "--host", host, "--port", str(port)]
+    cmd += ["--root", str(root), "--allowed-types", ",".join(allowed_types)]
+    cmd += ["--log-file", str(log_file), "--pid-file", str(pid_file)]
+    cmd += ["--workers", "auto" if workers is None else str(workers)]
+    return [*cmd, "--log-max-mb", str(log_max_mb), "--log-backups", str(log_backups)]
+
+
 def ensure_running(
     host: str,
     port: int,
@@ -91,11 +112,18 @@ def ensure_running(
     if info is not None:
         _check_reusable(info, host, port, pid_file, real_root, allowed_types)
         return info["pid"], False
-    cmd = [python, "-m", "qwen3_vl_service.media", "--detach", "--host", host, "--port", str(port)]
-    cmd += ["--root", real_root, "--allowed-types", ",".join(allowed_types)]
-    cmd += ["--log-file", str(log_file), "--pid-file", str(pid_file)]
-    cmd += ["--workers", "auto" if workers is None else str(workers)]
-    cmd += ["--log-max-mb", str(log_max_mb), "--log-backups", str(log_backups)]
+    cmd = command(
+        host,
+        port,
+        real_root,
+        allowed_types,
+        log_file,
+        pid_file,
+        python=python,
+        workers=workers,
+        log_max_mb=log_max_mb,
+        log_backups=log_backups,
+    )
     deadline = time.monotonic() + timeout
     _start_detached(cmd, log_file, timeout)
     info = _wait_healthy(host, port, pid_file, deadline)

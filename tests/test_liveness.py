@@ -96,17 +96,33 @@ def test_a_long_prefill_is_not_a_hang():
 
 
 @pytest.mark.unit
-def test_idle_is_live_and_requests_queued_in_the_api_server_of_a_frozen_engine_are_hung():
+def test_idle_is_live_and_requests_queued_before_a_frozen_engine_are_hung_once_the_probe_waits():
     """The engine stopped while idle: its gauges say 0 running, 0 waiting for ever; the requests that
-    arrive wait in the API server, which /load counts."""
+    arrive wait in the API server (/load counts them), and so does the probe that they trigger."""
     s = Stall(stall_after=60)
     idle = parse(metrics_text(gen=500, done=10), in_flight=0)
     assert all(s.observe(t, idle).state == "live" for t in range(0, 600, 5))
     queued = parse(metrics_text(gen=500, done=10), in_flight=4)
-    assert s.observe(600, queued).state == "live"
-    assert s.observe(659, queued).state == "stalling"
-    v = s.observe(660, queued)
+    assert s.observe(600, queued).state == "live"  # not the engine's work yet: the probe asks it
+    assert s.observe(605, queued, probe_out_since=600).state == "live"
+    assert s.observe(659, queued, probe_out_since=600).state == "stalling"
+    v = s.observe(660, queued, probe_out_since=600)
     assert v.state == "hung" and "4 in flight in the API server" in v.evidence
+
+
+@pytest.mark.unit
+def test_a_request_in_the_api_servers_hands_for_minutes_is_not_a_hang():
+    """A video fetched and decoded for minutes: /load counts it, the engine has nothing to do. The
+    probe it triggers is answered (the engine moves), so it is never hung."""
+    s = Stall(stall_after=60)
+    gen = 500
+    for t in range(0, 600, 5):
+        if t % 60 == 5:
+            gen += 1  # the probe's token
+        v = s.observe(
+            t, parse(metrics_text(gen=gen), in_flight=1), probe_out_since=t if t % 60 == 0 else None
+        )
+        assert v.state != "hung", (t, v)
 
 
 @pytest.mark.unit

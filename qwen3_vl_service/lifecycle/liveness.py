@@ -15,10 +15,14 @@ freeze, and while it works at least one of them moves at every step:
   ``vllm:num_preemptions``, ``vllm:prefix_cache_queries`` (counters);
 - ``vllm:iteration_tokens_total`` (histogram: one observation per step that produced output).
 
-Hung = work is waiting (the engine says requests run or wait, the API server's
-``/load`` counts requests in flight, or our probe is out) and none of those
-values has changed for STALL_AFTER seconds. When nothing is in flight, a
-1-token completion (the probe) goes out every PROBE_IDLE_S seconds: a hang
+Hung = the engine has work (it says requests run or wait, or our probe is
+out) and none of those values has changed for STALL_AFTER seconds. The probe
+is a 1-token completion. It goes out when the API server's ``/load`` counts
+requests in flight that the engine does not show: an engine stuck while idle
+reports nothing new (its gauges froze at 0), and a request still in the API
+server's hands (a video being fetched or decoded for minutes) is not the
+engine's work, so only the engine's answer to the probe tells the two apart.
+It also goes out every PROBE_IDLE_S seconds when nothing moves, so a hang
 while idle is found before a user's request meets it.
 
 A long prefill is not a hang. vLLM's V1 scheduler cuts every prompt into chunks
@@ -104,8 +108,7 @@ class Stall:
     def observe(self, now: float, sample: Sample, *, probe_out_since: float | None = None) -> Verdict:
         if sample.progress != self.progress:
             self.progress, self.changed_at = sample.progress, now
-        in_flight = sample.in_flight or 0
-        busy = sample.running + sample.waiting > 0 or in_flight > 0 or probe_out_since is not None
+        busy = sample.running + sample.waiting > 0 or probe_out_since is not None
         if not busy:
             self.busy_since = None
             return Verdict("live")
@@ -205,7 +208,10 @@ class Liveness:
             self.verdict = Verdict("live", "vLLM's /metrics has no engine statistics (--disable-log-stats?)")
             return self.verdict
         self.verdict = self.stall.observe(now, sample, probe_out_since=self.probe.out_since())
-        if self.verdict.state == "live" and self.stall.idle_for(now) >= self.probe_idle_s:
+        engine_idle = sample.running + sample.waiting == 0
+        if self.verdict.state == "live" and (
+            self.stall.idle_for(now) >= self.probe_idle_s or (engine_idle and (sample.in_flight or 0) > 0)
+        ):
             self.probe.send(now)
         return self.verdict
 

@@ -441,7 +441,9 @@ def _port_findings(cfg: ServiceConfig) -> list[Finding]:
         vllm = any("vllm" in h.cmdline for h in holders)
         if vllm:
             fix = (
-                "stop it: python stop_service.py" + (f" (or kill {pids})" if pids else "") + f", or set {key}"
+                "stop it: .venv/bin/python stop_service.py"
+                + (f" (or kill {pids})" if pids else "")
+                + f", or set {key}"
             )
         elif pids:
             fix = f"stop it (kill {pids}) or set {key} to a free port"

@@ -143,6 +143,9 @@ def test_readme_commands_use_the_venv_python() -> None:
     .venv/bin/python, in code blocks and in the text."""
     bare = re.compile(r"(?<![/\w.-])python (?=\S+\.py\b|-m (?:qwen3_vl_service|devtools)\b)")
     assert [line for line in _readme().splitlines() if bare.search(line)] == []
+    for name in ("config.env", "config.demo.env", "config.bf16.env", "slurm/serve.sbatch"):
+        text = (REPO / name).read_text(encoding="utf-8")
+        assert [line for line in text.splitlines() if bare.search(line)] == [], name
     assert "python3 -m venv .venv" in _readme()  # the one command that must use the system python
 
 

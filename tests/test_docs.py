@@ -173,14 +173,21 @@ def test_the_readmes_commands_that_start_nothing_run_as_written(tmp_path: Path) 
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
+    # Replicas listen on PORT + i: the other ports kept well apart from it (a clash is refused).
+    ports = [free_port()]
+    while len(ports) < 3:
+        candidate = free_port()
+        if all(abs(candidate - p) > 16 for p in ports):
+            ports.append(candidate)
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "QWEN3_VL_")) and k != "CONFIG"}
     env.update(
         RUN_DIR=str(tmp_path / "run"),
         LOG_DIR=str(tmp_path / "logs"),
         MODEL_PATH=str(tmp_path / "models" / "not-downloaded"),
-        PORT=str(free_port()),
-        MEDIA_PORT=str(free_port()),
-        ROUTER_PORT=str(free_port()),
+        PORT=str(ports[0]),
+        MEDIA_PORT=str(ports[1]),
+        ROUTER_PORT=str(ports[2]),
         XDG_CACHE_HOME=str(tmp_path / "cache"),
     )
     outputs = {}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import realmodel
 
+from qwen3_vl_service.machine.gpus import Gpu, GpuProcess, Inventory, parse_spec
 from qwen3_vl_service.planning import plan
-from qwen3_vl_service.planning.gpus import Gpu, GpuProcess, Inventory, parse_spec
 from qwen3_vl_service.planning.model import ModelInfo
 from qwen3_vl_service.settings import config
 
@@ -204,13 +204,16 @@ def test_capacity_8xh100_defaults(tmp_path):
     # The numbers the README quotes.
     assert f"{p.weights_per_gpu_bytes / GiB:.2f}" == "28.41"
     assert f"{p.kv_bytes_per_gpu / GiB:.2f}" == "38.27"
-    # MAX_NUM_SEQS=auto: the 26 full-length sequences that fit.
-    assert levels(p, "Capacity") == ["ok"] and p.max_num_seqs == 26
-    assert "(MAX_NUM_SEQS=auto: 26)" in text(p, "ok")
-    # 64 do not: a warning that names the number that does.
+    # MAX_NUM_SEQS=auto: vLLM's own default on an H100 (1024, issue 22), the 26 full-length
+    # sequences as information; 853,792 // 1024 = 833 tokens each at full load: no warning.
+    assert levels(p, "Capacity") == ["ok"] and p.max_num_seqs == 1024
+    assert p.max_num_batched_tokens == 8192
+    ok = text(p, "ok")
+    assert "26 sequences of MAX_MODEL_LEN=32,768 at once" in ok
+    assert "MAX_NUM_SEQS=auto: 1024, vLLM's default on H100" in ok and "(833 tokens each" in ok
+    # An explicit 64 above the 26 that fit whole is fine: vLLM adds KV blocks as tokens arrive.
     p64 = plan.make(cfg(tmp_path, MAX_NUM_SEQS=64), parse_spec("8xH100-80GB"), real_info())
-    assert levels(p64, "Capacity") == ["warn"]
-    assert "MAX_NUM_SEQS=26" in text(p64, "warn")
+    assert levels(p64, "Capacity") == ["ok"] and p64.max_num_seqs == 64
     assert [s.gpu_index for s in p.rank_map] == list(range(8)) == [s.rank for s in p.rank_map]
     assert all(s.kv_tokens == tokens for s in p.rank_map)
     lines = "\n".join(p.formula())
@@ -237,10 +240,14 @@ def test_4xh100_at_262144_fits_once_with_fp8_kv_cache(tmp_path):
     p = plan.make(c, parse_spec("4xH100-80GB"), real_info())
     assert p.kv_dtype_bytes == 1 and p.kv_bytes_per_token_per_gpu == 24_064
     assert "error" not in levels(p)
-    assert p.max_concurrency == 1 and levels(p, "Capacity") == ["ok"] and p.max_num_seqs == 1
-    c2 = cfg(tmp_path, TENSOR_PARALLEL_SIZE=4, MAX_MODEL_LEN=262144, KV_CACHE_DTYPE="fp8", MAX_NUM_SEQS=2)
+    assert p.max_concurrency == 1 and p.max_num_seqs == 1024
+    # 487,648 KV tokens over 1024 sequences: 476 each at full load, under a short chat turn (512).
+    assert levels(p, "Capacity") == ["warn"]
+    warn = text(p, "warn")
+    assert "each gets 476 KV tokens" in warn and "preempt" in warn and "MAX_NUM_SEQS=952" in warn
+    c2 = cfg(tmp_path, TENSOR_PARALLEL_SIZE=4, MAX_MODEL_LEN=262144, KV_CACHE_DTYPE="fp8", MAX_NUM_SEQS=512)
     explicit = plan.make(c2, parse_spec("4xH100-80GB"), real_info())
-    assert levels(explicit, "Capacity") == ["warn"] and "MAX_NUM_SEQS=1" in text(explicit, "warn")
+    assert levels(explicit, "Capacity") == ["ok"] and explicit.max_num_seqs == 512
 
 
 def test_8xh200_holds_full_length_sequences(tmp_path):
@@ -331,16 +338,16 @@ def test_vision_params_of_the_real_tower():
     ("space", "max_len", "seqs", "note"),
     [
         # 1 GiB / (94 layers x 4 KV heads x 128 x 2 (K, V) x 2 bytes) = 5,577 tokens, 5,568 in blocks of 16
-        ("1", 1024, 5, "MAX_NUM_SEQS=auto: 5)"),
-        # 3 GiB = 16,720 tokens: 130 sequences of 128 fit, vLLM's CPU default of 128 caps it
-        ("3", 128, 128, "MAX_NUM_SEQS=auto: 128, vLLM's CPU default caps it)"),
+        ("1", 1024, 5, "MAX_NUM_SEQS=auto: 128, vLLM's default on CPU)"),
+        # 3 GiB = 16,720 tokens: 130 sequences of 128 fit; vLLM's CPU default is 128 either way
+        ("3", 128, 130, "MAX_NUM_SEQS=auto: 128, vLLM's default on CPU)"),
     ],
 )
-def test_cpu_kv_space_sizes_max_num_seqs(tmp_path, space, max_len, seqs, note):
+def test_cpu_kv_space_shows_full_length_sequences_beside_vllms_default(tmp_path, space, max_len, seqs, note):
     c = cfg(
         tmp_path, DEVICE="cpu", TENSOR_PARALLEL_SIZE=1, VLLM_CPU_KVCACHE_SPACE=space, MAX_MODEL_LEN=max_len
     )
     p = plan.make(c, None, real_info())
-    assert p.max_num_seqs == seqs
+    assert p.max_concurrency == seqs and p.max_num_seqs == 128
     (finding,) = [f for f in p.findings if f.check == "Capacity"]
     assert finding.message.endswith(note), finding.message

@@ -56,9 +56,9 @@ def test_default_command_has_every_flag_the_issue_names(tmp_path):
 
 @pytest.mark.unit
 def test_extra_args_come_last_and_expert_parallel_follows_the_plan(tmp_path):
-    cfg = cfg_from(tmp_path, "EXTRA_VLLM_ARGS=--enable-prefix-caching --max-num-batched-tokens 8192\n")
+    cfg = cfg_from(tmp_path, "EXTRA_VLLM_ARGS=--enable-prefix-caching --mm-processor-cache-gb 0\n")
     argv = list(vllm_args.build(cfg, expert_parallel=False).argv)
-    assert argv[-3:] == ["--enable-prefix-caching", "--max-num-batched-tokens", "8192"]
+    assert argv[-3:] == ["--enable-prefix-caching", "--mm-processor-cache-gb", "0"]
     assert "--enable-expert-parallel" not in argv
 
 

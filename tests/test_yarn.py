@@ -104,10 +104,10 @@ def test_one_million_tokens_per_hardware(real_dir: Path) -> None:
     assert levels(h100, "Context") == ["warn"] and "786,432" in message(h100, "Context")
 
     fp8 = plan.make(yarn_cfg(real_dir, KV_CACHE_DTYPE="fp8", **env), parse_spec("8xH100-80GB"), info)
-    assert levels(fp8, "Capacity") == ["ok"] and fp8.kv_tokens == 1_707_584 and fp8.max_num_seqs == 1
+    assert levels(fp8, "Capacity") == ["ok"] and fp8.kv_tokens == 1_707_584 and fp8.max_concurrency == 1
     assert "1 sequence of MAX_MODEL_LEN=1,000,000 at once" in message(fp8, "Capacity")
     h200 = plan.make(yarn_cfg(real_dir, **env), parse_spec("8xH200-141GB"), info)
-    assert levels(h200, "Capacity") == ["ok"] and h200.kv_tokens == 2_073_664 and h200.max_num_seqs == 2
+    assert levels(h200, "Capacity") == ["ok"] and h200.kv_tokens == 2_073_664 and h200.max_concurrency == 2
     assert h200.kv_bytes_per_token_per_gpu * 1_000_000 / 1024**3 == pytest.approx(44.82, abs=0.01)
 
 

@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING
 
 from qwen3_vl_service.core.findings import Finding, Level
 from qwen3_vl_service.core.units import count
+from qwen3_vl_service.planning.batch import resolve_batch
 from qwen3_vl_service.planning.yarn import native_overrun, plan_yarn
 
 if TYPE_CHECKING:
-    from qwen3_vl_service.planning.gpus import Inventory
+    from qwen3_vl_service.machine.gpus import Inventory
     from qwen3_vl_service.planning.model import ModelInfo
     from qwen3_vl_service.settings.config import ServiceConfig
 
@@ -67,12 +68,12 @@ VLLM_FP8_BLOCK_ERROR = (
     "weight quantization block_n = {block}."
 )
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
-# MAX_NUM_SEQS=auto never asks for more than vLLM's own default for the device (vllm/engine/
-# arg_utils.py, _get_default_max_num_seqs: 1024 for the API server on H100/H200-class GPUs, 128 on CPU).
-AUTO_MAX_NUM_SEQS = {"gpu": 1024, "cpu": 128}
 # Below this MAX_TOKENS a Thinking model's reasoning often uses up the whole answer (Qwen's cards
 # for its Thinking models suggest output lengths in the tens of thousands of tokens).
 THINKING_MIN_TOKENS = 2048
+# Preemption is likely when MAX_NUM_SEQS sequences at once leave each fewer KV tokens than a short
+# chat turn (a prompt and a short answer): then even short requests outgrow the cache at full load.
+PREEMPTION_SHARE = 512
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,12 @@ class Plan:
     kv_bytes_per_token_per_gpu: int | None = None
     kv_tokens: int | None = None
     max_model_len: int = 0
+    # The sequences and batched tokens per step vLLM runs with: the user's MAX_NUM_SEQS and
+    # MAX_NUM_BATCHED_TOKENS, else vLLM's own defaults for the device (0: not known, no GPUs).
     max_num_seqs: int = 0
+    max_num_seqs_source: str = ""
+    max_num_batched_tokens: int = 0
+    max_num_batched_tokens_source: str = ""
     max_concurrency: int | None = None
     gpu_memory_util: float = 0.0
     experts_per_gpu: str = ""
@@ -168,8 +174,16 @@ class Plan:
             f"KV tokens   {g(self.kv_bytes_per_gpu or 0)} GiB / {per_tok:,} B = {self.kv_tokens:,} "
             f"(blocks of {KV_BLOCK})",
             f"at once     {self.kv_tokens:,} // MAX_MODEL_LEN {self.max_model_len:,} = "
-            f"{self.max_concurrency} full-length sequences (MAX_NUM_SEQS={self.max_num_seqs})",
+            f"{self.max_concurrency} full-length sequences (information: vLLM adds KV blocks as "
+            "tokens arrive)",
         ]
+        if self.max_num_seqs:
+            share = (self.kv_tokens or 0) // self.max_num_seqs
+            lines.append(
+                f"batch       MAX_NUM_SEQS {self.max_num_seqs} ({self.max_num_seqs_source}): "
+                f"{share:,} KV tokens each when all run at once; {self.max_num_batched_tokens:,} "
+                f"batched tokens per step ({self.max_num_batched_tokens_source})"
+            )
         if self.expert_parallel and self.experts_per_gpu:
             lines.append(f"experts     {self.experts_per_gpu} (expert parallel: same bytes per GPU as TP)")
         return lines
@@ -261,7 +275,6 @@ def _make(cfg: ServiceConfig, inventory: Inventory | None, model: ModelInfo) -> 
         tensor_parallel_size=tp,
         expert_parallel=cfg.expert_parallel == "on",
         max_model_len=cfg.max_model_len,
-        max_num_seqs=cfg.max_num_seqs,
         gpu_memory_util=cfg.gpu_memory_util,
     )
     out = plan.findings
@@ -662,8 +675,7 @@ def _capacity(cfg: ServiceConfig, inventory: Inventory, model: ModelInfo, plan: 
     plan.kv_bytes_per_gpu = smallest.kv_bytes
     plan.kv_tokens = smallest.kv_tokens
     plan.max_concurrency = plan.kv_tokens // cfg.max_model_len
-    if not cfg.max_num_seqs:
-        plan.max_num_seqs = resolve_max_num_seqs(plan.max_concurrency, cfg.device)
+    resolve_batch(cfg, plan, inventory.gpus[0])
     if smallest.kv_bytes <= 0:
         plan.findings.append(_does_not_fit(cfg, inventory, model, smallest))
     elif plan.kv_tokens < cfg.max_model_len:
@@ -777,28 +789,28 @@ def _one_sequence_does_not_fit(
 
 
 def _concurrency(cfg: ServiceConfig, plan: Plan, smallest: RankSlot) -> Finding:
+    """The capacity verdict: full-length sequences as information; a warning when, with
+    MAX_NUM_SEQS sequences at once, each gets too little of the cache (preemption likely)."""
     concurrency = plan.max_concurrency or 0
+    seqs = plan.max_num_seqs
+    shown = f"auto: {seqs}, {plan.max_num_seqs_source}" if not cfg.max_num_seqs else str(seqs)
+    share = smallest.kv_tokens // seqs if seqs else smallest.kv_tokens
     summary = (
         f"KV cache {_gib(smallest.kv_bytes)} GiB per GPU = {smallest.kv_tokens:,} tokens: "
-        f"{count(concurrency, 'sequence')} of MAX_MODEL_LEN={cfg.max_model_len:,} at once"
+        f"{count(concurrency, 'sequence')} of MAX_MODEL_LEN={cfg.max_model_len:,} at once; "
+        f"MAX_NUM_SEQS={shown}"
     )
-    if not cfg.max_num_seqs:
-        return Finding("ok", "Capacity", f"{summary} (MAX_NUM_SEQS=auto: {plan.max_num_seqs})")
-    if concurrency >= cfg.max_num_seqs:
-        return Finding("ok", "Capacity", f"{summary} (MAX_NUM_SEQS={cfg.max_num_seqs})")
+    if share >= min(PREEMPTION_SHARE, cfg.max_model_len) or seqs <= concurrency:
+        return Finding("ok", "Capacity", f"{summary} ({share:,} tokens each when all run at once)")
+    # The largest count that still leaves every sequence a short chat turn's worth of cache.
+    fits = max(concurrency, smallest.kv_tokens // PREEMPTION_SHARE, 1)
     return Finding(
         "warn",
         "Capacity",
-        f"{summary}, fewer than MAX_NUM_SEQS={cfg.max_num_seqs}: when long requests fill the cache "
-        "vLLM preempts some and recomputes them later (shorter requests share the cache)",
-        f"set MAX_NUM_SEQS={concurrency} to keep room for every full-length sequence, "
-        "or accept the preemption",
+        f"{summary}: with {seqs} sequences at once each gets {share:,} KV tokens, less than a short "
+        f"chat turn ({PREEMPTION_SHARE}); vLLM will preempt running requests and recompute them later",
+        f"set MAX_NUM_SEQS={fits} or less, or free KV cache (KV_CACHE_DTYPE=fp8, GPU_MEMORY_UTIL, more GPUs)",
     )
-
-
-def resolve_max_num_seqs(full_length: int, device: str) -> int:
-    """MAX_NUM_SEQS=auto: the full-length sequences that fit, at least 1, at most vLLM's default."""
-    return max(1, min(full_length, AUTO_MAX_NUM_SEQS.get(device, AUTO_MAX_NUM_SEQS["gpu"])))
 
 
 # Larger GPUs to name in a capacity fix: (name, bytes as NVML reports them; gpus.py's table).
@@ -849,26 +861,23 @@ def _cpu_capacity(cfg: ServiceConfig, model: ModelInfo, plan: Plan) -> None:
         )
         return
     plan.max_concurrency = full
-    if not cfg.max_num_seqs:
-        plan.max_num_seqs = resolve_max_num_seqs(full, "cpu")
+    resolve_batch(cfg, plan, None)
     plan.findings.append(
         Finding(
             "ok",
             "Capacity",
             f"CPU KV cache VLLM_CPU_KVCACHE_SPACE={space} GiB = {tokens:,} tokens: "
             f"{count(full, 'sequence')} of MAX_MODEL_LEN={cfg.max_model_len:,} at once ("
-            f"MAX_NUM_SEQS={_cpu_seqs_note(cfg, plan, full)})",
+            f"MAX_NUM_SEQS={_seqs_note(cfg, plan)})",
         )
     )
 
 
-def _cpu_seqs_note(cfg: ServiceConfig, plan: Plan, full: int) -> str:
-    """How MAX_NUM_SEQS came to be on the CPU backend: the user's, the fit, or vLLM's cap."""
+def _seqs_note(cfg: ServiceConfig, plan: Plan) -> str:
+    """How MAX_NUM_SEQS came to be: the user's number, or vLLM's default."""
     if cfg.max_num_seqs:
         return str(cfg.max_num_seqs)
-    if plan.max_num_seqs < full:
-        return f"auto: {plan.max_num_seqs}, vLLM's CPU default caps it"
-    return f"auto: {plan.max_num_seqs}"
+    return f"auto: {plan.max_num_seqs}, {plan.max_num_seqs_source}"
 
 
-__all__ = ["Finding", "Level", "Plan", "RankSlot", "make", "resolve_max_num_seqs", "vision_params"]
+__all__ = ["Finding", "Level", "Plan", "RankSlot", "make", "vision_params"]

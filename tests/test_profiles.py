@@ -12,15 +12,23 @@ import realmodel
 from lifecycle_helpers import clean_env
 
 from qwen3_vl_service.core.errors import ConfigError
+from qwen3_vl_service.machine.gpus import parse_spec
 from qwen3_vl_service.planning import plan
-from qwen3_vl_service.planning.gpus import parse_spec
 from qwen3_vl_service.planning.model import inspect
 from qwen3_vl_service.settings import config, profiles
 
 REPO = Path(__file__).resolve().parents[1]
-# MAX_NUM_SEQS=auto on 8 x H100 80GB with the real checkpoint's facts, per profile:
-# the full-length sequences that fit (see test_plan for the arithmetic of balanced).
-H100_SEQS = {"balanced": 26, "throughput": 57, "long-context": 13, "low-latency": 26, "creative": 26}
+# On 8 x H100 80GB with the real checkpoint's facts, per profile: the full-length sequences that fit
+# (information; see test_plan for the arithmetic of balanced), and MAX_NUM_SEQS=auto, vLLM's default
+# for the GPU (1024; 2048 under throughput's PERFORMANCE_MODE=throughput), passed as no flag at all.
+H100_FULL = {"balanced": 26, "throughput": 57, "long-context": 13, "low-latency": 26, "creative": 26}
+H100_SEQS = {
+    "balanced": 1024,
+    "throughput": 2048,
+    "long-context": 1024,
+    "low-latency": 1024,
+    "creative": 1024,
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,7 @@ def test_each_profile_fills_what_the_user_left_unset(name: str) -> None:
         assert cfg.sources[key] == f"profile {name}", key
         assert config.parse_value(key, value) == getattr(cfg, key.lower()), key
     assert cfg.sources["PROFILE"] == "environment"
-    assert cfg.max_num_seqs == 0, "every profile leaves MAX_NUM_SEQS to the capacity plan"
+    assert cfg.max_num_seqs == 0, "every profile leaves MAX_NUM_SEQS to vLLM's default"
 
 
 @pytest.mark.unit
@@ -78,13 +86,13 @@ def test_unknown_profile_is_one_line_with_the_list() -> None:
 
 @pytest.mark.unit
 @pytest.mark.parametrize("name", list(profiles.PROFILES))
-def test_max_num_seqs_comes_from_the_plan_for_the_profile(name: str, model_dir: Path) -> None:
+def test_max_num_seqs_is_vllms_default_never_below_it(name: str, model_dir: Path) -> None:
     cfg = load({"PROFILE": name, "MODEL_PATH": str(model_dir)})
     p = plan.make(cfg, parse_spec("8xH100-80GB"), inspect(model_dir))
-    assert p.max_num_seqs == p.max_concurrency == H100_SEQS[name]
-    # A larger GPU holds more: the number is the plan's, not the profile's.
+    assert p.max_concurrency == H100_FULL[name] and p.max_num_seqs == H100_SEQS[name] >= 1024
+    # A larger GPU holds more full-length sequences; vLLM's batch stays its own.
     big = plan.make(cfg, parse_spec("8xH200-141GB"), inspect(model_dir))
-    assert big.max_num_seqs > p.max_num_seqs
+    assert (big.max_concurrency or 0) > (p.max_concurrency or 0) and big.max_num_seqs == p.max_num_seqs
 
 
 @pytest.mark.unit
@@ -121,9 +129,9 @@ def test_dry_run_per_profile_shows_values_and_sources(name: str, model_dir: Path
         assert line.split()[1] == (value if key != "GPU_MEMORY_UTIL" else f"{float(value):g}"), (
             line
         )  # shown as parsed
-    seqs = H100_SEQS[name]
-    assert f"(MAX_NUM_SEQS=auto: {seqs})" in r.stdout
-    assert f"--max-num-seqs {seqs} " in r.stdout
+    assert f"MAX_NUM_SEQS=auto: {H100_SEQS[name]}, vLLM's default on H100" in r.stdout
+    # Issue 22: no --max-num-seqs below vLLM's 1024, here none at all.
+    assert "--max-num-seqs" not in r.stdout
 
 
 @pytest.mark.integration
@@ -157,3 +165,21 @@ def test_low_latency_warns_that_its_cap_cuts_a_thinking_models_reasoning(model_d
     assert warning.startswith("warn: MAX_TOKENS=512 caps the reasoning as well as the answer")
     assert answers({"PROFILE": "balanced"}) == []
     assert answers({"PROFILE": "low-latency", "REASONING_PARSER": ""}) == []  # no thinking to cut
+
+
+@pytest.mark.unit
+def test_profiles_pass_the_vllm_knobs_they_were_measured_with(model_dir: Path) -> None:
+    from qwen3_vl_service.planning import vllm_args
+
+    def argv(name: str) -> str:
+        cfg = load({"PROFILE": name, "MODEL_PATH": str(model_dir)})
+        return " ".join(vllm_args.build(cfg, expert_parallel=True).argv) + " "
+
+    # docs/benchmarks.md, "Side by side": STREAM_INTERVAL=8 everywhere, throughput's performance mode.
+    assert "--stream-interval 8 " in argv("balanced") and "--performance-mode" not in argv("balanced")
+    assert "--performance-mode throughput " in argv("throughput") and "--stream-interval 8 " in argv(
+        "throughput"
+    )
+    low = argv("low-latency")
+    assert "--performance-mode" not in low and "--stream-interval 8 " in low
+    assert "--max-num-seqs" not in argv("throughput") and "--max-num-batched-tokens" not in argv("balanced")

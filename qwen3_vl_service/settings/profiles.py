@@ -5,18 +5,26 @@ in only the settings that neither the config file nor the environment set: a
 key the user sets always wins, and ``--dry-run`` shows where each value came
 from (``profile long-context``, ``file config.env``, ``environment``).
 
-Sizes are not fixed numbers: every profile leaves ``MAX_NUM_SEQS=auto``, and
-the capacity plan turns that into the number of full-length sequences
-(MAX_MODEL_LEN tokens each) that the KV cache of these GPUs holds, so a
-profile that shortens the context gets more sequences, one that lengthens it
-fewer, and a larger GPU more (plan.py, ``resolve_max_num_seqs``).
+Every profile leaves ``MAX_NUM_SEQS=auto``: vLLM's own default for the GPU
+(1024 on an H100 or H200), never the full-length sequences that fit, which the
+plan shows as information (plan.py says why: issue 22 measured 0.46 x bare
+vLLM at 128 concurrent requests with that cap). The vLLM knobs the profiles set
+were measured with bench/bench_side_by_side.py against bare vLLM with the
+recipe's flags, all resident on one H100 (vLLM 0.26.0, the real-shape
+block-FP8 checkpoint cut to 3 layers, 512 tokens in / 128 out, one 512x512
+image per request in the image rows); the numbers are in docs/benchmarks.md,
+"Side by side", and the comments below cite them.
 
 =============  ==============================================================
-balanced       the defaults: 32K context, as many full-length sequences as fit
-throughput     GPU_MEMORY_UTIL 0.95 and a 16K context: about twice the
-               sequences at once (requests that fit in 16K)
-long-context   a 64K context: about half the sequences of balanced
-low-latency    TEMPERATURE 0.3 and answers capped at 512 tokens (MAX_TOKENS):
+balanced       32K context, vLLM's own batch sizes, STREAM_INTERVAL=8 (a
+               streamed chunk per 8 tokens: the first token still at once)
+throughput     balanced, plus GPU_MEMORY_UTIL 0.95, a 16K context (more of
+               the cache per request) and PERFORMANCE_MODE=throughput (vLLM
+               doubles its default sequences and batched tokens per step:
+               2048 and 16384 on an H100)
+long-context   a 64K context
+low-latency    balanced's engine (no vLLM knob measured faster at one request),
+               TEMPERATURE 0.3 and answers capped at 512 tokens (MAX_TOKENS):
                short, focused replies return sooner. The cap counts the
                Thinking model's reasoning too, so a question it reasons long
                about ends cut off with no answer (the preflight warns): the
@@ -33,6 +41,13 @@ DEFAULT_PROFILE = "balanced"
 BALANCED = {
     "MAX_MODEL_LEN": "32768",
     "MAX_NUM_SEQS": "auto",
+    "MAX_NUM_BATCHED_TOKENS": "auto",
+    "PERFORMANCE_MODE": "balanced",
+    # Streaming every token costs the API server a delta (and a reasoning-parser pass) per token:
+    # bare vLLM streams each token without a parser, and at 64 concurrent image requests the
+    # service with STREAM_INTERVAL=1 ran at 0.92 and 0.895 x bare in two runs (1.02 x without the
+    # parser), with 8 at 1.24 x (docs/benchmarks.md, "Side by side", runs 2 and 3).
+    "STREAM_INTERVAL": "8",
     "GPU_MEMORY_UTIL": "0.90",
     "TEMPERATURE": "0.7",
     "TOP_P": "0.95",
@@ -41,8 +56,18 @@ BALANCED = {
 }
 PROFILES: dict[str, dict[str, str]] = {
     "balanced": {},
-    "throughput": {"GPU_MEMORY_UTIL": "0.95", "MAX_MODEL_LEN": "16384"},
+    # PERFORMANCE_MODE=throughput with STREAM_INTERVAL=8: 1.07-1.29 x bare at 64-256 concurrent text
+    # requests, 1.19-1.31 x with images (runs 1 and 2).
+    "throughput": {
+        "GPU_MEMORY_UTIL": "0.95",
+        "MAX_MODEL_LEN": "16384",
+        "PERFORMANCE_MODE": "throughput",
+    },
     "long-context": {"MAX_MODEL_LEN": "65536"},
+    # Balanced's engine: its time per output token at 1 request was 0.93-0.96 x bare's for text and
+    # 0.84-0.95 x with an image (runs 1 and 3; STREAM_INTERVAL=1 gave 1.02 x with an image in run 2
+    # and 0.80 x at 128 image requests). PERFORMANCE_MODE=interactivity was tried here and left out:
+    # 0.99 x at 1 request, 0.80-0.82 x at 64 and 256 (run 1).
     "low-latency": {"TEMPERATURE": "0.3", "MAX_TOKENS": "512"},
     "creative": {"TEMPERATURE": "1.0", "TOP_P": "0.95", "TOP_K": "50"},
 }

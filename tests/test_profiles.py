@@ -20,15 +20,9 @@ from qwen3_vl_service.settings import config, profiles
 REPO = Path(__file__).resolve().parents[1]
 # On 8 x H100 80GB with the real checkpoint's facts, per profile: the full-length sequences that fit
 # (information; see test_plan for the arithmetic of balanced), and MAX_NUM_SEQS=auto, vLLM's default
-# for the GPU (1024; 2048 under throughput's PERFORMANCE_MODE=throughput), passed as no flag at all.
+# for the GPU (1024), passed as no flag at all.
 H100_FULL = {"balanced": 26, "throughput": 57, "long-context": 13, "low-latency": 26, "creative": 26}
-H100_SEQS = {
-    "balanced": 1024,
-    "throughput": 2048,
-    "long-context": 1024,
-    "low-latency": 1024,
-    "creative": 1024,
-}
+H100_SEQS = dict.fromkeys(H100_FULL, 1024)
 
 
 @pytest.fixture(scope="module")
@@ -175,11 +169,9 @@ def test_profiles_pass_the_vllm_knobs_they_were_measured_with(model_dir: Path) -
         cfg = load({"PROFILE": name, "MODEL_PATH": str(model_dir)})
         return " ".join(vllm_args.build(cfg, expert_parallel=True).argv) + " "
 
-    # docs/benchmarks.md, "Side by side": STREAM_INTERVAL=8 everywhere, throughput's performance mode.
-    assert "--stream-interval 8 " in argv("balanced") and "--performance-mode" not in argv("balanced")
-    assert "--performance-mode throughput " in argv("throughput") and "--stream-interval 8 " in argv(
-        "throughput"
-    )
-    low = argv("low-latency")
-    assert "--performance-mode" not in low and "--stream-interval 8 " in low
-    assert "--max-num-seqs" not in argv("throughput") and "--max-num-batched-tokens" not in argv("balanced")
+    # docs/benchmarks.md, "Side by side": STREAM_INTERVAL=8 everywhere, throughput's batched tokens.
+    balanced, thr, low = argv("balanced"), argv("throughput"), argv("low-latency")
+    assert "--stream-interval 8 " in balanced and "--max-num-batched-tokens" not in balanced
+    assert "--max-num-batched-tokens 16384 " in thr and "--stream-interval 8 " in thr
+    assert "--stream-interval 8 " in low and "--max-num-batched-tokens" not in low
+    assert "--performance-mode" not in balanced + thr + low and "--max-num-seqs" not in thr

@@ -19,9 +19,8 @@ image per request in the image rows); the numbers are in docs/benchmarks.md,
 balanced       32K context, vLLM's own batch sizes, STREAM_INTERVAL=8 (a
                streamed chunk per 8 tokens: the first token still at once)
 throughput     balanced, plus GPU_MEMORY_UTIL 0.95, a 16K context (more of
-               the cache per request) and PERFORMANCE_MODE=throughput (vLLM
-               doubles its default sequences and batched tokens per step:
-               2048 and 16384 on an H100)
+               the cache per request) and MAX_NUM_BATCHED_TOKENS=16384 (twice
+               vLLM's default per step on an H100 or H200)
 long-context   a 64K context
 low-latency    balanced's engine (no vLLM knob measured faster at one request),
                TEMPERATURE 0.3 and answers capped at 512 tokens (MAX_TOKENS):
@@ -56,12 +55,15 @@ BALANCED = {
 }
 PROFILES: dict[str, dict[str, str]] = {
     "balanced": {},
-    # PERFORMANCE_MODE=throughput with STREAM_INTERVAL=8: 1.07-1.29 x bare at 64-256 concurrent text
-    # requests, 1.19-1.31 x with images (runs 1 and 2).
+    # Measured as PERFORMANCE_MODE=throughput with STREAM_INTERVAL=8: 1.07-1.29 x bare at 64-256
+    # concurrent text requests, 1.19-1.31 x with images (runs 1 and 2). In vLLM 0.26.0 that mode
+    # only doubles the default sequences (2048) and batched tokens (16384); no run came near 1024
+    # sequences, so the batched tokens made the difference. The profile sets those alone: 2048
+    # sequences would leave each 458 KV tokens on 8 x H100 (the plan warns of preemption).
     "throughput": {
         "GPU_MEMORY_UTIL": "0.95",
         "MAX_MODEL_LEN": "16384",
-        "PERFORMANCE_MODE": "throughput",
+        "MAX_NUM_BATCHED_TOKENS": "16384",
     },
     "long-context": {"MAX_MODEL_LEN": "65536"},
     # Balanced's engine: its time per output token at 1 request was 0.93-0.96 x bare's for text and

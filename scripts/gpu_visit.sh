@@ -27,6 +27,7 @@
 # Exit code: gpu_smoke's (0 only if every step worked).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+LAYERS_SET=${LAYERS:-}
 LAYERS=${LAYERS:-8}
 WORK=${WORK:-/tmp/qwen3-vl-visit}
 OUT=${OUT:-$WORK/out}
@@ -42,6 +43,32 @@ REPORT="$OUT/gpu_visit.txt"
   "$PYTHON" -c 'import importlib.metadata as m, torch; print("vllm", m.version("vllm"), "torch", torch.__version__)'
 } > "$REPORT" 2>&1
 cat "$REPORT"
+
+if [[ ${VISIT:-smoke} == side-by-side ]]; then
+  # Issue 22: bench/bench_side_by_side.py, the service's profiles against bare vLLM with the recipe's
+  # flags, all resident on the one GPU at once (each GPU_MEMORY_UTIL SBS_UTIL and the same KV cache).
+  # Four servers fit an H200 at 8 layers (about 30 GiB each); an H100 80GB takes 3 layers.
+  total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  if [[ -z ${LAYERS_SET:-} ]]; then LAYERS=$(( total_mib >= 120000 ? 8 : 3 )); fi
+  SBS_UTIL=${SBS_UTIL:-0.25}
+  echo "== side by side: $LAYERS layers, GPU memory ${total_mib} MiB, GPU_MEMORY_UTIL $SBS_UTIL each" | tee -a "$REPORT"
+  t0=$(date +%s)
+  if [[ ! -f $WORK/model/config.json ]]; then  # a second call on the warm machine reuses it
+    "$PYTHON" -m devtools.tiny_model "$WORK/model" --fp8 --real-shapes --layers "$LAYERS" 2>&1 | tail -1 | tee -a "$REPORT"
+  fi
+  echo "== checkpoint ready in $(( $(date +%s) - t0 )) s: $(du -sh "$WORK/model" | cut -f1)" | tee -a "$REPORT"
+  # shellcheck disable=SC2086  # SBS_ARGS is a list of options
+  timeout -s TERM "${SBS_TIMEOUT:-540}" "$PYTHON" bench/bench_side_by_side.py --model "$WORK/model" \
+    --python "$(command -v "$PYTHON")" --work "$WORK/sbs" --gpu-memory-util "$SBS_UTIL" \
+    --json "$OUT/side_by_side.json" ${SBS_ARGS:-} 2>&1 | tee -a "$REPORT"
+  rc=${PIPESTATUS[0]}
+  for f in "$WORK"/sbs/bare-*.log "$WORK"/sbs/logs/bench-*/service.log; do
+    [[ -f $f ]] && tail -c 400000 "$f" > "$OUT/$(basename "$(dirname "$f")")-$(basename "$f")"
+  done
+  nvidia-smi --query-compute-apps=pid,used_memory --format=csv | tee -a "$REPORT"
+  echo "== exit $rc" | tee -a "$REPORT"
+  exit "$rc"
+fi
 
 SMOKE_ARGS=()
 [[ ${BENCH:-1} == 1 ]] && SMOKE_ARGS+=(--bench --bench-args "--concurrency 1,8,32")

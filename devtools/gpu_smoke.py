@@ -46,8 +46,8 @@ from pathlib import Path
 
 from qwen3_vl_service.core import cli
 from qwen3_vl_service.core.errors import CheckFailed, UsageError
-from qwen3_vl_service.deployment import scope
 from qwen3_vl_service.settings import config as service_config
+from qwen3_vl_service.settings import scope
 
 REPO = Path(__file__).resolve().parents[1]
 # vLLM's log lines that show the block-FP8 path (0.26: linear kernel choice, MoE backend).
@@ -145,8 +145,7 @@ def write_config(args, model: Path, media: Path, tp: int) -> Path:
             "EXPERT_PARALLEL=auto",  # the plan decides (the FP8 block rule)
             "MM_ENCODER_TP_MODE=data",  # used by vLLM when TP > 1
             "ASYNC_SCHEDULING=true",
-            "MAX_MODEL_LEN=32768",
-            "MAX_NUM_SEQS=64",
+            "MAX_MODEL_LEN=32768",  # MAX_NUM_SEQS is left at auto: vLLM's own default, as users get it
             "STARTUP_TIMEOUT=1500",
         ]
     else:

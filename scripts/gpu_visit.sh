@@ -16,6 +16,11 @@
 #   LAYERS=N (default 8) and WORK (default /tmp/qwen3-vl-visit) may be set in front of the script;
 #   BENCH=0 leaves out bench_gpu.py, CRASH=0 the kill -9 of the EngineCore and the restart;
 #   YARN=3 serves 786,432 positions (YaRN factor 3) and sends a prompt past the native 262,144.
+#   VISIT=side-by-side runs bench/bench_side_by_side.py instead (issue 22): bare vLLM with the recipe's
+#   flags and a service per profile, all resident on the GPU (3 layers on an H100 80GB, 8 on an H200),
+#   runs alternating A B A B; SBS_ARGS passes its options (e.g. "--kinds text --rounds 2
+#   --time-limit 480"), SBS_TIMEOUT (default 540 s) ends it in time to stop every server and copy the
+#   logs; side_by_side.json, the bare server's log and each service's log come back.
 #   The files come back from $OUT: gpu_visit.txt (everything printed), service.log, media_server.log,
 #   launcher.log, config.env, model_config.json.
 #

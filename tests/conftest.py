@@ -117,6 +117,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_media:
         model=tiny_model,
         media_root=demo_media,
         RESTART="on-failure",
+        # Every disrupts test that kills vLLM costs one (three today: test_batch_e2e, test_faults,
+        # test_hang_e2e); past MAX_RESTARTS in RESTART_WINDOW the supervisor gives up.
         MAX_RESTARTS="5",
         RESTART_WINDOW="900",
         RESTART_BACKOFF="1",

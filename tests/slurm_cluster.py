@@ -118,6 +118,9 @@ class Cluster:
                     "MpiDefault=none",
                     "ReturnToService=2",
                     "KillWait=30",
+                    # An ended job stays visible to scontrol for an hour (default 300 s): a test
+                    # that submits early and checks the end last (test_slurm_e2e) reads its state.
+                    "MinJobAge=3600",
                     f"PlugStackConfig={d / 'plugstack.conf'}",
                     f"StateSaveLocation={d / 'state'}",
                     f"SlurmdSpoolDir={d / 'spool'}{'' if len(self.nodes) == 1 else '-%n'}",

@@ -214,7 +214,15 @@ def test_a_reused_pid_is_not_the_supervisor(tmp_path, procs):
 @pytest.mark.integration
 def test_the_command_refuses_to_run_without_the_tag(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "qwen3_vl_service.lifecycle.supervised", "--deployment", "x.json", "--unit", "vllm"],
+        [
+            sys.executable,
+            "-m",
+            "qwen3_vl_service.lifecycle.supervised",
+            "--deployment",
+            "x.json",
+            "--unit",
+            "vllm",
+        ],
         cwd=REPO,
         env=clean_env(),
         capture_output=True,

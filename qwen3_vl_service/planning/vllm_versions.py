@@ -221,7 +221,7 @@ def _args_finding(found: Probe) -> tuple[Level, str, str] | None:
             "check them against this vLLM's --help",
         )
     if found.args_checked:
-        how = "accepted before (remembered in RUN_DIR)" if found.args_checked == "remembered" else "accepted"
+        how = "accepted before (remembered)" if found.args_checked == "remembered" else "accepted"
         n = len(found.args)
         return ("ok", f"EXTRA_VLLM_ARGS ({n} argument{'s' * (n != 1)}): {how} by {label}'s own parser", "")
     return None

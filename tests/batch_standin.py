@@ -13,21 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 from collections import Counter
 from typing import Any
 
 import requests
 from aiohttp import web
+from lifecycle_helpers import free_port
 
 MODEL = "qwen3-vl-fp8"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prompt_of(body: dict[str, Any]) -> str:

@@ -165,13 +165,9 @@ def _hub_for_download_dry_run(stack, env: dict[str, str]) -> None:
 def test_the_readmes_commands_that_start_nothing_run_as_written(tmp_path: Path) -> None:
     import contextlib
     import os
-    import socket
     import subprocess
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from lifecycle_helpers import free_port
 
     # Replicas listen on PORT + i: the other ports kept well apart from it (a clash is refused).
     ports = [free_port()]

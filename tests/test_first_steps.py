@@ -11,16 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from lifecycle_helpers import free_port
 
 from qwen3_vl_service.settings import config, scope
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.unit

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import realmodel
+from lifecycle_helpers import free_port
 from test_gpus import H100_TOTAL, FakeNvml, h100
 
 from qwen3_vl_service.core.names import MEDIA_PID_FILE
@@ -27,12 +27,6 @@ VLLM_ERROR = (
     "ValueError: The output_size of gate's and up's weight = 192 is not divisible by "
     "weight quantization block_n = 128."
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 from lifecycle_helpers import REPO, clean_env, kill_pids, wait_until
 
 from qwen3_vl_service.core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from qwen3_vl_service.core.names import TAG_ENV
 from qwen3_vl_service.lifecycle import supervisor
 from qwen3_vl_service.lifecycle.supervisor import Failures, Policy, Record, Supervisor
 
@@ -230,7 +231,7 @@ def test_the_command_refuses_to_run_without_the_tag(tmp_path):
         timeout=60,
     )
     assert r.returncode == 2
-    assert "QWEN3_VL_SERVICE_TAG is not set" in r.stderr and "start_service.py" in r.stderr
+    assert f"{TAG_ENV} is not set" in r.stderr and "start_service.py" in r.stderr
 
 
 @pytest.mark.unit
@@ -316,6 +317,7 @@ def test_a_record_that_cannot_be_written_does_not_stop_the_supervision(tmp_path,
 _SLOW_RESTART = """
 import os, subprocess, sys, time
 from pathlib import Path
+from qwen3_vl_service.core.names import TAG_ENV
 from qwen3_vl_service.lifecycle.supervisor import Policy, Record, Supervisor
 run_dir = Path(sys.argv[1])
 
@@ -344,7 +346,7 @@ class Slow:
         self.child.wait()
 
 policy = Policy(2, 60, 0)
-record = Record(run_dir / "supervisor.json", tag=os.environ["QWEN3_VL_SERVICE_TAG"], policy=policy)
+record = Record(run_dir / "supervisor.json", tag=os.environ[TAG_ENV], policy=policy)
 sys.exit(Supervisor([Slow()], policy, record, echo=lambda s: None).run())
 """
 

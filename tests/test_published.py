@@ -21,8 +21,8 @@ import realmodel
 
 from devtools.fp8_checkpoint import layout
 from qwen3_vl_service.download.manifest import Manifest, ManifestFile, write_manifest
+from qwen3_vl_service.machine.gpus import parse_spec
 from qwen3_vl_service.planning import model, plan, preflight
-from qwen3_vl_service.planning.gpus import parse_spec
 from qwen3_vl_service.settings import config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -201,7 +201,8 @@ def test_each_replica_runs_its_recorded_unit(group: Group):
     for unit in (*dep.of_kind("vllm"), *dep.of_kind("router")):
         state = json.loads((group.unit_dir(unit.name) / STATE_FILE).read_text())
         proc = psutil.Process(state["pid"])
-        assert proc.cmdline() == list(unit.argv), unit.name
+        if unit.kind == "vllm":  # vllm-router renames itself (setproctitle): no argv to read back
+            assert proc.cmdline() == list(unit.argv), unit.name
         live = proc.environ()
         for key, value in unit.env.items():
             assert live.get(key) == value, (unit.name, key)
@@ -370,7 +371,8 @@ def test_the_readmes_dry_run_job_plans_every_node_from_the_shipped_config(group:
         "MODEL_PATH": str(tmp_path / "not-downloaded"),  # the published facts plan it (issue 24, item 1)
     }
     submit = subprocess.run(
-        ["sbatch", "--parsable", "-N", "2", "--time=5", "--gpus-per-node=0", f"--output={out}",
+        ["sbatch", "--parsable", "-N", "2", "--time=30", "--gpus-per-node=0",
+         f"--cpus-per-task={os.cpu_count() or 1}", f"--output={out}",
          str(REPO / "slurm" / "serve_multi.sbatch"), "--gpus", "8xH100-80GB"],
         env=env, capture_output=True, text=True, timeout=30, cwd=REPO,
     )  # fmt: skip

@@ -179,7 +179,7 @@ def test_check_not_running_refuses_second_start(tmp_path: Path, procs) -> None:
     with pytest.raises(CheckFailed) as info:
         runstate.check_not_running(run_dir)
     expected = f"service already running (pid {proc.pid}, since {st.started_at})"
-    assert str(info.value) == f"{expected}; stop it with python stop_service.py"
+    assert str(info.value) == f"{expected}; stop it with .venv/bin/python stop_service.py"
     assert info.value.exit_code == 1
 
 

@@ -168,13 +168,13 @@ _CAUSES: tuple[_Cause, ...] = (
     _c(
         r"Free memory on device .* on startup is less than",
         "the GPUs are already partly in use (another job, or leftovers of an earlier run); "
-        "run python stop_service.py, check nvidia-smi, or lower GPU_MEMORY_UTIL",
+        "run .venv/bin/python stop_service.py, check nvidia-smi, or lower GPU_MEMORY_UTIL",
     ),
     _c(
         r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED"
         r"|cudaErrorMemoryAllocation",
         "out of GPU memory; lower MAX_MODEL_LEN or MAX_NUM_SEQS (or GPU_MEMORY_UTIL if other "
-        "processes share the GPUs), and check for leftovers with python status_service.py",
+        "processes share the GPUs), and check for leftovers with .venv/bin/python status_service.py",
     ),
     _c(
         # vLLM's own words (v1/engine/core_client.py); not the bare variable name, which
@@ -194,7 +194,7 @@ _CAUSES: tuple[_Cause, ...] = (
     _c(
         r"Address already in use|\[Errno 98\]",
         "the port is already in use by another program; choose another PORT in config.env, or stop "
-        "that program (python status_service.py shows whether it is ours)",
+        "that program (.venv/bin/python status_service.py shows whether it is ours)",
     ),
     _c(
         # vLLM's CUDA sampler imports the optional flashinfer package unless told not to.

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 # remove_private_tmp() (the second is the launcher's own spelling).
 PRIVATE_TMP_PREFIX = "qwen3-vl-service-"
 PRIVATE_TMP_PREFIXES = (PRIVATE_TMP_PREFIX, "qwen3vl-")
-STOP_HINT = "stop it with python stop_service.py"
+STOP_HINT = "stop it with .venv/bin/python stop_service.py"
 
 
 @dataclass(frozen=True)
@@ -338,7 +338,7 @@ def check_not_running(run_dir: str | os.PathLike[str]) -> None:
         more = f" and {len(leftovers) - 5} more" if len(leftovers) > 5 else ""
         raise CheckFailed(
             f"{len(leftovers)} process(es) of an earlier run are still running ({shown}{more})",
-            fix="stop them with python stop_service.py",
+            fix="stop them with .venv/bin/python stop_service.py",
         )
 
 

@@ -4,7 +4,8 @@ Both scenarios send 200 lines that mix a text chat, a local image (a path
 under MEDIA_ROOT), an image by media-server URL and a local video; they count
 what vLLM itself finished with its own counter, ``vllm:request_success_total``
 by ``finished_reason`` (stop and length are answers; abort is a request whose
-client went away).
+client went away), less the supervisor's 1-token liveness probes (told apart
+by ``vllm:request_params_max_tokens``: ours ask for 8).
 
 1. The batch process is killed (SIGKILL) halfway and rerun: OUT ends with
    exactly 200 lines, one per custom_id, all status 200; the rerun makes vLLM
@@ -68,20 +69,27 @@ def dataset(path: Path, demo: Served, prefix: str) -> Path:
 
 
 def finished(demo: Served) -> dict[str, float]:
-    """vLLM's vllm:request_success_total by finished_reason."""
+    """vLLM's vllm:request_success_total by finished_reason, and under "probe" the finished requests
+    that asked for one token: the supervisor's liveness probe (lifecycle/liveness.py, a 1-token
+    completion), which vLLM counts too; ours ask for max_tokens 8."""
     text = requests.get(f"{demo.base}/metrics", timeout=30).text
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"probe": 0.0}
     for fam in text_string_to_metric_families(text):
         if fam.name == "vllm:request_success":
             for s in fam.samples:
                 if s.name == "vllm:request_success_total":
                     reason = s.labels.get("finished_reason", "")
                     out[reason] = out.get(reason, 0.0) + s.value
+        elif fam.name == "vllm:request_params_max_tokens":
+            for s in fam.samples:
+                if s.name.endswith("_bucket") and float(s.labels.get("le", "nan")) == 1.0:
+                    out["probe"] += s.value
     return out
 
 
 def answers(counts: dict[str, float]) -> int:
-    return int(sum(counts.get(r, 0.0) for r in ANSWERS))
+    """Requests vLLM answered for us (the probes, 1 token, finish by length: not ours)."""
+    return int(sum(counts.get(r, 0.0) for r in ANSWERS) - counts["probe"])
 
 
 def idle(demo: Served) -> bool:

@@ -220,3 +220,35 @@ def test_a_hung_engine_is_not_healthy_whatever_its_health_answers(tmp_path: Path
         assert info["supervisor"]["conditions"] == {"vLLM": HUNG}
     finally:
         kill_pids([sup.pid])
+
+
+@pytest.mark.integration
+def test_a_supervisor_restarting_vllm_is_no_leftover(tmp_path: Path) -> None:
+    """Between two starts of vLLM (after a hang or a crash) the service is not running, and its
+    supervisor, which carries the run folder, was listed as a leftover of an earlier run to stop."""
+    import subprocess
+    import sys
+
+    from lifecycle_helpers import REPO, clean_env, kill_pids, run_dir_of, wait_until
+
+    from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
+
+    cfg = write_config(tmp_path, port=free_port())
+    record = run_dir_of(tmp_path) / "supervisor.json"
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from qwen3_vl_service.lifecycle.supervisor import Policy, Record\n"
+        "r = Record(Path(sys.argv[1]), tag='q3vl-restarting-1', policy=Policy(3, 900, 1))\n"
+        "r.update(state='restarting', restarts=1, last_cause='vLLM: hung: no engine progress for 31 s')\n"
+        "time.sleep(120)\n"
+    )
+    env = {TAG_ENV: "q3vl-restarting-1", RUN_DIR_ENV: str(run_dir_of(tmp_path)), "PYTHONPATH": str(REPO)}
+    sup = subprocess.Popen([sys.executable, "-c", code, str(record)], env=clean_env(**env))
+    try:
+        assert wait_until(lambda: record.exists(), 20)
+        text = run_tool("status_service.py", "--config", str(cfg), "--sample", "0")
+        assert "not running" in text.stdout and "restarting; 1 restart(s)" in text.stdout, text.stdout
+        assert "leftovers" not in text.stdout, text.stdout
+    finally:
+        kill_pids([sup.pid])

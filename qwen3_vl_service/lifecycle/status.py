@@ -254,6 +254,10 @@ def collect(cfg: ServiceConfig, *, sample: float = 1.0, http_timeout: float = 3.
     target = _target(cfg, live)
     ours = processes.tree(proc.pid) if proc is not None else []
     tree_pids = {p.pid for p in ours}
+    # The running supervisor carries the run folder too: while it restarts vLLM it is no leftover of an
+    # earlier run (its own line says "restarting").
+    sup = supervisor.live(where.run_dir)
+    tree_pids |= {sup.pid} if sup is not None else set()
     leftovers = [p for p in current.ours() if p.pid not in tree_pids]
     gpus, gpu_note = _gpus([*ours, *leftovers])
     status = Status(

@@ -5,9 +5,10 @@ STALL_AFTER=30). ``kill -STOP`` of its ``VLLM::EngineCore`` while 8 clients
 send image chats: vLLM's API server keeps answering /health (200) and
 /metrics, so only the liveness check (lifecycle/liveness.py) can tell. The
 supervisor must find it hung (status and its record say "hung" with the
-evidence), SIGKILL the tree (a stopped process holds SIGTERM pending) and
-start vLLM again: the service answers again within STALL_AFTER + its start
-time (plus the supervisor's 5 s check cadence and its 1 s backoff).
+evidence) within STALL_AFTER + its 5 s look, SIGKILL the tree (a stopped
+process holds SIGTERM pending) and start vLLM again: the service answers again
+one start later (the longer of the service's first start and the restart's own,
+which the machine's load decides, plus 30 s for the kill and the 1 s backoff).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import re
 import signal
 import sys
 import threading
@@ -74,23 +76,26 @@ def test_sigstop_of_the_engine_core_under_load_is_found_hung_and_restarted(demo:
 
     runner = threading.Thread(target=load, daemon=True)
     runner.start()
-    seen: list[tuple[float, str, str]] = []  # (seconds after the stop, status's verdict line, hung text)
+    record = demo.run_dir / "supervisor.json"
+    hung_at = recovered_at = None
+    hung_status = ""
     try:
         time.sleep(5)  # requests in flight
         stopped_at = time.monotonic()
         engine.send_signal(signal.SIGSTOP)
-        deadline = stopped_at + stall_after + demo.start_seconds + SLACK_S + 120
-        recovered_at = None
+        deadline = stopped_at + stall_after + demo.start_seconds + SLACK_S + 240
+        # Light polling: the record is a file; status_service.py (a Python start, seconds of CPU on
+        # two shared cores) runs once, while the record says hung, and at the end.
         while time.monotonic() < deadline:
-            human = demo.script("status_service.py", "--sample", "0", timeout=60)
-            hung = _hung_in(demo.status()["supervisor"])
-            head = human.stdout.splitlines()[0] if human.stdout else ""
-            seen.append((time.monotonic() - stopped_at, head, hung))
+            with contextlib.suppress(OSError, ValueError):
+                if hung_at is None and _hung_in(json.loads(record.read_text())):
+                    hung_at = time.monotonic()
+                    hung_status = demo.script("status_service.py", "--sample", "0", timeout=60).stdout
             with contextlib.suppress(OSError, ValueError, KeyError):
-                if demo.state()["pid"] != old_pid and _answers(demo):
+                if hung_at is not None and demo.state()["pid"] != old_pid and _answers(demo):
                     recovered_at = time.monotonic()
                     break
-            time.sleep(2)
+            time.sleep(1)
         time.sleep(10)  # the clients on the new vLLM
     finally:
         stop.set()
@@ -98,27 +103,33 @@ def test_sigstop_of_the_engine_core_under_load_is_found_hung_and_restarted(demo:
             if engine.is_running():  # the supervisor did not end it: neither leave it stopped
                 engine.kill()
         runner.join(300)
-    for t, head, hung in seen:
-        print(f"  +{t:5.1f} s  {head}  {hung[:100]}")
+    assert hung_at is not None, "the supervisor never said hung"
     assert recovered_at is not None, "the service did not answer again"
-    back = recovered_at - stopped_at
-    bound = stall_after + demo.start_seconds + SLACK_S
+    found, back = hung_at - stopped_at, recovered_at - stopped_at
+    log = (demo.log_dir / "service.log").read_text(errors="replace")
+    starts = [float(x) for x in re.findall(r"vLLM is healthy after (\d+) s", log)]
+    restart_s = starts[-1] if starts else float("nan")
+    print(f"\nstatus while the record said hung ({found:.1f} s after the SIGSTOP):\n{hung_status}")
     print(
-        f"\nSIGSTOP of the EngineCore under 8 clients: answering again after {back:.1f} s "
-        f"(STALL_AFTER={stall_after} + start {demo.start_seconds:.1f} s + slack {SLACK_S:g} s "
-        f"= {bound:.1f} s)"
+        f"SIGSTOP of the EngineCore under 8 clients: hung found after {found:.1f} s "
+        f"(STALL_AFTER={stall_after}), "
+        f"answering again after {back:.1f} s; the first start took {demo.start_seconds:.1f} s "
+        f"(start_service.py --detach), the restart's vLLM {restart_s:.0f} s to healthy"
     )
-    assert back <= bound, f"{back:.1f} s > {bound:.1f} s"
+    # Found within STALL_AFTER and the supervisor's 5 s look (plus this loop's second); answering again
+    # one start later: the restart's own start (this machine's load decides it, shared by the clients
+    # and other sessions), the kill and RESTART_BACKOFF (1 s) within the slack.
+    assert found <= stall_after + 10, f"{found:.1f} s"
+    assert back <= found + max(demo.start_seconds, restart_s) + SLACK_S, f"{back:.1f} s"
     assert not psutil.pid_exists(engine.pid) or engine.status() == psutil.STATUS_ZOMBIE
 
     # The evidence: status said hung, and the record keeps the cause.
-    assert any(hung for _, _, hung in seen), seen
-    rec = json.loads((demo.run_dir / "supervisor.json").read_text())
+    assert "hung: no engine progress" in hung_status, hung_status
+    rec = json.loads(record.read_text())
     assert rec["restarts"] == restarts_before + 1, rec
     assert rec["last_cause"].startswith("vLLM: hung: no engine progress"), rec["last_cause"]
     human = demo.script("status_service.py", "--sample", "0").stdout
     assert "hung: no engine progress" in human, human
-    log = (demo.log_dir / "service.log").read_text(errors="replace")
     assert "is hung: SIGKILL" in log
 
     load = result["load"]

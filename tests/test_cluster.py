@@ -12,8 +12,7 @@ from skips import vllm_missing
 
 from qwen3_vl_service.core.errors import ConfigError
 from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
-from qwen3_vl_service.deployment import cluster
-from qwen3_vl_service.deployment import deployment, router_command
+from qwen3_vl_service.deployment import cluster, deployment, router_command
 from qwen3_vl_service.deployment.deployment import replica_config
 from qwen3_vl_service.lifecycle import status
 from qwen3_vl_service.planning.vllm_args import build
@@ -86,7 +85,9 @@ def test_layout_refuses_what_cannot_work_naming_every_setting():
         cluster.layout(load(REPLICAS="2"), ("",), gpus_on_node=8, environ={})
     with pytest.raises(ConfigError, match="REPLICAS=3 cannot be spread evenly over the job's 2 nodes"):
         cluster.layout(load(REPLICAS="3", HOST="0.0.0.0"), ("a", "b"), gpus_on_node=8, environ={})
-    with pytest.raises(ConfigError, match=r"ROUTER_PORT=8011 \(the router\) is also PORT\+1 \(replica-1's API\)"):
+    with pytest.raises(
+        ConfigError, match=r"ROUTER_PORT=8011 \(the router\) is also PORT\+1 \(replica-1's API\)"
+    ):
         cfg = load(REPLICAS="2", TENSOR_PARALLEL_SIZE="4", ROUTER_PORT="8011")
         derive(cfg, cluster.layout(cfg, ("",), gpus_on_node=8, environ={}))
 
@@ -260,9 +261,7 @@ def test_dry_run_shows_every_nodes_command_and_capacity_per_replica_and_in_total
     cfg = realmodel.write_config_env(
         tmp_path / "config.env", real_model, REPLICAS=4, TENSOR_PARALLEL_SIZE=4, HOST="0.0.0.0"
     )
-    rc = launcher.main(
-        ["--config", str(cfg), "--dry-run", "--gpus", "8xH100-80GB", "--nodes", "g1,g2"]
-    )
+    rc = launcher.main(["--config", str(cfg), "--dry-run", "--gpus", "8xH100-80GB", "--nodes", "g1,g2"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert (
@@ -281,9 +280,7 @@ def test_dry_run_shows_every_nodes_command_and_capacity_per_replica_and_in_total
     cfg = realmodel.write_config_env(
         tmp_path / "dp.env", real_model, REPLICAS=2, REPLICA_MODE="data-parallel", HOST="0.0.0.0"
     )
-    rc = launcher.main(
-        ["--config", str(cfg), "--dry-run", "--gpus", "8xH100-80GB", "--nodes", "g1,g2"]
-    )
+    rc = launcher.main(["--config", str(cfg), "--dry-run", "--gpus", "8xH100-80GB", "--nodes", "g1,g2"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "data parallel: 2 ranks over 2 node(s) (1 per node x TP 8, 16 GPUs); head g1" in out

@@ -288,9 +288,7 @@ def _extra_args(raw: str) -> tuple[str, ...]:
     except ValueError as exc:
         raise ValueError(f"cannot be split like a shell command line ({exc})") from None
     if args and not args[0].startswith("-"):
-        raise ValueError(
-            "must start with a flag, e.g. '--enable-prefix-caching --mm-processor-cache-gb 0'"
-        )
+        raise ValueError("must start with a flag, e.g. '--enable-prefix-caching --mm-processor-cache-gb 0'")
     for arg in args:
         flag = arg.split("=", 1)[0].replace("_", "-")
         if flag in OWN_FLAGS:

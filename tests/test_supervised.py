@@ -54,7 +54,7 @@ def test_a_replica_finds_the_router_and_its_own_url_in_the_recorded_deployment()
     r1 = _unit(VLLM, "replica-1", 8011, node_rank=1, node="gpu02")
     dep = Deployment("svc", "router", Path("/run"), Path("/logs"), "http://127.0.0.1:8040", (r0, r1, head))
     assert rotation(dep, r0) == ("http://127.0.0.1:8040", urls[0])  # the head's own replica: loopback
-    assert rotation(dep, r1) == ("http://gpu01:8040", urls[1])  # another node's: the head by name
+    assert rotation(dep, r1) == ("http://10.0.0.1:8040", urls[1])  # another node's: the head's address
     single = Deployment("svc", "single", Path("/run"), Path("/logs"), "http://127.0.0.1:8010", (r0,))
     assert rotation(single, r0) == ("", "")
 

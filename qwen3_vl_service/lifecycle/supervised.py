@@ -26,7 +26,7 @@ from qwen3_vl_service.core.childproc import with_package_path
 from qwen3_vl_service.core.cli import ArgumentParser, run
 from qwen3_vl_service.core.errors import ServiceError, UsageError
 from qwen3_vl_service.core.names import LAUNCHER_LOG, RUN_DIR_ENV, TAG_ENV
-from qwen3_vl_service.deployment.deployment import ROUTER, Deployment, Unit, replica_config
+from qwen3_vl_service.deployment.deployment import ROUTER, VLLM, Deployment, Unit, replica_config
 from qwen3_vl_service.lifecycle import readiness, registry, runstate, stop
 from qwen3_vl_service.lifecycle.drain import engine_processes
 from qwen3_vl_service.lifecycle.liveness import Liveness
@@ -391,9 +391,14 @@ def rotation(dep: Deployment, unit: Unit) -> tuple[str, str]:
     mine = [u for u in urls if u.rstrip("/").rsplit(":", 1)[-1] == str(port)]  # replica i: PORT+i, job-wide
     if len(mine) != 1:
         return "", ""
-    base = router.health_url.removesuffix("/health")
-    if router.node_rank != unit.node_rank and router.node:
-        base = f"http://{hosts.url_host(router.node)}:{router.ports[0].port}"  # the head, from another node
+    base = router.health_url.removesuffix("/health")  # on the router's node
+    if router.node_rank != unit.node_rank:
+        # From another node: the head's address as the router's own URLs name it (its replica's).
+        heads = [u.ports[0].port for u in dep.of_kind(VLLM, router.node_rank) if u.ports]
+        head_urls = [u for u in urls if any(u.rstrip("/").endswith(f":{p}") for p in heads)]
+        if not head_urls:
+            return "", ""
+        base = f"{head_urls[0].rstrip('/').rsplit(':', 1)[0]}:{router.ports[0].port}"
     return base, mine[0]
 
 

@@ -157,3 +157,16 @@ def test_launcher_imports_at_module_level() -> None:
         if isinstance(node, (ast.Import, ast.ImportFrom))
     ]
     assert nested == []
+
+
+@pytest.mark.unit
+def test_the_start_makes_media_root_without_the_media_server_too(tmp_path: Path) -> None:
+    """vLLM gets MEDIA_ROOT as --allowed-local-media-path and (0.26, on the H100) answers every chat
+    request 400 while that folder does not exist: the start makes it, media server or not."""
+    from qwen3_vl_service.lifecycle.supervised import ensure_media
+
+    root = tmp_path / "not-yet" / "media"
+    cfg = config.load(_config(tmp_path, MEDIA_SERVER="false", MEDIA_ROOT=root), environ={})
+    said: list[str] = []
+    ensure_media(cfg, said.append)
+    assert root.is_dir() and said == [f"created the media root {root}"]

@@ -125,12 +125,17 @@ def service_state(
 
 
 def ensure_media(cfg: ServiceConfig, say: Callable[[str], None]) -> None:
-    """This node's media server for CFG: reused when ours is up, started otherwise (media.client)."""
-    if not cfg.media_server:
-        return
+    """MEDIA_ROOT, made when missing, and this node's media server for CFG: reused when ours is up,
+    started otherwise (media.client).
+
+    The folder is made without the media server too: vLLM gets it as --allowed-local-media-path, and
+    vLLM 0.26 answers every chat request 400 while that folder does not exist (seen on the H100).
+    """
     if not cfg.media_root.is_dir():
         cfg.media_root.mkdir(parents=True, exist_ok=True)
         say(f"created the media root {cfg.media_root}")
+    if not cfg.media_server:
+        return
     pid, started = client.ensure_running(
         cfg.media_host,
         cfg.media_port,

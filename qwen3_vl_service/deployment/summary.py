@@ -67,7 +67,7 @@ def findings(cfg: ServiceConfig, lay: Layout, plan: Plan | None) -> list[Finding
                 f"per {'replica' if lay.mode == 'router' else 'rank'}: {kv:,} KV tokens, {per} "
                 f"full-length sequences, MAX_NUM_SEQS={shown}; in total ({lay.total}): "
                 f"{kv * lay.total:,} KV tokens, {per * lay.total} full-length sequences, "
-                f"{seqs * lay.total} requests decoded at once",
+                f"up to {seqs * lay.total} requests decoded at once",
             )
         )
     return out

@@ -47,6 +47,8 @@ class StandIn:
         self.answered: Counter[str] = Counter()  # prompt -> 200 answers
         self.faults: dict[str, list[int | str]] = {}  # prompt -> statuses (or "drop") to answer first
         self.health_status = 200
+        self.in_flight = 0
+        self.peak = 0  # the most requests in flight at once
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -121,7 +123,12 @@ class StandIn:
         if body.get("model") != MODEL:
             return web.json_response({"error": {"message": f"no model {body.get('model')}"}}, status=404)
         if self.delay:
-            await asyncio.sleep(self.delay)
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            try:
+                await asyncio.sleep(self.delay)
+            finally:
+                self.in_flight -= 1
         self.answered[prompt] += 1
         n = len(self.received)
         usage = {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}

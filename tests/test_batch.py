@@ -281,6 +281,17 @@ def test_a_service_that_goes_away_and_comes_back_loses_nothing(setup, capsys):
 
 
 @pytest.mark.integration
+def test_the_concurrency_asked_for_is_the_concurrency_sent(setup, capsys):
+    """More than aiohttp's default 100 connections per session: all of them in flight at once."""
+    tmp, cfg_path, api = setup
+    api.delay = 1.5
+    src, out = write_jsonl(tmp / "in.jsonl", [chat(f"c{i}", f"c {i}") for i in range(150)]), tmp / "out.jsonl"
+    rc, stdout, err = run_batch(cfg_path, src, out, "--concurrency", "150", capsys=capsys)
+    assert rc == 0, stdout + err
+    assert api.peak == 150
+
+
+@pytest.mark.integration
 def test_a_bad_input_or_no_service_is_one_line_and_nothing_is_sent(setup, capsys):
     tmp, cfg_path, api = setup
     src, out = write_jsonl(tmp / "in.jsonl", [chat("a", "1"), chat("a", "2")]), tmp / "out.jsonl"

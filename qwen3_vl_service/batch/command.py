@@ -248,7 +248,9 @@ class Plan:
 async def _run(plan: Plan, cfg: ServiceConfig, say: Callable[[str], None]) -> int:
     batch = jobs_mod.read(plan.input, cfg)  # the whole input checked before anything is sent
     ids = {j.custom_id for j in batch.jobs}
-    async with aiohttp.ClientSession() as session:
+    # No connection cap: aiohttp's default (100 per session) would silently hold --concurrency
+    # below what was asked; the workers bound the requests in flight.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         batch.check_models(await _served_models(session, plan.opts.base, plan.opts.headers))
         if batch.media_server_used:
             await _check_media_server(session, cfg)

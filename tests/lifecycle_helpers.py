@@ -18,9 +18,9 @@ from pathlib import Path
 import psutil
 
 from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
-from qwen3_vl_service.deployment import scope
 from qwen3_vl_service.lifecycle import readiness, runstate
 from qwen3_vl_service.machine.processes import TITLE_ENV
+from qwen3_vl_service.settings import scope
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "tests" / "standin_server.py"

@@ -35,13 +35,12 @@ import pytest
 
 from qwen3_vl_service.core.errors import CheckFailed, ConfigError
 from qwen3_vl_service.core.names import MEDIA_PID_FILE, MEDIA_SERVICE_ID, RUN_DIR_ENV, TAG_ENV
-from qwen3_vl_service.deployment import scope
 from qwen3_vl_service.machine.processes import read_pid_file
 from qwen3_vl_service.media import client
 from qwen3_vl_service.media import server as media_server
 from qwen3_vl_service.media.app import SHUTDOWN_TIMEOUT_S
 from qwen3_vl_service.media.workers import WORKERS_AUTO_MAX, auto_workers
-from qwen3_vl_service.settings import config
+from qwen3_vl_service.settings import config, scope
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable

@@ -272,7 +272,8 @@ def test_dry_run_shows_every_nodes_command_and_capacity_per_replica_and_in_total
     assert "per replica: 243,824 KV tokens, 7 full-length sequences" in out
     # MAX_NUM_SEQS=auto: the plan's number per replica (vLLM's GPU default, issue 22), 4 x in all.
     seqs = int(out.split("per replica: ")[1].split("MAX_NUM_SEQS=auto: ")[1].split(";")[0])
-    assert f"in total (4): 975,296 KV tokens, 28 full-length sequences, up to {4 * seqs} requests decoded" in out
+    total = f"in total (4): 975,296 KV tokens, 28 full-length sequences, up to {4 * seqs} requests decoded"
+    assert total in out
     assert "node 0 (g1) - head" in out and "node 1 (g2)" in out
     assert "--worker-urls http://g1:8010 http://g1:8011 http://g2:8012 http://g2:8013" in out
     assert "uses 4 of the 8 GPUs" not in out

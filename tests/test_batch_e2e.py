@@ -219,5 +219,10 @@ def test_a_batch_through_an_engine_kill_finishes_once_the_supervisor_restarted_v
     assert state["create_time"] - killed_at >= 1.0  # so whole seconds tell the two vLLMs apart
     new_since = math.floor(state["create_time"])
     by_new = [x for x in lines if x["response"]["body"]["created"] >= new_since]
+    new_answers = answers(finished(demo))
+    print(
+        f"new vLLM started {state['create_time'] - killed_at:.1f} s after the kill; "
+        f"{LINES - len(by_new)} lines answered before it, {len(by_new)} by it; its count: {new_answers}"
+    )
     assert 0 < len(by_new) < LINES
-    assert answers(finished(demo)) == len(by_new)  # the new vLLM answered each of them once
+    assert new_answers == len(by_new)  # the new vLLM answered each of them once

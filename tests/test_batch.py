@@ -192,6 +192,7 @@ def test_the_service_url_is_the_router_in_front_of_replicas(setup):
     assert command.service_url(load(cfg_path)) == api.base
     assert command.service_url(load(cfg_path, REPLICAS="2", ROUTER_PORT="8999")) == "http://127.0.0.1:8999"
     assert command.service_url(load(cfg_path, HOST="0.0.0.0")) == api.base  # a wildcard: loopback
+    assert command.service_url(load(cfg_path, REPLICAS="per-node")) == api.base  # one node: no router
     assert command.default_concurrency(load(cfg_path, MAX_NUM_SEQS="7")) == (7, "MAX_NUM_SEQS 7")
     n, why = command.default_concurrency(load(cfg_path, MAX_NUM_SEQS="7", REPLICAS="2", ROUTER_PORT="8999"))
     assert n == 14 and "2 replicas" in why

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from qwen3_vl_service.batch.sender import Options, Outcome, Sender
 from qwen3_vl_service.core import cli
 from qwen3_vl_service.core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CheckFailed, UsageError
 from qwen3_vl_service.core.hosts import local_url
+from qwen3_vl_service.deployment import cluster
 from qwen3_vl_service.planning import preflight
 from qwen3_vl_service.settings import config as config_mod
 from qwen3_vl_service.settings.config import ServiceConfig
@@ -44,26 +44,27 @@ LOG_NAME = "batch.log"
 FALLBACK_CONCURRENCY = 16
 
 
-def service_url(cfg: ServiceConfig) -> str:
-    """The base URL that serves CFG's API on this node: the router in front of replicas, else vLLM.
+def service_url(cfg: ServiceConfig, environ: Mapping[str, str] | None = None) -> str:
+    """The base URL that serves CFG's API to this node: the router in front of replicas, else vLLM.
 
     The one place the batch tool decides it (for the lead to point at the
-    Deployment once there is one): REPLICA_MODE=router with more than one
-    replica puts vllm-router on ROUTER_PORT; a single service and vLLM's own
-    data parallelism (whose API is on node 0's PORT) serve on PORT.
+    Deployment once there is one), from the deployment's own layout
+    (cluster.layout over the SLURM job's nodes): in router mode vllm-router
+    listens on ROUTER_PORT of the head node; a single service, and vLLM's own
+    data parallelism (its API on node 0), on PORT. REPLICAS=per-node on one
+    node is the single service.
     """
-    if cfg.replicas != 1 and cfg.replica_mode == "router":
-        return local_url(cfg.host, cfg.router_port)
-    return local_url(cfg.host, cfg.port)
+    nodes, rank = cluster.job_nodes(environ)
+    lay = cluster.layout(cfg, nodes, environ=environ)
+    here = rank == 0 or not lay.head  # the head node (or no SLURM job): loopback for a wildcard HOST
+    if lay.mode == "router":
+        return local_url(cfg.host if here else lay.head, cfg.router_port)
+    return local_url(cfg.host if here else lay.head, cfg.port)
 
 
-def _replica_count(cfg: ServiceConfig) -> int:
-    if cfg.replicas:
-        return cfg.replicas
-    try:  # REPLICAS=per-node: one on every node of the job
-        return max(1, int(os.environ.get("SLURM_JOB_NUM_NODES", "1")))
-    except ValueError:
-        return 1
+def _replica_count(cfg: ServiceConfig, environ: Mapping[str, str] | None = None) -> int:
+    """vLLM engines behind service_url: replicas (router) or data-parallel ranks; 1 for a single service."""
+    return cluster.layout(cfg, cluster.job_nodes(environ)[0], environ=environ).total
 
 
 def default_concurrency(cfg: ServiceConfig) -> tuple[int, str]:

@@ -252,3 +252,43 @@ def test_without_engine_statistics_nothing_is_judged_and_no_probe_goes_out():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.integration
+def test_requests_the_engine_does_not_show_send_a_probe_only_at_the_next_look(monkeypatch):
+    """A request is in the API server's hands for milliseconds before the engine shows it: a probe at
+    the first look would follow most arrivals (and count as a request). One still unseen at the next
+    look, with nothing moved, is asked about."""
+    monkeypatch.setattr(liveness, "UNSEEN_S", 0.5)
+
+    class Busy(_Handler):
+        def do_GET(self) -> None:
+            if self.path == "/load":
+                self._send(json.dumps({"server_load": 2}).encode())
+            else:
+                super().do_GET()
+
+    server = _Vllm()
+    server.RequestHandlerClass = Busy
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        live = Liveness(server.url, stall_after=30, model="m", probe_idle_s=3600)
+        assert live.check().state == "live"
+        time.sleep(0.2)
+        assert live.check().state == "live"
+        assert server.completions == []  # not yet: it may be on its way to the engine
+        time.sleep(0.5)
+        live.check()
+        assert wait_for(lambda: len(server.completions) == 1), server.completions
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False

@@ -61,6 +61,7 @@ ENGINE_FAMILIES = (
 )
 RUNNING, WAITING = ENGINE_FAMILIES[0], ENGINE_FAMILIES[1]
 PROBE_IDLE_S = 60.0  # with nothing in flight and nothing moving for this long, a probe goes out
+UNSEEN_S = 4.0  # requests in flight that the engine does not show for this long: a probe goes out
 HTTP_TIMEOUT_S = 5.0  # /metrics and /load: the API server answers them even when the engine is stuck
 
 
@@ -194,6 +195,9 @@ class Liveness:
         )
         self.probe_idle_s = probe_idle_s
         self.verdict = Verdict("live")
+        self.unseen_since: float | None = (
+            None  # requests in flight that the (idle, unmoving) engine does not show
+        )
 
     def check(self, now: float | None = None) -> Verdict:
         """One look (two short GETs); the Verdict, also kept in .verdict. No answer: the last one stands
@@ -208,10 +212,16 @@ class Liveness:
             self.verdict = Verdict("live", "vLLM's /metrics has no engine statistics (--disable-log-stats?)")
             return self.verdict
         self.verdict = self.stall.observe(now, sample, probe_out_since=self.probe.out_since())
-        engine_idle = sample.running + sample.waiting == 0
-        if self.verdict.state == "live" and (
-            self.stall.idle_for(now) >= self.probe_idle_s or (engine_idle and (sample.in_flight or 0) > 0)
-        ):
+        if sample.running + sample.waiting == 0 and (sample.in_flight or 0) > 0:
+            if self.unseen_since is None or self.stall.changed_at > self.unseen_since:
+                self.unseen_since = now
+        else:
+            self.unseen_since = None
+        # A request reaches the engine milliseconds after it arrives: one still unseen at the next look
+        # (UNSEEN_S), with nothing moved meanwhile, is worth asking the engine about. Not at the first
+        # look: every arrival would send a probe, and probes count as requests in vLLM's metrics.
+        unseen = self.unseen_since is not None and now - self.unseen_since >= UNSEEN_S
+        if self.verdict.state == "live" and (self.stall.idle_for(now) >= self.probe_idle_s or unseen):
             self.probe.send(now)
         return self.verdict
 

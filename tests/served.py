@@ -81,7 +81,9 @@ def healthy(url: str, timeout: float = 5) -> bool:
 
 
 def done_requests(port: int) -> float:
-    """vllm:request_success_total of the vLLM on PORT, summed over finish reasons."""
+    """The requests the vLLM on PORT finished for clients: vllm:request_success_total over every finish
+    reason, less those that asked for one token (vllm:request_params_max_tokens, le=1): the
+    supervisor's liveness probes (lifecycle/liveness.py), which vLLM counts too; tests ask for more."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
@@ -89,6 +91,12 @@ def done_requests(port: int) -> float:
     for fam in text_string_to_metric_families(text):
         if fam.name == "vllm:request_success":
             total += sum(s.value for s in fam.samples if s.name == "vllm:request_success_total")
+        elif fam.name == "vllm:request_params_max_tokens":
+            total -= sum(
+                s.value
+                for s in fam.samples
+                if s.name.endswith("_bucket") and float(s.labels.get("le", "nan")) == 1.0
+            )
     return total
 
 

@@ -187,6 +187,23 @@ def test_resume_cuts_a_torn_last_line_and_refuses_another_inputs_output(tmp_path
 
 
 @pytest.mark.unit
+def test_the_service_url_is_the_running_deployments(setup):
+    """On the head node the recorded deployment answers (what the running start derived)."""
+    from qwen3_vl_service.deployment import cluster, deployment
+    from qwen3_vl_service.lifecycle.units import record
+
+    _, cfg_path, _api = setup
+    cfg = load(cfg_path, REPLICAS="2", ROUTER_PORT="8998")
+    lay = cluster.layout(cfg, ("",), cpus=(0, 1), environ={})
+    dep = deployment.derive(cfg, None, lay, expert_parallel=False)
+    record(dep)
+    try:
+        assert command.service_url(cfg, environ={}) == dep.api_url == "http://127.0.0.1:8998"
+    finally:
+        dep.record_file.unlink()
+
+
+@pytest.mark.unit
 def test_the_service_url_is_the_router_in_front_of_replicas(setup):
     _, cfg_path, api = setup
     assert command.service_url(load(cfg_path)) == api.base

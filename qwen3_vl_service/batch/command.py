@@ -35,8 +35,10 @@ from qwen3_vl_service.core import cli
 from qwen3_vl_service.core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CheckFailed, UsageError
 from qwen3_vl_service.core.hosts import local_url
 from qwen3_vl_service.deployment import cluster
+from qwen3_vl_service.lifecycle import registry
 from qwen3_vl_service.planning import preflight
 from qwen3_vl_service.settings import config as config_mod
+from qwen3_vl_service.settings import scope
 from qwen3_vl_service.settings.config import ServiceConfig
 
 LOG_NAME = "batch.log"
@@ -47,8 +49,9 @@ FALLBACK_CONCURRENCY = 16
 def service_url(cfg: ServiceConfig, environ: Mapping[str, str] | None = None) -> str:
     """The base URL that serves CFG's API to this node: the router in front of replicas, else vLLM.
 
-    The one place the batch tool decides it (for the lead to point at the
-    Deployment once there is one), from the deployment's own layout
+    The one place the batch tool decides it: on the head node, the API URL of the deployment the
+    running start recorded (RUN_DIR/<service>/deployment.json); elsewhere, or before a start, from
+    the deployment's own layout
     (cluster.layout over the SLURM job's nodes): in router mode vllm-router
     listens on ROUTER_PORT of the head node; a single service, and vLLM's own
     data parallelism (its API on node 0), on PORT. REPLICAS=per-node on one
@@ -57,6 +60,9 @@ def service_url(cfg: ServiceConfig, environ: Mapping[str, str] | None = None) ->
     nodes, rank = cluster.job_nodes(environ)
     lay = cluster.layout(cfg, nodes, environ=environ)
     here = rank == 0 or not lay.head  # the head node (or no SLURM job): loopback for a wildcard HOST
+    recorded = registry.recorded_deployment(scope.paths(cfg).run_dir)
+    if recorded is not None and here:
+        return recorded.api_url  # what the running start recorded (deployment.derive's answer)
     if lay.mode == "router":
         return local_url(cfg.host if here else lay.head, cfg.router_port)
     return local_url(cfg.host if here else lay.head, cfg.port)

@@ -32,6 +32,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 import pytest
+from lifecycle_helpers import free_port
 
 from qwen3_vl_service.core.errors import CheckFailed, ConfigError
 from qwen3_vl_service.core.names import MEDIA_PID_FILE, MEDIA_SERVICE_ID, RUN_DIR_ENV, TAG_ENV
@@ -60,12 +61,6 @@ BIG = 48 * 1024 * 1024
 
 # ---------------------------------------------------------------------------
 # Helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:

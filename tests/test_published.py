@@ -11,13 +11,13 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import realmodel
+from lifecycle_helpers import free_port
 
 from devtools.fp8_checkpoint import layout
 from qwen3_vl_service.download.manifest import Manifest, ManifestFile, write_manifest
@@ -28,12 +28,6 @@ from qwen3_vl_service.settings import config
 REPO = Path(__file__).resolve().parents[1]
 FP8 = "Qwen/Qwen3-VL-235B-A22B-Thinking-FP8"
 DATA = json.loads((REPO / "qwen3_vl_service" / "planning" / model.PUBLISHED_FILE).read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load(tmp_path: Path, model_dir: Path, **settings: object) -> config.ServiceConfig:

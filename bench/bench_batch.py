@@ -21,7 +21,6 @@ median ratio.
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_serve import RUNNER, answering, dataset  # noqa: E402 - the path above makes it importable
+from bench_serve import answering, dataset, vllm_bench_serve  # noqa: E402 - the path above makes it importable
 
 PEER = "vllm bench serve"
 TOOL = "batch_service.py"
@@ -65,40 +64,10 @@ def run_batch(args, cfg_path: Path, src: Path, out: Path, concurrency: int) -> d
 
 
 def run_peer(args, cfg, data: Path, out: Path) -> dict:
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    argv = [
-        cfg.vllm_python or sys.executable, "-c", RUNNER,
-        "--backend", "openai-chat",
-        "--endpoint", "/v1/chat/completions",
-        "--base-url", f"http://{host}:{cfg.port}",
-        "--model", cfg.served_model_name,
-        "--tokenizer", str(cfg.model_path),
-        "--dataset-name", "custom_image",
-        "--dataset-path", str(data),
-        "--custom-output-len", str(args.output_len),
-        "--ignore-eos",
-        "--num-prompts", str(args.requests),
-        "--max-concurrency", str(args.concurrency),
-        "--request-rate", "inf",
-        "--disable-tqdm",
-        "--save-result",
-        "--result-dir", str(out.parent),
-        "--result-filename", out.name,
-        "--seed", "0",
-    ]  # fmt: skip
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost"
-    )
-    if cfg.api_key:
-        env["OPENAI_API_KEY"] = cfg.api_key  # vLLM's bench sends it as the bearer token
-    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=out.parent)
-    if r.returncode != 0 or not out.exists():
-        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
-        raise SystemExit(f"error: vllm bench serve failed (exit {r.returncode}):\n{tail}")
-    result = json.loads(out.read_text())
-    if result.get("failed"):
-        raise SystemExit(f"error: {result['failed']} of {args.requests} requests failed in {PEER}")
-    return result
+    return vllm_bench_serve(
+        cfg, data, out, prompts=args.requests, concurrency=args.concurrency, output_len=args.output_len,
+        timeout=args.timeout,
+    )  # fmt: skip
 
 
 def row(tool: str, rnd: int, n: int, result: dict, ratio: float | None) -> str:

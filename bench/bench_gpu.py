@@ -149,7 +149,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _levels(text: str) -> list[int]:
+def concurrency_levels(text: str) -> list[int]:
+    """--concurrency 1,8,32 as numbers; one usage error line otherwise (bench_side_by_side uses it too)."""
     try:
         levels = [int(c) for c in text.split(",")]
     except ValueError:
@@ -169,7 +170,7 @@ def _main(argv: list[str] | None) -> int:
     import requests
 
     args = parse_args(argv)
-    levels = _levels(args.concurrency)
+    levels = concurrency_levels(args.concurrency)
     cfg = service_config.load(args.config)
     python = cfg.vllm_python or sys.executable
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host

@@ -93,27 +93,40 @@ def dataset(path: Path, url: str, prompt: str) -> Path:
 
 
 def bench_once(cfg, data: Path, concurrency: int, args, out: Path) -> dict:
-    """One `vllm bench serve` run; returns vLLM's JSON result."""
+    """One `vllm bench serve` run of this benchmark; returns vLLM's JSON result."""
     prompts = max(args.min_prompts, args.prompts_per_slot * concurrency)
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    extra = ["--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]
+    return vllm_bench_serve(
+        cfg, data, out, prompts=prompts, concurrency=concurrency, output_len=args.output_len,
+        timeout=args.timeout, extra=extra,
+    )  # fmt: skip
+
+
+def vllm_bench_serve(
+    cfg, data: Path, out: Path, *, prompts: int, concurrency: int, output_len: int, timeout: float, extra=()
+) -> dict:
+    """`vllm bench serve` (through RUNNER) of DATA's image chats against CFG's service at CONCURRENCY;
+    vLLM's JSON result. Any failed request or run is one error line (SystemExit). The one runner of
+    the peer for bench_serve.py and bench_batch.py."""
+    from qwen3_vl_service.core.hosts import local_url  # as everywhere here: after the path is set
+
     argv = [
         cfg.vllm_python or sys.executable,
         "-c",
         RUNNER,
         "--backend", "openai-chat",
         "--endpoint", "/v1/chat/completions",
-        "--base-url", f"http://{host}:{cfg.port}",
+        "--base-url", local_url(cfg.host, cfg.port),
         "--model", cfg.served_model_name,
         "--tokenizer", str(cfg.model_path),
         "--dataset-name", "custom_image",
         "--dataset-path", str(data),
-        "--custom-output-len", str(args.output_len),
+        "--custom-output-len", str(output_len),
         "--ignore-eos",
         "--num-prompts", str(prompts),
         "--max-concurrency", str(concurrency),
         "--request-rate", "inf",
-        "--percentile-metrics", "ttft,tpot,itl,e2el",
-        "--metric-percentiles", "50,99",
+        *extra,
         "--disable-tqdm",
         "--save-result",
         "--result-dir", str(out.parent),
@@ -125,7 +138,7 @@ def bench_once(cfg, data: Path, concurrency: int, args, out: Path) -> dict:
     )
     if cfg.api_key:
         env["OPENAI_API_KEY"] = cfg.api_key  # vLLM's bench sends it as the bearer token
-    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=out.parent)
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=out.parent)
     if run.returncode != 0 or not out.exists():
         tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-15:])
         raise SystemExit(f"error: vllm bench serve failed (exit {run.returncode}):\n{tail}")

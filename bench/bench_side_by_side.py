@@ -52,6 +52,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_gpu import concurrency_levels  # noqa: E402 - the path above makes it importable
 
 from qwen3_vl_service.core import cli  # noqa: E402
 from qwen3_vl_service.core.errors import CheckFailed, UsageError  # noqa: E402
@@ -133,18 +136,6 @@ def parse_args(argv: list[str] | None):
         help="seconds: then stop measuring and show what was measured",
     )
     return p.parse_args(argv)
-
-
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(c) for c in text.split(",")]
-    except ValueError:
-        levels = []
-    if not levels or min(levels) < 1:
-        raise UsageError(
-            f"--concurrency {text!r}: give whole numbers of at least 1", fix="e.g. --concurrency 1,8,32"
-        )
-    return levels
 
 
 def servers_from(args) -> list[Server]:
@@ -471,7 +462,7 @@ def _main(argv: list[str] | None) -> int:
     t0 = time.monotonic()
     # A TERM (a timeout around the run) unwinds through the finally below: every server is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    levels = _levels(args.concurrency)
+    levels = concurrency_levels(args.concurrency)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or any(k not in KINDS for k in kinds):
         raise UsageError(f"--kinds {args.kinds!r}: allowed text, image", fix="e.g. --kinds text,image")

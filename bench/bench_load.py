@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -134,12 +133,6 @@ def run_load(
     return load
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=300.0)
@@ -148,13 +141,14 @@ def main() -> int:
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from devtools import sample_media, tiny_model
+    from qwen3_vl_service.machine.processes import server_port
 
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         root = Path(tmp)
         tiny_model.generate(root / "model")
         (root / "media").mkdir()
         sample_media.write_samples(root / "media")
-        port, media_port = _free_port(), _free_port()
+        port, media_port = server_port(), server_port()
         env = {
             **os.environ,
             "PORT": str(port),

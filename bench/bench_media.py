@@ -67,6 +67,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from qwen3_vl_service.machine.processes import server_port  # noqa: E402
+
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
@@ -258,12 +262,6 @@ def floor_main(port: int, root: str, processes: int) -> None:
 
 # ---------------------------------------------------------------------------
 # The servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -479,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         workers = args.workers.split(",") if args.workers else [""]
         for w in workers if "ours" in wanted else []:
             name = "ours" if len(workers) == 1 else f"ours-w{w}"
-            port = free_port()
+            port = server_port()
             cmd = [sys.executable, "-m", "qwen3_vl_service.media", "--host", "127.0.0.1", "--port", str(port)]
             cmd += ["--root", str(root), "--allowed-types", "jpg,mp4", "--log-file", str(tmp / f"{name}.log")]
             cmd += ["--pid-file", str(tmp / f"{name}.pid")] + (["--workers", w] if w else [])
@@ -487,9 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         if "nginx" in wanted:
             nginx = args.nginx or ensure_nginx()
             if nginx:
-                servers.append(nginx_server(nginx, tmp, root, free_port()))
+                servers.append(nginx_server(nginx, tmp, root, server_port()))
         if "http.server" in wanted:
-            port = free_port()
+            port = server_port()
             cmd = [
                 sys.executable,
                 "-m",
@@ -507,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             from qwen3_vl_service.settings.config import parse_value
 
             processes = parse_value("MEDIA_WORKERS", workers[0] or "auto", name="--workers") or auto_workers()
-            port = free_port()
+            port = server_port()
             cmd = [sys.executable, str(Path(__file__).resolve()), "--floor", str(port), str(root)]
             cmd.append(str(processes))
             servers.append(Server("asyncio-floor", cmd, port, tmp / "asyncio_floor.log"))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,20 +34,18 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from qwen3_vl_service.machine.processes import port_free, server_port  # noqa: E402
+
 MODEL = "qwen3-vl-fp8"
 
 
 def free_pair() -> int:
+    """PORT with PORT and PORT+1 free (two replicas), outside the ephemeral range (processes.server_port)."""
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
+        port = server_port()
+        if port_free("127.0.0.1", port + 1):
+            return port
     raise SystemExit("no two consecutive free ports")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,11 +31,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from qwen3_vl_service.machine.processes import server_port  # noqa: E402
 
 
 def wait_health(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
@@ -65,7 +60,7 @@ def main() -> int:
         root = Path(tmp)
         tiny_model.generate(root / "model")
         sample_media.write_samples(root / "media")
-        port, media_port = free_port(), free_port()
+        port, media_port = server_port(), server_port()
         overrides = {
             "PORT": str(port),
             "MEDIA_PORT": str(media_port),

@@ -43,7 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_load import _free_port, chat_body  # noqa: E402
+from bench_load import chat_body  # noqa: E402
+
+from qwen3_vl_service.machine.processes import server_port  # noqa: E402
 
 
 def _wait_health(base: str, alive, timeout: float = 1200) -> None:
@@ -99,8 +101,8 @@ class Setup:
             "MEDIA_ROOT": str(root / "media"),
             "RUN_DIR": str(root / "run"),
             "LOG_DIR": str(root / "logs"),
-            "PORT": str(_free_port()),
-            "MEDIA_PORT": str(_free_port()),
+            "PORT": str(server_port()),
+            "MEDIA_PORT": str(server_port()),
         }
         self.cfg = config.load(REPO / "config.demo.env", environ=self.env)
         self.base = f"http://127.0.0.1:{self.cfg.port}"

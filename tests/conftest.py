@@ -54,6 +54,10 @@ os.environ.setdefault("VLLM_CPU_CI_ENV", "1")
 _PHASES = ("early", "run", "disrupts", "ends_demo", "late")
 # The demo service's log folder: a tmpfs this small fills in a second (the full-disk test).
 TMPFS_MB = 16
+# Where the demo's logs were copied at its end (pytest_terminal_summary prints them after a failure).
+_KEPT_LOGS: list[Path] = []
+# The lines of each of them a failed session prints.
+LOG_TAIL = 40
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -130,6 +134,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_media:
         yield s
     finally:
         s.stop_all()
+        # Its logs outlive the tmpfs: the session's summary shows their ends when a test failed.
+        shutil.copytree(s.log_root, root / "logs-kept", dirs_exist_ok=True)
+        _KEPT_LOGS.append(root / "logs-kept")
         if s.tmpfs:
             subprocess.run(["umount", "-l", str(s.log_root)], check=False)
 
@@ -156,7 +163,14 @@ def procs():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Print each end-to-end request with its status and latency (the e2e issue's note)."""
+    """Print each end-to-end request with its status and latency (the e2e issue's note); after a
+    failure, the end of each log of the demo service (CI keeps nothing else of them)."""
+    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+        for folder in _KEPT_LOGS:
+            for log in sorted(folder.rglob("*.log")):
+                terminalreporter.section(f"demo log {log.relative_to(folder)}, last {LOG_TAIL} lines")
+                for line in log.read_text(errors="replace").splitlines()[-LOG_TAIL:]:
+                    terminalreporter.write_line(line)
     e2e = sys.modules.get("test_e2e") or sys.modules.get("tests.test_e2e")
     timings = getattr(e2e, "TIMINGS", None)
     if not timings:

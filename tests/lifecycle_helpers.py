@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import psutil
 
 from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
 from qwen3_vl_service.lifecycle import readiness, runstate
-from qwen3_vl_service.machine.processes import TITLE_ENV
+from qwen3_vl_service.machine.processes import TITLE_ENV, server_port
 from qwen3_vl_service.settings import scope
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,9 +42,11 @@ SERVICE = "svc"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a server of this test, free now, outside the ephemeral range (processes.server_port),
+    from this pytest-xdist worker's share of it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return server_port(shard=int(worker.removeprefix("gw") or 0), shards=count)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

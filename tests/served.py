@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import requests
 from lifecycle_helpers import clean_env, free_port
 
 from qwen3_vl_service.core.names import MEDIA_PID_FILE, RECORD_FILE, RUN_DIR_ENV, STATE_FILE, TAG_ENV
+from qwen3_vl_service.machine import processes
 from qwen3_vl_service.settings import scope
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,14 +35,8 @@ MODEL = "qwen3-vl-fp8"  # SERVED_MODEL_NAME of config.demo.env
 
 
 def port_free(port: int) -> bool:
-    """Whether a server could listen on PORT now (SO_REUSEADDR, as servers bind: TIME_WAIT is no holder)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+    """Whether a server could listen on 127.0.0.1:PORT now."""
+    return processes.port_free("127.0.0.1", port)
 
 
 def free_pair(avoid: tuple[int, ...] = ()) -> int:

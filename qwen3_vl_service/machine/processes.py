@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import time
@@ -479,7 +480,7 @@ def port_holders(host: str, port: int) -> list[PortHolder]:
     try:
         conns = psutil.net_connections(kind="inet")
     except (psutil.Error, OSError):
-        return [] if _bind_free(host, port) else [PortHolder(None)]
+        return [] if port_free(host, port) else [PortHolder(None)]
     pids: list[int | None] = []
     for c in conns:
         if c.status != psutil.CONN_LISTEN or not c.laddr or c.laddr.port != port or c.raddr:
@@ -508,7 +509,8 @@ def port_holder(host: str, port: int) -> tuple[int | None, str] | None:
     return first.pid, first.label if first.pid is not None else "a process of another user"
 
 
-def _bind_free(host: str, port: int) -> bool:
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on HOST:PORT now (with SO_REUSEADDR, as servers bind)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -517,6 +519,35 @@ def _bind_free(host: str, port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux's default if unreadable)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def server_port(host: str = "127.0.0.1", *, shard: int = 0, shards: int = 1) -> int:
+    """A port free now for a server that may restart on it, outside the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` is also one it hands to outgoing connections: while a
+    server on it restarts, any client connection (or vLLM's own rendezvous) may take it as its local
+    port and the restart's bind fails. Ports below the ephemeral range are only ever taken by name.
+    SHARD of SHARDS splits that range so parallel callers (test workers) never draw the same port.
+    """
+    low, high = ephemeral_ports()
+    first, last = (10_000, low - 1) if low > 12_000 else (high + 1, 65_535)
+    width = (last - first + 1) // max(shards, 1)
+    first += width * shard
+    ports = list(range(first, first + width))
+    random.shuffle(ports)
+    for port in ports[:2000]:
+        if port_free(host, port):
+            return port
+    raise OSError(f"no free port in {first}-{first + width - 1}")
 
 
 @dataclass(frozen=True)

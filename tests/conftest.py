@@ -26,6 +26,8 @@ A start of the real vLLM server costs 30-100 s on two cores; the suite's budget 
   the end in a ``@pytest.mark.late`` one (tests/test_slurm_e2e.py), so the wait overlaps the others.
 
 Order: early, then unmarked, disrupts, ends_demo, late; file order within each (a stable sort).
+scripts/test.sh runs the group on two xdist workers: the demo's tests on one, in that order, and
+the tests with services of their own on the other (``_WITH_DEMO`` evens them out).
 Tests end only what they started, by pid or by the run folder their service carries.
 """
 
@@ -52,22 +54,33 @@ os.environ.setdefault("VLLM_CPU_CI_ENV", "1")
 
 # The order of the end-to-end phases (see above); unmarked tests are "run".
 _PHASES = ("early", "run", "disrupts", "ends_demo", "late")
+# scripts/test.sh runs the end-to-end group on two pytest-xdist workers (--dist loadgroup), each
+# worker one group, in the order above: "demo", every test of the shared demo service (its phases
+# hold on one worker), and "own", the tests that start their own (the SLURM jobs, the smoke run).
+# These files start their own too but run with the demo group, to even the two out (minutes each).
+_WITH_DEMO = ("test_bench_side_by_side.py", "test_e2e.py", "test_faults.py")
 # The demo service's log folder: a tmpfs this small fills in a second (the full-disk test).
 TMPFS_MB = 16
-# Where the demo's logs were copied at its end (pytest_terminal_summary prints them after a failure).
-_KEPT_LOGS: list[Path] = []
+# Where the demo's logs are copied at its end, under the session's (worker's) temporary folder:
+# pytest_terminal_summary prints their ends after a failure.
+KEPT_LOGS = "demo-logs-kept"
 # The lines of each of them a failed session prints.
 LOG_TAIL = 40
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Early tests first, then the rest, then those that disrupt or end the shared service, then late."""
+    """Early tests first, then the rest, then those that disrupt or end the shared service, then late;
+    and every end-to-end test in one of two xdist groups (see E2E_GROUPS)."""
 
     def phase(item: pytest.Item) -> int:
         marked = [i for i, name in enumerate(_PHASES) if item.get_closest_marker(name)]
         return marked[0] if marked else _PHASES.index("run")
 
     items.sort(key=phase)  # stable: file order within a phase
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            uses_demo = "demo" in item.fixturenames or item.path.name in _WITH_DEMO
+            item.add_marker(pytest.mark.xdist_group("demo" if uses_demo else "own"))
 
 
 @pytest.fixture(scope="session")
@@ -121,8 +134,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_media:
         model=tiny_model,
         media_root=demo_media,
         RESTART="on-failure",
-        # Every disrupts test that kills vLLM costs one (three today: test_batch_e2e, test_faults,
-        # test_hang_e2e); past MAX_RESTARTS in RESTART_WINDOW the supervisor gives up.
+        # Every disrupts test that kills vLLM costs one (two today: test_faults's engine kill under
+        # load and a batch, test_hang_e2e); past MAX_RESTARTS in RESTART_WINDOW the supervisor gives up.
         MAX_RESTARTS="5",
         RESTART_WINDOW="900",
         RESTART_BACKOFF="1",
@@ -135,8 +148,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_media:
     finally:
         s.stop_all()
         # Its logs outlive the tmpfs: the session's summary shows their ends when a test failed.
-        shutil.copytree(s.log_root, root / "logs-kept", dirs_exist_ok=True)
-        _KEPT_LOGS.append(root / "logs-kept")
+        shutil.copytree(s.log_root, root / KEPT_LOGS, dirs_exist_ok=True)
         if s.tmpfs:
             subprocess.run(["umount", "-l", str(s.log_root)], check=False)
 
@@ -165,8 +177,10 @@ def procs():
 def pytest_terminal_summary(terminalreporter):
     """Print each end-to-end request with its status and latency (the e2e issue's note); after a
     failure, the end of each log of the demo service (CI keeps nothing else of them)."""
-    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
-        for folder in _KEPT_LOGS:
+    factory = getattr(terminalreporter.config, "_tmp_path_factory", None)
+    if factory and (terminalreporter.stats.get("failed") or terminalreporter.stats.get("error")):
+        # xdist's workers have their folders under the controller's
+        for folder in sorted(factory.getbasetemp().rglob(KEPT_LOGS)):
             for log in sorted(folder.rglob("*.log")):
                 terminalreporter.section(f"demo log {log.relative_to(folder)}, last {LOG_TAIL} lines")
                 for line in log.read_text(errors="replace").splitlines()[-LOG_TAIL:]:

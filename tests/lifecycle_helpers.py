@@ -43,10 +43,12 @@ SERVICE = "svc"
 
 def free_port() -> int:
     """A port for a server of this test, free now, outside the ephemeral range (processes.server_port),
-    from this pytest-xdist worker's share of it."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    return server_port(shard=int(worker.removeprefix("gw") or 0), shards=count)
+    from this run's share of it: TEST_PORT_SHARD=i/n (scripts/test.sh runs the e2e group beside the
+    others, each with its own), split again between pytest-xdist's workers."""
+    part, parts = (int(x) for x in os.environ.get("TEST_PORT_SHARD", "0/1").split("/"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return server_port(shard=part * workers + worker, shards=parts * workers)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

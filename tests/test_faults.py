@@ -9,9 +9,10 @@ full-disk test skips, never under CI=true):
    5-minute run): every request succeeds; requests and p50/p99 printed.
 2. the log's file system full: requests keep succeeding.
 3. ``kill -9`` of our VLLM::EngineCore (found by pid through the service
-   tag) during that load: every request in flight ends, with an error, within
-   IN_FLIGHT_BOUND_S of the kill (none hangs); the supervisor restarts vLLM,
-   which answers again; status shows the restart and its cause.
+   tag) during that load and a batch job: every request in flight ends, with
+   an error, within IN_FLIGHT_BOUND_S of the kill (none hangs); the supervisor
+   restarts vLLM, which answers again; status shows the restart and its
+   cause; the batch finishes every line once (tests/batch_job.py).
 4. ``kill -9`` of the media server: back, serving, restart recorded.
 The stop that ends the supervisor, never undone by a restart, is in
 tests/test_services_e2e.py (the shared service's end). Then, a service of its
@@ -25,14 +26,18 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
 import threading
 import time
 
+import batch_job
 import pytest
 import requests
+from batch_job import LINES
+from lifecycle_helpers import wait_until
 from served import REPO, Served, alive
 from skips import in_ci, require
 
@@ -84,10 +89,15 @@ def test_load_16_clients_image_chats_through_the_media_server(sup):
 
 
 @pytest.mark.disrupts
-def test_kill_9_of_the_engine_core_during_load_restarts_vllm(sup):
+def test_kill_9_of_the_engine_core_during_load_and_a_batch_restarts_vllm(sup, tmp_path):
+    """One kill, two kinds of client: 16 load clients (their in-flight requests end at once, with an
+    error; new ones succeed after the restart) and a batch job (it waits for the new vLLM and finishes
+    every line once: test_batch_e2e's accounting, less the load's answers)."""
     bench = _bench_load()
     old_pid = sup.state()["pid"]
+    restarts = sup.status()["supervisor"]["restarts"]
     engine = sup.engine_core()
+    src, out = batch_job.dataset(tmp_path / "in.jsonl", sup, "engine"), tmp_path / "out.jsonl"
     stop = threading.Event()
     result = {}
     runner = threading.Thread(
@@ -97,17 +107,25 @@ def test_kill_9_of_the_engine_core_during_load_restarts_vllm(sup):
         daemon=True,
     )
     runner.start()
+    proc = batch_job.batch(sup, src, out, "--concurrency", str(batch_job.CONCURRENCY), "--no-progress")
     try:
         time.sleep(5)  # requests in flight
-        killed_at = time.monotonic()
+        assert wait_until(lambda: len(batch_job.out_lines(out)) >= LINES // 3 or proc.poll() is not None, 600)
+        assert proc.poll() is None, proc.communicate()
+        killed_at, killed_wall = time.monotonic(), time.time()
         engine.send_signal(signal.SIGKILL)
         assert _wait(lambda: sup.state()["pid"] != old_pid, 120), "the supervisor did not start a new vLLM"
         assert _wait(lambda: _healthy(sup.base), RECOVERY_S), "vLLM did not answer again"
         recovered_at = time.monotonic()
         time.sleep(5)  # a few requests on the new vLLM
-    finally:
         stop.set()
         runner.join(600)
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     load = result["load"]
     print(f"\nunder kill -9 of the EngineCore: {load.summary()}; back after {recovered_at - killed_at:.0f} s")
     in_flight = [o for o in load.outcomes if o.started < killed_at < o.ended]
@@ -119,10 +137,26 @@ def test_kill_9_of_the_engine_core_during_load_restarts_vllm(sup):
         "no request succeeded after the restart"
     )
 
+    # The batch: every line once, in OUT; the new vLLM answered exactly the lines it made (their
+    # `created`, whole seconds at its API server, tells which vLLM made them) and the load's
+    # successes after the kill, so nothing answered before the kill was sent again.
+    print(f"batch through the engine kill:\n{stdout}{stderr[-3000:]}")
+    assert proc.returncode == 0, stdout + stderr
+    lines = batch_job.assert_complete(out, "engine")
+    state = sup.state()
+    assert state["create_time"] - killed_wall >= 1.0  # RESTART_BACKOFF: whole seconds tell them apart
+    by_new = [x for x in lines if x["response"]["body"]["created"] >= math.floor(state["create_time"])]
+    load_new = sum(1 for o in load.outcomes if o.ok and o.ended > killed_at)
+    new_answers = batch_job.answers(batch_job.finished(sup))
+    print(f"{LINES - len(by_new)} lines answered before the kill, {len(by_new)} by the new vLLM, "
+          f"which also answered {load_new} load request(s); its count: {new_answers}")  # fmt: skip
+    assert 0 < len(by_new) < LINES
+    assert new_answers == len(by_new) + load_new
+
     status = sup.status()
     assert status["running"] and status["healthy"], status
     rec = status["supervisor"]
-    assert rec["running"] and rec["restarts"] >= 1, rec
+    assert rec["running"] and rec["restarts"] == restarts + 1, rec
     assert "EngineCore" in rec["last_cause"] and str(engine.pid) in rec["last_cause"], rec
     human = sup.script("status_service.py", "--sample", "0").stdout
     assert "restart(s)" in human and "EngineCore" in human, human

@@ -88,6 +88,7 @@ def test_every_request_kind_is_sent():
 
 @pytest.mark.e2e
 @pytest.mark.smoke  # what test_e2e and test_faults prove, once more through the script: CI runs it
+@pytest.mark.timeout(1500)  # a start, a benchmark and a restart: 3-4 minutes alone, more beside others
 def test_gpu_smoke_script_runs_on_the_cpu_demo(tmp_path):
     """scripts/gpu_smoke.sh itself, with DEVICE=cpu and the tiny BF16 model, bench and crash included."""
     probe = subprocess.run([sys.executable, "-c", "import vllm.benchmarks.serve"], capture_output=True)

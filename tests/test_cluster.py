@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import warm_vllm
 from skips import vllm_missing
 
 from qwen3_vl_service.core.errors import ConfigError
@@ -136,7 +137,7 @@ def test_data_parallel_head_and_headless_commands():
     assert "--headless" in rest and flag(rest, "--data-parallel-start-rank") == "2"
 
 
-def _vllm_parse(argv: list[str]) -> dict:
+def _vllm_parse(child: warm_vllm.WarmVllm, argv: list[str]) -> dict:
     """ARGV (after `vllm serve`) through the pinned vLLM's own serve parser and its checks."""
     probe = (
         "import json, sys\n"
@@ -152,20 +153,18 @@ def _vllm_parse(argv: list[str]) -> dict:
         "'port','host','model_tag']\n"
         "print(json.dumps({k: getattr(ns, k) for k in keys}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300)
+    out = child.run(probe, *argv)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.integration
 def test_pinned_vllm_serve_parser_accepts_every_nodes_data_parallel_command():
-    code = "import importlib.util,sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-    if subprocess.run([sys.executable, "-c", code], check=False).returncode != 0:
-        vllm_missing("vLLM is not installed in this environment (run scripts/setup_env.sh)")
+    child = warm_vllm.ready()
     cfg, lay = _dp_layout(TENSOR_PARALLEL_SIZE="8")
     dep = derive(cfg, lay, expert_parallel=True)
     head, rest = dep.unit("dp-node-0").argv, dep.unit("dp-node-1", 1).argv
-    h, r = _vllm_parse(list(head[4:])), _vllm_parse(list(rest[4:]))
+    h, r = _vllm_parse(child, list(head[4:])), _vllm_parse(child, list(rest[4:]))
     assert h["headless"] is False and r["headless"] is True
     assert h["data_parallel_size"] == r["data_parallel_size"] == 4
     assert h["data_parallel_size_local"] == r["data_parallel_size_local"] == 2

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import realmodel
+import warm_vllm
 from lifecycle_helpers import clean_env
 
 from qwen3_vl_service.core.errors import ConfigError
@@ -305,14 +306,7 @@ def test_every_vllm_units_argv_passes_vllms_own_parser_with_the_plans_flags(mode
             deployment.VLLM
         ),
     ]
-    got = subprocess.run(
-        [sys.executable, "-c", PARSE_ALL],
-        input=json.dumps([list(u.argv) for u in units]),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=clean_env(),
-    )
+    got = warm_vllm.ready().run(PARSE_ALL, input=json.dumps([list(u.argv) for u in units]), env=clean_env())
     assert got.returncode == 0, got.stderr[-3000:]
     parsed = json.loads(got.stdout.strip().splitlines()[-1])
     assert len(parsed) == 4

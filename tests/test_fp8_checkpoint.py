@@ -24,6 +24,8 @@ import struct
 from pathlib import Path
 
 import pytest
+import warm_vllm
+from skips import vllm_missing
 
 from devtools import fp8_checkpoint, tiny_model
 
@@ -214,19 +216,14 @@ def test_real_shapes_tokenizer_has_qwens_ids():
 def test_vllm_weight_mapping_accepts_every_generated_name(fp8_dir):
     """The installed vLLM's own name mapping for Qwen3VLMoe takes every tensor, and its Fp8Config
     quantizes exactly the FP8 ones (without building the model: FP8 does not run on these CPUs).
-    In a child process: importing vLLM here would leak into the tests that check it is not imported."""
-    import subprocess
-    import sys
-
-    from skips import vllm_missing
-
-    probe = [sys.executable, "-c", "import vllm.model_executor.models.qwen3_vl_moe"]
-    if subprocess.run(probe, capture_output=True, timeout=300).returncode != 0:
-        vllm_missing("vLLM's qwen3_vl_moe is not importable")
+    In a child process (forked from the warm vLLM, tests/warm_vllm.py): importing vLLM here would leak
+    into the tests that check it is not imported."""
+    child = warm_vllm.ready()
+    probe = child.run("import vllm.model_executor.models.qwen3_vl_moe")
+    if probe.returncode != 0:
+        vllm_missing(f"vLLM's qwen3_vl_moe is not importable: {probe.stderr.strip()[-300:]}")
     check = Path(__file__).with_name("fp8_vllm_check.py")
-    proc = subprocess.run(
-        [sys.executable, str(check), str(fp8_dir)], capture_output=True, text=True, timeout=300
-    )
+    proc = child.run(check.read_text(encoding="utf-8"), str(fp8_dir))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.strip().startswith("ok:"), proc.stdout
 

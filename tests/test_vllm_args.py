@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from skips import vllm_missing
+import warm_vllm
 
 from qwen3_vl_service.core.names import TAG_ENV
 from qwen3_vl_service.planning import vllm_args
@@ -103,18 +101,10 @@ def test_cpu_device_leaves_out_gpu_only_flags(tmp_path):
     assert cmd.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
-def _vllm_python() -> str | None:
-    code = "import importlib.util,sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-    return (
-        sys.executable if subprocess.run([sys.executable, "-c", code], check=False).returncode == 0 else None
-    )
-
-
 @pytest.mark.integration
 def test_pinned_vllm_parser_accepts_the_command(tmp_path):
     """Every flag we emit exists in the pinned vLLM and parses to the intended value."""
-    if _vllm_python() is None:
-        vllm_missing("vLLM is not installed in this environment (run scripts/setup_env.sh)")
+    child = warm_vllm.ready()
     cfg = config.load(REPO / "config.env", environ={})
     argv = list(vllm_args.build(cfg, expert_parallel=True).argv)[3:]
     probe = (
@@ -131,7 +121,7 @@ def test_pinned_vllm_parser_accepts_the_command(tmp_path):
         "'override_generation_config','shutdown_timeout','max_num_seqs','gpu_memory_utilization']\n"
         "print(json.dumps({k: getattr(ns, k) for k in keys}, default=str))\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300)
+    out = child.run(probe, *argv)
     assert out.returncode == 0, out.stderr[-2000:]
     ns = json.loads(out.stdout.strip().splitlines()[-1])
     assert ns["served_model_name"] == ["qwen3-vl-fp8"]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import warm_vllm
 from skips import vllm_missing
 
 from qwen3_vl_service.planning import vllm_args, vllm_versions
@@ -213,21 +214,37 @@ def test_a_flag_the_parser_refuses_is_one_error_line_naming_it(tmp_path):
 
 
 @pytest.mark.integration
-def test_the_installed_vllms_parser_judges_extra_args_in_a_child(tmp_path):
-    found = vllm_versions.probe(sys.executable)
-    if found.level != "ok":
-        vllm_missing(f"no vLLM for {sys.executable}: {found.message}")
+def test_the_installed_vllms_parser_judges_extra_args_in_a_child(tmp_path, monkeypatch):
+    """check_args against the installed vLLM's parser: each verdict from a child process running PARSE.
+
+    The children fork from the run's warm vLLM (tests/warm_vllm.py: a real process with the real
+    parser, without the 10 s import); the cold child, as the product starts it, is the dry run's
+    below."""
+    child = warm_vllm.ready()
+    cold_run = subprocess.run
+    asked: list[list[str]] = []
+
+    def run(cmd, *args, **kwargs):
+        if cmd[:3] != [sys.executable, "-c", vllm_versions.PARSE]:
+            return cold_run(cmd, *args, **kwargs)
+        asked.append(cmd[3:])
+        return child.run(cmd[2], *cmd[3:], timeout=kwargs["timeout"])
+
+    monkeypatch.setattr(vllm_versions.subprocess, "run", run)
     bad = vllm_versions.probe(sys.executable, ("--no-such-flag", "3"), cache_dir=tmp_path)
     assert bad.args_error == "unrecognized arguments: --no-such-flag"
     wrong = vllm_versions.probe(sys.executable, ("--kv-cache-dtype", "fp9"), cache_dir=tmp_path)
     assert wrong.args_error.startswith("argument --kv-cache-dtype: invalid choice: 'fp9'")
     good = vllm_versions.probe(sys.executable, ("--skip-mm-profiling",), cache_dir=tmp_path)
     assert good.args_checked == "parser" and not good.args_error
+    assert len(asked) == 3  # each verdict came from a child
     assert "vllm" not in sys.modules  # the parser ran in the child
 
 
 @pytest.mark.integration
 def test_dry_run_with_a_bad_vllm_flag_is_refused_before_anything_starts(tmp_path):
+    """The product's own way, end to end: start_service.py runs the installed vLLM's parser in a
+    cold child of its own (the one test here that pays vLLM's import, about 10 s of CPU)."""
     if vllm_versions.probe(sys.executable).level != "ok":
         vllm_missing(f"no vLLM for {sys.executable}")
     env = {

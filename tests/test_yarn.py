@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import realmodel
-from skips import vllm_missing
+import warm_vllm
 
 from qwen3_vl_service.core.errors import ConfigError
 from qwen3_vl_service.machine.gpus import parse_spec
@@ -172,11 +170,6 @@ def test_a_context_past_the_native_positions_names_yarn_its_factor_and_what_the_
     assert checks.index("Context") < checks.index("Capacity")
 
 
-def _vllm_python() -> str | None:
-    code = "import importlib.util,sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-    return sys.executable if subprocess.run([sys.executable, "-c", code]).returncode == 0 else None
-
-
 # The pinned vLLM's own parser and ModelConfig: the override reaches the text config and the
 # length vLLM will serve (what `vllm serve` does with these flags before loading any weight).
 PROBE = """
@@ -200,8 +193,7 @@ print(json.dumps({"hf_overrides": ns.hf_overrides, "max_model_len": mc.max_model
 
 @pytest.mark.integration
 def test_pinned_vllm_applies_the_override_beyond_the_native_length(tmp_path: Path) -> None:
-    if _vllm_python() is None:
-        vllm_missing("vLLM is not installed in this environment (run scripts/setup_env.sh)")
+    child = warm_vllm.ready()
     from devtools import tiny_model
 
     tiny = tiny_model.generate(tmp_path / "tiny")
@@ -218,13 +210,7 @@ def test_pinned_vllm_applies_the_override_beyond_the_native_length(tmp_path: Pat
     def probe(env: dict[str, str]) -> dict:
         base = {k: v for k, v in os.environ.items() if k != "VLLM_ALLOW_LONG_MAX_MODEL_LEN"}
         run_env = vllm_args.with_inherited(env, base)
-        out = subprocess.run(
-            [sys.executable, "-c", PROBE, *cmd.argv[3:]],
-            env=run_env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        out = child.run(PROBE, *cmd.argv[3:], env=run_env)
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -92,6 +92,9 @@ def test_term_stops_the_service(tmp_path: Path, who: str) -> None:
         CONFIG=str(cfg),
         PYTHONPATH=str(REPO),
         SLURM_JOB_ID="4242",
+        # The script's own setting for stop_service.py --timeout: the stand-in's Worker_TP0 ignores
+        # SIGTERM, and its SIGKILL comes after min(10, timeout) s, not stop's default 10.
+        STOP_TIMEOUT="3",
     )
     out_file = tmp_path / "slurm.out"
     with open(out_file, "wb") as out:
@@ -115,6 +118,7 @@ def test_term_stops_the_service(tmp_path: Path, who: str) -> None:
         text = out_file.read_text()
         assert "stopping the service: SIGTERM (time limit or scancel)" in text
         assert "the service was stopped" in text
+        assert "SIGKILL after 3 s" in text  # STOP_TIMEOUT reached stop_service.py
         for pid in [pids["api"], pids["engine"], *pids["workers"]]:
             assert wait_until(lambda pid=pid: gone(pid), 5), text
         assert processes.port_holder("127.0.0.1", port) is None

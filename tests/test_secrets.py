@@ -151,7 +151,8 @@ def test_no_output_log_or_record_of_a_whole_run_holds_a_secret(tmp_path):
         tool("status --json", "status_service.py", "--config", str(cfg), "--json")
         assert json.loads(outputs["status --json"])["healthy"]
     finally:
-        stop = tool("stop", "stop_service.py", "--config", str(cfg), "--all")
+        # --timeout 3: the stand-in's Worker_TP0 ignores SIGTERM; its SIGKILL comes after 3 s, not 10.
+        stop = tool("stop", "stop_service.py", "--config", str(cfg), "--all", "--timeout", "3")
         if (tmp_path / "pids.json").exists():  # the stand-in's tree, should the stop have failed
             pids = json.loads((tmp_path / "pids.json").read_text())
             kill_pids([pids.get("api"), pids.get("engine"), *pids.get("workers", [])])

@@ -79,11 +79,11 @@ else
     # fill those waits (measured in issue 25's note). Each pytest has its own share of ports
     # (tests/lifecycle_helpers.free_port); the e2e output is printed once all are done.
     e2e_out="$(mktemp)"
-    TEST_PORT_SHARD=1/2 setsid "$PY" -m pytest --durations=25 -m "$e2e" -n 2 --dist loadgroup >"$e2e_out" 2>&1 &
+    TEST_PORT_SHARD=1/2 "$PY" -m pytest --durations=25 -m "$e2e" -n 2 --dist loadgroup >"$e2e_out" 2>&1 &
     e2e_pid=$!
-    # Whatever ends this script first interrupts that pytest and its workers (their own process
-    # group: their tests' finalizers stop what the tests started).
-    trap '[ -z "$e2e_pid" ] || { kill -INT -- "-$e2e_pid" 2>/dev/null; wait "$e2e_pid"; }; rm -f "$e2e_out"' EXIT
+    # Whatever ends this script first ends that pytest: SIGINT to it alone, as Ctrl+C would; it
+    # stops its workers, whose finalizers stop what their tests started.
+    trap '[ -z "$e2e_pid" ] || { kill -INT "$e2e_pid" 2>/dev/null; wait "$e2e_pid"; }; rm -f "$e2e_out"' EXIT
     lint || failed=1
     echo "== unit and integration tests"
     TEST_PORT_SHARD=0/2 run_pytest -m "not e2e" -n "$(nproc)"

@@ -68,6 +68,7 @@ KEPT_LOGS = "demo-logs-kept"
 LOG_TAIL = 40
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups (its remote.py)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Early tests first, then the rest, then those that disrupt or end the shared service, then late;
     and every end-to-end test in one of two xdist groups (see E2E_GROUPS)."""

@@ -14,6 +14,7 @@ model, the sample media) are fixtures in tests/conftest.py.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -72,6 +73,15 @@ def healthy(url: str, timeout: float = 5) -> bool:
         return requests.get(url, timeout=timeout).status_code == 200
     except requests.RequestException:
         return False
+
+
+def bench_load():
+    """bench/bench_load.py as a module (its run_load: client threads of image chats, each outcome timed)."""
+    spec = importlib.util.spec_from_file_location("bench_load", REPO / "bench" / "bench_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_load"] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def done_requests(port: int) -> float:

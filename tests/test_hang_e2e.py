@@ -14,18 +14,16 @@ which the machine's load decides, plus 30 s for the kill and the 1 s backoff).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import re
 import signal
-import sys
 import threading
 import time
 
 import psutil
 import pytest
 import requests
-from served import DEMO_CONFIG, REPO, Served
+from served import DEMO_CONFIG, Served, bench_load
 
 from qwen3_vl_service.settings import config
 
@@ -33,14 +31,6 @@ pytestmark = pytest.mark.e2e
 # Beyond STALL_AFTER + the start: the supervisor looks every 5 s, waits RESTART_BACKOFF (1 s) and
 # SIGKILLs the tree (seconds), on a machine that other sessions load.
 SLACK_S = 30.0
-
-
-def _bench_load():
-    spec = importlib.util.spec_from_file_location("bench_load", REPO / "bench" / "bench_load.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_load"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _answers(s: Served) -> bool:
@@ -69,7 +59,7 @@ def test_sigstop_of_the_engine_core_under_load_is_found_hung_and_restarted(demo:
     engine = demo.engine_core()
     stop = threading.Event()
     result: dict = {}
-    bench = _bench_load()
+    bench = bench_load()
 
     def load() -> None:
         result["load"] = bench.run_load(demo.base, demo.media, clients=8, seconds=900, timeout=120, stop=stop)

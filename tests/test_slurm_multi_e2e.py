@@ -18,7 +18,11 @@ order:
 4. ``kill -9`` of replica-1's engine: the router keeps answering from
    replica-0, while replica-1's supervisor restarts it on its port (status
    shows the restart and its cause) and the router sends it requests again;
-5. ``scancel --batch --signal=TERM`` (the path of the time-limit warning,
+5. ``kill -STOP`` of replica-1's engine under load through the router (a hang: its /health still
+   answers 200): its supervisor finds it hung within STALL_AFTER (short here), takes it out of the
+   router's rotation, SIGKILLs and restarts it; the router keeps answering from replica-0, errors
+   only for requests already on replica-1, and it joins the rotation again once healthy;
+6. ``scancel --batch --signal=TERM`` (the path of the time-limit warning,
    ``--signal=B:TERM@120``) stops every node's processes: nothing left of
    either replica nor of the router, every port free, the job COMPLETED.
 
@@ -33,9 +37,11 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +51,17 @@ import pytest
 import requests
 import slurm_cluster
 from lifecycle_helpers import wait_until
-from served import DEMO_CONFIG, MODEL, REPO, done_requests, free_pair, healthy, ours, port_free
+from served import DEMO_CONFIG, MODEL, REPO, bench_load, done_requests, free_pair, healthy, ours, port_free
 from skips import require, vllm_missing
 
 from qwen3_vl_service.core.names import RUN_DIR_ENV, STATE_FILE
 from qwen3_vl_service.deployment.deployment import Deployment
+from qwen3_vl_service.lifecycle.supervisor import HEALTH_EVERY_S, record_path
+from qwen3_vl_service.machine import processes
 
 pytestmark = pytest.mark.e2e
+# The hang test's load goes on this long after the kill (replica-0 answers), then stops.
+LOAD_AFTER_KILL_S = 10
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
@@ -129,7 +139,15 @@ def group(tmp_path_factory, tiny_model: Path, demo_media: Path):
         "LOG_DIR": str(tmp / "logs"),
         # Two CPU engines share this machine's cores; a dead one comes back after 1 s.
         "OMP_NUM_THREADS": "1",
+        # Each "node" is this machine: vLLM's default binding (auto: the node's first core for the
+        # worker, the next for the engine) would pin both replicas' workers to core 0, where a
+        # restarted one got about 1% of the core beside the other's busy worker (each vLLM start is
+        # its own session, so its own autogroup of the kernel's scheduler) and sat in its start for
+        # minutes. Real nodes have their own cores; here the kernel places the threads.
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "RESTART_BACKOFF": "1",
+        # A hung engine (no progress with work in flight) is found after this long: the least allowed.
+        "STALL_AFTER": "10",
     }
     cluster = slurm_cluster.Cluster(nodes=2).start()
     env = {**cluster.env, **env}
@@ -333,6 +351,163 @@ def test_kill_9_of_one_replicas_engine_the_router_keeps_answering_and_it_is_rest
         assert post(g, "/v1/chat/completions", chat_body("Round robin.")).status_code == 200
         time.sleep(1)
     assert done_requests(g.port + 1) > served_before, "the router never sent replica-1 a request again"
+
+
+def _in_flight(port: int) -> int | None:
+    """The requests the API server of the vLLM on PORT holds (its /load); None without an answer."""
+    with contextlib.suppress(requests.RequestException, ValueError, KeyError, TypeError):
+        return int(requests.get(f"http://127.0.0.1:{port}/load", timeout=5).json()["server_load"])
+    return None
+
+
+def _hung(record: Path) -> str:
+    """What a supervisor's record says of a hang: a unit's condition now, or the last restart's cause."""
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(record.read_text())
+        for text in (data.get("conditions") or {}).values():
+            if text.startswith("hung"):
+                return text
+        cause = data.get("last_cause") or ""
+        return cause if ": hung:" in cause else ""
+    return ""
+
+
+def _since(log: Path, offset: int) -> list[str]:
+    """The lines LOG got after its first OFFSET bytes, colours stripped (the router's are coloured)."""
+    with open(log, "rb") as fh:
+        fh.seek(offset)
+        text = fh.read().decode("utf-8", "replace")
+    return re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()
+
+
+def _logged_at(log: Path, offset: int, text: str) -> float | None:
+    """The wall-clock second of the first supervisor line with TEXT after OFFSET bytes of LOG."""
+    for line in _since(log, offset):
+        m = re.match(r"\[supervisor (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\] (.*)", line)
+        if m and text in m.group(2):
+            return time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+    return None
+
+
+def _stuck(run_dir: Path) -> str:
+    """Each live process of the unit in RUN_DIR: state, where the kernel holds it, CPU time, title (a
+    restart that never gets healthy)."""
+    lines = []
+    for p in ours(run_dir.resolve()):
+        with contextlib.suppress(psutil.Error, OSError):
+            stack = Path(f"/proc/{p.pid}/stack")
+            where = stack.read_text().split("\n")[:6] if os.access(stack, os.R_OK) else []
+            wchan = Path(f"/proc/{p.pid}/wchan").read_text()
+            title = processes.cmdline_text(p)[:80]
+            lines.append(f"pid {p.pid} {p.status()} wchan={wchan} cpu={p.cpu_times()} {title} {where}")
+    return "\n".join(lines) or "(no process of it)"
+
+
+def test_sigstop_of_one_replicas_engine_under_load_fails_only_its_requests_and_it_rejoins(group: Group):
+    """Issue 23: a hang behind the router. ``kill -STOP`` of replica-1's EngineCore while 4 clients send
+    image chats through the router: its API server keeps answering /health, so only its supervisor's
+    liveness check (STALL_AFTER, short in this group) can tell. It leaves the router's rotation, is
+    found hung, SIGKILLed and restarted; the router keeps answering from replica-0; the only requests
+    that fail are those already on replica-1 (the router retries them on replica-0: its log counts
+    them); the restarted replica joins the rotation again and serves requests through the router.
+
+    The load stops LOAD_AFTER_KILL_S after the kill: replica-0's answers meanwhile show the router
+    at work, and the restart does not share the two cores with the load (about twice as long)."""
+    g = group
+    port = g.port + 1
+    stall_after = float(g.env["STALL_AFTER"])
+    unit = g.unit_dir("replica-1")
+    state_file, record = unit / STATE_FILE, record_path(unit)
+    (log,) = Path(g.env["LOG_DIR"]).rglob("replica-1/service.log")
+    (router_log,) = Path(g.env["LOG_DIR"]).rglob("router.log")
+    api = psutil.Process(json.loads(state_file.read_text())["pid"])
+    (engine,) = [p for p in api.children(recursive=True) if processes.cmdline_text(p) == "VLLM::EngineCore"]
+    restarts = json.loads(record.read_text())["restarts"]
+    stop = threading.Event()
+    result: dict = {}
+
+    def load() -> None:
+        media = g.media_root.as_uri()  # images by file:// under MEDIA_ROOT (no media server here)
+        result["load"] = bench_load().run_load(g.base, media, clients=4, seconds=900, timeout=120, stop=stop)
+
+    runner = threading.Thread(target=load, daemon=True)
+    runner.start()
+    hung_at = None
+    try:
+        assert wait_until(lambda: (_in_flight(port) or 0) > 0, 120, step=0.2), "nothing reached replica-1"
+        offsets = log.stat().st_size, router_log.stat().st_size
+        stopped_at, stopped_wall = time.monotonic(), time.time()
+        engine.send_signal(signal.SIGSTOP)
+        at_stop = _in_flight(port) or 0
+        on_it = at_stop  # the most replica-1's API server held until the kill (the probe included)
+        while hung_at is None and time.monotonic() < stopped_at + stall_after + 60:
+            on_it = max(on_it, _in_flight(port) or 0)
+            if _hung(record):
+                hung_at = time.monotonic()
+            time.sleep(0.5)
+        assert hung_at is not None, f"replica-1's supervisor never said hung:\n{g.report()}"
+        time.sleep(LOAD_AFTER_KILL_S)
+    finally:
+        stop.set()
+        with contextlib.suppress(psutil.Error):
+            if engine.is_running():  # its supervisor did not end it: neither leave it stopped
+                engine.kill()
+        runner.join(300)
+
+    def restarted() -> bool:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            pid = json.loads(state_file.read_text())["pid"]
+            return pid != api.pid and healthy(f"http://127.0.0.1:{port}/health", 10)
+        return False
+
+    assert wait_until(restarted, 480, step=1), f"not restarted:\n{_stuck(unit)}\n{g.report()}"
+    back_at = time.monotonic()
+
+    def served_through_the_router() -> bool:  # the new vLLM's own count (no probe in it)
+        assert post(g, "/v1/chat/completions", chat_body("Round robin.")).status_code == 200
+        return done_requests(port) > 0
+
+    assert wait_until(served_through_the_router, 120, step=1), "the router never sent replica-1 one"
+    rejoined_at = time.monotonic()
+
+    load = result["load"]
+    left_wall = _logged_at(log, offsets[0], "replica-1 vLLM: out of the router's rotation")
+    assert left_wall is not None, log.read_text(errors="replace")[-3000:]
+    left_at = left_wall - (stopped_wall - stopped_at)  # on the monotonic clock, within a second after
+    errors = [o for o in load.outcomes if not o.ok]
+    # The router's own count of the requests it had on replica-1 when it was killed (it retries them).
+    failed = [x for x in _since(router_log, offsets[1]) if "Failed to send" in x and f":{port} " in x]
+    print(
+        f"\nSIGSTOP of replica-1's EngineCore under 4 clients through the router (STALL_AFTER="
+        f"{stall_after:g}): out of the rotation after {left_at - stopped_at:.0f} s (+1, the log's second), "
+        f"hung found after {hung_at - stopped_at:.1f} s, healthy again after {back_at - stopped_at:.1f} s, "
+        f"serving through the router after {rejoined_at - stopped_at:.1f} s. On replica-1: {at_stop} "
+        f"request(s) at the stop, {on_it} at most before the kill (with the supervisor's probe); the "
+        f"router failed {len(failed)} on it at the kill; errors {len(errors)} of {len(load.outcomes)}"
+    )
+    print(f"load: {load.summary()}")
+    # The looks right after the stop may still see the last steps' statistics arrive (17-20 s measured):
+    # hung within STALL_AFTER and three of the supervisor's looks, 5 s apart, on a loaded machine.
+    assert hung_at - stopped_at <= stall_after + 3 * HEALTH_EVERY_S + 5
+    # Errors only for the requests on replica-1 (the router retries them on replica-0), none for a
+    # request sent after it left the rotation; replica-0 answered those meanwhile.
+    assert 1 <= len(failed) <= on_it and len(errors) <= len(failed), (failed, on_it, load.summary())
+    assert all(o.started < left_at + 1 for o in errors), load.summary()
+    assert any(o.ok and o.started > left_at + 1 for o in load.outcomes), "none answered while it was out"
+    # Every request on the stopped engine ended once it was killed (none waited for its timeout).
+    assert max(o.ended for o in load.outcomes) < hung_at + LOAD_AFTER_KILL_S + 30, load.summary()
+
+    # The supervisor's record and status: hung, the restart, its cause.
+    status = json.loads(
+        g.script("status_service.py", "--json", "--sample", "0", "--http-timeout", "30").stdout
+    )
+    by_name = {r["name"]: r for r in status["replicas"]}
+    sup = by_name["replica-1"]["supervisor"]
+    assert sup["restarts"] == restarts + 1 and by_name["replica-1"]["healthy"] is True, sup
+    assert sup["last_cause"].startswith("replica-1 vLLM: hung: no engine progress"), sup
+    assert by_name["replica-0"]["supervisor"]["restarts"] == 0 and by_name["replica-0"]["healthy"]
+    assert _logged_at(log, offsets[0], "replica-1 vLLM is hung: SIGKILL")
+    assert _logged_at(log, offsets[0], "replica-1 vLLM: back in the router's rotation")
 
 
 def test_term_to_the_batch_script_stops_every_node(group: Group):

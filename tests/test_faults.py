@@ -24,12 +24,10 @@ execs the supervisor).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -38,7 +36,7 @@ import pytest
 import requests
 from batch_job import LINES
 from lifecycle_helpers import wait_until
-from served import REPO, Served, alive
+from served import Served, alive, bench_load
 from skips import in_ci, require
 
 pytestmark = pytest.mark.e2e
@@ -47,14 +45,6 @@ LOAD_SECONDS = float(os.environ.get("LOAD_SECONDS", "30"))
 IN_FLIGHT_BOUND_S = 15.0
 # The restart: cleanup, backoff (RESTART_BACKOFF=1) and a new vLLM start (30 s on two idle cores).
 RECOVERY_S = 900
-
-
-def _bench_load():
-    spec = importlib.util.spec_from_file_location("bench_load", REPO / "bench" / "bench_load.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_load"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _wait(predicate, timeout: float, step: float = 0.5) -> bool:
@@ -81,7 +71,7 @@ def sup(demo: Served) -> Served:
 
 @pytest.mark.load
 def test_load_16_clients_image_chats_through_the_media_server(sup):
-    load = _bench_load().run_load(sup.base, sup.media, clients=16, seconds=LOAD_SECONDS)
+    load = bench_load().run_load(sup.base, sup.media, clients=16, seconds=LOAD_SECONDS)
     print(f"\nload ({LOAD_SECONDS:g} s): {load.summary()}")
     assert load.outcomes, "no request finished"
     failed = [o for o in load.outcomes if not o.ok]
@@ -93,7 +83,7 @@ def test_kill_9_of_the_engine_core_during_load_and_a_batch_restarts_vllm(sup, tm
     """One kill, two kinds of client: 16 load clients (their in-flight requests end at once, with an
     error; new ones succeed after the restart) and a batch job (it waits for the new vLLM and finishes
     every line once: test_batch_e2e's accounting, less the load's answers)."""
-    bench = _bench_load()
+    bench = bench_load()
     old_pid = sup.state()["pid"]
     restarts = sup.status()["supervisor"]["restarts"]
     engine = sup.engine_core()
@@ -179,7 +169,7 @@ def test_kill_9_of_the_media_server_brings_it_back(sup):
     assert _wait(back, 120), "the media server did not come back"
     r = requests.get(f"{sup.media}/sample.jpg", timeout=30)
     assert r.status_code == 200 and r.content == (sup.media_root / "sample.jpg").read_bytes()
-    load = _bench_load().run_load(sup.base, sup.media, clients=2, seconds=3)
+    load = bench_load().run_load(sup.base, sup.media, clients=2, seconds=3)
     assert load.outcomes and all(o.ok for o in load.outcomes), load.summary()
     rec = sup.status()["supervisor"]
     assert rec["restarts"] == before + 1 and "media server" in rec["last_cause"], rec
@@ -198,7 +188,7 @@ def test_requests_keep_succeeding_while_the_log_file_system_is_full(sup):
             fh.flush()
     try:
         assert os.statvfs(sup.log_dir).f_bavail == 0
-        load = _bench_load().run_load(sup.base, sup.media, clients=4, seconds=10)
+        load = bench_load().run_load(sup.base, sup.media, clients=4, seconds=10)
         print(f"\nwith the log's disk full: {load.summary()}")
         assert load.outcomes and all(o.ok for o in load.outcomes), load.summary()
         assert _healthy(sup.base)
@@ -206,7 +196,7 @@ def test_requests_keep_succeeding_while_the_log_file_system_is_full(sup):
     finally:
         filler.unlink()
     # Once there is room again, the log goes on (vLLM logs each request).
-    load = _bench_load().run_load(sup.base, sup.media, clients=1, seconds=2)
+    load = bench_load().run_load(sup.base, sup.media, clients=1, seconds=2)
     assert all(o.ok for o in load.outcomes)
     assert _wait(lambda: log.stat().st_size > full_size, 10), "the log did not resume"
 

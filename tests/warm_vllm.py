@@ -26,6 +26,7 @@ import fcntl
 import functools
 import json
 import os
+import select
 import signal
 import socket
 import socketserver
@@ -128,11 +129,15 @@ def _start(address: Path, log: Path) -> None:
         )
     assert proc.stdout is not None
     with proc.stdout:
-        ready = proc.stdout.readline()  # written once it listens (or nothing: it ended)
+        ready = b""
+        if select.select([proc.stdout], [], [], START_TIMEOUT_S)[0]:
+            ready = proc.stdout.readline()  # written once it listens (or nothing: it ended)
+        else:
+            proc.kill()  # the one we started: its import hung
     if not ready:
         proc.wait(10)
         tail = log.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"the warm vLLM server ended at its start (exit {proc.returncode}):\n{tail}")
+        raise RuntimeError(f"the warm vLLM server did not start (exit {proc.returncode}):\n{tail}")
 
 
 @functools.cache
@@ -261,3 +266,5 @@ def _serve(address: Path, session_pid: int) -> None:
 
 if __name__ == "__main__":
     _serve(Path(sys.argv[1]), int(sys.argv[2]))
+    sys.stderr.flush()
+    os._exit(0)  # nothing left to finish: skip the seconds of tearing down vLLM's, torch's modules

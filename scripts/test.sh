@@ -3,8 +3,8 @@
 # the end-to-end tests against the real vLLM CPU server included.
 #   bash scripts/test.sh                 # everything (the smoke marker only under CI=true)
 #   bash scripts/test.sh -m unit         # one group: unit | integration | e2e | smoke
-# Without arguments: the end-to-end group in the background on two pytest-xdist workers
-# (one runs the tests of the shared demo service, the other those that start their own:
+# Without arguments: the end-to-end group in the background as two pytest processes (one
+# runs the tests of the shared demo service, the other those that start their own:
 # tests/conftest.py), and beside it the lint, then the unit and integration tests on every
 # core. Each pytest prints its 25 slowest steps (--durations=25).
 set -euo pipefail
@@ -73,26 +73,31 @@ else
     # script itself (and a benchmark): CI runs it once; a contributor asks for it (-m smoke).
     if [ "${CI:-}" = true ] || [ "${CI:-}" = 1 ]; then e2e="e2e"; else e2e="e2e and not smoke"; fi
     # The end-to-end group waits on vLLM about half of its time (starts, restarts, a hang's
-    # STALL_AFTER, a job's time limit): it starts first and runs in the background, on two
-    # workers (the shared demo's tests on one, those with services of their own on the other:
-    # xdist groups, tests/conftest.py), beside the lint and the unit and integration tests, which
-    # fill those waits (measured in issue 25's note). Each pytest has its own share of ports
-    # (tests/lifecycle_helpers.free_port); the e2e output is printed once all are done.
-    e2e_out="$(mktemp)"
-    TEST_PORT_SHARD=1/2 "$PY" -m pytest --durations=25 -m "$e2e" -n 2 --dist loadgroup >"$e2e_out" 2>&1 &
-    e2e_pid=$!
-    # Whatever ends this script first ends that pytest: SIGINT to it alone, as Ctrl+C would; it
-    # stops its workers, whose finalizers stop what their tests started.
-    trap '[ -z "$e2e_pid" ] || { kill -INT "$e2e_pid" 2>/dev/null; wait "$e2e_pid"; }; rm -f "$e2e_out"' EXIT
+    # STALL_AFTER, a job's time limit): it starts first, in the background, as two pytest
+    # processes (the shared demo's tests, marked demo_side, and those that start services of their
+    # own: tests/conftest.py), beside the lint and the unit and integration tests, which fill
+    # those waits (measured in issue 25's note). Each pytest has its own share of ports
+    # (tests/lifecycle_helpers.free_port); the e2e outputs are printed once all are done.
+    e2e_dir="$(mktemp -d)"
+    e2e_pids=()
+    TEST_PORT_SHARD=1/3 "$PY" -m pytest --durations=25 -m "$e2e and demo_side" >"$e2e_dir/demo" 2>&1 &
+    e2e_pids+=($!)
+    TEST_PORT_SHARD=2/3 "$PY" -m pytest --durations=25 -m "$e2e and not demo_side" >"$e2e_dir/own" 2>&1 &
+    e2e_pids+=($!)
+    # Whatever ends this script first ends those: SIGINT, as Ctrl+C would (their tests'
+    # finalizers stop what the tests started).
+    trap 'for p in "${e2e_pids[@]}"; do kill -INT "$p" 2>/dev/null; done; wait; rm -rf "$e2e_dir"' EXIT
     lint || failed=1
     echo "== unit and integration tests"
-    TEST_PORT_SHARD=0/2 run_pytest -m "not e2e" -n "$(nproc)"
-    e2e_rc=0
-    wait "$e2e_pid" || e2e_rc=$?
-    e2e_pid=""
-    echo "== end-to-end tests (ran beside the others)"
-    cat "$e2e_out"
-    [ "$e2e_rc" -ne 5 ] || echo "error: pytest collected no end-to-end tests" >&2
-    [ "$e2e_rc" -eq 0 ] || failed=1
+    TEST_PORT_SHARD=0/3 run_pytest -m "not e2e" -n "$(nproc)"
+    for side in demo own; do
+        rc=0
+        wait "${e2e_pids[0]}" || rc=$?
+        e2e_pids=("${e2e_pids[@]:1}")
+        echo "== end-to-end tests, $side side (ran beside the others)"
+        cat "$e2e_dir/$side"
+        [ "$rc" -ne 5 ] || echo "error: pytest collected no end-to-end tests ($side side)" >&2
+        [ "$rc" -eq 0 ] || failed=1
+    done
 fi
 exit "$failed"

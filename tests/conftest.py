@@ -26,8 +26,8 @@ A start of the real vLLM server costs 30-100 s on two cores; the suite's budget 
   the end in a ``@pytest.mark.late`` one (tests/test_slurm_e2e.py), so the wait overlaps the others.
 
 Order: early, then unmarked, disrupts, ends_demo, late; file order within each (a stable sort).
-scripts/test.sh runs the group on two xdist workers: the demo's tests on one, in that order, and
-the tests with services of their own on the other (``_WITH_DEMO`` evens them out).
+scripts/test.sh runs the group as two processes: the demo's tests in one, in that order (marked
+``demo_side`` here), and the tests with services of their own in the other (``_WITH_DEMO``).
 Tests end only what they started, by pid or by the run folder their service carries.
 """
 
@@ -54,10 +54,12 @@ os.environ.setdefault("VLLM_CPU_CI_ENV", "1")
 
 # The order of the end-to-end phases (see above); unmarked tests are "run".
 _PHASES = ("early", "run", "disrupts", "ends_demo", "late")
-# scripts/test.sh runs the end-to-end group on two pytest-xdist workers (--dist loadgroup), each
-# worker one group, in the order above: "demo", every test of the shared demo service (its phases
-# hold on one worker), and "own", the tests that start their own (the SLURM jobs, the smoke run).
-# These files start their own too but run with the demo group, to even the two out (minutes each).
+# scripts/test.sh runs the end-to-end group as two pytest processes side by side, each in the order
+# above: ``-m demo_side``, every test of the shared demo service (its phases hold in one process),
+# and ``-m "not demo_side"``, the tests that start services of their own (the SLURM jobs, the smoke
+# run). These files start their own too but run on the demo's side, to even the two out.
+# (Not pytest-xdist's --dist loadgroup: with pytest 9.2 it spreads a group over every worker,
+# pytest-xdist issue #1386.)
 _WITH_DEMO = ("test_bench_side_by_side.py", "test_e2e.py", "test_faults.py")
 # The demo service's log folder: a tmpfs this small fills in a second (the full-disk test).
 TMPFS_MB = 16
@@ -68,10 +70,11 @@ KEPT_LOGS = "demo-logs-kept"
 LOG_TAIL = 40
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups (its remote.py)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Early tests first, then the rest, then those that disrupt or end the shared service, then late;
-    and every end-to-end test in one of two xdist groups (see E2E_GROUPS)."""
+    and the end-to-end tests of the demo's side marked (``demo_side``, see _WITH_DEMO). Before the
+    mark plugin's own hook (tryfirst), so that ``-m demo_side`` selects them."""
 
     def phase(item: pytest.Item) -> int:
         marked = [i for i, name in enumerate(_PHASES) if item.get_closest_marker(name)]
@@ -79,9 +82,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
     items.sort(key=phase)  # stable: file order within a phase
     for item in items:
-        if item.get_closest_marker("e2e"):
-            uses_demo = "demo" in item.fixturenames or item.path.name in _WITH_DEMO
-            item.add_marker(pytest.mark.xdist_group("demo" if uses_demo else "own"))
+        if item.get_closest_marker("e2e") and ("demo" in item.fixturenames or item.path.name in _WITH_DEMO):
+            item.add_marker(pytest.mark.demo_side)
 
 
 @pytest.fixture(scope="session")

@@ -139,12 +139,6 @@ def group(tmp_path_factory, tiny_model: Path, demo_media: Path):
         "LOG_DIR": str(tmp / "logs"),
         # Two CPU engines share this machine's cores; a dead one comes back after 1 s.
         "OMP_NUM_THREADS": "1",
-        # Each "node" is this machine: vLLM's default binding (auto: the node's first core for the
-        # worker, the next for the engine) would pin both replicas' workers to core 0, where a
-        # restarted one got about 1% of the core beside the other's busy worker (each vLLM start is
-        # its own session, so its own autogroup of the kernel's scheduler) and sat in its start for
-        # minutes. Real nodes have their own cores; here the kernel places the threads.
-        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "RESTART_BACKOFF": "1",
         # A hung engine (no progress with work in flight) is found after this long: the least allowed.
         "STALL_AFTER": "10",

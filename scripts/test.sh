@@ -11,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Caches kept between runs and between clones, outside the checkout: mypy's
-# (under a second instead of 25 s on two cores) and pip's own (~/.cache/pip, the
-# wheels scripts/setup_env.sh installs). A clean clone still builds its own .venv
+# (under a second instead of 25 s on two cores) and the installer's (uv's ~/.cache/uv,
+# or pip's ~/.cache/pip: the wheels scripts/setup_env.sh installs). A clean clone still builds its own .venv
 # from the lock: a missing install step fails there as it would on a new
 # machine; only downloads and analyses are reused.
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/qwen3-vl-service"

@@ -80,10 +80,14 @@ else
     # (tests/lifecycle_helpers.free_port); the e2e outputs are printed once all are done.
     e2e_dir="$(mktemp -d)"
     e2e_pids=()
+    # Job control on for these two: without it bash starts background commands with SIGINT ignored,
+    # and the trap below could not interrupt them.
+    set -m
     TEST_PORT_SHARD=1/3 "$PY" -m pytest --durations=25 -m "$e2e and demo_side" >"$e2e_dir/demo" 2>&1 &
     e2e_pids+=($!)
     TEST_PORT_SHARD=2/3 "$PY" -m pytest --durations=25 -m "$e2e and not demo_side" >"$e2e_dir/own" 2>&1 &
     e2e_pids+=($!)
+    set +m
     # Whatever ends this script first ends those: SIGINT, as Ctrl+C would (their tests'
     # finalizers stop what the tests started).
     trap 'for p in "${e2e_pids[@]}"; do kill -INT "$p" 2>/dev/null; done; wait; rm -rf "$e2e_dir"' EXIT

@@ -100,11 +100,13 @@ def run_load(
     timeout: float = 300.0,
     stop: threading.Event | None = None,
     pause_after_error: float = 0.5,
+    load: Load | None = None,
 ) -> Load:
-    """CLIENTS threads, each sending image chats back to back for SECONDS (or until STOP is set)."""
+    """CLIENTS threads, each sending image chats back to back for SECONDS (or until STOP is set);
+    their outcomes go into LOAD if given (a caller may watch it while they run)."""
     import requests
 
-    load = Load()
+    load = load if load is not None else Load()
     stop = stop or threading.Event()
     end = time.monotonic() + seconds
 

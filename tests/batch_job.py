@@ -76,7 +76,9 @@ def idle(demo: Served) -> bool:
 
 
 def out_lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    """OUT's whole lines: the batch may be writing the last one as it is read."""
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(x) for x in text.split("\n")[:-1]]
 
 
 def batch(demo: Served, src: Path, out: Path, *args: str) -> subprocess.Popen:

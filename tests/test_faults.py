@@ -138,7 +138,10 @@ def test_kill_9_of_the_engine_core_during_load_and_a_batch_restarts_vllm(sup, tm
     state = sup.state()
     assert state["create_time"] - killed_wall >= 1.0  # RESTART_BACKOFF: whole seconds tell them apart
     by_new = [x for x in lines if x["response"]["body"]["created"] >= math.floor(state["create_time"])]
-    load_new = sum(1 for o in load.outcomes if o.ok and o.ended > killed_at)
+    # The load's requests the new vLLM answered: those sent after its API server started (an answer
+    # of the old one may end a moment after the kill).
+    new_started = state["create_time"] + (time.monotonic() - time.time())
+    load_new = sum(1 for o in load.outcomes if o.ok and o.started > new_started)
     new_answers = batch_job.answers(batch_job.finished(sup))
     print(f"{LINES - len(by_new)} lines answered before the kill, {len(by_new)} by the new vLLM, "
           f"which also answered {load_new} load request(s); its count: {new_answers}")  # fmt: skip

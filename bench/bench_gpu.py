@@ -30,12 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from vllm_bench import VllmBench  # noqa: E402 - the path above makes it importable
 
 from qwen3_vl_service.core import cli  # noqa: E402
 from qwen3_vl_service.core.errors import CheckFailed, UsageError  # noqa: E402
@@ -51,34 +53,16 @@ BANDWIDTH = {
     "H100": 3.35e12,
 }
 
-RUNNER = """\
-import json, sys
-from vllm.benchmarks.serve import add_cli_args, main
-from vllm.utils.argparse_utils import FlexibleArgumentParser
-parser = FlexibleArgumentParser()
-add_cli_args(parser)
-result = main(parser.parse_args(sys.argv[1:]))
-keys = ("completed", "duration", "output_throughput", "mean_tpot_ms", "median_tpot_ms",
-        "mean_ttft_ms", "median_ttft_ms", "total_output_tokens")
-print("RESULT " + json.dumps({k: result.get(k) for k in keys}))
-"""
 
-
-def vllm_bench(python: str, base_url: str, model: str, tokenizer: str, extra: list[str]) -> dict:
-    argv = [
-        python, "-c", RUNNER,
+def bench_argv(base_url: str, model: str, tokenizer: str, extra: list[str]) -> list[str]:
+    """`vllm bench serve` arguments of one run against the service at BASE_URL."""
+    return [
         "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
         "--base-url", base_url, "--model", model, "--tokenizer", tokenizer,
-        "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot",
+        "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot", "--disable-tqdm",
         "--ready-check-timeout-sec", "30",  # main() checked /health already
         *extra,
     ]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        tail = (out.stdout + out.stderr).strip().splitlines()[-15:]
-        raise SystemExit("vllm bench serve failed:\n" + "\n".join(tail))
-    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # -- the model's active bytes -----------------------------------------------------
@@ -197,45 +181,38 @@ def _main(argv: list[str] | None) -> int:
     bw, bw_source = (args.bandwidth_gbs * 1e9, "--bandwidth-gbs") if args.bandwidth_gbs else bandwidth()
 
     rows = []
-    for c in levels:
-        n = max(4, c * args.prompts_per_slot)
-
-        def run(prompts: int, c: int = c) -> dict:
-            return vllm_bench(
-                python, base, cfg.served_model_name, str(cfg.model_path),
-                ["--dataset-name", "random", "--random-input-len", str(args.input_len),
-                 "--random-output-len", str(args.output_len), "--num-prompts", str(prompts),
-                 "--max-concurrency", str(c)],
-            )  # fmt: skip
-
-        # One unmeasured wave first: Triton JIT-compiles kernels (fused_moe, top-k/top-p) the
-        # first time a batch shape appears, a seconds-long spike that an H200 run showed as
-        # 184 tok/s at concurrency 8 against 389 at 1 (vLLM's jit_monitor warned of it).
-        if args.warmup:
-            run(c)
-        r = run(n)
-        scale = active_bytes(model_cfg, REAL_LAYERS, c) / active_bytes(model_cfg, layers, c)
-        tpot94 = r["mean_tpot_ms"] * scale
-        floor_ms = active_bytes(model_cfg, REAL_LAYERS, c) / (bw * tp) * 1000 if bw else None
-        rows.append(
-            (c, r["output_throughput"], r["mean_tpot_ms"], r["output_throughput"] / scale, tpot94, floor_ms)
-        )
-
     size = args.image_size
+    with VllmBench(python) as bench:
 
-    def image_run(prompts: int) -> dict:
-        return vllm_bench(
-            python, base, cfg.served_model_name, str(cfg.model_path),
-            ["--dataset-name", "random-mm", "--random-input-len", "16", "--random-output-len", "4",
-             "--num-prompts", str(prompts), "--max-concurrency", "1",
-             "--random-mm-base-items-per-request", "1", "--random-mm-num-mm-items-range-ratio", "0",
-             "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
-             "--random-mm-bucket-config", f"{{({size}, {size}, 1): 1.0}}"],
-        )  # fmt: skip
+        def run(extra: list[str]) -> dict:
+            result = bench.run(bench_argv(base, cfg.served_model_name, str(cfg.model_path), extra))
+            assert result is not None  # no deadline
+            return result
 
-    if args.warmup:
-        image_run(1)  # the vision encoder's kernels, compiled on first use
-    img = image_run(args.image_prompts)
+        for c in levels:
+            n = max(4, c * args.prompts_per_slot)
+            text = ["--dataset-name", "random", "--random-input-len", str(args.input_len),
+                    "--random-output-len", str(args.output_len), "--max-concurrency", str(c)]  # fmt: skip
+            # One unmeasured wave first: Triton JIT-compiles kernels (fused_moe, top-k/top-p) the
+            # first time a batch shape appears, a seconds-long spike that an H200 run showed as
+            # 184 tok/s at concurrency 8 against 389 at 1 (vLLM's jit_monitor warned of it).
+            if args.warmup:
+                run([*text, "--num-prompts", str(c)])
+            r = run([*text, "--num-prompts", str(n)])
+            scale = active_bytes(model_cfg, REAL_LAYERS, c) / active_bytes(model_cfg, layers, c)
+            tpot94 = r["mean_tpot_ms"] * scale
+            floor_ms = active_bytes(model_cfg, REAL_LAYERS, c) / (bw * tp) * 1000 if bw else None
+            tps = r["output_throughput"]
+            rows.append((c, tps, r["mean_tpot_ms"], tps / scale, tpot94, floor_ms))
+
+        image = ["--dataset-name", "random-mm", "--random-input-len", "16", "--random-output-len", "4",
+                 "--max-concurrency", "1",
+                 "--random-mm-base-items-per-request", "1", "--random-mm-num-mm-items-range-ratio", "0",
+                 "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
+                 "--random-mm-bucket-config", f"{{({size}, {size}, 1): 1.0}}"]  # fmt: skip
+        if args.warmup:
+            run([*image, "--num-prompts", "1"])  # the vision encoder's kernels, compiled on first use
+        img = run([*image, "--num-prompts", str(args.image_prompts)])
     ttft94 = img["mean_ttft_ms"] * active_params(model_cfg, REAL_LAYERS) / active_params(model_cfg, layers)
 
     print(f"\nbench_gpu: {cfg.model_path.name}, {layers} of {REAL_LAYERS} layers, TP {tp}, {base}")

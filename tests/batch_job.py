@@ -14,7 +14,7 @@ from served import DEMO_CONFIG, Served
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-LINES = 200
+LINES = 96  # 12 waves of CONCURRENCY: room for a kill at a third and at half
 CONCURRENCY = 8
 ANSWERS = ("stop", "length")  # finished reasons of an answered request
 

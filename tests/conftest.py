@@ -48,8 +48,8 @@ from skips import in_ci, require
 # compile and the warm-up pass: vLLM's own switch for its CPU CI (vllm/platforms/cpu.py,
 # VLLM_CPU_CI_ENV: "compilations consume too much time, even with torch compile cache"). Measured
 # here: init engine 0.8 s instead of 12 s (47 s with a cold cache), a start to /health 15-25 s
-# sooner (45-55 s cold). The tests are about our processes, not vLLM's kernels; the smoke test's
-# CPU run (CI, once) keeps vLLM's default path, as scripts/demo.sh does.
+# sooner (45-55 s cold). The tests are about our processes, not vLLM's kernels (scripts/demo.sh
+# keeps vLLM's default path).
 os.environ.setdefault("VLLM_CPU_CI_ENV", "1")
 # Several vLLMs run at once here (the two e2e processes side by side, replicas, restarts): vLLM's
 # default thread binding (auto) pins each one's worker to the same first cores, where a start beside

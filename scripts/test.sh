@@ -19,6 +19,7 @@ CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/qwen3-vl-service"
 export MYPY_CACHE_DIR="${MYPY_CACHE_DIR:-$CACHE/mypy}"
 
 bash scripts/setup_env.sh
+echo "== set up in ${SECONDS} s"
 PY=.venv/bin/python
 
 # tests/test_slurm_e2e.py runs slurm/serve.sbatch on a private one-node cluster
@@ -103,5 +104,6 @@ else
         [ "$rc" -ne 5 ] || echo "error: pytest collected no end-to-end tests ($side side)" >&2
         [ "$rc" -eq 0 ] || failed=1
     done
+    echo "== the whole suite, set-up included: ${SECONDS} s"
 fi
 exit "$failed"

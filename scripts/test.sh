@@ -70,8 +70,8 @@ if [ "$#" -gt 0 ]; then
     echo "== tests"
     run_pytest "$@"
 else
-    # The CPU run of devtools/gpu_smoke repeats what the e2e tests prove through the
-    # script itself (and a benchmark): CI runs it once; a contributor asks for it (-m smoke).
+    # The CPU run of devtools/gpu_smoke repeats what the e2e tests prove, through the
+    # script itself: CI runs it once; a contributor asks for it (-m smoke).
     if [ "${CI:-}" = true ] || [ "${CI:-}" = 1 ]; then e2e="e2e"; else e2e="e2e and not smoke"; fi
     # The end-to-end group waits on vLLM about half of its time (starts, restarts, a hang's
     # STALL_AFTER, a job's time limit): it starts first, in the background, as two pytest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -87,44 +88,60 @@ def test_every_request_kind_is_sent():
 
 
 @pytest.mark.e2e
-@pytest.mark.smoke  # what test_e2e and test_faults prove, once more through the script: CI runs it
-@pytest.mark.timeout(1500)  # a start, a benchmark and a restart: 2-3 minutes alone, more beside others
+@pytest.mark.smoke  # what test_e2e proves, once more through the script: CI runs it
+@pytest.mark.timeout(900)  # a start: about a minute alone, more beside others
 def test_gpu_smoke_script_runs_on_the_cpu_demo(tmp_path):
-    """scripts/gpu_smoke.sh itself, with DEVICE=cpu and the tiny BF16 model, bench and crash included."""
-    probe = subprocess.run([sys.executable, "-c", "import vllm.benchmarks.serve"], capture_output=True)
+    """scripts/gpu_smoke.sh itself, with DEVICE=cpu and the tiny BF16 model: its checkpoint, start,
+    every request kind, vLLM's lines, the status view and the stop with nothing left. Its --crash
+    (kill -9 of the EngineCore under the supervisor) is test_faults's engine kill and its --bench
+    is bench_gpu.py, run against the demo below: each costs a vLLM start here, and they run on
+    every GPU visit (scripts/gpu_visit.sh)."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import vllm.entrypoints.openai.api_server"], capture_output=True
+    )
     if probe.returncode != 0:
         vllm_missing("vLLM is not installed in this environment")
     port, media_port = free_port(), free_port()
-    bench = "--concurrency 1 --input-len 32 --output-len 8 --image-prompts 1 --image-size 512"
     cmd = [
         "bash", str(REPO / "scripts" / "gpu_smoke.sh"), str(tmp_path / "smoke"), "2",
         "--device", "cpu", "--port", str(port), "--media-port", str(media_port),
-        "--bench", "--bench-args", bench, "--crash",
     ]  # fmt: skip
     env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
     # vLLM runs eagerly here as in every test (tests/conftest.py: VLLM_CPU_CI_ENV): the inductor
     # compile of its default path cost this run 50 s alone and 150 s in CI, cold, for vLLM's kernels.
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env={**os.environ, **env})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     for kind in ("health", "models", "text", "image (media URL)", "image (base64)", "video (media URL)",
                  "multi-turn", "streaming", "completions"):  # fmt: skip
         assert f"ok   {kind}" in out, kind
     assert "KV cache    vLLM CPU" in out and "status_service.py:" in out
-    assert "concurrency |  out tok/s" in out and "TTFT" in out and "ok   bench" in out
-    # --crash: kill -9 of the EngineCore, the supervisor's restart, answers and the record of it
-    assert "crash       kill -9 of VLLM::EngineCore pid" in out
-    for step in (
-        "restart",
-        "text after the restart",
-        "image (media URL) after the restart",
-        "restart recorded",
-    ):
-        assert f"ok   {step}: " in out, step
-    assert "gpu_smoke: " in out and "failed" not in out.splitlines()[-1]
+    assert "ok   stop: exit 0" in out and re.search(r"stopped \d+ process\(es\)", out), out[-3000:]
+    last = out.rstrip().splitlines()[-1]
+    assert last.startswith("gpu_smoke: ") and last.endswith(" ok") and "failed" not in last, last
     for p in (port, media_port):
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))  # both ports free again: nothing of ours is left
+
+
+@pytest.mark.e2e
+def test_bench_gpu_tabulates_the_demo_services_speed(demo):
+    """bench/bench_gpu.py (gpu_smoke --bench) against the running demo: one vllm bench serve child
+    (bench/vllm_bench.py) for the warm-up waves, the text level and the image TTFT run."""
+    proc = demo.script(
+        "bench/bench_gpu.py", "--concurrency", "1", "--input-len", "32", "--output-len", "8",
+        "--image-prompts", "1", "--image-size", "256", "--bandwidth-gbs", "20", timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    (row,) = [ln for ln in lines if ln.strip().startswith("1 |")]
+    tps, tpot, tps94, tpot94 = (float(x) for x in row.split("|")[1].split() + row.split("|")[2].split())
+    assert tps > 0 and tpot > 0 and tpot94 > tpot and tps94 < tps  # 94 layers read more than 2
+    floor_tpot, floor_tps, ratio = (float(x) for x in row.split("|")[3].split())
+    # The floor at 20 GB/s: one sequence's step reads the 94-layer active bytes once.
+    assert floor_tpot > 0 and abs(floor_tps - 1000 / floor_tpot) <= 1
+    assert abs(ratio - floor_tpot / tpot94) <= 0.01
+    assert any(ln.startswith("image 256x256 + 16-token prompt: TTFT ") for ln in lines), proc.stdout
 
 
 @pytest.mark.unit

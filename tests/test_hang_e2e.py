@@ -58,13 +58,13 @@ def test_sigstop_of_the_engine_core_under_load_is_found_hung_and_restarted(demo:
     restarts_before = demo.status()["supervisor"]["restarts"]
     engine = demo.engine_core()
     stop = threading.Event()
-    result: dict = {}
     bench = bench_load()
+    load = bench.Load()  # watched below while the clients run
 
-    def load() -> None:
-        result["load"] = bench.run_load(demo.base, demo.media, clients=8, seconds=900, timeout=120, stop=stop)
+    def clients() -> None:
+        bench.run_load(demo.base, demo.media, clients=8, seconds=900, timeout=120, stop=stop, load=load)
 
-    runner = threading.Thread(target=load, daemon=True)
+    runner = threading.Thread(target=clients, daemon=True)
     runner.start()
     record = demo.run_dir / "supervisor.json"
     hung_at = recovered_at = None
@@ -86,7 +86,13 @@ def test_sigstop_of_the_engine_core_under_load_is_found_hung_and_restarted(demo:
                     recovered_at = time.monotonic()
                     break
             time.sleep(1)
-        time.sleep(10)  # the clients on the new vLLM
+        if recovered_at is not None:  # the clients on the new vLLM: one of theirs answered
+            answered_at = recovered_at
+            until = time.monotonic() + 60
+            while time.monotonic() < until and not any(
+                o.ok and o.started > answered_at for o in load.outcomes
+            ):
+                time.sleep(0.5)
     finally:
         stop.set()
         with contextlib.suppress(psutil.Error):
@@ -122,7 +128,6 @@ def test_sigstop_of_the_engine_core_under_load_is_found_hung_and_restarted(demo:
     assert "hung: no engine progress" in human, human
     assert "is hung: SIGKILL" in log
 
-    load = result["load"]
     print(f"load: {load.summary()}")
     in_flight = [o for o in load.outcomes if o.started < stopped_at < o.ended]
     assert in_flight, "no request was in flight at the SIGSTOP"

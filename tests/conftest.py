@@ -62,10 +62,11 @@ _PHASES = ("early", "run", "disrupts", "ends_demo", "late")
 # scripts/test.sh runs the end-to-end group as two pytest processes side by side, each in the order
 # above: ``-m demo_side``, every test of the shared demo service (its phases hold in one process),
 # and ``-m "not demo_side"``, the tests that start services of their own (the SLURM jobs, the smoke
-# run). These files start their own too but run on the demo's side, to even the two out.
+# run, the side-by-side benchmark). These files start their own too but run on the demo's side, to
+# even the two out.
 # (Not pytest-xdist's --dist loadgroup: with pytest 9.2 it spreads a group over every worker,
 # pytest-xdist issue #1386.)
-_WITH_DEMO = ("test_bench_side_by_side.py", "test_e2e.py", "test_faults.py")
+_WITH_DEMO = ("test_e2e.py", "test_faults.py")
 # The demo service's log folder: a tmpfs this small fills in a second (the full-disk test).
 TMPFS_MB = 16
 # Where the demo's logs are copied at its end, under the session's (worker's) temporary folder:

@@ -14,7 +14,7 @@ from served import DEMO_CONFIG, Served
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-LINES = 96  # 12 waves of CONCURRENCY: room for a kill at a third and at half
+LINES = 200  # issue 26: the e2e tests send 200 lines
 CONCURRENCY = 8
 ANSWERS = ("stop", "length")  # finished reasons of an answered request
 

@@ -1,6 +1,6 @@
 """batch_service.py against the real vLLM CPU server: the session's supervised demo service (``demo``).
 
-Both scenarios send 96 lines that mix a text chat, a local image (a path
+Both scenarios send 200 lines that mix a text chat, a local image (a path
 under MEDIA_ROOT), an image by media-server URL and a local video; they count
 what vLLM itself finished with its own counter, ``vllm:request_success_total``
 by ``finished_reason`` (stop and length are answers; abort is a request whose
@@ -8,12 +8,12 @@ client went away), less the supervisor's 1-token liveness probes (told apart
 by ``vllm:request_params_max_tokens``: ours ask for 8).
 
 1. The batch process is killed (SIGKILL) halfway and rerun: OUT ends with
-   exactly 96 lines, one per custom_id, all status 200; the rerun makes vLLM
+   exactly 200 lines, one per custom_id, all status 200; the rerun makes vLLM
    answer exactly the lines the killed run had not written (none already
    answered is sent again); the killed run lost at most its requests in flight
    (answers vLLM made that died with the process: those lines are sent again).
    With SIGTERM instead (SLURM's time limit) those in flight finish and are
-   written: over both runs vLLM answers exactly 96 requests.
+   written: over both runs vLLM answers exactly 200 requests.
 2. A batch through a kill of the EngineCore: one kill for it and the load
    clients, in tests/test_faults.py (a restart costs a vLLM start).
 

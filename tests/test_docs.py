@@ -140,10 +140,18 @@ def test_every_readme_command_is_run_here_or_says_why_not() -> None:
 @pytest.mark.unit
 def test_readme_commands_use_the_venv_python() -> None:
     """A bare `python` outside .venv fails with ModuleNotFoundError (psutil): every later command says
-    .venv/bin/python, in code blocks and in the text."""
+    .venv/bin/python, in code blocks and in the text, and so does every fix the service prints."""
     bare = re.compile(r"(?<![/\w.-])python (?=\S+\.py\b|-m (?:qwen3_vl_service|devtools)\b)")
     assert [line for line in _readme().splitlines() if bare.search(line)] == []
-    for name in ("config.env", "config.demo.env", "config.bf16.env", "slurm/serve.sbatch"):
+    shown = [
+        "config.env",
+        "config.demo.env",
+        "config.bf16.env",
+        "slurm/serve.sbatch",
+        "slurm/serve_multi.sbatch",
+    ]
+    shown += [str(p.relative_to(REPO)) for p in sorted((REPO / "qwen3_vl_service").rglob("*.py"))]
+    for name in shown:
         text = (REPO / name).read_text(encoding="utf-8")
         assert [line for line in text.splitlines() if bare.search(line)] == [], name
     assert "python3 -m venv .venv" in _readme()  # the one command that must use the system python

@@ -1,7 +1,7 @@
 """batch_service.py: run an OpenAI Batch input file through the running service, resumably.
 
-    python batch_service.py [--config F] IN.jsonl OUT.jsonl
-    python -m qwen3_vl_service.batch IN.jsonl OUT.jsonl --concurrency 32
+    .venv/bin/python batch_service.py [--config F] IN.jsonl OUT.jsonl
+    .venv/bin/python -m qwen3_vl_service.batch IN.jsonl OUT.jsonl --concurrency 32
 
 IN is checked whole first (jobs.py: every malformed line, duplicate
 custom_id or file outside MEDIA_ROOT is one error naming its line, and
@@ -200,7 +200,7 @@ async def _served_models(session: aiohttp.ClientSession, base: str, headers: dic
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         raise CheckFailed(
             f"nothing answers at {url} ({type(exc).__name__})",
-            fix="start the service (python start_service.py --detach) or check --config",
+            fix="start the service (.venv/bin/python start_service.py --detach) or check --config",
         ) from None
 
 
@@ -214,7 +214,10 @@ async def _check_media_server(session: aiohttp.ClientSession, cfg: ServiceConfig
         pass
     raise CheckFailed(
         f"the media server does not answer at {url}, and the input has local files for it",
-        fix="start the service with MEDIA_SERVER=true (python start_service.py starts the media server)",
+        fix=(
+            "start the service with MEDIA_SERVER=true "
+            "(.venv/bin/python start_service.py starts the media server)"
+        ),
     )
 
 

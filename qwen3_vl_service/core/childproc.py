@@ -18,7 +18,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 def with_package_path(env: Mapping[str, str]) -> dict[str, str]:
-    """ENV with this package importable first, for ``python -m qwen3_vl_service.X`` under any python."""
+    """ENV with this package importable first, for ``-m qwen3_vl_service.X`` under any Python."""
     out = dict(env)
     out["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, out.get("PYTHONPATH", "")) if p)
     return out

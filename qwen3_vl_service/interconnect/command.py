@@ -1,4 +1,4 @@
-"""python -m qwen3_vl_service.interconnect: the check alone, with its topology and table."""
+""".venv/bin/python -m qwen3_vl_service.interconnect: the check alone, with its topology and table."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from qwen3_vl_service.settings.config import load
 
 def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(
-        prog="python -m qwen3_vl_service.interconnect",
+        prog=".venv/bin/python -m qwen3_vl_service.interconnect",
         description="Check the links between the GPUs: topology from NVML, a checked and timed all-reduce, "
         "with a hard timeout so that a hang becomes an error.",
     )

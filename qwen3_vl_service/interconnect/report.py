@@ -31,7 +31,8 @@ JUDGE_MIN_BYTES = 64 << 20
 HANG_FIX = (
     "likely causes: GPU peer-to-peer (P2P) disabled or broken on this node, an ACS-enabled PCIe switch "
     "blocking P2P, a broken NVLink, or NCCL choosing a wrong IB/socket interface. "
-    "Rerun `python -m qwen3_vl_service.interconnect` with NCCL_DEBUG=INFO to see where it stops, then try, "
+    "Rerun `.venv/bin/python -m qwen3_vl_service.interconnect` with NCCL_DEBUG=INFO to see where it "
+    "stops, then try, "
     "one at a time: NCCL_P2P_DISABLE=1 (if that passes, P2P or ACS is at fault; NCCL_P2P_LEVEL=NVL keeps "
     "P2P over NVLink only), NCCL_SHM_DISABLE=1, NCCL_IB_DISABLE=1, NCCL_SOCKET_IFNAME=lo. "
     "Put the one that works in config.env so that vLLM gets it too (vLLM #5484, #8410, #31276)"

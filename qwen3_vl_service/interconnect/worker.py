@@ -46,7 +46,9 @@ def auto_iters(backend: str, nbytes: int) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qwen3_vl_service.interconnect.worker", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog=".venv/bin/python -m qwen3_vl_service.interconnect.worker", description=__doc__
+    )
     p.add_argument("--backend", choices=("nccl", "gloo"), default="nccl")
     p.add_argument("--sizes", default=str(1 << 20), help="message sizes in bytes, comma-separated")
     p.add_argument("--iters", type=int, default=0, help="timed iterations per size (0: chosen per size)")

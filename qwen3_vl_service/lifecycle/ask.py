@@ -1,7 +1,7 @@
 """ask: send one chat request (text, images, videos) to the running service and print the answer.
 
-    python -m qwen3_vl_service.lifecycle.ask "What is in this picture?" --image cat.jpg
-    python -m qwen3_vl_service.lifecycle.ask "Describe the clip" --video clips/run.mp4 --max-tokens 256
+    .venv/bin/python -m qwen3_vl_service.lifecycle.ask "What is in this picture?" --image cat.jpg
+    .venv/bin/python -m qwen3_vl_service.lifecycle.ask "Describe it" --video clips/run.mp4 --max-tokens 256
 
 A media argument may be an http(s) URL, a file:// URL, or a path: a path under
 MEDIA_ROOT becomes a URL on our media server (or file:// with --via-file), so
@@ -95,7 +95,7 @@ def _main(argv: list[str] | None) -> int:
         resp = requests.post(url, json=body, headers=headers, timeout=args.timeout)
     except requests.ConnectionError:
         raise CheckFailed(
-            f"nothing answers at {url}", fix="start the service: python start_service.py --detach"
+            f"nothing answers at {url}", fix="start the service: .venv/bin/python start_service.py --detach"
         ) from None
     except requests.Timeout:
         raise CheckFailed(f"no answer from {url} within {args.timeout:g} s", fix="raise --timeout") from None

@@ -1,6 +1,6 @@
 """Copy stdin to stdout and to a size-rotated log file: the tee between vLLM and logs/<service>/service.log.
 
-    python -m qwen3_vl_service.lifecycle.logtee LOGFILE --max-bytes N --backups K [--quiet]
+    .venv/bin/python -m qwen3_vl_service.lifecycle.logtee LOGFILE --max-bytes N --backups K [--quiet]
 
 The launcher starts it on a pipe, points its own stdout and stderr at the
 pipe, then execs vLLM (``start_tee()`` does the first two steps). Hence:
@@ -317,7 +317,7 @@ def spawn_logged(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m qwen3_vl_service.lifecycle.logtee", description=__doc__.splitlines()[0]
+        prog=".venv/bin/python -m qwen3_vl_service.lifecycle.logtee", description=__doc__.splitlines()[0]
     )
     parser.add_argument("log_file", type=Path)
     parser.add_argument(

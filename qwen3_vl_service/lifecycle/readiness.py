@@ -215,7 +215,7 @@ _CAUSES: tuple[_Cause, ...] = (
         r"|No such file or directory: .*(?:config\.json|\.safetensors|index\.json)"
         r"|SafetensorError: Error while deserializing",
         "model files are missing or incomplete under MODEL_PATH; download them with "
-        "python download_model.py (or fix MODEL_PATH)",
+        ".venv/bin/python download_model.py (or fix MODEL_PATH)",
     ),
     _c(
         r"requires AMX tile support|Unsupported FP8 MoE backend",

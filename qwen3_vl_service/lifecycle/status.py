@@ -499,7 +499,7 @@ def _render_head(status: Status) -> list[str]:
         if status.leftovers:
             shown = ", ".join(f"{p.pid} {p.what}" for p in status.leftovers[:5])
             lines.append(f"  leftovers    {len(status.leftovers)} process(es) of an earlier run: {shown}")
-            lines.append("               stop them with python stop_service.py")
+            lines.append("               stop them with .venv/bin/python stop_service.py")
         return lines
     verdict = "healthy" if status.healthy else "NOT healthy"
     if hung(status.supervisor):

@@ -1,6 +1,6 @@
 """The supervisor: keeps the service serving through faults (RESTART=on-failure).
 
-    python -m qwen3_vl_service.lifecycle.supervised --deployment FILE --unit NAME [--config FILE]
+    .venv/bin/python -m qwen3_vl_service.lifecycle.supervised --deployment FILE --unit NAME [--config FILE]
 
 Started by start_service.py (``--detach``: in the background; otherwise the
 launcher execs it), never by hand: it expects the service tag in its

@@ -8,10 +8,10 @@ symlinks out of its root, lists directories, binds every interface).
 Commands (exit codes as everywhere: 0 ok, 1 runtime failure such as a busy
 port, 2 bad usage or config, 130 interrupted)::
 
-    python media_server.py                           # settings from ./config.env
-    python media_server.py --config my.env --port 8081
-    python media_server.py --root ./media --port 0   # any free port, printed
-    python media_server.py --workers 1               # one process, no supervisor
+    .venv/bin/python media_server.py                           # settings from ./config.env
+    .venv/bin/python media_server.py --config my.env --port 8081
+    .venv/bin/python media_server.py --root ./media --port 0   # any free port, printed
+    .venv/bin/python media_server.py --workers 1               # one process, no supervisor
 
 The launcher calls ``client.ensure_running()``, which reuses a healthy server
 of ours or starts a detached one (``--detach``: the server double-forks once

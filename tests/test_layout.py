@@ -192,6 +192,29 @@ def test_modules_and_functions_stay_readable():
     assert long == []
 
 
+def test_no_module_of_the_package_is_imported_inside_a_function():
+    assert function_level_imports() == []
+
+
+def test_every_import_inside_a_function_says_why():
+    """Inside a function only what is heavy or optional (torch, the Hub, NVML, POSIX-only), with its
+    reason in a comment on the import (or on the line above a run of imports)."""
+    silent = []
+    for mod, path in _modules().items():
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    first = node.lineno - 1
+                    while first > 0 and lines[first - 1].strip().startswith(("import ", "from ")):
+                        first -= 1
+                    if "#" not in lines[node.lineno - 1] and not lines[first - 1].strip().startswith("#"):
+                        silent.append(f"{mod}:{node.lineno} {lines[node.lineno - 1].strip()}")
+    assert silent == []
+
+
 def function_level_imports() -> list[str]:
     """For the record (issue 21's note): every import inside a function, with its line."""
     return [

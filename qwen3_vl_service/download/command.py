@@ -203,7 +203,7 @@ def _cmd_verify(args: Any, s: _Settings) -> int:
 
 def _cmd_download(args: Any, s: _Settings) -> int:
     if args.no_progress:
-        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import disable_progress_bars  # lazily: --verify never needs the Hub
 
         disable_progress_bars()
     token_from = token_source()

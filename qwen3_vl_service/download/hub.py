@@ -162,7 +162,7 @@ class Result:
 
 def _list_remote(api: Any, repo: str, revision: str) -> tuple[str, tuple[ManifestFile, ...]]:
     """(commit, files) of REPO at REVISION, sizes and hashes as the Hub reports them."""
-    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.hf_api import RepoFile  # lazily, as everywhere here: --verify never needs the Hub
 
     info = api.model_info(repo, revision=revision)
     commit = info.sha
@@ -188,7 +188,7 @@ def _check_access(
     repo: str, commit: str, files: Sequence[ManifestFile], endpoint: str | None, token: Any
 ) -> None:
     """HEAD one small file: a gated repo or a bad token fails here, before any byte is written."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url  # lazily: --verify never needs the Hub
 
     names = {f.name for f in files}
     probe = "config.json" if "config.json" in names else min(files, key=lambda f: f.size).name
@@ -260,7 +260,7 @@ def plan_download(
     disk_usage: Callable[[Path], Any] = shutil.disk_usage,
 ) -> Plan:
     """Ask the Hub what REPO@REVISION holds and measure the target. Writes nothing."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # lazily, as everywhere here: --verify never needs the Hub
 
     local_dir = Path(local_dir).expanduser().absolute()
     if local_dir.exists() and not local_dir.is_dir():
@@ -372,7 +372,7 @@ def _fetch(
     runner: Callable[[Callable[[], Any]], Any],
 ) -> None:
     """snapshot_download of the planned commit through RUNNER; its errors as one line with the fix."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # lazily: --verify never needs the Hub
 
     with one_line_errors(ctx):
         runner(

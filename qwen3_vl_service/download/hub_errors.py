@@ -35,7 +35,7 @@ def token_source() -> str | None:
     if os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
         return "HF_TOKEN"
     try:
-        from huggingface_hub import get_token
+        from huggingface_hub import get_token  # lazily: --verify never needs the Hub
 
         if get_token():
             return "the Hub login (hf auth login)"

@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _import_torch():
     try:
+        # Here, not at the top: torch takes seconds to import, and only the worker needs it.
         import torch
         import torch.distributed as dist
     except ImportError as exc:

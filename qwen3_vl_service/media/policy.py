@@ -17,6 +17,7 @@ import re
 import stat
 import sys
 from collections.abc import Sequence
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -162,8 +163,6 @@ def range_decision(headers: Any, etag: str) -> str:
 
 def _http_date(text: str) -> bool:
     """Whether TEXT is an HTTP date (the other form of an If-Range validator)."""
-    from email.utils import parsedate_to_datetime
-
     try:
         parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):

@@ -45,7 +45,10 @@ class StandIn:
         self.delay = 0.0
         self.received: list[dict[str, Any]] = []  # every body that reached a generating route
         self.answered: Counter[str] = Counter()  # prompt -> 200 answers
-        self.faults: dict[str, list[int | str]] = {}  # prompt -> statuses (or "drop") to answer first
+        # prompt -> what its first requests get: a status, "drop" (the connection closed) or "slow"
+        # (the answer after slow_s seconds)
+        self.faults: dict[str, list[int | str]] = {}
+        self.slow_s = 5.0
         self.health_status = 200
         self.in_flight = 0
         self.peak = 0  # the most requests in flight at once
@@ -117,6 +120,13 @@ class StandIn:
                 assert request.transport is not None
                 request.transport.close()
                 return web.Response()
+            if fault == "slow":
+                self.in_flight += 1
+                try:
+                    await asyncio.sleep(self.slow_s)
+                finally:
+                    self.in_flight -= 1
+                return web.json_response({"error": {"message": "too late"}}, status=500)
             return web.json_response(
                 {"error": {"message": f"planned {fault}", "code": fault}}, status=int(fault)
             )

@@ -11,6 +11,7 @@ that goes away and comes back, a batch process killed (SIGKILL) or stopped
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -273,6 +274,46 @@ def test_5xx_and_429_are_retried_a_400_fails_and_a_rerun_sends_only_the_failed_l
     rc, stdout, _ = run_batch(cfg_path, src, out, capsys=capsys)
     assert rc == 0 and len(api.received) == before + 1 and prompt_of(api.received[-1]) == "text 3"
     assert len(out_lines(out)) == 6 and out_lines(tmp / "out.errors.jsonl") == []
+
+
+@pytest.mark.integration
+def test_a_request_past_the_timeout_is_retried_then_failed_with_the_cause(setup, capsys):
+    tmp, cfg_path, api = setup
+    api.slow_s = 2.0
+    api.faults = {"text 0": ["slow", "slow"], "text 3": ["slow"]}
+    src, out = write_jsonl(tmp / "in.jsonl", mixed(6)), tmp / "out.jsonl"
+    args = ("--concurrency", "2", "--timeout", "1", "--retries", "1")
+    rc, stdout, err = run_batch(cfg_path, src, out, *args, capsys=capsys)
+    assert rc == 1, stdout + err
+    assert sorted(x["custom_id"] for x in out_lines(out)) == ["q1", "q2", "q3", "q4", "q5"]
+    (failed,) = out_lines(tmp / "out.errors.jsonl")
+    assert failed["custom_id"] == "q0" and failed["error"]["message"] == "no answer within 1 s"
+    assert "line 1 (q0): failed after 2 tries: no answer within 1 s" in err
+    sent = [prompt_of(b) for b in api.received]
+    assert sent.count("text 0") == 2 and sent.count("text 3") == 2  # one retry each, no more
+    assert wait_until(lambda: api.in_flight == 0, 10)  # the stand-in's late answers, before it closes
+
+
+@pytest.mark.integration
+def test_the_progress_bar_and_the_summary_show_the_rates(setup, capsys):
+    tmp, cfg_path, api = setup
+    api.delay = 0.2
+    src, out = write_jsonl(tmp / "in.jsonl", mixed(12)), tmp / "out.jsonl"
+    rc = command.main(["--config", str(cfg_path), str(src), str(out), "--concurrency", "3"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.out + captured.err
+    bar = captured.err.replace("\r", "\n").strip().splitlines()[-1]  # tqdm's last state, on stderr
+    assert re.match(r"batch: 100%.*\| 12/12 \[.*req/s, failed 0, \d+ out tok/s\]$", bar), bar
+    m = re.search(r"tokens: 120 in, 48 out; wall ([\d.]+) s; ([\d.]+) out tok/s, ([\d.]+) tok/s in\+out, "
+                  r"([\d.]+) req/s", captured.out)  # fmt: skip
+    assert m, captured.out
+    wall, out_rate, all_rate, req_rate = (float(x) for x in m.groups())
+    assert wall >= 4 * 0.2 - 0.05  # 12 requests, 3 at a time, 200 ms each
+    # Each rate over the same wall time: 4 answer tokens a request, 14 in and out.
+    assert out_rate / req_rate == pytest.approx(4, rel=0.02) and all_rate / out_rate == pytest.approx(
+        3.5, rel=0.02
+    )
+    assert out_rate == pytest.approx(48 / wall, rel=0.1)
 
 
 @pytest.mark.integration

@@ -53,6 +53,7 @@ import slurm_cluster
 from lifecycle_helpers import wait_until
 from served import DEMO_CONFIG, MODEL, REPO, bench_load, done_requests, free_pair, healthy, ours, port_free
 from skips import require, vllm_missing
+from test_deployment_e2e import PER_START, shown_command
 
 from qwen3_vl_service.core.names import RUN_DIR_ENV, STATE_FILE
 from qwen3_vl_service.deployment.deployment import Deployment
@@ -219,6 +220,35 @@ def test_each_replica_runs_its_recorded_unit(group: Group):
         for key, value in unit.env.items():
             assert live.get(key) == value, (unit.name, key)
         assert live[RUN_DIR_ENV] == str(unit.run_dir)
+
+
+def test_each_replica_runs_the_dry_runs_command_line_by_line(group: Group):
+    """Issue 21: the dry run of the group's settings on a login node (``start_service.py --dry-run
+    --nodes node0,node1``, outside the job) prints, per replica, the argv and the environment that
+    its live vLLM runs, line by line, less what each start adds (its tag, run and IPC folders)."""
+    # A login node: SLURM's configuration (its NodeAddr for each node), no job.
+    env = {k: v for k, v in group.env.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
+    argv = [
+        sys.executable,
+        "start_service.py",
+        "--config",
+        str(DEMO_CONFIG),
+        "--dry-run",
+        "--nodes",
+        "node0,node1",
+    ]
+    dry = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert "Commands per node" in dry.stdout, dry.stdout[-3000:] + dry.stderr[-2000:]
+    (record,) = group.run_dir.rglob("deployment.json")
+    replicas = Deployment.from_json(record.read_text()).of_kind("vllm")
+    assert [u.name for u in replicas] == ["replica-0", "replica-1"]
+    for unit in replicas:
+        env, argv = shown_command(dry.stdout, title=f"  {unit.name}:\n")
+        proc = psutil.Process(json.loads((group.unit_dir(unit.name) / STATE_FILE).read_text())["pid"])
+        assert proc.cmdline() == argv, unit.name
+        live = proc.environ()
+        shown = {k: v for k, v in env.items() if k not in PER_START}
+        assert shown and {k: live.get(k) for k in shown} == shown, unit.name
 
 
 def test_status_shows_the_router_and_both_replicas_healthy(group: Group):

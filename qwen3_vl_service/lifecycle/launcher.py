@@ -330,10 +330,11 @@ def _layout(cfg: ServiceConfig, args: argparse.Namespace, report: preflight.Repo
     """Where the replicas run (README, "Scaling out"), and which node this is."""
     if args.nodes:
         nodes, here = cluster.parse_nodes(args.nodes), 0
-        addresses = nodes
     else:
         nodes, here = cluster.job_nodes()
-        addresses = cluster.node_addresses(nodes) if len(nodes) > 1 else nodes
+    # SLURM's NodeAddr where it knows the nodes, for --nodes on a login node too: the dry run then
+    # shows the addresses the job's units will listen on and the router will call.
+    addresses = cluster.node_addresses(nodes) if len(nodes) > 1 else nodes
     node_rank = here if args.node_rank is None else args.node_rank
     if not 0 <= node_rank < len(nodes):
         raise UsageError(

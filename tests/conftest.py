@@ -149,6 +149,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_media:
         RESTART_WINDOW="900",
         RESTART_BACKOFF="1",
         HEALTH_FAIL_AFTER="30",
+        # Half config.demo.env's 30 s: test_hang_e2e waits it out (the replica group runs on 10).
+        STALL_AFTER="15",
     )
     s.tmpfs = _mount_tmpfs(s.log_root)  # the service's and the media server's logs
     try:

@@ -19,8 +19,8 @@ CONCURRENCY = 8
 ANSWERS = ("stop", "length")  # finished reasons of an answered request
 
 
-def dataset(path: Path, demo: Served, prefix: str) -> Path:
-    """LINES requests: text, local image, image by media-server URL, local video, in turn."""
+def dataset(path: Path, demo: Served, prefix: str, lines: int = LINES) -> Path:
+    """LINES requests (or LINES=lines): text, local image, image by media-server URL, local video, in turn."""
     kinds = [
         [],
         [{"type": "image_url", "image_url": {"url": "sample.png"}}],
@@ -28,7 +28,7 @@ def dataset(path: Path, demo: Served, prefix: str) -> Path:
         [{"type": "video_url", "video_url": {"url": str(demo.media_root / "clips" / "clip.mp4")}}],
     ]
     with open(path, "w") as fh:
-        for i in range(LINES):
+        for i in range(lines):
             content = [*kinds[i % 4], {"type": "text", "text": f"Line {i}: what do you see?"}]
             body = {"messages": [{"role": "user", "content": content}], "max_tokens": 8}
             line = {
@@ -92,10 +92,10 @@ def batch(demo: Served, src: Path, out: Path, *args: str) -> subprocess.Popen:
     )
 
 
-def assert_complete(out: Path, prefix: str) -> list[dict]:
+def assert_complete(out: Path, prefix: str, count: int = LINES) -> list[dict]:
     lines = out_lines(out)
-    assert len(lines) == LINES, len(lines)
-    assert sorted(x["custom_id"] for x in lines) == sorted(f"{prefix}-{i}" for i in range(LINES))
+    assert len(lines) == count, len(lines)
+    assert sorted(x["custom_id"] for x in lines) == sorted(f"{prefix}-{i}" for i in range(count))
     assert all(x["response"]["status_code"] == 200 and x["error"] is None for x in lines)
     assert all(x["response"]["body"]["usage"]["completion_tokens"] > 0 for x in lines)
     return lines

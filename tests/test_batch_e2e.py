@@ -12,8 +12,8 @@ by ``vllm:request_params_max_tokens``: ours ask for 8).
    answer exactly the lines the killed run had not written (none already
    answered is sent again); the killed run lost at most its requests in flight
    (answers vLLM made that died with the process: those lines are sent again).
-   With SIGTERM instead (SLURM's time limit) those in flight finish and are
-   written: over both runs vLLM answers exactly 200 requests.
+   With SIGTERM instead (SLURM's time limit; 64 lines) those in flight finish
+   and are written: over both runs vLLM answers exactly 64 requests.
 2. A batch through a kill of the EngineCore: one kill for it and the load
    clients, in tests/test_faults.py (a restart costs a vLLM start).
 
@@ -32,6 +32,7 @@ from lifecycle_helpers import wait_until
 from served import Served
 
 pytestmark = pytest.mark.e2e
+TERM_LINES = 8 * CONCURRENCY
 
 
 def test_a_batch_killed_halfway_and_rerun_answers_every_line_once(demo: Served, tmp_path: Path):
@@ -67,12 +68,15 @@ def test_a_batch_stopped_with_sigterm_halfway_and_rerun_makes_vllm_answer_each_l
     demo: Served, tmp_path: Path
 ):
     """SIGTERM (what SLURM sends at the time limit) lets the requests in flight finish and be written:
-    over both runs vLLM answers exactly LINES requests."""
-    src, out = dataset(tmp_path / "in.jsonl", demo, "term"), tmp_path / "out.jsonl"
+    over both runs vLLM answers exactly TERM_LINES requests (fewer than the kill's LINES: the same
+    mix, in 8 waves of CONCURRENCY)."""
+    src, out = dataset(tmp_path / "in.jsonl", demo, "term", TERM_LINES), tmp_path / "out.jsonl"
     before = finished(demo)
     proc = batch(demo, src, out, "--concurrency", str(CONCURRENCY), "--no-progress")
     try:
-        assert wait_until(lambda: len(out_lines(out)) >= LINES // 2 or proc.poll() is not None, 600, 0.02)
+        assert wait_until(
+            lambda: len(out_lines(out)) >= TERM_LINES // 2 or proc.poll() is not None, 600, 0.02
+        )
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
@@ -84,10 +88,10 @@ def test_a_batch_stopped_with_sigterm_halfway_and_rerun_makes_vllm_answer_each_l
     assert "SIGTERM: sending no more" in stderr
     written = len(out_lines(out))
     assert wait_until(lambda: idle(demo), 60, 0.2)
-    assert answers(finished(demo)) - answers(before) == written < LINES  # nothing in flight was lost
+    assert answers(finished(demo)) - answers(before) == written < TERM_LINES  # nothing in flight was lost
     rerun = batch(demo, src, out, "--concurrency", str(CONCURRENCY), "--no-progress")
     stdout, stderr = rerun.communicate(timeout=900)
     print(f"\nSIGTERM at {written} lines written; rerun:\n{stdout}")
     assert rerun.returncode == 0, stdout + stderr
-    assert_complete(out, "term")
-    assert answers(finished(demo)) - answers(before) == LINES  # none sent twice, none lost
+    assert_complete(out, "term", TERM_LINES)
+    assert answers(finished(demo)) - answers(before) == TERM_LINES  # none sent twice, none lost

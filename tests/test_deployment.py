@@ -32,12 +32,17 @@ def model(tmp_path_factory) -> Path:
 
 
 def _derive(model: Path, tmp: Path, nodes=("",), gpus="8xH200-141GB", **settings) -> Deployment:
+    return _derive_planned(model, tmp, nodes, gpus, **settings)[0]
+
+
+def _derive_planned(model: Path, tmp: Path, nodes=("",), gpus="8xH200-141GB", **settings):
+    """(the Deployment, the preflight's report that planned it)."""
     path = realmodel.write_config_env(tmp / "config.env", model, **settings)
     cfg = config.load(path, environ={})
     report = preflight.run(cfg, gpu_spec=gpus)
     assert report.plan is not None
     lay = cluster.layout(cfg, nodes, gpus_on_node=report.inventory.count, environ={})
-    return deployment.derive(cfg, report.plan, lay, expert_parallel=report.expert_parallel)
+    return deployment.derive(cfg, report.plan, lay, expert_parallel=report.expert_parallel), report
 
 
 def _flag(argv, name: str) -> str:
@@ -63,18 +68,21 @@ def _vllm_units(dep: Deployment):
 def test_every_vllm_unit_carries_the_plans_decisions(model, tmp_path, nodes, settings) -> None:
     """On main, replicas.node_command, supervisor_command and the data-parallel path built vLLM's
     command without the plan: no --hf-overrides, no VLLM_ALLOW_LONG_MAX_MODEL_LEN, no --max-num-seqs."""
-    single = _derive(model, tmp_path, **YARN)
+    single = _derive(model, tmp_path, **YARN, MAX_NUM_SEQS=48)
     (ref,) = single.of_kind(deployment.VLLM)
     assert "--hf-overrides" in ref.argv and ref.env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] == "1"
-    dep = _derive(model, tmp_path, nodes=nodes, **YARN, **settings)
-    assert len({"--enable-expert-parallel" in u.argv for u in _vllm_units(dep)}) == 1
+    assert _flag(ref.argv, "--max-num-seqs") == "48" and "--enable-expert-parallel" in ref.argv
+    dep, report = _derive_planned(model, tmp_path, nodes, **YARN, MAX_NUM_SEQS=48, **settings)
     for unit in _vllm_units(dep):
         assert _flag(unit.argv, "--hf-overrides") == _flag(ref.argv, "--hf-overrides"), unit.name
         assert unit.env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] == "1", unit.name
         assert _flag(unit.argv, "--kv-cache-dtype") == "fp8"
-        assert ("--max-num-seqs" in unit.argv) == ("--max-num-seqs" in ref.argv)
-        if "--max-num-seqs" in ref.argv:
-            assert _flag(unit.argv, "--max-num-seqs") == _flag(ref.argv, "--max-num-seqs")
+        assert _flag(unit.argv, "--max-num-seqs") == "48", unit.name
+        # The plan's expert-parallel decision for this layout, in every unit.
+        assert ("--enable-expert-parallel" in unit.argv) == report.expert_parallel, unit.name
+    # MAX_NUM_SEQS=auto: no flag anywhere, vLLM's own default in every unit.
+    auto = _derive(model, tmp_path, nodes=nodes, **YARN, **settings)
+    assert not any("--max-num-seqs" in u.argv for u in _vllm_units(auto))
 
 
 @pytest.mark.unit
@@ -284,7 +292,8 @@ for argv in json.loads(sys.stdin.read()):
         ns = make_arg_parser(FlexibleArgumentParser()).parse_args(argv[3:])
         validate_parsed_serve_args(ns)
     out.append({k: getattr(ns, k, None) for k in ("max_num_seqs", "hf_overrides", "kv_cache_dtype",
-                                                   "data_parallel_size", "headless", "port")})
+                                                   "data_parallel_size", "headless", "port",
+                                                   "enable_expert_parallel")})
 print(json.dumps(out, default=str))
 """
 
@@ -300,11 +309,12 @@ def test_every_vllm_units_argv_passes_vllms_own_parser_with_the_plans_flags(mode
             REPLICAS=2,
             REPLICA_MODE="data-parallel",
             HOST="0.0.0.0",
+            MAX_NUM_SEQS=48,
             **YARN,
         ).of_kind(deployment.VLLM),
-        *_derive(model, tmp_path, nodes=("g1", "g2"), REPLICAS="per-node", HOST="0.0.0.0", **YARN).of_kind(
-            deployment.VLLM
-        ),
+        *_derive(
+            model, tmp_path, nodes=("g1", "g2"), REPLICAS="per-node", HOST="0.0.0.0", MAX_NUM_SEQS=48, **YARN
+        ).of_kind(deployment.VLLM),
     ]
     got = warm_vllm.ready().run(PARSE_ALL, input=json.dumps([list(u.argv) for u in units]), env=clean_env())
     assert got.returncode == 0, got.stderr[-3000:]
@@ -313,7 +323,6 @@ def test_every_vllm_units_argv_passes_vllms_own_parser_with_the_plans_flags(mode
     for unit, ns in zip(units, parsed, strict=True):
         assert ns["hf_overrides"], unit.name  # YaRN reached every unit
         assert ns["kv_cache_dtype"] == "fp8"
-        if "--max-num-seqs" in unit.argv:
-            assert ns["max_num_seqs"] == int(_flag(unit.argv, "--max-num-seqs"))
+        assert ns["max_num_seqs"] == 48 and ns["enable_expert_parallel"] is True, unit.name
     assert [ns["data_parallel_size"] for ns in parsed[:2]] == [2, 2]
     assert [bool(ns["headless"]) for ns in parsed[:2]] == [False, True]

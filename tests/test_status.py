@@ -252,3 +252,31 @@ def test_a_supervisor_restarting_vllm_is_no_leftover(tmp_path: Path) -> None:
         assert "leftovers" not in text.stdout, text.stdout
     finally:
         kill_pids([sup.pid])
+
+
+@pytest.mark.integration
+def test_status_of_one_config_never_shows_another_services_processes(tmp_path: Path, standins) -> None:
+    """Issue 21: two configs sharing one RUN_DIR and LOG_DIR; each status reads its own service's
+    record and counts its own processes only: the running "svc" is neither "other"'s nor a leftover."""
+    port = free_port()
+    cfg_a = write_config(tmp_path, port=port)  # service "svc": the stand-in below runs it
+    s = Standin(tmp_path, port=port, tag=runstate.new_tag())
+    standins.append(s)
+    s.wait_ready()
+    s.write_state()
+    (tmp_path / "b").mkdir()
+    cfg_b = write_config(
+        tmp_path / "b",
+        port=free_port(),
+        SERVICE_NAME="other",
+        RUN_DIR=str(tmp_path / "run"),
+        LOG_DIR=str(tmp_path / "logs"),
+    )
+    b = run_tool("status_service.py", "--config", str(cfg_b), "--json")
+    info_b = json.loads(b.stdout)
+    assert b.returncode == 1 and info_b["running"] is False and info_b["service"] == "other", b.stdout
+    assert info_b["processes"] == 0 and "leftovers" not in info_b, info_b  # none of "svc"'s are "other"'s
+    human = run_tool("status_service.py", "--config", str(cfg_b)).stdout
+    assert "not running" in human and "leftovers" not in human, human
+    a = json.loads(run_tool("status_service.py", "--config", str(cfg_a), "--json").stdout)
+    assert a["running"] and a["pid"] == s.proc.pid and a["service"] == "svc"

@@ -119,6 +119,18 @@ def test_every_port_of_a_deployment_is_checked_against_the_others(model, tmp_pat
 
 
 @pytest.mark.unit
+def test_the_data_parallel_rpc_port_is_checked_against_the_others(model, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"MEDIA_PORT=8080 \(the media server\) is also DATA_PARALLEL_RPC_PORT"
+    ) as err:
+        _derive(
+            model, tmp_path, nodes=("g1", "g2"), REPLICAS=2, REPLICA_MODE="data-parallel", HOST="0.0.0.0",
+            MEDIA_SERVER="true", MEDIA_PORT=8080, DATA_PARALLEL_RPC_PORT=8080,
+        )  # fmt: skip
+    assert "move " in err.value.fix
+
+
+@pytest.mark.unit
 def test_the_single_service_and_the_media_server_on_one_port_are_refused(model, tmp_path):
     with pytest.raises(
         ConfigError, match=r"MEDIA_PORT=8010 \(the media server\) is also PORT \(vLLM's API\)"

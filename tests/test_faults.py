@@ -100,7 +100,11 @@ def test_kill_9_of_the_engine_core_during_load_and_a_batch_restarts_vllm(sup, tm
     proc = batch_job.batch(sup, src, out, "--concurrency", str(batch_job.CONCURRENCY), "--no-progress")
     try:
         time.sleep(5)  # requests in flight
-        assert wait_until(lambda: len(batch_job.out_lines(out)) >= LINES // 3 or proc.poll() is not None, 600)
+        # Early in the batch: most of its lines go through the new vLLM, and the load clients (which
+        # share the engine with it until then) have sent fewer requests.
+        assert wait_until(
+            lambda: len(batch_job.out_lines(out)) >= LINES // 10 or proc.poll() is not None, 600
+        )
         assert proc.poll() is None, proc.communicate()
         killed_at, killed_wall = time.monotonic(), time.time()
         engine.send_signal(signal.SIGKILL)

@@ -208,3 +208,13 @@ class Served:
     def chat(self, content, max_tokens: int = 8, **extra) -> requests.Response:
         body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
         return requests.post(f"{self.base}/v1/chat/completions", json={**body, **extra}, timeout=300)
+
+
+def end_stopped_engine_load(stop, runner, engine: psutil.Process) -> None:
+    """The end of a SIGSTOP test: its load clients told to stop and joined, and the engine killed if
+    its supervisor did not end it (never left stopped)."""
+    stop.set()
+    with contextlib.suppress(psutil.Error):
+        if engine.is_running():
+            engine.kill()
+    runner.join(300)

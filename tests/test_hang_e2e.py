@@ -23,7 +23,8 @@ import time
 import psutil
 import pytest
 import requests
-from served import DEMO_CONFIG, Served, bench_load
+from lifecycle_helpers import wait_until
+from served import DEMO_CONFIG, Served, bench_load, end_stopped_engine_load
 
 from qwen3_vl_service.settings import config
 
@@ -87,18 +88,10 @@ def test_sigstop_of_the_engine_core_under_load_is_found_hung_and_restarted(demo:
                     break
             time.sleep(1)
         if recovered_at is not None:  # the clients on the new vLLM: one of theirs answered
-            answered_at = recovered_at
-            until = time.monotonic() + 60
-            while time.monotonic() < until and not any(
-                o.ok and o.started > answered_at for o in load.outcomes
-            ):
-                time.sleep(0.5)
+            back_at = recovered_at
+            wait_until(lambda: any(o.ok and o.started > back_at for o in load.outcomes), 60, 0.5)
     finally:
-        stop.set()
-        with contextlib.suppress(psutil.Error):
-            if engine.is_running():  # the supervisor did not end it: neither leave it stopped
-                engine.kill()
-        runner.join(300)
+        end_stopped_engine_load(stop, runner, engine)
     assert hung_at is not None, "the supervisor never said hung"
     assert recovered_at is not None, "the service did not answer again"
     found, back = hung_at - stopped_at, recovered_at - stopped_at

@@ -51,7 +51,18 @@ import pytest
 import requests
 import slurm_cluster
 from lifecycle_helpers import wait_until
-from served import DEMO_CONFIG, MODEL, REPO, bench_load, done_requests, free_pair, healthy, ours, port_free
+from served import (
+    DEMO_CONFIG,
+    MODEL,
+    REPO,
+    bench_load,
+    done_requests,
+    end_stopped_engine_load,
+    free_pair,
+    healthy,
+    ours,
+    port_free,
+)
 from skips import require, vllm_missing
 from test_deployment_e2e import PER_START, shown_command
 
@@ -337,13 +348,9 @@ def test_kill_9_of_one_replicas_engine_the_router_keeps_answering_and_it_is_rest
     assert done_requests(g.port) - survivor_before == 6, "replica-0 answered them all"
 
     # Its supervisor restarts it on the same port: a new API server, /health 200 again.
-    def restarted() -> bool:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            pid = json.loads(state_file.read_text())["pid"]
-            return pid != api.pid and healthy(f"http://127.0.0.1:{g.port + 1}/health", 10)
-        return False
-
-    assert wait_until(restarted, 600, step=1), f"replica-1 was not restarted:\n{g.report()}"
+    assert wait_until(lambda: _restarted(state_file, api.pid, g.port + 1), 600, step=1), (
+        f"replica-1 was not restarted:\n{g.report()}"
+    )
     assert not api.is_running() or api.status() == psutil.STATUS_ZOMBIE
     direct = requests.post(
         f"http://127.0.0.1:{g.port + 1}/v1/chat/completions", json=chat_body("Back?"), timeout=300
@@ -375,6 +382,14 @@ def test_kill_9_of_one_replicas_engine_the_router_keeps_answering_and_it_is_rest
         assert post(g, "/v1/chat/completions", chat_body("Round robin.")).status_code == 200
         time.sleep(1)
     assert done_requests(g.port + 1) > served_before, "the router never sent replica-1 a request again"
+
+
+def _restarted(state_file: Path, old_pid: int, port: int) -> bool:
+    """Whether the unit's state names a new API server, and it answers /health on PORT."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        pid = json.loads(state_file.read_text())["pid"]
+        return pid != old_pid and healthy(f"http://127.0.0.1:{port}/health", 10)
+    return False
 
 
 def _in_flight(port: int) -> int | None:
@@ -472,19 +487,11 @@ def test_sigstop_of_one_replicas_engine_under_load_fails_only_its_requests_and_i
         assert hung_at is not None, f"replica-1's supervisor never said hung:\n{g.report()}"
         time.sleep(LOAD_AFTER_KILL_S)
     finally:
-        stop.set()
-        with contextlib.suppress(psutil.Error):
-            if engine.is_running():  # its supervisor did not end it: neither leave it stopped
-                engine.kill()
-        runner.join(300)
+        end_stopped_engine_load(stop, runner, engine)
 
-    def restarted() -> bool:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            pid = json.loads(state_file.read_text())["pid"]
-            return pid != api.pid and healthy(f"http://127.0.0.1:{port}/health", 10)
-        return False
-
-    assert wait_until(restarted, 480, step=1), f"not restarted:\n{_stuck(unit)}\n{g.report()}"
+    assert wait_until(lambda: _restarted(state_file, api.pid, port), 480, step=1), (
+        f"not restarted:\n{_stuck(unit)}\n{g.report()}"
+    )
     back_at = time.monotonic()
 
     def served_through_the_router() -> bool:  # the new vLLM's own count (no probe in it)

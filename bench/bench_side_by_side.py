@@ -2,13 +2,17 @@
 
     python bench/bench_side_by_side.py --model DIR [--profiles balanced,throughput,low-latency]
         [--concurrency 1,8,32,64,128,256] [--kinds text,image] [--rounds 2] [--device gpu|cpu]
+    python bench/bench_side_by_side.py --model DIR --service http://127.0.0.1:8010 [...]
 
 The peer is bare ``python -m vllm.entrypoints.openai.api_server`` with the flags of
 vLLM's Qwen3-VL recipe (``--mm-encoder-tp-mode data --enable-expert-parallel
 --async-scheduling``) and the same --max-model-len. Each service is this
 project's ``start_service.py --detach`` with ``PROFILE=<name>`` (or a --variant's
 settings), so it runs exactly what a user's start runs: the plan, the launcher's
-flags, the supervisor.
+flags, the supervisor. ``--service URL`` measures a service that is already
+running instead (as it runs: its settings, its KV cache; it must serve --model,
+and bare vLLM takes its max_model_len); no profile is started then unless
+--profiles names some.
 
 All of them are up at once, each on its own port, and the measurements alternate
 between them (bare, service 1, service 2, ..., then the same again: A B A B), so
@@ -73,19 +77,35 @@ class Server:
     port: int = 0
     config: Path | None = None
     proc: subprocess.Popen | None = None  # bare vLLM: its process (its own session)
+    url: str = ""  # a running service (--service): measured as it is, never started or stopped
+    served: str = SERVED  # the model name its API serves
     log: Path | None = None
     started_s: float = 0.0
     argv: list[str] = field(default_factory=list)
 
     @property
     def bare(self) -> bool:
-        return not self.settings
+        return not self.settings and not self.url
+
+    @property
+    def base(self) -> str:
+        return self.url or f"http://127.0.0.1:{self.port}"
 
 
 def parse_args(argv: list[str] | None):
     p = cli.ArgumentParser(prog="bench_side_by_side.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True, help="the checkpoint both sides serve")
-    p.add_argument("--profiles", default="balanced,throughput,low-latency", help="services, by profile")
+    p.add_argument(
+        "--profiles",
+        default=None,
+        help="services started, by profile (default: balanced,throughput,low-latency; none with --service)",
+    )
+    p.add_argument(
+        "--service",
+        default="",
+        metavar="URL",
+        help="a running service to measure as it is (e.g. http://127.0.0.1:8010), beside bare vLLM",
+    )
     p.add_argument(
         "--variant",
         action="append",
@@ -128,6 +148,8 @@ def servers_from(args) -> list[Server]:
     """Bare vLLM first, then a service per profile and per --variant."""
     from qwen3_vl_service.settings import profiles
 
+    if args.profiles is None:
+        args.profiles = "" if args.service else "balanced,throughput,low-latency"
     names = [p.strip() for p in args.profiles.split(",") if p.strip()]
     unknown = [n for n in names if n not in profiles.PROFILES]
     if unknown:
@@ -136,6 +158,12 @@ def servers_from(args) -> list[Server]:
             fix=f"allowed: {', '.join(profiles.PROFILES)}",
         )
     out = [Server("bare vLLM", {})] + [Server(n, {"PROFILE": n}) for n in names]
+    if args.service:
+        if not args.service.startswith(("http://", "https://")):
+            raise UsageError(
+                f"--service {args.service!r}: give its URL", fix="e.g. --service http://127.0.0.1:8010"
+            )
+        out.append(Server("service", {}, url=args.service.rstrip("/")))
     for spec in args.variant:
         name, _, rest = spec.partition(":")
         pairs = [kv.partition("=") for kv in rest.split(",") if kv.strip()]
@@ -146,8 +174,33 @@ def servers_from(args) -> list[Server]:
             )
         out.append(Server(name.strip(), {k.strip(): v.strip() for k, _, v in pairs}))
     for i, s in enumerate(out):
-        s.port = args.port + i
+        s.port = 0 if s.url else args.port + i
     return out
+
+
+def running_service(args, s: Server) -> None:
+    """Check that the running service S answers and serves --model; take its name and max_model_len."""
+    import requests
+
+    try:
+        with requests.Session() as session:
+            session.trust_env = False
+            models = session.get(f"{s.base}/v1/models", timeout=30).json()["data"]
+    except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+        raise CheckFailed(
+            f"--service {s.base}: no answer from /v1/models ({type(exc).__name__})",
+            fix="start it first (start_service.py --detach), or give its URL",
+        ) from None
+    served = next((m for m in models if Path(str(m.get("root", ""))).resolve() == args.model), None)
+    if served is None:
+        roots = ", ".join(str(m.get("root")) for m in models) or "nothing"
+        raise CheckFailed(
+            f"--service {s.base} serves {roots}, not --model {args.model}",
+            fix="give --model the checkpoint that service serves",
+        )
+    s.served = str(served["id"])
+    if served.get("max_model_len"):
+        args.max_model_len = int(served["max_model_len"])  # bare vLLM gets the same
 
 
 def kv_cache_bytes(args, model_cfg: dict, levels: list[int]) -> int:
@@ -236,13 +289,15 @@ def bare_command(args, s: Server, kv_bytes: int) -> tuple[list[str], dict[str, s
     return argv, env
 
 
-def healthy(port: int) -> bool:
+def healthy(where: int | str) -> bool:
+    """Whether the server on this port of 127.0.0.1 (or at this base URL) answers /health with 200."""
     import requests
 
+    base = where if isinstance(where, str) else f"http://127.0.0.1:{where}"
     try:
         with requests.Session() as session:
             session.trust_env = False
-            return session.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+            return session.get(f"{base}/health", timeout=5).status_code == 200
     except requests.RequestException:
         return False
 
@@ -250,6 +305,8 @@ def healthy(port: int) -> bool:
 def start(args, s: Server, work: Path, kv_bytes: int) -> str:
     """Start S; '' once it answers /health, else what went wrong."""
     t0 = time.monotonic()
+    if s.url:
+        return "" if healthy(s.base) else f"the running service {s.base} does not answer /health"
     if s.bare:
         s.argv, env = bare_command(args, s, kv_bytes)
         s.log = work / f"bare-{s.port}.log"
@@ -279,7 +336,10 @@ def start(args, s: Server, work: Path, kv_bytes: int) -> str:
 
 
 def stop(s: Server) -> None:
-    """Stop S: the service through stop_service.py, bare vLLM by its process group (we started it)."""
+    """Stop S: the service through stop_service.py, bare vLLM by its process group (we started it);
+    a running service (--service) stays as it was."""
+    if s.url:
+        return
     if s.bare:
         if s.proc is not None and s.proc.poll() is None:
             os.killpg(s.proc.pid, signal.SIGTERM)
@@ -298,6 +358,8 @@ def stop(s: Server) -> None:
 
 def command_of(s: Server) -> str:
     """The vLLM command the server runs (the service's from its dry run), for the report."""
+    if s.url:
+        return f"(running at {s.base}: its own settings)"
     if s.bare:
         return " ".join(s.argv[1:])
     r = subprocess.run(
@@ -315,7 +377,7 @@ def command_of(s: Server) -> str:
 def bench_argv(args, s: Server, kind: str, c: int, prompts: int) -> list[str]:
     argv = [
         "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
-        "--base-url", f"http://127.0.0.1:{s.port}", "--model", SERVED, "--tokenizer", str(args.model),
+        "--base-url", s.base, "--model", s.served, "--tokenizer", str(args.model),
         "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot", "--disable-tqdm",
         "--ready-check-timeout-sec", "30", "--num-prompts", str(prompts), "--max-concurrency", str(c),
         "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
@@ -433,7 +495,10 @@ def _main(argv: list[str] | None) -> int:
             f"--model {args.model}: cannot read config.json ({exc})", fix="give a model folder"
         ) from None
     servers = servers_from(args)
-    busy = [s for s in servers if healthy(s.port)]
+    for s in servers:
+        if s.url:
+            running_service(args, s)
+    busy = [s for s in servers if not s.url and healthy(s.port)]
     if busy:
         raise CheckFailed(
             f"port {busy[0].port} already answers /health: the benchmark starts its own servers there",
@@ -461,7 +526,7 @@ def _main(argv: list[str] | None) -> int:
             problems = list(pool.map(lambda s: start(args, s, work, kv_bytes), servers))
         for s in servers:
             print(
-                f"# {s.name:<14} port {s.port}, healthy after {s.started_s:.0f} s: {command_of(s)}",
+                f"# {s.name:<14} {s.base}, healthy after {s.started_s:.0f} s: {command_of(s)}",
                 flush=True,
             )
         failed = [p for p in problems if p]

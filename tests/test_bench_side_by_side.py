@@ -41,12 +41,40 @@ def test_bare_vllm_first_then_a_service_per_profile_and_variant():
 
 
 @pytest.mark.unit
+def test_a_running_service_is_measured_beside_bare_vllm_and_starts_no_profile():
+    servers = sbs.servers_from(args("--service", "http://127.0.0.1:8010/"))
+    assert [(s.name, s.bare, s.url, s.base) for s in servers] == [
+        ("bare vLLM", True, "", "http://127.0.0.1:8100"),
+        ("service", False, "http://127.0.0.1:8010", "http://127.0.0.1:8010"),
+    ]
+    # A profile asked for as well is started beside it.
+    names = [s.name for s in sbs.servers_from(args("--service", "http://h:1", "--profiles", "balanced"))]
+    assert names == ["bare vLLM", "balanced", "service"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_each_profiles_config_is_one_the_service_accepts(tmp_path, device):
+    """What the benchmark starts per profile (start_service.py --config): a file the service's own loader
+    takes, with that profile, the shared port plan and max_model_len (the GPU visit runs it)."""
+    from qwen3_vl_service.settings import config
+
+    a = args("--device", device, "--max-model-len", "8192", "--port", "9100")
+    a.model = tmp_path / "model"
+    a.model.mkdir()
+    for s in sbs.servers_from(a)[1:]:
+        cfg = config.load(sbs.service_config(a, s, tmp_path, 1 << 30), environ={})
+        assert (cfg.profile, cfg.port, cfg.max_model_len, cfg.device) == (s.name, s.port, 8192, device)
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--profiles", "fastest"], "unknown fastest"),
         (["--variant", "nokeys"], "give NAME:KEY=VALUE"),
         (["--variant", ":A=1"], "give NAME:KEY=VALUE"),
+        (["--service", "127.0.0.1:8010"], "give its URL"),
     ],
 )
 def test_bad_servers_are_usage_errors(extra, message):
@@ -132,28 +160,31 @@ def test_bad_arguments_get_one_line_and_exit_2(tmp_path, extra, message):
 
 @pytest.mark.e2e
 @needs("vllm")
-def test_side_by_side_on_the_cpu_build(tmp_path, tiny_model):
-    """The whole benchmark on the tiny model: bare vLLM and the balanced service, text and an image,
-    concurrency 2, one round; a smoke run (no timed assertion)."""
-    model = tiny_model
+def test_side_by_side_on_the_cpu_build(tmp_path, demo):
+    """The whole benchmark on the tiny model: bare vLLM beside the session's running demo service
+    (--service), text and an image, concurrency 2, one round; a smoke run (no timed assertion). Bare
+    vLLM is the one start it costs; the demo stays as it was."""
     port = free_port()
     out = tmp_path / "result.json"
+    before = demo.state()["pid"]
     proc = subprocess.run(
         [
-            sys.executable, str(REPO / "bench" / "bench_side_by_side.py"), "--model", str(model),
-            "--device", "cpu", "--profiles", "balanced", "--concurrency", "2", "--kinds", "text,image",
+            sys.executable, str(REPO / "bench" / "bench_side_by_side.py"), "--model", str(demo.model),
+            "--device", "cpu", "--service", demo.base, "--concurrency", "2", "--kinds", "text,image",
             "--rounds", "1", "--input-len", "32", "--output-len", "8", "--image-size", "128",
-            "--min-prompts", "2", "--max-model-len", "2048", "--port", str(port),
-            "--work", str(tmp_path / "work"), "--json", str(out),
+            "--min-prompts", "2", "--port", str(port), "--work", str(tmp_path / "work"), "--json", str(out),
         ],
         capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith(("text ", "image"))]
     assert len(rows) == 2 * 1 * 2, proc.stdout  # kinds x levels x servers
-    assert all(ln.split("|")[-1].strip() for ln in rows if "balanced" in ln), "every service row has a ratio"
+    assert all(ln.split("|")[-1].strip() for ln in rows if "service" in ln), "every service row has a ratio"
     results = json.loads(out.read_text())["results"]
     assert {(r["kind"], r["server"]) for r in results} == {
-        (k, s) for k in ("text", "image") for s in ("bare vLLM", "balanced")
+        (k, s) for k in ("text", "image") for s in ("bare vLLM", "service")
     }
     assert all(r["completed"] >= 2 and r["output_throughput"] > 0 for r in results)
+    # Bare vLLM is gone with its port; the running service is untouched.
+    assert not sbs.healthy(port)
+    assert demo.state()["pid"] == before and sbs.healthy(demo.base)

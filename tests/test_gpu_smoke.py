@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from lifecycle_helpers import free_port
-from skips import vllm_missing
+from skips import require
 
 from devtools import gpu_smoke
 from qwen3_vl_service.settings import config
@@ -90,21 +90,19 @@ def test_every_request_kind_is_sent():
 @pytest.mark.e2e
 @pytest.mark.smoke  # what test_e2e proves, once more through the script: CI runs it
 @pytest.mark.timeout(900)  # a start: about a minute alone, more beside others
-def test_gpu_smoke_script_runs_on_the_cpu_demo(tmp_path):
-    """scripts/gpu_smoke.sh itself, with DEVICE=cpu and the tiny BF16 model: its checkpoint, start,
+def test_gpu_smoke_script_runs_on_the_cpu_demo(tmp_path, tiny_model):
+    """scripts/gpu_smoke.sh itself, with DEVICE=cpu and the session's tiny BF16 model (--model): start,
     every request kind, vLLM's lines, the status view and the stop with nothing left. Its --crash
     (kill -9 of the EngineCore under the supervisor) is test_faults's engine kill and its --bench
     is bench_gpu.py, run against the demo below: each costs a vLLM start here, and they run on
     every GPU visit (scripts/gpu_visit.sh)."""
-    probe = subprocess.run(
-        [sys.executable, "-c", "import vllm.entrypoints.openai.api_server"], capture_output=True
-    )
-    if probe.returncode != 0:
-        vllm_missing("vLLM is not installed in this environment")
+    require("vllm")  # found, not imported: the script's start imports it (a broken vLLM fails there)
     port, media_port = free_port(), free_port()
     cmd = [
         "bash", str(REPO / "scripts" / "gpu_smoke.sh"), str(tmp_path / "smoke"), "2",
         "--device", "cpu", "--port", str(port), "--media-port", str(media_port),
+        # The session's tiny model (devtools.tiny_model, as the script's own CPU checkpoint step makes it).
+        "--model", str(tiny_model),
     ]  # fmt: skip
     env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
     # vLLM runs eagerly here as in every test (tests/conftest.py: VLLM_CPU_CI_ENV): the inductor

@@ -19,9 +19,10 @@ order:
    replica-0, while replica-1's supervisor restarts it on its port (status
    shows the restart and its cause) and the router sends it requests again;
 5. ``kill -STOP`` of replica-1's engine under load through the router (a hang: its /health still
-   answers 200): its supervisor finds it hung within STALL_AFTER (short here), takes it out of the
-   router's rotation, SIGKILLs and restarts it; the router keeps answering from replica-0, errors
-   only for requests already on replica-1, and it joins the rotation again once healthy;
+   answers 200): its supervisor finds it hung within STALL_AFTER (short here; status says so),
+   takes it out of the router's rotation, SIGKILLs and restarts it; the router keeps answering
+   from replica-0, errors only for requests already on replica-1, and it joins the rotation again
+   once healthy (the suite's one hang: a single service's supervisor runs the same check);
 6. ``scancel --batch --signal=TERM`` (the path of the time-limit warning,
    ``--signal=B:TERM@120``) stops every node's processes: nothing left of
    either replica nor of the router, every port free, the job COMPLETED.
@@ -443,7 +444,9 @@ def _stuck(run_dir: Path) -> str:
 
 
 def test_sigstop_of_one_replicas_engine_under_load_fails_only_its_requests_and_it_rejoins(group: Group):
-    """Issue 23: a hang behind the router. ``kill -STOP`` of replica-1's EngineCore while 4 clients send
+    """Issue 23: a hang behind the router, the suite's one hang (a single service's supervisor runs the
+    same liveness check: issue 25 folded test_hang_e2e in here, a vLLM restart less). ``kill -STOP`` of
+    replica-1's EngineCore while 4 clients send
     image chats through the router: its API server keeps answering /health, so only its supervisor's
     liveness check (STALL_AFTER, short in this group) can tell. It leaves the router's rotation, is
     found hung, SIGKILLed and restarted; the router keeps answering from replica-0; the only requests
@@ -485,7 +488,10 @@ def test_sigstop_of_one_replicas_engine_under_load_fails_only_its_requests_and_i
                 hung_at = time.monotonic()
             time.sleep(0.5)
         assert hung_at is not None, f"replica-1's supervisor never said hung:\n{g.report()}"
-        time.sleep(LOAD_AFTER_KILL_S)
+        # What a user sees meanwhile: the status view names the hang and its evidence (once: a Python
+        # start, seconds of CPU on two shared cores).
+        hung_status = g.script("status_service.py", "--sample", "0", "--http-timeout", "30").stdout
+        time.sleep(max(0.0, hung_at + LOAD_AFTER_KILL_S - time.monotonic()))
     finally:
         end_stopped_engine_load(stop, runner, engine)
 
@@ -527,6 +533,11 @@ def test_sigstop_of_one_replicas_engine_under_load_fails_only_its_requests_and_i
     assert any(o.ok and o.started > left_at + 1 for o in load.outcomes), "none answered while it was out"
     # Every request on the stopped engine ended once it was killed (none waited for its timeout).
     assert max(o.ended for o in load.outcomes) < hung_at + LOAD_AFTER_KILL_S + 30, load.summary()
+
+    print(f"status while replica-1's record said hung:\n{hung_status}")
+    assert "hung: no engine progress" in hung_status, hung_status
+    # SIGKILLed (a stopped process holds SIGTERM pending), not left stopped beside the new one.
+    assert not psutil.pid_exists(engine.pid) or engine.status() == psutil.STATUS_ZOMBIE
 
     # The supervisor's record and status: hung, the restart, its cause.
     status = json.loads(

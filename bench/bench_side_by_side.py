@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +79,7 @@ class Server:
     config: Path | None = None
     proc: subprocess.Popen | None = None  # bare vLLM: its process (its own session)
     url: str = ""  # a running service (--service): measured as it is, never started or stopped
+    ipc_dir: str = ""  # bare vLLM: its private folder for vLLM's IPC sockets, removed at its stop
     served: str = SERVED  # the model name its API serves
     log: Path | None = None
     started_s: float = 0.0
@@ -259,7 +261,7 @@ def service_config(args, s: Server, work: Path, kv_bytes: int) -> Path:
 
 def bare_command(args, s: Server, kv_bytes: int) -> tuple[list[str], dict[str, str]]:
     """Bare vLLM with the recipe's flags; the environment the installed vLLM needs, as the service's."""
-    from qwen3_vl_service.planning import vllm_versions
+    from qwen3_vl_service.planning import vllm_args, vllm_versions
 
     argv = [
         args.python, "-m", "vllm.entrypoints.openai.api_server",
@@ -280,7 +282,11 @@ def bare_command(args, s: Server, kv_bytes: int) -> tuple[list[str], dict[str, s
             "bfloat16",
             "--skip-mm-profiling",
         ]
+    # What vLLM leaves in the temp folder (IPC sockets, gloo's file store) goes to a private folder
+    # that the stop removes, as the service's launcher does (vllm_args.identity_env).
+    s.ipc_dir = tempfile.mkdtemp(prefix="sbs-ipc-")
     env = dict(os.environ, VLLM_NO_USAGE_STATS="1", PYTHONUNBUFFERED="1")
+    env.update(vllm_args.private_tmp_env(s.ipc_dir))
     if args.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     # What the launcher's probe sets for the same vLLM (VLLM_USE_FLASHINFER_SAMPLER=0 without flashinfer).
@@ -348,6 +354,8 @@ def stop(s: Server) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(s.proc.pid, signal.SIGKILL)
                 s.proc.wait(timeout=30)
+        if s.ipc_dir:
+            shutil.rmtree(s.ipc_dir, ignore_errors=True)
         return
     if s.config is not None:
         subprocess.run(

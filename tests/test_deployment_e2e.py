@@ -15,7 +15,7 @@ from qwen3_vl_service.core.secrets import is_secret
 
 pytestmark = pytest.mark.e2e
 # What one start adds: its identity (vllm_args.identity_env), different at every start.
-PER_START = {TAG_ENV, RUN_DIR_ENV, "VLLM_RPC_BASE_PATH"}
+PER_START = {TAG_ENV, RUN_DIR_ENV, "VLLM_RPC_BASE_PATH", "TMPDIR"}
 
 
 def shown_command(report: str, title: str = "vLLM command\n") -> tuple[dict[str, str], list[str]]:

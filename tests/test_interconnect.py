@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import psutil
 import pynvml
 import pytest
+from lifecycle_helpers import wait_until
 from skips import needs
 
 from qwen3_vl_service.core.errors import UsageError
@@ -399,7 +400,9 @@ def test_failing_rank_ends_the_others_quickly(tmp_path):
     assert r.status == "failed" and "rank 0 failed: RuntimeError: boom" in r.message
     assert r.log_dir == str(tmp_path / "logs") and (tmp_path / "logs" / "rank0.log").exists()
     assert not any(_alive(p) for p in r.pids)
-    assert not _alive(int((tmp_path / "child.pid").read_text()))
+    # The KILL to its group has been sent; on a loaded machine the kernel may take a moment to end it.
+    child = int((tmp_path / "child.pid").read_text())
+    assert wait_until(lambda: not _alive(child), 5), f"pid {child} of rank 1's group outlived the check"
 
 
 @pytest.mark.integration

@@ -135,8 +135,16 @@ def test_pinned_vllm_parser_accepts_the_command(tmp_path):
 
 
 @pytest.mark.unit
-def test_ipc_sockets_go_to_the_private_folder_and_tmpdir_is_left_alone(tmp_path):
+def test_vllms_temp_files_go_to_the_private_folder_and_torchs_compile_cache_stays(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     cmd = vllm_args.build(cfg_from(tmp_path), expert_parallel=False, tag="t", private_tmp="/tmp/qwen3vl-x")
-    assert cmd.env["VLLM_RPC_BASE_PATH"] == "/tmp/qwen3vl-x"
-    # torch's compile caches (precompiled headers) live in TMPDIR: keep it.
-    assert "TMPDIR" not in cmd.env
+    # IPC sockets and gloo's file store (vllm_dist_*): the folder stop_service.py removes.
+    assert cmd.env["VLLM_RPC_BASE_PATH"] == cmd.env["TMPDIR"] == "/tmp/qwen3vl-x"
+    # torch's compile caches (precompiled headers) stay where torch keeps them without our TMPDIR.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # torch: seconds to import
+
+    assert cmd.env["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir()
+    # A folder the user chose is theirs: not overridden.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    cmd = vllm_args.build(cfg_from(tmp_path), expert_parallel=False, tag="t", private_tmp="/tmp/qwen3vl-x")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in cmd.env

@@ -122,11 +122,13 @@ class Launch:
 
 def prepare_launch(cfg: ServiceConfig, unit: Unit, environ: Mapping[str, str] | None = None) -> Launch:
     tag = runstate.new_tag()
-    # Short and node-local: vLLM's IPC sockets go here (VLLM_RPC_BASE_PATH), and a Unix
+    # Short and node-local: vLLM's temp files and IPC sockets go here (TMPDIR, VLLM_RPC_BASE_PATH), and a Unix
     # socket path must stay under 108 bytes; removed whole by stop_service.py.
     private_tmp = runstate.private_tmp_path(tag)
-    own = {**unit.env, **vllm_args.secret_env(cfg), **vllm_args.identity_env(unit.run_dir, tag, private_tmp)}
-    env = vllm_args.with_inherited(own, os.environ if environ is None else environ)
+    base = os.environ if environ is None else environ
+    identity = vllm_args.identity_env(unit.run_dir, tag, private_tmp, base)
+    own = {**unit.env, **vllm_args.secret_env(cfg), **identity}
+    env = vllm_args.with_inherited(own, base)
     # Shown as vLLM gets them (NO_PROXY merged with the inherited one).
     return Launch(tag=tag, private_tmp=private_tmp, unit=unit, env=env, own={k: env[k] for k in own})
 

@@ -355,7 +355,7 @@ class Supervisor:
     def _give_up(self, unit: Unit, cause: str) -> int:
         n = len(self.failures[unit.name].times)
         why = (
-            f"{unit.name} failed {n} times within {self.policy.window:g} s "
+            f"{unit.name} failed {n} time{'' if n == 1 else 's'} within {self.policy.window:g} s "
             f"(MAX_RESTARTS={self.policy.max_restarts}); last cause: {cause}"
         )
         self.echo(f"giving up: {why}")

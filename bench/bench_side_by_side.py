@@ -37,7 +37,8 @@ The table gives, per kind and concurrency, each server's output tok/s of every
 round, mean TPOT and TTFT, and the ratio service / bare: the mean of the
 per-round ratios (each service run beside the bare run of its round).
 --json writes every number. Works on the CPU build too (--device cpu: the tiny
-bfloat16 model, small numbers; CI runs it as a smoke test, no timed assertion).
+bfloat16 model, small numbers; CI runs it as a smoke test, bare vLLM beside the
+suite's running demo service through --service, no timed assertion).
 """
 
 from __future__ import annotations
@@ -261,6 +262,7 @@ def service_config(args, s: Server, work: Path, kv_bytes: int) -> Path:
 
 def bare_command(args, s: Server, kv_bytes: int) -> tuple[list[str], dict[str, str]]:
     """Bare vLLM with the recipe's flags; the environment the installed vLLM needs, as the service's."""
+    from qwen3_vl_service.lifecycle import runstate
     from qwen3_vl_service.planning import vllm_args, vllm_versions
 
     argv = [
@@ -286,7 +288,7 @@ def bare_command(args, s: Server, kv_bytes: int) -> tuple[list[str], dict[str, s
     # that the stop removes, as the service's launcher does (vllm_args.identity_env).
     s.ipc_dir = tempfile.mkdtemp(prefix="sbs-ipc-")
     env = dict(os.environ, VLLM_NO_USAGE_STATS="1", PYTHONUNBUFFERED="1")
-    env.update(vllm_args.private_tmp_env(s.ipc_dir))
+    env.update(vllm_args.private_tmp_env(s.ipc_dir, runstate.compile_cache_dir(os.environ)))
     if args.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     # What the launcher's probe sets for the same vLLM (VLLM_USE_FLASHINFER_SAMPLER=0 without flashinfer).

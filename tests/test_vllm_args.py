@@ -9,6 +9,7 @@ import pytest
 import warm_vllm
 
 from qwen3_vl_service.core.names import TAG_ENV
+from qwen3_vl_service.lifecycle import runstate
 from qwen3_vl_service.planning import vllm_args
 from qwen3_vl_service.settings import config
 
@@ -135,16 +136,15 @@ def test_pinned_vllm_parser_accepts_the_command(tmp_path):
 
 
 @pytest.mark.unit
-def test_vllms_temp_files_go_to_the_private_folder_and_torchs_compile_cache_stays(tmp_path, monkeypatch):
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+def test_vllms_temp_files_go_to_the_private_folder_and_torchs_compile_cache_stays(tmp_path):
     cmd = vllm_args.build(cfg_from(tmp_path), expert_parallel=False, tag="t", private_tmp="/tmp/qwen3vl-x")
     # IPC sockets and gloo's file store (vllm_dist_*): the folder stop_service.py removes.
     assert cmd.env["VLLM_RPC_BASE_PATH"] == cmd.env["TMPDIR"] == "/tmp/qwen3vl-x"
+    env = vllm_args.identity_env(tmp_path, "t", "/tmp/qwen3vl-x", "/tmp/torchinductor_me")
+    assert env["TMPDIR"] == "/tmp/qwen3vl-x" and env["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/torchinductor_me"
     # torch's compile caches (precompiled headers) stay where torch keeps them without our TMPDIR.
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # torch: seconds to import
 
-    assert cmd.env["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir()
+    assert runstate.compile_cache_dir({}) == default_cache_dir()
     # A folder the user chose is theirs: not overridden.
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    cmd = vllm_args.build(cfg_from(tmp_path), expert_parallel=False, tag="t", private_tmp="/tmp/qwen3vl-x")
-    assert "TORCHINDUCTOR_CACHE_DIR" not in cmd.env
+    assert runstate.compile_cache_dir({"TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}) == ""

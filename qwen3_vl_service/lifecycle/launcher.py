@@ -126,7 +126,7 @@ def prepare_launch(cfg: ServiceConfig, unit: Unit, environ: Mapping[str, str] | 
     # socket path must stay under 108 bytes; removed whole by stop_service.py.
     private_tmp = runstate.private_tmp_path(tag)
     base = os.environ if environ is None else environ
-    identity = vllm_args.identity_env(unit.run_dir, tag, private_tmp, base)
+    identity = vllm_args.identity_env(unit.run_dir, tag, private_tmp, runstate.compile_cache_dir(base))
     own = {**unit.env, **vllm_args.secret_env(cfg), **identity}
     env = vllm_args.with_inherited(own, base)
     # Shown as vLLM gets them (NO_PROXY merged with the inherited one).

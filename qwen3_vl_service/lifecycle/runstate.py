@@ -12,15 +12,18 @@ replaced by the next start (gunicorn ``pidfile.py``).
 from __future__ import annotations
 
 import datetime as _dt
+import getpass
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import stat
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +34,7 @@ from qwen3_vl_service.core.errors import CheckFailed
 from qwen3_vl_service.core.fileio import write_atomic
 from qwen3_vl_service.core.names import STATE_FILE
 from qwen3_vl_service.machine import processes
+from qwen3_vl_service.planning import vllm_args
 
 if TYPE_CHECKING:
     from qwen3_vl_service.settings.config import ServiceConfig
@@ -376,6 +380,20 @@ def private_tmp_path(tag: str, base: str | os.PathLike[str] | None = None) -> st
     """
     short = tag.rsplit("-", 1)[-1][:12] or "run"
     return os.path.join(base if base is not None else tempfile.gettempdir(), f"{PRIVATE_TMP_PREFIX}{short}")
+
+
+def compile_cache_dir(environ: Mapping[str, str]) -> str:
+    """Where torch's compile caches go for a start whose TMPDIR is its private folder: "" when
+    ENVIRON (the one the start inherits) names a folder (TORCHINDUCTOR_CACHE_DIR: the user's); else
+    torch's default for this process's temp folder and user, as
+    torch/_inductor/runtime/cache_dir_utils.py names it: <tmp>/torchinductor_<user>."""
+    if environ.get(vllm_args.INDUCTOR_CACHE_ENV):
+        return ""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
 
 
 def make_private_tmp(tag: str, base: str | os.PathLike[str] | None = None) -> str:

@@ -104,7 +104,8 @@ class _HealthClock:
 def unit_env(cfg: ServiceConfig, unit: Unit, tag: str, private_tmp: str = "") -> dict[str, str]:
     """The whole environment of one start of UNIT: ours, its own, its secrets (never recorded in
     deployment.json: taken from the settings again) and the start's identity."""
-    own = {**unit.env, **vllm_args.secret_env(cfg), **vllm_args.identity_env(unit.run_dir, tag, private_tmp)}
+    identity = vllm_args.identity_env(unit.run_dir, tag, private_tmp, runstate.compile_cache_dir(os.environ))
+    own = {**unit.env, **vllm_args.secret_env(cfg), **identity}
     return vllm_args.with_inherited(own, os.environ)
 
 

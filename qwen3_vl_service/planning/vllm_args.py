@@ -14,13 +14,9 @@ spelling that every vLLM since 0.4 accepts.
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
-import re
 import shlex
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,44 +221,33 @@ def secret_env(cfg: ServiceConfig) -> dict[str, str]:
     return env
 
 
-def identity_env(
-    run_dir: Path, tag: str, private_tmp: str = "", environ: Mapping[str, str] | None = None
-) -> dict[str, str]:
+def identity_env(run_dir: Path, tag: str, private_tmp: str = "", compile_cache: str = "") -> dict[str, str]:
     """What marks one start's processes as ours: its tag and its unit's run folder (stop_service.py
     of another service never matches them), and vLLM's private temp folder (private_tmp_env)."""
     env = {TAG_ENV: tag, RUN_DIR_ENV: str(run_dir)}
     if private_tmp:
-        env.update(private_tmp_env(private_tmp, environ))
+        env.update(private_tmp_env(private_tmp, compile_cache))
     return env
 
 
-def private_tmp_env(private_tmp: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """vLLM's temp files in PRIVATE_TMP. ENVIRON: the one the start inherits (default os.environ).
+def private_tmp_env(private_tmp: str, compile_cache: str = "") -> dict[str, str]:
+    """vLLM's temp files in PRIVATE_TMP, and torch's compile cache in COMPILE_CACHE when given.
 
     What vLLM leaves in the temp folder even after a clean shutdown goes to a private folder
     that stop_service.py (and the supervisor, before each start) removes whole: its ZMQ IPC
     sockets (VLLM_RPC_BASE_PATH, one file per channel) and, under TMPDIR, gloo's file store of
     its workers (vllm_dist_<uuid>, one per start on the CPU build). torch keeps its compile
     caches under the temp folder by default (precompiled headers: about 6 s a start on the CPU
-    build): TORCHINDUCTOR_CACHE_DIR names that place, unless set already, so they outlive it.
+    build): COMPILE_CACHE (runstate.compile_cache_dir) names the place they had, so they outlive
+    the start.
     """
     env = {"VLLM_RPC_BASE_PATH": private_tmp, "TMPDIR": private_tmp}
-    if not (os.environ if environ is None else environ).get(INDUCTOR_CACHE_ENV):
-        env[INDUCTOR_CACHE_ENV] = inductor_cache_dir()
+    if compile_cache:
+        env[INDUCTOR_CACHE_ENV] = compile_cache
     return env
 
 
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
-
-
-def inductor_cache_dir() -> str:
-    """torch's default compile cache folder, as torch/_inductor/runtime/cache_dir_utils.py names it
-    for this process's temp folder and user: <tmp>/torchinductor_<user>."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = f"uid_{os.getuid()}"
-    return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
 
 
 def _no_proxy(cfg: ServiceConfig) -> str:

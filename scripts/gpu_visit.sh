@@ -79,10 +79,16 @@ SMOKE_ARGS=()
 [[ ${BENCH:-1} == 1 ]] && SMOKE_ARGS+=(--bench --bench-args "--concurrency 1,8,32")
 [[ ${CRASH:-1} == 1 ]] && SMOKE_ARGS+=(--crash)
 [[ -n ${YARN:-} ]] && SMOKE_ARGS+=(--yarn "$YARN")
+TEMP_ROOT=$("$PYTHON" -c 'import tempfile; print(tempfile.gettempdir())')
+touch "$WORK/.smoke-start"
 bash scripts/gpu_smoke.sh "$WORK" "$LAYERS" "${SMOKE_ARGS[@]}" 2>&1 | tee -a "$REPORT"
 rc=${PIPESTATUS[0]}
 
 {
+  # What vLLM would leave in the temp folder (its IPC sockets, gloo's vllm_dist_* file store) goes to
+  # each start's private folder, removed at the stop: nothing of the smoke's starts is left there.
+  left=$(find "$TEMP_ROOT" -maxdepth 1 -newer "$WORK/.smoke-start" \( -name 'vllm_dist_*' -o -type s -o -name 'qwen3-vl-service-*' \) | wc -l)
+  echo "== vLLM's files left in $TEMP_ROOT by the smoke's starts (IPC sockets, vllm_dist_*, private folders): $left"
   echo "== the capacity plan (start_service.py --dry-run) for the KV comparison"
   "$PYTHON" start_service.py --config "$WORK/config.env" --dry-run --quiet 2>&1 | sed -n '/Preflight/,/vLLM command/p'
   echo "== checkpoint: $(du -sh "$WORK/model" | cut -f1), $(ls "$WORK"/model/*.safetensors | wc -l) shards"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,61 @@ def test_a_replica_out_of_the_rotation_gets_no_requests_until_it_joins_again(tmp
         for w in workers:
             w.terminate()
             w.wait(10)
+
+
+# A stand-in API server: /health 200 on PORT until GO exists, then LINE (if any) into the start's log
+# and exit 0, as vLLM's API server does after its engine died (or after a stop: no such line).
+_EXITS_0 = """
+import http.server, os, sys, threading, time
+port, log, go, line = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+while not os.path.exists(go):
+    time.sleep(0.05)
+if line:
+    with open(log, "a") as fh:
+        fh.write(line + "\\n")
+"""
+ENGINE_DIED = "(APIServer pid=9) WARNING [shutdown] MPClient: engine core exited unexpectedly"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("line", "crash"), [(ENGINE_DIED, True), ("INFO: Finished server process", False)])
+def test_an_api_server_that_exits_0_after_its_engine_died_is_a_crash_not_a_stop(tmp_path, line, crash):
+    """Seen on an H100: the kill -9 of the EngineCore came before the supervisor's look found it
+    gone, vLLM's API server exited with status 0 a second later, and the cause read "exited with
+    status 0" (had it served, a clean exit: not restarted). Its log tells the two apart."""
+    from lifecycle_helpers import wait_until, write_config
+
+    from qwen3_vl_service.lifecycle.supervised import VllmUnit
+    from qwen3_vl_service.lifecycle.supervisor import Finished
+
+    port, go, log = free_port(), tmp_path / "go", tmp_path / "service.log"
+    cfg = config.load(write_config(tmp_path, port=port), environ={})
+    argv = (sys.executable, "-c", _EXITS_0, str(port), str(log), str(go), line)
+    unit = dataclasses.replace(_unit(VLLM, "vllm", port, argv), run_dir=tmp_path / "run", log_file=log)
+    said: list[str] = []
+    vllm = VllmUnit(cfg, unit, tag="q3vl-exits0-1", detached=True, echo=said.append)
+    vllm.start()
+    try:
+        assert vllm.proc is not None
+        assert wait_until(lambda: vllm.check(time.monotonic()) is None and vllm.health.ok_once, 20), said
+        go.touch()
+        vllm.proc.wait(10)
+        if crash:
+            cause = vllm.check(time.monotonic()) or ""
+            assert "is gone: killed or crashed" in cause and "engine core exited unexpectedly" in cause, cause
+            assert cause.endswith(f"then vLLM's API server (pid {vllm.proc.pid}) exited with status 0"), cause
+        else:
+            with pytest.raises(Finished, match="exited by itself with status 0"):
+                vllm.check(time.monotonic())
+    finally:
+        vllm.cleanup()
+    assert not (tmp_path / "run" / "state.json").exists()

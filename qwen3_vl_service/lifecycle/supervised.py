@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,6 +50,8 @@ from qwen3_vl_service.settings.config import ServiceConfig, load
 CLEANUP_TIMEOUT_S = 10.0
 # The log read for the likely cause of a failure: at most this much of its end.
 _DIAGNOSE_BYTES = 256 * 1024
+# What vLLM's API server logs when its engine died under it (vllm/v1/engine/core_client.py, 0.26-0.32).
+_ENGINE_DIED = re.compile(r"engine core exited unexpectedly|EngineDeadError")
 
 
 def describe_exit(returncode: int) -> str:
@@ -229,12 +232,19 @@ class VllmUnit:
             return self.start_error
         assert self.proc is not None
         rc = self.proc.poll()
-        if rc == 0 and self.health.ok_once:
-            # A clean exit of a vLLM that served: someone stopped it (kill PID, SIGTERM). After an
-            # engine crash it exits too, but its VLLM:: processes are found gone first (below).
-            raise Finished(f"vLLM (pid {self.proc.pid}) exited by itself with status 0")
         if rc is not None:
-            return f"vLLM's API server (pid {self.proc.pid}) exited with {describe_exit(rc)}{self._likely()}"
+            # After its engine dies vLLM's API server exits by itself, with status 0, within a second
+            # on a GPU (measured on an H100): a look may find both gone. Its log tells a crash from
+            # a stop (kill PID, SIGTERM: a clean exit, not restarted).
+            died = _ENGINE_DIED.search(self._this_start_log())
+            if rc == 0 and self.health.ok_once and not died:
+                raise Finished(f"vLLM (pid {self.proc.pid}) exited by itself with status 0")
+            api = f"vLLM's API server (pid {self.proc.pid}) exited with {describe_exit(rc)}"
+            if died:
+                gone = [f"{label} (pid {p.pid})" for p, label in self.engine if not processes.is_alive(p)]
+                engine = gone[0] if gone else "vLLM's engine"
+                return f"{engine} is gone: killed or crashed (its log: '{died.group(0)}'); then {api}"
+            return f"{api}{self._likely()}"
         for p, label in self.engine:
             if not processes.is_alive(p):
                 return f"{label} (pid {p.pid}) is gone: killed or crashed{self._likely()}"
@@ -243,9 +253,12 @@ class VllmUnit:
         error = _health_error(self.health_url)
         was_ok = self.health.ok_once
         failing = self.health.failed_for(now, error)
+        if not was_ok:
+            # Until the first healthy answer, the VLLM:: processes as they appear (a crash in the
+            # seconds before the next look names the engine that went).
+            self.engine = self._engine_processes()
         if error is None:
             if not was_ok:
-                self.engine = self._engine_processes()
                 self.echo(f"vLLM is healthy after {now - self.started:.0f} s")
                 self.liveness = self._liveness()
                 self._rotation(join=True)
@@ -311,17 +324,20 @@ class VllmUnit:
         except psutil.Error:
             return []  # it just exited: the next check says so
 
-    def _likely(self) -> str:
-        """'; likely: ...' from this start's part of the log, when readiness recognises the cause."""
+    def _this_start_log(self) -> str:
+        """The end of this start's part of the log (at most _DIAGNOSE_BYTES); "" when unreadable."""
         try:
             size = self.log_file.stat().st_size
             start = self.log_offset if self.log_offset <= size else 0  # rotated meanwhile
             with open(self.log_file, "rb") as fh:
                 fh.seek(max(start, size - _DIAGNOSE_BYTES))
-                text = fh.read().decode("utf-8", "replace")
+                return fh.read().decode("utf-8", "replace")
         except OSError:
             return ""
-        cause = readiness.diagnose(text)
+
+    def _likely(self) -> str:
+        """'; likely: ...' from this start's part of the log, when readiness recognises the cause."""
+        cause = readiness.diagnose(self._this_start_log())
         return f"; likely: {cause}" if cause else ""
 
     def cleanup(self) -> None:

@@ -30,8 +30,8 @@ the random dataset (--input-len / --output-len tokens), ``image`` is random-mm
 with one --image-size image per request. Sampling is left to the servers
 (vLLM's bench sends none): bare vLLM takes the checkpoint's generation_config,
 the service its profile's TEMPERATURE/TOP_P/TOP_K: top-k/top-p on both sides.
-One unmeasured wave per server and kind comes first (Triton compiles kernels
-the first time a batch shape appears).
+One unmeasured wave per server and kind comes first on a GPU (Triton compiles
+kernels the first time a batch shape appears).
 
 The table gives, per kind and concurrency, each server's output tok/s of every
 round, mean TPOT and TTFT, and the ratio service / bare: the mean of the
@@ -404,11 +404,12 @@ def bench_argv(args, s: Server, kind: str, c: int, prompts: int) -> list[str]:
 
 
 def plan_jobs(args, servers: list[Server], kinds: list[str], levels: list[int]) -> list[dict]:
-    """Every run in order: per kind, a warm-up wave per server, then per level the rounds of
-    bare, service, service, ... (A B A B)."""
+    """Every run in order: per kind, a warm-up wave per server (on a GPU: Triton compiles kernels the
+    first time a batch shape appears; the CPU build compiles at its start, if at all), then per level
+    the rounds of bare, service, service, ... (A B A B)."""
     jobs = []
     for kind in kinds:
-        for s in servers:
+        for s in servers if args.device == "gpu" else []:
             top = max(levels)
             jobs.append({"id": ["warm", kind, s.name, top, 0], "argv": bench_argv(args, s, kind, top, top)})
         for c in levels:

@@ -105,6 +105,9 @@ def test_runs_alternate_between_the_servers_a_b_a_b_after_a_warm_wave():
         and image[image.index("--num-prompts") + 1] == "128"
     )
     assert "{(512, 512, 1): 1.0}" in image
+    # The CPU build has no Triton to warm up: the rounds alone.
+    cpu = sbs.plan_jobs(args("--profiles", "balanced", "--device", "cpu"), servers, ["text"], [1])
+    assert [j["id"][0] for j in cpu] == ["run"] * 4  # 2 rounds x 2 servers
 
 
 @pytest.mark.unit

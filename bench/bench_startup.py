@@ -79,8 +79,11 @@ def main() -> int:
 
         # The plan fills in MAX_NUM_SEQS=auto exactly as the launcher's does.
         plan = plan_mod.make(cfg, None, model_mod.inspect(cfg.model_path))
-        cmd = vllm_args.build(cfg, expert_parallel=False, private_tmp=str(root / "ipc"), plan=plan)
-        bare_env = vllm_args.with_inherited(cmd.env, os.environ)
+        cmd = vllm_args.build(cfg, expert_parallel=False, plan=plan)
+        from qwen3_vl_service.lifecycle import runstate
+
+        tmp_env = vllm_args.private_tmp_env(str(root / "ipc"), runstate.compile_cache_dir(os.environ))
+        bare_env = vllm_args.with_inherited({**cmd.env, **tmp_env}, os.environ)
         demo = ["--config", str(REPO / "config.demo.env")]
         times: dict[str, list[float]] = {"bare vLLM": [], "start_service.py --detach": []}
         spawn: list[float] = []

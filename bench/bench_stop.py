@@ -135,6 +135,7 @@ def _title(p: psutil.Process) -> str:
 
 
 def bare(s: Setup, busy: int, *, abort: bool) -> float:
+    from qwen3_vl_service.lifecycle import runstate
     from qwen3_vl_service.planning import vllm_args
 
     cmd = vllm_args.build(s.cfg, expert_parallel=False)
@@ -142,7 +143,11 @@ def bare(s: Setup, busy: int, *, abort: bool) -> float:
     if abort:
         i = argv.index("--shutdown-timeout")
         del argv[i : i + 2]
-    env = vllm_args.with_inherited(cmd.env, os.environ)
+    # vLLM's temp files (IPC sockets, gloo's vllm_dist_*) in a folder of this run, as the service's.
+    ipc = s.root / f"ipc-{'abort' if abort else 'drain'}"
+    ipc.mkdir(exist_ok=True)
+    tmp_env = vllm_args.private_tmp_env(str(ipc), runstate.compile_cache_dir(os.environ))
+    env = vllm_args.with_inherited({**cmd.env, **tmp_env}, os.environ)
     log = open(s.root / f"bare-{'abort' if abort else 'drain'}.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

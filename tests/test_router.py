@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from lifecycle_helpers import free_port
+from lifecycle_helpers import free_port, wait_until
 from skips import installed, missing
 
 from qwen3_vl_service.deployment import router_command
 from qwen3_vl_service.deployment.deployment import Port, Unit
 from qwen3_vl_service.lifecycle import router, stop
+from qwen3_vl_service.machine.processes import port_free
 from qwen3_vl_service.settings import config
 
 KEY = "sk-router-test-0123456789"
@@ -65,6 +66,20 @@ ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 """
 
 
+def start_workers(ports: list[int], outputs: list) -> list[subprocess.Popen]:
+    """A WORKER on each port (its stdout to OUTPUTS), returned once each one listens: the router's
+    first health check must not find one still starting (on a loaded machine it then routes every
+    request to the other until its next check)."""
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER, KEY, str(p)], stdout=out, stderr=subprocess.STDOUT)
+        for p, out in zip(ports, outputs, strict=True)
+    ]
+    for p, w in zip(ports, workers, strict=True):
+        assert wait_until(lambda p=p, w=w: w.poll() is not None or not port_free("127.0.0.1", p), 30), p
+        assert w.poll() is None, f"the worker on port {p} exited with {w.returncode}"
+    return workers
+
+
 def _seen(log: Path, path: str) -> list[str | None]:
     lines = [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith("{")]
     return [ln["auth"] for ln in lines if ln["path"] == path]
@@ -76,12 +91,7 @@ def test_the_clients_bearer_token_reaches_the_replicas_through_the_router(tmp_pa
         missing("vllm-router is not installed (pip install -e '.[router]')")
     ports = [free_port(), free_port()]
     logs = [tmp_path / f"worker-{p}.log" for p in ports]
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, KEY, str(p)], stdout=log.open("w"), stderr=subprocess.STDOUT
-        )
-        for p, log in zip(ports, logs, strict=True)
-    ]
+    workers = start_workers(ports, [log.open("w") for log in logs])
     path = tmp_path / "config.env"
     path.write_text(
         f"HOST=127.0.0.1\nAPI_KEY={KEY}\nROUTER_PORT={free_port()}\nSTARTUP_TIMEOUT=60\n"

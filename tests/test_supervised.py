@@ -12,7 +12,7 @@ import pytest
 import requests
 from lifecycle_helpers import free_port
 from skips import installed, missing
-from test_router import KEY, WORKER
+from test_router import KEY, start_workers
 
 from qwen3_vl_service.deployment import router_command
 from qwen3_vl_service.deployment.deployment import ROUTER, VLLM, Deployment, Port, Unit
@@ -65,10 +65,7 @@ def test_a_replica_out_of_the_rotation_gets_no_requests_until_it_joins_again(tmp
     if not installed("vllm_router"):
         missing("vllm-router is not installed (pip install -e '.[router]')")
     ports = [free_port(), free_port()]
-    workers = [
-        subprocess.Popen([sys.executable, "-c", WORKER, KEY, str(p)], stdout=subprocess.DEVNULL)
-        for p in ports
-    ]
+    workers = start_workers(ports, [subprocess.DEVNULL] * len(ports))
     path = tmp_path / "config.env"
     path.write_text(
         f"HOST=127.0.0.1\nAPI_KEY={KEY}\nROUTER_PORT={free_port()}\nSTARTUP_TIMEOUT=60\n"

@@ -32,7 +32,7 @@ from qwen3_vl_service.deployment import cluster, deployment, summary
 from qwen3_vl_service.deployment.deployment import Deployment, Unit
 from qwen3_vl_service.interconnect import report as interconnect
 from qwen3_vl_service.lifecycle import logtee, readiness, replicas, runstate, stop
-from qwen3_vl_service.lifecycle.supervised import ensure_media, service_state, supervisor_command
+from qwen3_vl_service.lifecycle.supervised import ensure_media, own_env, service_state, supervisor_command
 from qwen3_vl_service.lifecycle.units import record, spawn_logged
 from qwen3_vl_service.machine import processes
 from qwen3_vl_service.planning import preflight, vllm_args, vllm_versions
@@ -126,8 +126,7 @@ def prepare_launch(cfg: ServiceConfig, unit: Unit, environ: Mapping[str, str] | 
     # socket path must stay under 108 bytes; removed whole by stop_service.py.
     private_tmp = runstate.private_tmp_path(tag)
     base = os.environ if environ is None else environ
-    identity = vllm_args.identity_env(unit.run_dir, tag, private_tmp, runstate.compile_cache_dir(base))
-    own = {**unit.env, **vllm_args.secret_env(cfg), **identity}
+    own = own_env(cfg, unit, tag, private_tmp, base)
     env = vllm_args.with_inherited(own, base)
     # Shown as vLLM gets them (NO_PROXY merged with the inherited one).
     return Launch(tag=tag, private_tmp=private_tmp, unit=unit, env=env, own={k: env[k] for k in own})

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psutil
@@ -104,12 +104,19 @@ class _HealthClock:
         return now - self.failing_since
 
 
+def own_env(
+    cfg: ServiceConfig, unit: Unit, tag: str, private_tmp: str, environ: Mapping[str, str]
+) -> dict[str, str]:
+    """What one start of UNIT sets on top of ENVIRON (the one it inherits): its own, its secrets (never
+    recorded in deployment.json: taken from the settings again) and the start's identity."""
+    compile_cache = runstate.compile_cache_dir(environ)
+    identity = vllm_args.identity_env(unit.run_dir, tag, private_tmp, compile_cache)
+    return {**unit.env, **vllm_args.secret_env(cfg), **identity}
+
+
 def unit_env(cfg: ServiceConfig, unit: Unit, tag: str, private_tmp: str = "") -> dict[str, str]:
-    """The whole environment of one start of UNIT: ours, its own, its secrets (never recorded in
-    deployment.json: taken from the settings again) and the start's identity."""
-    identity = vllm_args.identity_env(unit.run_dir, tag, private_tmp, runstate.compile_cache_dir(os.environ))
-    own = {**unit.env, **vllm_args.secret_env(cfg), **identity}
-    return vllm_args.with_inherited(own, os.environ)
+    """The whole environment of one start of UNIT (own_env on top of this process's)."""
+    return vllm_args.with_inherited(own_env(cfg, unit, tag, private_tmp, os.environ), os.environ)
 
 
 def service_state(

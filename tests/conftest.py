@@ -14,7 +14,7 @@ A start of the real vLLM server costs 30-100 s on two cores; the suite's budget 
   ``@pytest.mark.ends_demo`` if it stops the service for good: these run after all others, in file
   order. tests/test_services_e2e.py ends it today, step by step (stop, --all, the media server):
   a test about the end belongs there.
-- A service of your own (another setting, a foreground start, a failure on purpose): build a
+- A service of your own (another setting, a failure on purpose): build a
   ``served.Served(tmp_path, model=tiny_model, media_root=demo_media, **settings)`` and ``start()``
   it; its ``stop_all()`` in a ``finally``. Use ``tiny_model``: one model path for every start of
   the session lets vLLM reuse its compile cache (the path is part of the cache key: another copy
@@ -27,7 +27,7 @@ A start of the real vLLM server costs 30-100 s on two cores; the suite's budget 
 
 Order: early, then unmarked, disrupts, ends_demo, late; file order within each (a stable sort).
 scripts/test.sh runs the group as two processes: the demo's tests in one, in that order (marked
-``demo_side`` here), and the tests with services of their own in the other (``_WITH_DEMO``).
+``demo_side`` here), and the tests with services of their own in the other.
 Tests end only what they started, by pid or by the run folder their service carries.
 """
 
@@ -60,13 +60,11 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 # The order of the end-to-end phases (see above); unmarked tests are "run".
 _PHASES = ("early", "run", "disrupts", "ends_demo", "late")
 # scripts/test.sh runs the end-to-end group as two pytest processes side by side, each in the order
-# above: ``-m demo_side``, every test of the shared demo service (its phases hold in one process),
-# and ``-m "not demo_side"``, the tests that start services of their own (the SLURM jobs, the smoke
-# run, test_faults's crash loop). test_e2e's foreground start runs on the demo's side all the same,
-# to even the two out (measured in issue 25's note: about 400 CPU-s each).
+# above: ``-m demo_side``, every test of the shared demo service (its phases hold in one process;
+# test_services_e2e's foreground service B among them), and ``-m "not demo_side"``, the tests that
+# start services of their own (the SLURM jobs, the smoke run, test_faults's crash loop).
 # (Not pytest-xdist's --dist loadgroup: with pytest 9.2 it spreads a group over every worker,
 # pytest-xdist issue #1386.)
-_WITH_DEMO = ("test_e2e.py",)
 # The demo service's log folder: a tmpfs this small fills in a second (the full-disk test).
 TMPFS_MB = 16
 # Where the demo's logs are copied at its end, under the session's (worker's) temporary folder:
@@ -79,7 +77,7 @@ LOG_TAIL = 40
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Early tests first, then the rest, then those that disrupt or end the shared service, then late;
-    and the end-to-end tests of the demo's side marked (``demo_side``, see _WITH_DEMO). Before the
+    and the end-to-end tests of the demo's side (those that use it) marked ``demo_side``. Before the
     mark plugin's own hook (tryfirst), so that ``-m demo_side`` selects them."""
 
     def phase(item: pytest.Item) -> int:
@@ -88,7 +86,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
     items.sort(key=phase)  # stable: file order within a phase
     for item in items:
-        if item.get_closest_marker("e2e") and ("demo" in item.fixturenames or item.path.name in _WITH_DEMO):
+        if item.get_closest_marker("e2e") and "demo" in item.fixturenames:
             item.add_marker(pytest.mark.demo_side)
 
 

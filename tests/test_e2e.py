@@ -4,9 +4,9 @@ The requests go to the session's shared demo service (``demo`` in
 tests/conftest.py: ``start_service.py --config config.demo.env --detach``
 under its supervisor, with the ports, model, media root and run/log folders
 overridden through the environment), through both ``requests`` and the
-official ``openai`` client. A foreground start of its own shows the exec of
-vLLM and Ctrl+C. The stops (``kill -9`` of the API server then
-``stop_service.py``, ``--all``) are at the end of tests/test_services_e2e.py.
+official ``openai`` client. The foreground start (the exec of vLLM, Ctrl+C) and
+the stops (``kill -9`` then ``stop_service.py``, ``--all``) are in
+tests/test_services_e2e.py, at the shared service's end.
 
 Each request's status and latency are printed in the terminal summary.
 """
@@ -15,19 +15,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import requests
-from served import DEMO_CONFIG, MODEL, REPO, Served, port_free
-
-from qwen3_vl_service.core.names import TAG_ENV
+from served import MODEL, Served
 
 pytestmark = pytest.mark.e2e
 TIMINGS: list[tuple[str, int, float]] = []
@@ -281,7 +274,7 @@ def test_media_url_from_another_host_is_refused(svc):
     assert r.status_code == 400 and "allowed domains" in r.text
 
 
-# -- status, then the two ways of stopping ---------------------------------------------
+# -- status ---------------------------------------------
 
 
 def test_status_reports_healthy_with_metrics(svc):
@@ -298,53 +291,3 @@ def test_status_reports_healthy_with_metrics(svc):
     assert status["served_models"] == [MODEL]
     human = svc.script("status_service.py")
     assert human.returncode == 0 and str(svc.port) in human.stdout
-
-
-def test_foreground_start_execs_vllm_and_ctrl_c_stops_it(tmp_path, tiny_model, demo_media):
-    """`start_service.py` without --detach and RESTART=no: the launcher's pid becomes vLLM, output is
-    teed to service.log, and Ctrl+C (SIGINT to the terminal's process group) stops every process."""
-    svc = Served(tmp_path, model=tiny_model, media_root=demo_media, RESTART="no", MEDIA_SERVER="false")
-    log = svc.log_dir / "service.log"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "start_service.py"), "--config", str(DEMO_CONFIG), "--quiet"],
-        env=svc.env,
-        cwd=svc.root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, as a terminal would give it
-    )
-    try:
-        t0 = time.monotonic()
-        deadline = t0 + 600
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
-            try:
-                if requests.get(f"{svc.base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        TIMINGS.append(("start_service.py in the foreground (to /health 200)", 0, time.monotonic() - t0))
-        # exec: the pid we started is vLLM's API server now.
-        assert "vllm.entrypoints.openai.api_server" in " ".join(psutil.Process(proc.pid).cmdline())
-        state = svc.state()
-        assert state["pid"] == proc.pid
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=120)
-        out = proc.stdout.read().decode(errors="replace")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        left = svc.ours()
-        svc.stop_all()
-    assert left == []
-    assert port_free(svc.port)
-    text = log.read_text(errors="replace")
-    # The launcher's report, then vLLM's own lines, in the terminal and in the log alike.
-    for where in (out, text):
-        assert "Preflight" in where and "exec vLLM" in where
-        # The command shown is the one that ran: its tag and IPC socket folder (issue 16, defect 4).
-        assert f"{TAG_ENV}={state['tag']}" in where
-        assert f"VLLM_RPC_BASE_PATH={state['private_tmp']}" in where
-        assert "Application startup complete" in where

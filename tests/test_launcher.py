@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import realmodel
-from lifecycle_helpers import clean_env, free_port, run_tool
+from lifecycle_helpers import clean_env, free_port, run_tool, wait_until
 
-from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
+from qwen3_vl_service.core.names import RUN_DIR_ENV, STATE_FILE, TAG_ENV
 from qwen3_vl_service.deployment import cluster, deployment
 from qwen3_vl_service.lifecycle import launcher, runstate
 from qwen3_vl_service.settings import config, scope
@@ -28,6 +28,7 @@ FAKE_VLLM_PYTHON = """#!/bin/sh
 if [ "$1" = "-c" ]; then echo "vllm 0.0.0-fake"; exit 0; fi
 printf '%s\\0' "$0" "$@" > "{out}/argv"
 env -0 > "{out}/environ"
+cp "${run_dir_env}/{state_file}" "{out}/{state_file}"
 """
 
 
@@ -64,7 +65,7 @@ def test_report_and_service_log_show_the_command_that_runs(tmp_path: Path) -> No
     out = tmp_path / "seen"
     out.mkdir()
     fake = tmp_path / "fake-python"
-    fake.write_text(FAKE_VLLM_PYTHON.format(out=out))
+    fake.write_text(FAKE_VLLM_PYTHON.format(out=out, run_dir_env=RUN_DIR_ENV, state_file=STATE_FILE))
     fake.chmod(0o755)
     cfg_path = _config(tmp_path, VLLM_PYTHON=fake)
     env = clean_env()
@@ -80,8 +81,11 @@ def test_report_and_service_log_show_the_command_that_runs(tmp_path: Path) -> No
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert (out / "argv").exists(), proc.stdout + proc.stderr
         where = scope.paths(config.load(cfg_path, environ={}))  # the service's own folders
-        state = runstate.read(where.run_dir)
+        state = runstate.read(out)  # the run's state, as the fake vLLM found it
         assert state is not None
+        # Once the fake vLLM has exited, the tee tidies up after it: the state and private folder go.
+        assert wait_until(lambda: runstate.read(where.run_dir) is None, 10)
+        assert wait_until(lambda: not Path(state.private_tmp).exists(), 10)
         ran_argv = (out / "argv").read_text().split("\0")[:-1]
         ran_env = dict(item.split("=", 1) for item in (out / "environ").read_text().split("\0") if item)
         log = where.service_log.read_text()

@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from lifecycle_helpers import REPO, clean_env, gone, kill_pids, wait_until
+from lifecycle_helpers import REPO, clean_env, gone, kill_pids, make_state, wait_until
+
+from qwen3_vl_service.lifecycle import runstate
+from qwen3_vl_service.machine import processes
 
 pytestmark = pytest.mark.integration
 PY = sys.executable
@@ -180,6 +183,83 @@ def test_start_tee_then_exec_ctrl_c_reaches_vllm_and_is_recorded(tmp_path: Path)
     finally:
         kill_pids([p.pid, tee_pid])
         p.wait(5)
+
+
+RUN_LAUNCHER = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    from qwen3_vl_service.core.names import TAG_ENV
+    from qwen3_vl_service.lifecycle import logtee, runstate
+    sys.path.insert(0, sys.argv[4])
+    from lifecycle_helpers import make_state
+    run_dir, tag, case = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    private = runstate.make_private_tmp(tag, base=run_dir.parent)
+    open(os.path.join(private, "vllm_dist_1"), "w").close()  # gloo's file store, say
+    logtee.start_tee(run_dir / "service.log", max_bytes=10**6, backups=1, end=(run_dir, tag))
+    runstate.write(run_dir, make_state(pid=os.getpid(), tag=tag, private_tmp=private))
+    os.environ[TAG_ENV] = tag  # vLLM carries the run's tag (the launcher's own_env)
+    child = (
+        "import os, signal, subprocess, sys, time\\n"
+        "case = sys.argv[1]\\n"
+        "if case == 'a tagged process lives on':\\n"
+        "    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\\n"
+        "        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)\\n"
+        "def bye(*a):\\n"
+        "    print('vLLM: shut down', flush=True); sys.exit(0)\\n"
+        "signal.signal(signal.SIGINT, bye)\\n"
+        "print('vLLM: serving', flush=True)\\n"
+        "time.sleep(60)\\n"
+    )
+    os.execvp(sys.executable, [sys.executable, "-c", child, case])
+    """
+)
+
+
+@pytest.mark.parametrize("case", ["ours", "a newer run's state", "a tagged process lives on"])
+def test_the_end_of_a_foreground_run_removes_its_private_folder_and_state(tmp_path: Path, case: str) -> None:
+    """--end-of-run: at EOF (vLLM gone after Ctrl+C), the run's private temp folder and its state
+    file go; not another run's state, and nothing while a process still carries the run's tag."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    tag = "q3vl-20261206120000-0123456789ab"
+    private = Path(runstate.private_tmp_path(tag, base=tmp_path))
+    script = tmp_path / "launcher.py"
+    script.write_text(RUN_LAUNCHER)
+    p = subprocess.Popen(
+        [PY, str(script), str(run_dir), tag, case, str(Path(__file__).parent)],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    left: list[int] = []
+    try:
+        assert wait_until(lambda: "vLLM: serving" in _text(run_dir / "service.log"), 20)
+        assert private.is_dir() and runstate.read(run_dir).tag == tag
+        if case == "a newer run's state":
+            runstate.write(run_dir, make_state(tag="q3vl-20261206130000-ba9876543210"))
+        if case == "a tagged process lives on":
+            left = [proc.pid for proc in processes.find_tagged(tag) if proc.pid != p.pid]
+            assert left, "the stand-in's own child carries the tag"
+        os.killpg(p.pid, signal.SIGINT)
+        assert p.wait(20) == 0
+        assert wait_until(lambda: "vLLM: shut down" in _text(run_dir / "service.log"), 10)
+        if case == "ours":
+            assert wait_until(lambda: not private.exists() and runstate.read(run_dir) is None, 10)
+        else:
+            time.sleep(2)  # the tee has had its EOF: what it would remove is gone by now
+            assert private.is_dir()
+            state = runstate.read(run_dir)
+            assert state is not None
+            assert state.tag == (tag if left else "q3vl-20261206130000-ba9876543210")
+    finally:
+        kill_pids([p.pid, *left])
+        p.wait(5)
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 def test_bad_arguments(tmp_path: Path) -> None:

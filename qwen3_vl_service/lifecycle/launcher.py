@@ -147,7 +147,12 @@ def _start(
     # reach vLLM directly. From here on our stdout and stderr go through a tee
     # process into service.log (rotated by size) and on to the terminal.
     unit = launch.unit
-    logtee.start_tee(unit.log_file, max_bytes=cfg.log_max_mb * 1024 * 1024, backups=cfg.log_backups)
+    logtee.start_tee(
+        unit.log_file,
+        max_bytes=cfg.log_max_mb * 1024 * 1024,
+        backups=cfg.log_backups,
+        end=(unit.run_dir, launch.tag),  # no supervisor tidies up after a foreground vLLM: the tee does
+    )
     print(report_text, flush=True)
     print(f"[launcher] exec vLLM (pid {os.getpid()}, tag {launch.tag}); log: {unit.log_file}", flush=True)
     state = service_state(

@@ -20,6 +20,10 @@ pipe, then execs vLLM (``start_tee()`` does the first two steps). Hence:
   output instead of filling the pipe, which would block vLLM's next print. A
   full disk drops lines until writes work again; a log file removed by
   someone is created anew. Each is said once on stderr.
+- With ``--end-of-run RUN_DIR TAG`` (a foreground vLLM, which has no
+  supervisor to tidy up after it), at EOF, once no process carries TAG, the
+  run's private temp folder (vLLM's IPC sockets, gloo's file) and its state
+  file go: a Ctrl+C leaves nothing behind. A newer run's state stays.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from pathlib import Path
 
 from qwen3_vl_service.core.logrotate import rotating_handler
 from qwen3_vl_service.core.names import RUN_DIR_ENV, TAG_ENV
+from qwen3_vl_service.lifecycle import runstate
+from qwen3_vl_service.machine import processes
 
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _SPLIT = re.compile(rb"[\r\n]")
@@ -180,8 +186,28 @@ def _write_loop(chunks: queue.Queue, sink: _FileSink, stdout_fd: int, to_termina
         sink.close()
 
 
+def end_of_run(run_dir: Path, tag: str) -> None:
+    """A foreground run is over (its output's EOF): unless a process still carries TAG (then
+    stop_service.py's sweep is what ends it), remove the run's private temp folder and its state
+    file, if that still records TAG."""
+    if processes.find_tagged(tag):
+        return
+    state = runstate.read(run_dir)
+    if state is None or state.tag != tag:
+        return
+    runstate.remove_private_tmp(state.private_tmp)
+    runstate.clear(run_dir, tag)
+
+
 def run(
-    log_file: Path, *, max_bytes: int, backups: int, quiet: bool, stdin_fd: int = 0, stdout_fd: int = 1
+    log_file: Path,
+    *,
+    max_bytes: int,
+    backups: int,
+    quiet: bool,
+    stdin_fd: int = 0,
+    stdout_fd: int = 1,
+    end: tuple[Path, str] | None = None,
 ) -> int:
     _ignore_signals()
     sink = _FileSink(_handler(log_file, max_bytes, backups), _notice)
@@ -214,6 +240,11 @@ def run(
     writer.join(max(0.0, deadline - time.monotonic()))
     if dropped:
         _notice(f"{dropped} byte(s) of output were dropped while the writer was stuck")
+    if end is not None:
+        try:
+            end_of_run(*end)
+        except OSError as exc:  # the log is written; tidying up is stop_service.py's again
+            _notice(f"could not tidy up after the run ({type(exc).__name__}: {exc}); stop_service.py will")
     return 0
 
 
@@ -225,12 +256,20 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def command(
-    log_file: str | os.PathLike[str], *, max_bytes: int, backups: int, quiet: bool, python: str | None = None
+    log_file: str | os.PathLike[str],
+    *,
+    max_bytes: int,
+    backups: int,
+    quiet: bool,
+    python: str | None = None,
+    end: tuple[str | os.PathLike[str], str] | None = None,
 ) -> list[str]:
     argv = [python or sys.executable, "-m", "qwen3_vl_service.lifecycle.logtee", str(log_file)]
     argv += ["--max-bytes", str(max_bytes), "--backups", str(backups)]
     if quiet:
         argv.append("--quiet")
+    if end is not None:
+        argv += ["--end-of-run", str(end[0]), end[1]]
     return argv
 
 
@@ -241,20 +280,22 @@ def start_tee(
     backups: int,
     quiet: bool = False,
     env: dict[str, str] | None = None,
+    end: tuple[str | os.PathLike[str], str] | None = None,
 ) -> subprocess.Popen:
     """Start the tee on a new pipe and point this process's stdout and stderr at it.
 
     Call it right before ``os.execvpe`` of vLLM: from then on everything
     this process (and what it becomes) prints goes through the tee. The tee
     is not given the service tag (ENV defaults to ours without it), so that
-    ``stop`` waits for it to drain instead of signalling it.
+    ``stop`` waits for it to drain instead of signalling it. END, (run
+    folder, tag): tidy up after the run at EOF (``--end-of-run``).
     """
     if env is None:
         env = {k: v for k, v in os.environ.items() if k not in (TAG_ENV, RUN_DIR_ENV)}
     read_fd, write_fd = os.pipe()
     try:
         proc = subprocess.Popen(
-            command(log_file, max_bytes=max_bytes, backups=backups, quiet=quiet),
+            command(log_file, max_bytes=max_bytes, backups=backups, quiet=quiet, end=end),
             stdin=read_fd,
             close_fds=True,
             env=env,
@@ -325,10 +366,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--backups", type=int, default=5, help="rotated files to keep")
     parser.add_argument("--quiet", action="store_true", help="write the file only (for --detach)")
+    parser.add_argument(
+        "--end-of-run",
+        nargs=2,
+        metavar=("RUN_DIR", "TAG"),
+        help="at EOF, once no process carries TAG, remove the run's private temp folder and state file",
+    )
     args = parser.parse_args(argv)
     if args.max_bytes < 0 or args.backups < 0:
         parser.error("--max-bytes and --backups must be >= 0")
-    return run(args.log_file, max_bytes=args.max_bytes, backups=args.backups, quiet=args.quiet)
+    end = (Path(args.end_of_run[0]), args.end_of_run[1]) if args.end_of_run else None
+    return run(args.log_file, max_bytes=args.max_bytes, backups=args.backups, quiet=args.quiet, end=end)
 
 
 if __name__ == "__main__":

@@ -64,9 +64,11 @@ class Foreground:
         return self.terminal.read_text(errors="replace")
 
     def end(self) -> None:
-        """SIGKILL to what is left of its process group (a cleanup)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGKILL to its process group while its leader, ours, is not yet reaped (a cleanup; what
+        outlives a leader that has gone, the fixture's stop_all() ends by the run folder)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=30)
 

@@ -263,7 +263,7 @@ def service_config(args, s: Server, work: Path, kv_bytes: int) -> Path:
 def bare_command(args, s: Server, kv_bytes: int) -> tuple[list[str], dict[str, str]]:
     """Bare vLLM with the recipe's flags; the environment the installed vLLM needs, as the service's."""
     from qwen3_vl_service.lifecycle import runstate
-    from qwen3_vl_service.planning import vllm_args, vllm_versions
+    from qwen3_vl_service.planning import vllm_versions
 
     argv = [
         args.python, "-m", "vllm.entrypoints.openai.api_server",
@@ -285,10 +285,10 @@ def bare_command(args, s: Server, kv_bytes: int) -> tuple[list[str], dict[str, s
             "--skip-mm-profiling",
         ]
     # What vLLM leaves in the temp folder (IPC sockets, gloo's file store) goes to a private folder
-    # that the stop removes, as the service's launcher does (vllm_args.identity_env).
+    # that the stop removes, as the service's launcher does (runstate.temp_env).
     s.ipc_dir = tempfile.mkdtemp(prefix="sbs-ipc-")
     env = dict(os.environ, VLLM_NO_USAGE_STATS="1", PYTHONUNBUFFERED="1")
-    env.update(vllm_args.private_tmp_env(s.ipc_dir, runstate.compile_cache_dir(os.environ)))
+    env.update(runstate.temp_env(s.ipc_dir, os.environ))
     if args.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     # What the launcher's probe sets for the same vLLM (VLLM_USE_FLASHINFER_SAMPLER=0 without flashinfer).

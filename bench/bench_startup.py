@@ -82,7 +82,7 @@ def main() -> int:
         cmd = vllm_args.build(cfg, expert_parallel=False, plan=plan)
         from qwen3_vl_service.lifecycle import runstate
 
-        tmp_env = vllm_args.private_tmp_env(str(root / "ipc"), runstate.compile_cache_dir(os.environ))
+        tmp_env = runstate.temp_env(str(root / "ipc"), os.environ)
         bare_env = vllm_args.with_inherited({**cmd.env, **tmp_env}, os.environ)
         demo = ["--config", str(REPO / "config.demo.env")]
         times: dict[str, list[float]] = {"bare vLLM": [], "start_service.py --detach": []}

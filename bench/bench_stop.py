@@ -146,7 +146,7 @@ def bare(s: Setup, busy: int, *, abort: bool) -> float:
     # vLLM's temp files (IPC sockets, gloo's vllm_dist_*) in a folder of this run, as the service's.
     ipc = s.root / f"ipc-{'abort' if abort else 'drain'}"
     ipc.mkdir(exist_ok=True)
-    tmp_env = vllm_args.private_tmp_env(str(ipc), runstate.compile_cache_dir(os.environ))
+    tmp_env = runstate.temp_env(str(ipc), os.environ)
     env = vllm_args.with_inherited({**cmd.env, **tmp_env}, os.environ)
     log = open(s.root / f"bare-{'abort' if abort else 'drain'}.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -140,8 +140,11 @@ def test_vllms_temp_files_go_to_the_private_folder_and_torchs_compile_cache_stay
     cmd = vllm_args.build(cfg_from(tmp_path), expert_parallel=False, tag="t", private_tmp="/tmp/qwen3vl-x")
     # IPC sockets and gloo's file store (vllm_dist_*): the folder stop_service.py removes.
     assert cmd.env["VLLM_RPC_BASE_PATH"] == cmd.env["TMPDIR"] == "/tmp/qwen3vl-x"
-    env = vllm_args.identity_env(tmp_path, "t", "/tmp/qwen3vl-x", "/tmp/torchinductor_me")
-    assert env["TMPDIR"] == "/tmp/qwen3vl-x" and env["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/torchinductor_me"
+    env = runstate.temp_env("/tmp/qwen3vl-x", {})
+    assert env["TMPDIR"] == "/tmp/qwen3vl-x"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == runstate.compile_cache_dir({})
+    users = runstate.temp_env("/tmp/qwen3vl-x", {"TORCHINDUCTOR_CACHE_DIR": "/c"})
+    assert "TORCHINDUCTOR_CACHE_DIR" not in users  # with_inherited passes the user's own on
     # torch's compile caches (precompiled headers) stay where torch keeps them without our TMPDIR.
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # torch: seconds to import
 

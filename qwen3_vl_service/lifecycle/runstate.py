@@ -396,6 +396,13 @@ def compile_cache_dir(environ: Mapping[str, str]) -> str:
     return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
 
 
+def temp_env(folder: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment that puts vLLM's temp files in FOLDER (vllm_args.private_tmp_env) and keeps
+    torch's compile caches where they would be without it (compile_cache_dir of ENVIRON, the
+    environment the start inherits): the service's starts and the benchmarks' bare vLLM alike."""
+    return vllm_args.private_tmp_env(folder, compile_cache_dir(environ))
+
+
 def make_private_tmp(tag: str, base: str | os.PathLike[str] | None = None) -> str:
     """Make private_tmp_path(TAG, BASE), readable by this user only (0700); returns its path."""
     path = private_tmp_path(tag, base)

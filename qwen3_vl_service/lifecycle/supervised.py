@@ -109,9 +109,8 @@ def own_env(
 ) -> dict[str, str]:
     """What one start of UNIT sets on top of ENVIRON (the one it inherits): its own, its secrets (never
     recorded in deployment.json: taken from the settings again) and the start's identity."""
-    compile_cache = runstate.compile_cache_dir(environ)
-    identity = vllm_args.identity_env(unit.run_dir, tag, private_tmp, compile_cache)
-    return {**unit.env, **vllm_args.secret_env(cfg), **identity}
+    temp = runstate.temp_env(private_tmp, environ) if private_tmp else {}
+    return {**unit.env, **vllm_args.secret_env(cfg), **vllm_args.identity_env(unit.run_dir, tag), **temp}
 
 
 def unit_env(cfg: ServiceConfig, unit: Unit, tag: str, private_tmp: str = "") -> dict[str, str]:

@@ -221,12 +221,12 @@ def secret_env(cfg: ServiceConfig) -> dict[str, str]:
     return env
 
 
-def identity_env(run_dir: Path, tag: str, private_tmp: str = "", compile_cache: str = "") -> dict[str, str]:
+def identity_env(run_dir: Path, tag: str, private_tmp: str = "") -> dict[str, str]:
     """What marks one start's processes as ours: its tag and its unit's run folder (stop_service.py
     of another service never matches them), and vLLM's private temp folder (private_tmp_env)."""
     env = {TAG_ENV: tag, RUN_DIR_ENV: str(run_dir)}
     if private_tmp:
-        env.update(private_tmp_env(private_tmp, compile_cache))
+        env.update(private_tmp_env(private_tmp))
     return env
 
 
@@ -239,7 +239,7 @@ def private_tmp_env(private_tmp: str, compile_cache: str = "") -> dict[str, str]
     its workers (vllm_dist_<uuid>, one per start on the CPU build). torch keeps its compile
     caches under the temp folder by default (precompiled headers: about 6 s a start on the CPU
     build): COMPILE_CACHE (runstate.compile_cache_dir) names the place they had, so they outlive
-    the start.
+    the start (runstate.temp_env gives both).
     """
     env = {"VLLM_RPC_BASE_PATH": private_tmp, "TMPDIR": private_tmp}
     if compile_cache:

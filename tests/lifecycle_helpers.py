@@ -80,6 +80,24 @@ def write_config(tmp: Path, *, port: int, media_port: int | None = None, **setti
 SLEEP = "import time; time.sleep(120)"
 
 
+def start_fake_media_server() -> subprocess.Popen:
+    """A process that our tools take for the media server by its command line
+    (processes.MEDIA_MARKERS) and that exits 0 on SIGTERM. Returned once its handler is in
+    place: a SIGTERM before that (a loaded machine can take seconds to start Python) would
+    end it with SIGTERM's default, -15."""
+    code = (
+        "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
+        "print('ready', flush=True); time.sleep(120)"
+    )
+    proc = subprocess.Popen(
+        [PY, "-c", code, "-m", "qwen3_vl_service.media"], env=clean_env(), stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    with proc.stdout:  # it writes nothing more
+        assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
 def make_state(
     pid: int = 12345, create_time: float = 1000.0, tag: str = "q3vl-test-1", **kw
 ) -> runstate.RunState:
@@ -122,7 +140,7 @@ def gone(pid: int) -> bool:
         return True
 
 
-def wait_until(predicate, timeout: float = 10.0, step: float = 0.05) -> bool:
+def wait_until(predicate, timeout: float = 30.0, step: float = 0.05) -> bool:
     return readiness.poll_until(predicate, timeout, step)
 
 

@@ -68,19 +68,23 @@ def _say(line: str, end: str = "\n") -> None:
 # ---------------------------------------------------------------------------
 
 
+# Each role takes its title only after its SIGTERM handler is in place: the pids file is written once
+# every child has its title (_wait_pids), so a test that signals them finds the handlers there.
+
+
 def run_worker(args) -> int:
-    _title(f"VLLM::Worker_TP{args.rank}")
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
         signal.signal(signal.SIGTERM, _on_term)
+    _title(f"VLLM::Worker_TP{args.rank}")
     _idle()
     return 0
 
 
 def run_engine(args) -> int:
-    _title("VLLM::EngineCore")
     signal.signal(signal.SIGTERM, _on_term)
+    _title("VLLM::EngineCore")
     workers = [_spawn("worker", "--rank", "0", "--ignore-term"), _spawn("worker", "--rank", "1")]
     _idle()
     for w in workers:
@@ -100,8 +104,8 @@ def run_spawner(args) -> int:
 
 
 def run_decoy(args) -> int:
-    _title(args.title)
     signal.signal(signal.SIGTERM, _on_term)
+    _title(args.title)
     _idle()
     return 0
 

@@ -402,7 +402,7 @@ def test_failing_rank_ends_the_others_quickly(tmp_path):
     assert not any(_alive(p) for p in r.pids)
     # The KILL to its group has been sent; on a loaded machine the kernel may take a moment to end it.
     child = int((tmp_path / "child.pid").read_text())
-    assert wait_until(lambda: not _alive(child), 5), f"pid {child} of rank 1's group outlived the check"
+    assert wait_until(lambda: not _alive(child), 30), f"pid {child} of rank 1's group outlived the check"
 
 
 @pytest.mark.integration
@@ -473,7 +473,7 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     finally:
         parent.kill()
         parent.wait()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
         time.sleep(0.05)
     left = [p for p in pids.values() if _alive(p)]

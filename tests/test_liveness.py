@@ -285,7 +285,7 @@ def test_requests_the_engine_does_not_show_send_a_probe_only_at_the_next_look(mo
         server.server_close()
 
 
-def wait_for(predicate, timeout: float = 5.0) -> bool:
+def wait_for(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -546,7 +546,7 @@ def _workers_of(pid: int, count: int, timeout: float = 10.0) -> list[psutil.Proc
         time.sleep(0.05)
 
 
-def _log_text(log_file: Path, needle: str, count: int = 1, timeout: float = 5.0) -> str:
+def _log_text(log_file: Path, needle: str, count: int = 1, timeout: float = 30.0) -> str:
     """The log once NEEDLE is in it COUNT times (the supervisor writes the workers' lines in batches)."""
     deadline = time.monotonic() + timeout
     text = ""

@@ -120,7 +120,7 @@ def test_term_stops_the_service(tmp_path: Path, who: str) -> None:
         assert "the service was stopped" in text
         assert "SIGKILL after 3 s" in text  # STOP_TIMEOUT reached stop_service.py
         for pid in [pids["api"], pids["engine"], *pids["workers"]]:
-            assert wait_until(lambda pid=pid: gone(pid), 5), text
+            assert wait_until(lambda pid=pid: gone(pid), 30), text
         assert processes.port_holder("127.0.0.1", port) is None
         assert not runstate.exists(run_dir_of(tmp_path))
         assert text.count("stopping the service") == 1  # the EXIT trap did not stop it twice

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 from pathlib import Path
 
 import psutil
 import pytest
 import realmodel
-from lifecycle_helpers import clean_env, free_port, make_state, run_tool, write_config
+from lifecycle_helpers import (
+    clean_env,
+    free_port,
+    make_state,
+    run_tool,
+    start_fake_media_server,
+    write_config,
+)
 
 from qwen3_vl_service.core.errors import ConfigError
 from qwen3_vl_service.core.names import RECORD_FILE, RUN_DIR_ENV, TAG_ENV
@@ -125,9 +131,7 @@ def test_stop_all_leaves_the_media_server_while_another_service_uses_it(tmp_path
     media_port = free_port()
     cfg_path = write_config(tmp_path, port=free_port(), media_port=media_port)
     cfg = config.load(cfg_path, environ={})
-    code = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(120)"
-    # A process that looks like our media server by its command line (processes.MEDIA_MARKERS).
-    fake = subprocess.Popen(["python3", "-c", code, "-m", "qwen3_vl_service.media"], env=clean_env())
+    fake = start_fake_media_server()
     try:
         where = scope.paths(cfg)
         where.media_dir.mkdir(parents=True)

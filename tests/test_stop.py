@@ -21,6 +21,7 @@ from lifecycle_helpers import (
     run_dir_of,
     run_tool,
     start_decoy,
+    start_fake_media_server,
     wait_until,
     write_config,
 )
@@ -171,8 +172,7 @@ def test_stop_all_stops_media_server_only_when_asked(tmp_path: Path, cleanup) ->
     cfg = write_config(tmp_path, port=free_port(), media_port=media_port)
     run_dir = media_dir_of(tmp_path, media_port)
     run_dir.mkdir(parents=True)
-    code = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(120)"
-    media = subprocess.Popen([PY, "-c", code, "-m", "qwen3_vl_service.media"], env=clean_env())
+    media = start_fake_media_server()
     cleanup.append(media)
     write_pid_file(run_dir / processes.MEDIA_PID_FILE, media.pid)  # as the media server writes it
     assert wait_until(lambda: processes.media_server(run_dir) is not None)

@@ -69,7 +69,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _gone(pid: int, timeout: float = 10.0) -> bool:
+def _gone(pid: int, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -125,10 +125,14 @@ class Server:
 
 
 def start_server(
-    root: Path, tmp: Path, *extra: str, types: str = TYPES
+    root: Path,
+    tmp: Path,
+    *extra: str,
+    types: str = TYPES,
+    program: tuple[str, ...] = ("-m", "qwen3_vl_service.media"),
 ) -> tuple[subprocess.Popen, int, list[str]]:
     """Start the server on port 0; return the process, its port and the first stdout lines."""
-    cmd = [PY, "-m", "qwen3_vl_service.media", "--host", "127.0.0.1", "--port", "0", "--root", str(root)]
+    cmd = [PY, *program, "--host", "127.0.0.1", "--port", "0", "--root", str(root)]
     cmd += [
         "--allowed-types",
         types,
@@ -532,7 +536,7 @@ def _refused_soon(port: int, timeout: float = 10.0) -> bool:
         time.sleep(0.05)
 
 
-def _workers_of(pid: int, count: int, timeout: float = 10.0) -> list[psutil.Process]:
+def _workers_of(pid: int, count: int, timeout: float = 30.0) -> list[psutil.Process]:
     """The supervisor's worker processes, once there are COUNT of them."""
     deadline = time.monotonic() + timeout
     while True:
@@ -648,7 +652,7 @@ def test_workers_one_port_one_pid_one_log(tmp_path: Path) -> None:
     finally:
         _stop_pid(proc.pid)
         proc.communicate(timeout=10)
-    assert all(_gone(w.pid, 5) for w in workers)
+    assert all(_gone(w.pid, 30) for w in workers)
 
 
 @pytest.mark.integration
@@ -659,12 +663,51 @@ def test_workers_die_with_a_killed_supervisor(tmp_path: Path) -> None:
         workers = _workers_of(proc.pid, 2)
         assert len(workers) == 2
         proc.kill()  # SIGKILL: no chance to stop them itself
-        assert all(_gone(w.pid, SHUTDOWN_TIMEOUT_S + 5) for w in workers)
+        assert all(_gone(w.pid, SHUTDOWN_TIMEOUT_S + 25) for w in workers)
         with socket.socket() as probe:  # nobody listens any more
             assert probe.connect_ex(("127.0.0.1", port)) != 0
     finally:
         for w in workers:
             _stop_pid(w.pid)
+        proc.communicate(timeout=10)
+
+
+# The media server with its workers slow between their fork and worker_main(): the moments in
+# which a worker still has the supervisor's signal handlers, made a second long.
+SLOW_FORK = """
+import sys, time
+from qwen3_vl_service.media import server, workers
+real = workers.worker_main
+def slow(*args):
+    time.sleep(1.0)
+    real(*args)
+workers.worker_main = slow
+sys.exit(server.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_workers_are_starting_reaches_them(tmp_path: Path, signum: int) -> None:
+    """SIGTERM (or Ctrl+C) just after the start: workers forked a moment ago stop too, at once;
+    none keeps serving until the supervisor's SIGKILL (seen on CI: a stop took 10 s)."""
+    (tmp_path / "root").mkdir()
+    script = tmp_path / "slow_fork.py"
+    script.write_text(SLOW_FORK)
+    proc, _, _ = start_server(tmp_path / "root", tmp_path, "--workers", "2", program=(str(script),))
+    try:
+        workers = _workers_of(proc.pid, 2)
+        assert len(workers) == 2
+        proc.send_signal(signum)  # the workers are in their second
+        assert proc.wait(30) == (0 if signum == signal.SIGTERM else 130)
+        text = (tmp_path / "media.log").read_text()
+        assert "SIGKILL" not in text, text
+        assert "serving" not in text, text  # stopped before they served
+        assert "stopped" in text
+        assert all(_gone(w.pid) for w in workers)
+        assert not (tmp_path / "media.pid").exists()
+    finally:
+        _stop_pid(proc.pid)
         proc.communicate(timeout=10)
 
 
@@ -676,8 +719,8 @@ def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
     try:
         old = _workers_of(proc.pid, 2)
         os.kill(old[0].pid, signal.SIGKILL)
-        assert _gone(old[0].pid, 5)
-        deadline = time.monotonic() + 10
+        assert _gone(old[0].pid, 30)
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             now = _workers_of(proc.pid, 2, timeout=0)
             if len(now) == 2 and old[0].pid not in {w.pid for w in now}:

@@ -227,7 +227,7 @@ def test_our_healthy_media_server_is_reused(tmp_path, model_dir):
         assert lines(report, "error", "Ports") == ""
     finally:
         server.terminate()
-        server.wait(timeout=10)
+        server.wait(timeout=30)
 
 
 # -- GPUs through (fake) NVML ------------------------------------------------------

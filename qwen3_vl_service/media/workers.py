@@ -36,6 +36,8 @@ RESTARTS_MAX = 5
 RESTART_WINDOW_S = 60.0
 # The supervisor writes the workers' log records at most this often (batches).
 RELAY_BATCH_S = 0.02
+# Blocked in the supervisor while it forks a worker, until the worker has its own dispositions.
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 log = logging.getLogger(MEDIA_SERVICE_ID)
 
@@ -61,6 +63,9 @@ def worker_main(
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Forked with them blocked (Supervisor._spawn): a SIGTERM sent since the fork, which the
+    # supervisor's inherited handler would have only noted, ends this worker now, before it serves.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     for fd in close:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -170,8 +175,7 @@ class Supervisor:
 
     def _end_left_workers(self) -> None:
         """After an error of our own: TERM the workers still there, KILL those that outlive
-        ABANDON_S (one forked a moment ago may not have its own SIGTERM handler yet, and took the
-        inherited one, which only takes a note), and reap them all, so that the exit never waits."""
+        ABANDON_S, and reap them all, so that the exit never waits."""
         for proc in self.procs.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGTERM)
@@ -194,9 +198,14 @@ class Supervisor:
             args=(self.settings, self.sock, self.pid, w, close),
             name=f"media-worker-{slot}",
         )
+        # The child starts with the supervisor's handlers, which only take a note in its own
+        # memory: blocked, a SIGTERM to it waits until worker_main() has SIGTERM's default.
+        # Ours wait the few milliseconds of the fork and arrive when the mask is restored.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             proc.start()
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(w)  # the worker's end: EOF here once it exits
         os.set_blocking(r, False)
         self.pipes[r] = bytearray()

@@ -672,16 +672,19 @@ def test_workers_die_with_a_killed_supervisor(tmp_path: Path) -> None:
         proc.communicate(timeout=10)
 
 
-# The media server with its workers slow between their fork and worker_main(): the moments in
-# which a worker still has the supervisor's signal handlers, made a second long.
-SLOW_FORK = """
-import sys, time
+# The media server with its workers held between their fork and worker_main(), the moments in which
+# a worker still has the supervisor's signal handlers, until the supervisor's SIGTERM has come
+# (pending while blocked; at most 30 s where it is not blocked and so never pending).
+LATE_WORKERS = """
+import signal, sys, time
 from qwen3_vl_service.media import server, workers
 real = workers.worker_main
-def slow(*args):
-    time.sleep(1.0)
+def late(*args):
+    deadline = time.monotonic() + 30
+    while signal.SIGTERM not in signal.sigpending() and time.monotonic() < deadline:
+        time.sleep(0.01)
     real(*args)
-workers.worker_main = slow
+workers.worker_main = late
 sys.exit(server.main(sys.argv[1:]))
 """
 
@@ -692,13 +695,13 @@ def test_a_stop_while_the_workers_are_starting_reaches_them(tmp_path: Path, sign
     """SIGTERM (or Ctrl+C) just after the start: workers forked a moment ago stop too, at once;
     none keeps serving until the supervisor's SIGKILL (seen on CI: a stop took 10 s)."""
     (tmp_path / "root").mkdir()
-    script = tmp_path / "slow_fork.py"
-    script.write_text(SLOW_FORK)
+    script = tmp_path / "late_workers.py"
+    script.write_text(LATE_WORKERS)
     proc, _, _ = start_server(tmp_path / "root", tmp_path, "--workers", "2", program=(str(script),))
     try:
         workers = _workers_of(proc.pid, 2)
         assert len(workers) == 2
-        proc.send_signal(signum)  # the workers are in their second
+        proc.send_signal(signum)  # the workers have not reached worker_main()
         assert proc.wait(30) == (0 if signum == signal.SIGTERM else 130)
         text = (tmp_path / "media.log").read_text()
         assert "SIGKILL" not in text, text

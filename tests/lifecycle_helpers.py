@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -94,7 +95,12 @@ def start_fake_media_server() -> subprocess.Popen:
     )
     assert proc.stdout is not None
     with proc.stdout:  # it writes nothing more
-        assert proc.stdout.readline().strip() == "ready"
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        line = proc.stdout.readline() if ready else ""
+    if line.strip() != "ready":
+        proc.kill()
+        proc.wait(10)
+        raise AssertionError(f"the fake media server did not start: {line!r}")
     return proc
 
 

@@ -68,8 +68,9 @@ def _say(line: str, end: str = "\n") -> None:
 # ---------------------------------------------------------------------------
 
 
-# Each role takes its title only after its SIGTERM handler is in place: the pids file is written once
-# every child has its title (_wait_pids), so a test that signals them finds the handlers there.
+# Each role takes its title only after its SIGTERM handler is in place: with setproctitle (the tests
+# that signal them need it: needs_titles), the pids file is written once every child has its title
+# (_wait_pids), so a test that signals them finds the handlers there.
 
 
 def run_worker(args) -> int:

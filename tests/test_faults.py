@@ -9,7 +9,7 @@ full-disk test skips, never under CI=true):
    5-minute run): every request succeeds; requests and p50/p99 printed.
 2. the log's file system full: requests keep succeeding.
 3. ``kill -9`` of our VLLM::EngineCore (found by pid through the service
-   tag) under 8 such clients and a batch job: every request in flight ends, with
+   tag) under 4 such clients and a batch job: every request in flight ends, with
    an error, within IN_FLIGHT_BOUND_S of the kill (none hangs); the supervisor
    restarts vLLM, which answers again; status shows the restart and its
    cause; the batch finishes every line once (tests/batch_job.py).
@@ -80,7 +80,7 @@ def test_load_16_clients_image_chats_through_the_media_server(sup):
 
 @pytest.mark.disrupts
 def test_kill_9_of_the_engine_core_during_load_and_a_batch_restarts_vllm(sup, tmp_path):
-    """One kill, two kinds of client: 8 load clients (their in-flight requests end at once, with an
+    """One kill, two kinds of client: 4 load clients (their in-flight requests end at once, with an
     error; new ones succeed after the restart) and a batch job (it waits for the new vLLM and finishes
     every line once: test_batch_e2e's accounting, less the load's answers)."""
     bench = bench_load()
@@ -92,7 +92,7 @@ def test_kill_9_of_the_engine_core_during_load_and_a_batch_restarts_vllm(sup, tm
     load = bench.Load()
     runner = threading.Thread(
         target=lambda: bench.run_load(
-            sup.base, sup.media, clients=8, seconds=RECOVERY_S, stop=stop, load=load
+            sup.base, sup.media, clients=4, seconds=RECOVERY_S, stop=stop, load=load
         ),
         daemon=True,
     )

@@ -36,8 +36,9 @@ RESTARTS_MAX = 5
 RESTART_WINDOW_S = 60.0
 # The supervisor writes the workers' log records at most this often (batches).
 RELAY_BATCH_S = 0.02
-# Blocked in the supervisor while it forks a worker, until the worker has its own dispositions.
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# Blocked in the supervisor only around a worker's fork, and in the worker until it has its own
+# dispositions (worker_main): a stop in between waits for them instead of being lost.
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 log = logging.getLogger(MEDIA_SERVICE_ID)
 

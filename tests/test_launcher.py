@@ -116,6 +116,9 @@ def test_dry_run_shows_the_launch_it_would_run(tmp_path: Path) -> None:
     shown = launch.display()
     assert f"{TAG_ENV}={launch.tag}" in shown
     assert f"VLLM_RPC_BASE_PATH={launch.private_tmp}" in shown
+    # vLLM's temp files in the start's folder, torch's compile cache where it was (runstate.temp_env).
+    assert launch.env["TMPDIR"] == launch.private_tmp
+    assert launch.env["TORCHINDUCTOR_CACHE_DIR"] == runstate.compile_cache_dir({})
     assert launch.private_tmp == runstate.private_tmp_path(launch.tag)
     assert not Path(launch.private_tmp).exists()  # made only when the start goes ahead
     assert launch.env["NO_PROXY"].startswith("corp.example,") and "NO_PROXY=corp.example," in shown

@@ -137,11 +137,9 @@ def test_pinned_vllm_parser_accepts_the_command(tmp_path):
 
 @pytest.mark.unit
 def test_vllms_temp_files_go_to_the_private_folder_and_torchs_compile_cache_stays(tmp_path):
-    cmd = vllm_args.build(cfg_from(tmp_path), expert_parallel=False, tag="t", private_tmp="/tmp/qwen3vl-x")
     # IPC sockets and gloo's file store (vllm_dist_*): the folder stop_service.py removes.
-    assert cmd.env["VLLM_RPC_BASE_PATH"] == cmd.env["TMPDIR"] == "/tmp/qwen3vl-x"
     env = runstate.temp_env("/tmp/qwen3vl-x", {})
-    assert env["TMPDIR"] == "/tmp/qwen3vl-x"
+    assert env["VLLM_RPC_BASE_PATH"] == env["TMPDIR"] == "/tmp/qwen3vl-x"
     assert env["TORCHINDUCTOR_CACHE_DIR"] == runstate.compile_cache_dir({})
     users = runstate.temp_env("/tmp/qwen3vl-x", {"TORCHINDUCTOR_CACHE_DIR": "/c"})
     assert "TORCHINDUCTOR_CACHE_DIR" not in users  # with_inherited passes the user's own on

@@ -88,7 +88,6 @@ def build(
     expert_parallel: bool,
     tag: str = "",
     python: str | None = None,
-    private_tmp: str = "",
     extra_env: Mapping[str, str] | None = None,
     plan: Plan | None = None,
     run_dir: Path | None = None,
@@ -101,12 +100,12 @@ def build(
     ROPE_SCALING=yarn, the --hf-overrides. MAX_NUM_SEQS=auto and
     MAX_NUM_BATCHED_TOKENS=auto pass no flag: vLLM's own default for the
     device applies (plan.py says why).
-    TAG, RUN_DIR (default scope.paths(cfg).run_dir) and PRIVATE_TMP: the identity of one start
-    (identity_env); the Deployment's units carry none, the start adds it.
+    TAG and RUN_DIR (default scope.paths(cfg).run_dir): the identity of one start (identity_env);
+    the Deployment's units carry none, the start adds it, with its temp folder (runstate.temp_env).
     """
     env = _env(cfg, extra_env, plan)
     if tag:
-        env.update(identity_env(run_dir or scope.paths(cfg).run_dir, tag, private_tmp))
+        env.update(identity_env(run_dir or scope.paths(cfg).run_dir, tag))
     return VllmCommand(argv=tuple(_argv(cfg, python, expert_parallel, plan)), env=env)
 
 
@@ -221,13 +220,10 @@ def secret_env(cfg: ServiceConfig) -> dict[str, str]:
     return env
 
 
-def identity_env(run_dir: Path, tag: str, private_tmp: str = "") -> dict[str, str]:
+def identity_env(run_dir: Path, tag: str) -> dict[str, str]:
     """What marks one start's processes as ours: its tag and its unit's run folder (stop_service.py
-    of another service never matches them), and vLLM's private temp folder (private_tmp_env)."""
-    env = {TAG_ENV: tag, RUN_DIR_ENV: str(run_dir)}
-    if private_tmp:
-        env.update(private_tmp_env(private_tmp))
-    return env
+    of another service never matches them). Its temp folder is runstate.temp_env's."""
+    return {TAG_ENV: tag, RUN_DIR_ENV: str(run_dir)}
 
 
 def private_tmp_env(private_tmp: str, compile_cache: str = "") -> dict[str, str]:
